@@ -1,0 +1,1 @@
+"""memfit: fit LLM inference into the memory you have."""
