@@ -1,0 +1,29 @@
+"""Public Python API: build a compressed cache for a model, or do what `memfit run` does in one call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memfit.adapters.transformers import MemfitCache, install, num_attention_layers
+from memfit.core.budget import Budget
+from memfit.core.cache import CompressedCache
+from memfit.core.method import get_method
+
+
+def make_cache(
+    model: torch.nn.Module,
+    method: str = "full",
+    budget: float | int | str | Budget | None = None,
+    params: dict[str, Any] | None = None,
+) -> MemfitCache:
+    """A fresh compressed cache for one generation: pass it as `past_key_values=` to `model.generate` or forward.
+
+    `budget`: a fraction of the prompt in (0, 1], a token count per layer (> 1), or None for unlimited.
+    Switches the model's attention implementation to memfit's (SDPA underneath), which the cache needs.
+    """
+    cls = get_method(method)
+    policy = cls.create(budget, params)
+    install(model)
+    return MemfitCache(CompressedCache(num_attention_layers(model), policy))

@@ -1,0 +1,175 @@
+"""The method base class, its parameter handling and the registry.
+
+A method is a small dataclass: its fields are its parameters (with the official defaults), class attributes say
+which paper it implements and when it acts, and `after_attention` is the policy: called for every attention layer
+after the layer attended, it may score tokens and evict them from the layer's store (`evict`). Methods never import
+each other; shared logic (scoring, selection, protection) lives in `memfit.core`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from memfit.core.budget import Budget
+from memfit.core.cache import CompressedCache, KVLayer, StepInfo, select_tokens
+from memfit.errors import ConfigError
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its `name`."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Method:
+    """Base policy: keeps everything. Subclasses add parameter fields and override `after_attention`."""
+
+    name: ClassVar[str] = "base"
+    paper: ClassVar[str] = ""
+    arxiv: ClassVar[str] = ""
+    family: ClassVar[str] = ""  # eviction | quantization | reference ...
+    acts: ClassVar[str] = ""  # prefill | decode | prefill+decode
+    summary: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.budget = Budget()
+        self.validate()
+
+    # -- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, budget: Budget | float | int | str | None = None, params: dict[str, Any] | None = None) -> Method:
+        """Build with a budget and user parameters (strings from the CLI are converted to the field types)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, raw in (params or {}).items():
+            if key not in fields:
+                known = ", ".join(sorted(fields)) or "none"
+                raise ConfigError(f"unknown parameter {key!r} for method {cls.name!r} (known: {known})")
+            kwargs[key] = _convert(raw, hints.get(key, str), f"{cls.name}.{key}")
+        method = cls(**kwargs)
+        method.budget = Budget.parse(budget)
+        return method
+
+    def validate(self) -> None:
+        """Raise ConfigError on bad parameter values."""
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        params = {}
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            params[f.name] = {"default": default, "type": getattr(hints.get(f.name), "__name__", str(hints.get(f.name)))}
+        return {
+            "name": cls.name,
+            "paper": cls.paper,
+            "arxiv": cls.arxiv,
+            "family": cls.family,
+            "acts": cls.acts,
+            "summary": cls.summary,
+            "params": params,
+        }
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    # -- policy --------------------------------------------------------------------------------------------------
+    def after_attention(
+        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> None:
+        """Called after each attention layer attended; may evict from `layer`. Default: keep everything."""
+
+    def reset(self) -> None:
+        """Forget per-sequence state (a new prompt starts)."""
+
+    # -- shared helpers ------------------------------------------------------------------------------------------
+    @staticmethod
+    def evict(
+        cache: CompressedCache,
+        layer: KVLayer,
+        scores: torch.Tensor,
+        protect: torch.Tensor | None = None,
+        extra_rows: int = 0,
+    ) -> None:
+        """Keep each row's top-budget tokens by `scores` (B, Hkv, T); `protect` slots are kept first.
+
+        `extra_rows` raises every row's budget (used by prefill-only methods that let the cache grow)."""
+        if cache.keep_rows is None:
+            return
+        keep_rows = cache.keep_rows + extra_rows
+        if layer.num_slots <= int(keep_rows.min()):
+            return  # every row is within its budget: nothing to free
+        indices, valid = select_tokens(scores, keep_rows, layer.valid, protect)
+        layer.keep(indices, valid)
+
+
+def protect_mask(layer: KVLayer, sinks: int = 0, recent: int | torch.Tensor = 0) -> torch.Tensor | None:
+    """(B, Hkv, T) bool: the first `sinks` real tokens of each row and its last `recent` slots (an int, or a (B,)
+    tensor for per-row windows — e.g. a share of each row's own budget)."""
+    if isinstance(recent, torch.Tensor):
+        recent_rows = recent.to(layer.keys.device).long()
+    else:
+        recent_rows = None if recent <= 0 else torch.full((layer.keys.shape[0],), recent, device=layer.keys.device)
+    if sinks <= 0 and recent_rows is None:
+        return None
+    valid = layer.valid_mask()
+    mask = torch.zeros_like(valid)
+    if recent_rows is not None:
+        t = valid.shape[-1]
+        slot = torch.arange(t, device=valid.device)
+        mask |= (slot[None, :] >= t - recent_rows[:, None])[:, None, :]
+    if sinks > 0:
+        order = valid.long().cumsum(-1)
+        mask |= valid & (order <= sinks)
+    return mask
+
+
+def _convert(raw: Any, typ: Any, where: str) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if raw.lower() in ("none", "null"):
+            return None
+        typ = args[0] if args else str
+    try:
+        if typ is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typ is int:
+            return int(raw)
+        if typ is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"parameter {where}: {raw!r} is not a valid {typ.__name__}") from None
+    return raw
+
+
+def get_method(name: str) -> type[Method]:
+    import memfit.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown method {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]
+
+
+def all_methods() -> dict[str, type[Method]]:
+    import memfit.methods  # noqa: F401
+
+    return dict(sorted(REGISTRY.items()))

@@ -1,0 +1,64 @@
+"""H2O — "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs" (Zhang et al., NeurIPS 2023,
+arXiv 2306.14048).
+
+Algorithm (per layer, per KV head): every token carries its accumulated attention — the sum of the attention
+probabilities it received from every query so far (prefill: column sums of the causal attention matrix, computed
+block-wise in fp32; decode: the new query's row each step), reduced over the GQA group. Whenever the layer holds
+more than its budget, the most recent `recent_fraction` of the budget is kept unconditionally and the rest of the
+budget goes to the tokens with the largest accumulated score (heavy hitters). Evicted tokens never return; their
+scores are dropped with them. Acts after the prompt and after every generated token (fixed budget).
+
+Official defaults (FMInference/H2O): heavy_ratio = recent_ratio = 0.1 of the prompt (20 % total), i.e. half the
+budget recent -> `recent_fraction=0.5`.
+Deviations: the official real-drop code sums scores over the batch (batch 1 only) and keeps per-query-head scores
+(MHA only); we keep one score per row and KV head (GQA: sum over the group, `reduce`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memfit.core.method import Method, protect_mask, register
+from memfit.core.scoring import attention_probs, column_sums, reduce_groups
+from memfit.errors import ConfigError
+
+SCORE = "h2o_score"
+
+
+@register
+@dataclass
+class H2O(Method):
+    name = "h2o"
+    paper = "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models"
+    arxiv = "2306.14048"
+    family = "eviction"
+    acts = "prefill+decode"
+    summary = "Accumulated attention (heavy hitters) + recent tokens, evicting at every step."
+
+    recent_fraction: float = 0.5
+    reduce: str = "sum"
+
+    def validate(self) -> None:
+        if not 0.0 <= self.recent_fraction <= 1.0:
+            raise ConfigError("h2o.recent_fraction must be in [0, 1]")
+        if self.reduce not in ("sum", "mean", "max"):
+            raise ConfigError("h2o.reduce must be sum, mean or max")
+
+    def after_attention(self, cache, layer, queries, scaling, info) -> None:
+        if cache.keep_rows is None:
+            return  # unlimited: no need to even score
+        hkv = layer.keys.shape[1]
+        if info.q_len > 1:
+            qvalid = info.new_valid
+            probs_sum = column_sums(queries, layer.keys, scaling, layer.valid, qvalid)
+        else:
+            probs_sum = attention_probs(queries, layer.keys, scaling, layer.valid).sum(dim=2)
+        step = reduce_groups(probs_sum, hkv, self.reduce)
+        if SCORE not in layer.extras:
+            layer.extras[SCORE] = step  # first call: the state starts here (same length as the store)
+        else:
+            layer.extras[SCORE] = layer.extras[SCORE] + step
+        if info.is_prefill and not info.prefill_done:
+            return  # chunked prefill: evict once the chunk schedule says so (see engine)
+        recent = (cache.keep_rows.double() * self.recent_fraction).round().long()  # per row: its own budget share
+        self.evict(cache, layer, layer.extras[SCORE], protect_mask(layer, recent=recent))
