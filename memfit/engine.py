@@ -1,0 +1,288 @@
+"""The generation loop: (chunked) prefill, greedy decoding, and the measurements every run reports.
+
+We drive the model ourselves instead of `model.generate` so prefill and decode are timed separately, position ids
+are exact for left-padded batches, and only the last position's logits are computed (a full-vocabulary logits
+tensor for a 2K prompt would dwarf the KV cache we are trying to shrink).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from memfit.adapters.transformers import MemfitCache, forward
+from memfit.errors import ConfigError
+
+
+# -- peak memory ---------------------------------------------------------------------------------------------------
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak-memory window (CUDA allocator stats, or the process's peak RSS on Linux)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets VmHWM (peak RSS) for this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since the last reset: GPU allocated memory, or peak RSS of the process on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- inputs --------------------------------------------------------------------------------------------------------
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize prompts (optionally through the chat template) into left-padded ids and a 0/1 mask."""
+    if not prompts or any(not p or not p.strip() for p in prompts):
+        raise ConfigError("the prompt is empty: give text with --prompt, --prompt-file or on stdin")
+    rows: list[list[int]] = []
+    for text in prompts:
+        if chat and getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        rows.append(list(ids))
+    return pad_left(rows, pad_id=_pad_id(tokenizer))
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad or 0)
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# -- generation ----------------------------------------------------------------------------------------------------
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per row (up to and excluding EOS)
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    peak_memory_bytes: int
+    first_logits: torch.Tensor | None = None  # (B, V) next-token logits after the prompt
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@torch.no_grad()
+def prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: MemfitCache,
+    prefill_chunk: int | None = None,
+) -> torch.Tensor:
+    """Feed the prompt (in chunks of `prefill_chunk` tokens if given); returns the last position's logits (B, V)."""
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ConfigError("--prefill-chunk must be a positive number of tokens")
+    positions = positions_from_mask(attention_mask)
+    total = input_ids.shape[1]
+    chunk = total if not prefill_chunk or prefill_chunk >= total else int(prefill_chunk)
+    if chunk < total:
+        cache.core.begin_prompt(attention_mask.sum(-1), total)
+    logits = None
+    for start in range(0, total, chunk):
+        stop = min(total, start + chunk)
+        logits = forward(
+            model,
+            input_ids[:, start:stop],
+            attention_mask[:, :stop],
+            cache,
+            positions[:, start:stop],
+            logits_to_keep=1,
+        )
+    assert logits is not None
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: MemfitCache,
+    max_new_tokens: int = 64,
+    eos_token_ids: Sequence[int] = (),
+    prefill_chunk: int | None = None,
+) -> Generation:
+    """Greedy generation with a memfit cache, timed and memory-measured."""
+    if max_new_tokens < 0:
+        raise ConfigError("--max-new-tokens must be >= 0")
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    reset_peak_memory(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk)
+    _sync(device)
+    prefill_seconds = time.perf_counter() - t0
+    first_logits = logits.float().cpu()
+
+    batch = input_ids.shape[0]
+    eos = set(int(e) for e in eos_token_ids)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    mask = attention_mask
+    last_pos = positions_from_mask(attention_mask)[:, -1:]
+    steps = 0
+    t1 = time.perf_counter()
+    for i in range(max_new_tokens):
+        next_tok = logits.argmax(-1)
+        for b, tok in enumerate(next_tok.tolist()):
+            if not done[b]:
+                if tok in eos:
+                    done[b] = True
+                else:
+                    out[b].append(tok)
+        if all(done) or i == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        last_pos = last_pos + 1
+        logits = forward(model, next_tok[:, None], mask, cache, last_pos, logits_to_keep=1)[:, -1]
+        steps += 1
+    _sync(device)
+    decode_seconds = time.perf_counter() - t1
+    return Generation(out, prefill_seconds, decode_seconds, steps, peak_memory(device), first_logits)
+
+
+# -- one call that does what `memfit run` does ---------------------------------------------------------------------
+@dataclass
+class RunResult:
+    text: str
+    texts: list[str]
+    model: str
+    method: str
+    budget: str
+    params: dict[str, Any]
+    prompt_tokens: int
+    generated_tokens: int
+    kv_bytes_full: int
+    kv_bytes_held: int
+    compression_ratio: float
+    held_tokens_per_layer: list[int]
+    peak_memory_bytes: int
+    prefill_seconds: float
+    decode_tokens_per_second: float
+    device: str
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import memfit
+
+    return {
+        "memfit": getattr(memfit, "__version__", "0"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def run(
+    prompt: str | Sequence[str],
+    model: str | tuple[torch.nn.Module, Any] = "default",
+    method: str = "full",
+    budget: float | int | str | None = None,
+    params: dict[str, Any] | None = None,
+    max_new_tokens: int = 64,
+    chat: bool = True,
+    prefill_chunk: int | None = None,
+) -> RunResult:
+    """Load (or take) a model, compress its KV cache with `method` at `budget`, generate, and measure."""
+    from memfit.api import make_cache
+
+    if isinstance(model, str):
+        from memfit.models import load_model
+
+        model_name = model
+        mdl, tok = load_model(model)
+    else:
+        mdl, tok = model
+        model_name = getattr(mdl.config, "_name_or_path", "") or type(mdl).__name__
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    cache = make_cache(mdl, method, budget, params)
+    ids, mask = encode_prompts(tok, prompts, chat)
+    eos = getattr(mdl.generation_config, "eos_token_id", None) or tok.eos_token_id
+    eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    gen = generate(mdl, ids, mask, cache, max_new_tokens, eos_ids, prefill_chunk)
+    texts = [tok.decode(t, skip_special_tokens=True) for t in gen.tokens]
+    full, held = cache.full_nbytes(), cache.nbytes()
+    device = next(mdl.parameters()).device
+    return RunResult(
+        text=texts[0],
+        texts=texts,
+        model=model_name,
+        method=method,
+        budget=str(cache.core.budget),
+        params=cache.method.params(),
+        prompt_tokens=int(mask.sum(-1).max()),
+        generated_tokens=sum(len(t) for t in gen.tokens),
+        kv_bytes_full=full,
+        kv_bytes_held=held,
+        compression_ratio=(full / held) if held else float("inf"),
+        held_tokens_per_layer=cache.held_tokens(),
+        peak_memory_bytes=gen.peak_memory_bytes,
+        prefill_seconds=gen.prefill_seconds,
+        decode_tokens_per_second=gen.decode_tokens_per_second,
+        device=device_name(device),
+        versions=versions(),
+    )
