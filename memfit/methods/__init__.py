@@ -1,3 +1,8 @@
-"""Built-in methods: importing this package registers each one (one file per paper)."""
+"""Built-in methods, one module per paper. Importing this package imports every module here, which registers it."""
 
-from memfit.methods import full, h2o, snapkv, streaming  # noqa: F401
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
