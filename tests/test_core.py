@@ -75,10 +75,11 @@ def test_budget_never_exceeded(llama, method, budget):
     with torch.no_grad():
         _, snaps = decode_run(llama, ids, mask, cache, steps=6)
     b = Budget.parse(budget)
-    limits = torch.tensor([min(b.resolve(n), n) for n in lens])
+    assert cache.core.keep_rows.tolist() == [b.resolve(n) for n in lens]
     for step, snap in enumerate(snaps):
         grow = step if method in PREFILL_ONLY else 0
         for layer_idx, (slots, held) in enumerate(snap):
+            limits = torch.minimum(cache.core.layer_keep(layer_idx), torch.tensor(lens))
             assert slots <= int(limits.max()) + grow, (step, layer_idx, slots)
             assert bool((held <= (limits + grow)[:, None]).all()), (step, layer_idx, held, limits)
 
@@ -159,7 +160,9 @@ def test_selection_is_per_kv_head():
     queries[0, 2:] = -1.0  # query heads 2,3 -> KV head 1
 
     class _Cache:
-        keep_rows = torch.tensor([6])
+        @staticmethod
+        def layer_keep(layer_idx):
+            return torch.tensor([6])
 
     method = get_method("snapkv").create(6, {"window": 4, "kernel": 1})
     from memfit.core.cache import StepInfo

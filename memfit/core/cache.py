@@ -14,6 +14,7 @@ held (keys, values, validity masks and policy state).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,8 @@ class StepInfo:
 class KVLayer:
     """One layer's dense KV store (see module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: int = 0) -> None:
+        self.index = index  # layer number in the model
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
@@ -195,17 +197,29 @@ def select_tokens(
     return indices, (None if bool(keep_valid.all()) else keep_valid)
 
 
+LayerSchedule = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
 class CompressedCache:
     """All layers' stores + the policy and per-row budgets. Independent of transformers."""
 
     def __init__(self, num_layers: int, method: Method, layer_factory: type[KVLayer] = KVLayer) -> None:
         self.method = method
-        self.layers: list[KVLayer] = [layer_factory() for _ in range(num_layers)]
+        self.layers: list[KVLayer] = [layer_factory(i) for i in range(num_layers)]
+        # Per-layer budget schedule: maps (row budgets, layer index, layer count) -> that layer's row budgets.
+        # Uniform by default; adaptive allocations (pyramid...) plug in here and must keep the mean budget.
+        self.layer_schedule: LayerSchedule | None = None
         self.prompt_lens: torch.Tensor | None = None  # (B,) real prompt tokens per row
         self.keep_rows: torch.Tensor | None = None  # (B,) resolved budget per row (None = unlimited)
         self.prefill_done = False  # becomes True after the first complete forward over the prompt
         self._expected_prompt: torch.Tensor | None = None  # set by the engine for chunked prefill
         self._padded_prompt_len = 0
+
+    def layer_keep(self, layer_idx: int) -> torch.Tensor | None:
+        """Budget per row (B,) for one layer (None = unlimited)."""
+        if self.keep_rows is None or self.layer_schedule is None:
+            return self.keep_rows
+        return self.layer_schedule(self.keep_rows, layer_idx, self.num_layers)
 
     @property
     def budget(self) -> Budget:
@@ -285,7 +299,7 @@ class CompressedCache:
 
     def reset(self) -> None:
         factory = type(self.layers[0]) if self.layers else KVLayer
-        self.layers = [factory() for _ in self.layers]
+        self.layers = [factory(i) for i in range(len(self.layers))]
         self.prompt_lens = self.keep_rows = None
         self.prefill_done = False
         self._expected_prompt = None

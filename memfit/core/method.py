@@ -105,9 +105,10 @@ class Method:
         """Keep each row's top-budget tokens by `scores` (B, Hkv, T); `protect` slots are kept first.
 
         `extra_rows` raises every row's budget (used by prefill-only methods that let the cache grow)."""
-        if cache.keep_rows is None:
+        keep_rows = cache.layer_keep(layer.index)
+        if keep_rows is None:
             return
-        keep_rows = cache.keep_rows + extra_rows
+        keep_rows = keep_rows + extra_rows
         if layer.num_slots <= int(keep_rows.min()):
             return  # every row is within its budget: nothing to free
         indices, valid = select_tokens(scores, keep_rows, layer.valid, protect)

@@ -45,7 +45,7 @@ class H2O(Method):
             raise ConfigError("h2o.reduce must be sum, mean or max")
 
     def after_attention(self, cache, layer, queries, scaling, info) -> None:
-        if cache.keep_rows is None:
+        if cache.layer_keep(info.layer_idx) is None:
             return  # unlimited: no need to even score
         hkv = layer.keys.shape[1]
         if info.q_len > 1:
@@ -60,5 +60,5 @@ class H2O(Method):
             layer.extras[SCORE] = layer.extras[SCORE] + step
         if info.is_prefill and not info.prefill_done:
             return  # chunked prefill: evict once the chunk schedule says so (see engine)
-        recent = (cache.keep_rows.double() * self.recent_fraction).round().long()  # per row: its own budget share
+        recent = (cache.layer_keep(info.layer_idx).double() * self.recent_fraction).round().long()  # per row: its own budget share
         self.evict(cache, layer, layer.extras[SCORE], protect_mask(layer, recent=recent))

@@ -47,9 +47,9 @@ class SnapKV(Method):
             raise ConfigError("snapkv.reduce must be 'mean' or 'max'")
 
     def after_attention(self, cache, layer, queries, scaling, info) -> None:
-        if not (info.is_prefill and info.prefill_done) or cache.keep_rows is None:
+        if not (info.is_prefill and info.prefill_done) or cache.layer_keep(info.layer_idx) is None:
             return
-        if layer.num_slots <= int(cache.keep_rows.min()):
+        if layer.num_slots <= int(cache.layer_keep(info.layer_idx).min()):
             return
         window = min(self.window, queries.shape[2])
         probs = attention_probs(queries[:, :, -window:], layer.keys, scaling, layer.valid)  # (B, H, w, T)
@@ -58,5 +58,5 @@ class SnapKV(Method):
         scores = reduce_groups(probs.sum(dim=2), layer.keys.shape[1], self.reduce)
         scores = pool_scores(scores, self.kernel, self.pooling)
         # The window is kept whole, unless a row's budget is smaller than the window: then its most recent tokens.
-        recent = cache.keep_rows.clamp(max=window)
+        recent = cache.layer_keep(info.layer_idx).clamp(max=window)
         self.evict(cache, layer, scores, protect_mask(layer, recent=recent))
