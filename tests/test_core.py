@@ -210,3 +210,36 @@ def test_unknown_method_and_param():
         get_method("snapkv").create(0.5, {"nope": "1"})
     with pytest.raises(ConfigError, match="not a valid int"):
         get_method("snapkv").create(0.5, {"window": "x"})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_chunked_prefill(llama, method):
+    """Unlimited budget: chunked prefill is exact. With a budget: the cache never holds more than budget + chunk."""
+    from memfit.engine import generate
+
+    torch.manual_seed(5)
+    ids, mask = pad_left([torch.randint(0, 128, (n,)).tolist() for n in (90, 70)])
+    with torch.no_grad():
+        one = generate(llama, ids, mask, make_cache(llama, method, None), max_new_tokens=4)
+        chunked = generate(llama, ids, mask, make_cache(llama, method, None), max_new_tokens=4, prefill_chunk=16)
+    torch.testing.assert_close(chunked.first_logits, one.first_logits, atol=1e-5, rtol=1e-5)
+    assert chunked.tokens == one.tokens
+    if method == "full":
+        return
+    cache = make_cache(llama, method, 0.25)
+    peak_slots = []  # slots held while attending, i.e. before the policy evicts
+
+    def spy(layer, attend):
+        def wrapped(*args, **kwargs):
+            peak_slots.append(layer.num_slots)
+            return attend(*args, **kwargs)
+
+        return wrapped
+
+    for layer in cache.core.layers:
+        layer.attend = spy(layer, layer.attend)
+    with torch.no_grad():
+        generate(llama, ids, mask, cache, max_new_tokens=2, prefill_chunk=16)
+    budget = int(cache.core.keep_rows.max())
+    assert budget == math.ceil(0.25 * 90)  # resolved from the whole prompt, not the first chunk
+    assert max(peak_slots) <= budget + 16 + 2

@@ -45,7 +45,8 @@ class H2O(Method):
             raise ConfigError("h2o.reduce must be sum, mean or max")
 
     def after_attention(self, cache, layer, queries, scaling, info) -> None:
-        if cache.layer_keep(info.layer_idx) is None:
+        keep = cache.layer_keep(info.layer_idx)
+        if keep is None:
             return  # unlimited: no need to even score
         hkv = layer.keys.shape[1]
         if info.q_len > 1:
@@ -58,7 +59,5 @@ class H2O(Method):
             layer.extras[SCORE] = step  # first call: the state starts here (same length as the store)
         else:
             layer.extras[SCORE] = layer.extras[SCORE] + step
-        if info.is_prefill and not info.prefill_done:
-            return  # chunked prefill: evict once the chunk schedule says so (see engine)
-        recent = (cache.layer_keep(info.layer_idx).double() * self.recent_fraction).round().long()  # per row: its own budget share
+        recent = (keep.double() * self.recent_fraction).round().long()  # per row: its own budget share
         self.evict(cache, layer, layer.extras[SCORE], protect_mask(layer, recent=recent))

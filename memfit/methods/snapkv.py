@@ -5,6 +5,8 @@ observation window. Their attention over all prompt keys (softmax in fp32, causa
 the window's queries and reduced over each GQA group; the scores are smoothed by 1-D pooling (kernel `kernel`) so
 that neighbours of important tokens survive together. Each row keeps the `budget - window` best prefix tokens plus
 the window itself. During decoding nothing more is evicted: the cache grows by one token per step.
+With a chunked prefill (`--prefill-chunk`), the same selection runs after every chunk, so the prompt never
+occupies more than budget + chunk slots.
 
 Official defaults (FasterDecoding/SnapKV): window 32, kernel 7, max pooling in the LongBench configs
 (`init_snapkv` default: window 32, kernel 5, avg pooling). Ours: window 32, kernel 7, max pooling.
@@ -47,9 +49,10 @@ class SnapKV(Method):
             raise ConfigError("snapkv.reduce must be 'mean' or 'max'")
 
     def after_attention(self, cache, layer, queries, scaling, info) -> None:
-        if not (info.is_prefill and info.prefill_done) or cache.layer_keep(info.layer_idx) is None:
-            return
-        if layer.num_slots <= int(cache.layer_keep(info.layer_idx).min()):
+        keep = cache.layer_keep(info.layer_idx)
+        # Acts on the prompt only: once after a one-shot prefill, or after every chunk of a chunked prefill
+        # (then the chunk's last queries are the observation window — Locret's schedule with SnapKV's scorer).
+        if not info.is_prefill or keep is None or layer.num_slots <= int(keep.min()):
             return
         window = min(self.window, queries.shape[2])
         probs = attention_probs(queries[:, :, -window:], layer.keys, scaling, layer.valid)  # (B, H, w, T)
@@ -58,5 +61,5 @@ class SnapKV(Method):
         scores = reduce_groups(probs.sum(dim=2), layer.keys.shape[1], self.reduce)
         scores = pool_scores(scores, self.kernel, self.pooling)
         # The window is kept whole, unless a row's budget is smaller than the window: then its most recent tokens.
-        recent = cache.layer_keep(info.layer_idx).clamp(max=window)
+        recent = keep.clamp(max=window)
         self.evict(cache, layer, scores, protect_mask(layer, recent=recent))

@@ -38,7 +38,8 @@ class StreamingLLM(Method):
             raise ConfigError("streaming.sinks must be >= 0")
 
     def after_attention(self, cache, layer, queries, scaling, info) -> None:
-        if cache.layer_keep(info.layer_idx) is None or layer.num_slots <= int(cache.layer_keep(info.layer_idx).min()):
+        keep = cache.layer_keep(info.layer_idx)
+        if keep is None or layer.num_slots <= int(keep.min()):
             return
         # Score = slot index, so the most recent tokens win; sinks are protected.
         t = layer.num_slots
