@@ -1,1 +1,32 @@
-"""memfit: fit LLM inference into the memory you have."""
+"""memfit: fit LLM inference into the memory you have.
+
+Public API: `load_model(spec)`, `make_cache(model, method, budget, params)`, `run(prompt, ...)`,
+`available_methods()`. Imports are lazy so `import memfit` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["load_model", "make_cache", "run", "available_methods", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load_model":
+        from memfit.models import load_model
+
+        return load_model
+    if name == "make_cache":
+        from memfit.api import make_cache
+
+        return make_cache
+    if name == "run":
+        from memfit.engine import run
+
+        return run
+    if name == "available_methods":
+        from memfit.core.method import all_methods
+
+        return lambda: sorted(all_methods())
+    raise AttributeError(f"module 'memfit' has no attribute {name!r}")

@@ -13,7 +13,7 @@ from rich.table import Table
 from memfit.errors import ConfigError, MemfitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fit LLM inference into the memory you have.")
-out = Console()
+out = Console(soft_wrap=True)
 
 
 def human_bytes(n: float) -> str:
@@ -89,7 +89,7 @@ def run(
     if as_json:
         print(json.dumps(result.to_dict()))
         return
-    out.print(result.text, markup=False, highlight=False)
+    print(result.text)
     out.print(
         f"[dim]memfit[/] {result.method} budget={result.budget} · prompt {result.prompt_tokens} tok · "
         f"KV {human_bytes(result.kv_bytes_full)} full → {human_bytes(result.kv_bytes_held)} held "
