@@ -188,7 +188,7 @@ def test_default_model_loads(default_model: tuple) -> None:
     assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"
 
 
-@pytest.mark.model
+@pytest.mark.slow  # the conversion itself already checks this once; the GGUF load costs 30-40 s on 2 cores
 def test_converted_copy_matches_gguf(default_model: tuple) -> None:
     """The cached safetensors copy gives exactly the GGUF load's logits (the GGUF load takes ~15-30 s on CPU)."""
     model, tok = default_model

@@ -1,0 +1,106 @@
+"""CLI: bad input gives one clear error line and a non-zero exit; methods listing; run --json on the default model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from memfit.cli import main
+
+
+def invoke(monkeypatch, capsys, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["memfit", *args])
+    if stdin is not None:
+        import io
+
+        fake = io.StringIO(stdin)
+        fake.isatty = lambda: False  # type: ignore[method-assign]
+        monkeypatch.setattr(sys, "stdin", fake)
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "--method", "nope", "--prompt", "hi"], "unknown method 'nope'"),
+        (["run", "--budget", "0", "--prompt", "hi"], "out of range"),
+        (["run", "--budget", "-0.5", "--prompt", "hi"], "out of range"),
+        (["run", "--budget", "1.5", "--prompt", "hi"], "out of range"),
+        (["run", "--budget", "abc", "--prompt", "hi"], "not a number"),
+        (["run", "--prompt", "   "], "prompt is empty"),
+        (["run", "--prompt-file", "/definitely/not/here.txt"], "not found"),
+        (["run", "--method", "snapkv", "--param", "bogus=1", "--prompt", "hi"], "unknown parameter 'bogus'"),
+        (["run", "--method", "snapkv", "--param", "window", "--prompt", "hi"], "KEY=VALUE"),
+        (["run", "--method", "snapkv", "--param", "window=abc", "--prompt", "hi"], "not a valid int"),
+    ],
+)
+def test_bad_input_is_one_clear_line(monkeypatch, capsys, args, expected):
+    code, out, err = invoke(monkeypatch, capsys, *args)
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert "Traceback" not in err + out
+
+
+def test_empty_stdin_prompt(monkeypatch, capsys):
+    code, _, err = invoke(monkeypatch, capsys, "run", stdin="")
+    assert code != 0 and err.startswith("error: ") and "empty" in err
+
+
+def test_methods_json_lists_every_method(monkeypatch, capsys):
+    from memfit.core.method import all_methods
+
+    code, out, _ = invoke(monkeypatch, capsys, "methods", "--json")
+    assert code == 0
+    listed = {m["name"]: m for m in json.loads(out)}
+    assert set(all_methods()) <= set(listed)
+    for name in ("full", "streaming", "snapkv", "h2o"):
+        entry = listed[name]
+        assert entry["family"] and entry["acts"] and isinstance(entry["params"], dict)
+    assert listed["snapkv"]["arxiv"] == "2404.14469"
+    assert listed["snapkv"]["params"]["window"]["default"] == 32
+
+
+@pytest.mark.model
+def test_run_json_on_default_model(monkeypatch, capsys, default_model):
+    code, out, err = invoke(
+        monkeypatch,
+        capsys,
+        "run",
+        "--method",
+        "snapkv",
+        "--budget",
+        "0.5",
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "--prompt",
+        "The capital of France is Paris. The capital of Italy is Rome. What is the capital of France?",
+    )
+    assert code == 0, err
+    row = json.loads(out.strip().splitlines()[-1])
+    for key in (
+        "text",
+        "method",
+        "budget",
+        "prompt_tokens",
+        "kv_bytes_full",
+        "kv_bytes_held",
+        "compression_ratio",
+        "peak_memory_bytes",
+        "prefill_seconds",
+        "decode_tokens_per_second",
+    ):
+        assert key in row
+    assert row["method"] == "snapkv" and row["budget"] == "0.5"
+    assert 0 < row["kv_bytes_held"] < row["kv_bytes_full"]
+    assert row["text"].strip()
