@@ -1,0 +1,34 @@
+"""GPU decode kernels (Triton), each with a plain-PyTorch reference in `memfit.kernels.reference`.
+
+- `kivi_attention`: split-K (flash-decoding) attention of one query token per row over a cache stored as
+  bit-packed KIVI codes (keys per channel along tokens, values per token along channels) plus a full-precision
+  residual; also serves plain bf16/fp16 slot buffers (`decode_attention`).
+- `h2o_decode`: the same attention pass, fused with H2O's accumulated-attention update and an argmin eviction
+  (evict one slot per step in a fixed-size buffer).
+
+Triton is imported lazily (inside the kernel modules, on first launch), so `import memfit.kernels` and the
+references work on CPU-only installs. `available()` says whether the Triton kernels can run here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+__all__ = ["available", "interpret_mode"]
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1): used by tests without a GPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available() -> bool:
+    """True when Triton is installed and a CUDA device (or Triton's CPU interpreter) can run the kernels."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if interpret_mode():
+        return True
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,172 @@
+"""Decode attention over a KIVI cache read in its packed form (Triton), and over plain slot buffers.
+
+`kivi_decode_attention` computes, for one new query token per row, softmax attention over ``n_q[b]`` quantized
+tokens (2/4/8-bit codes in the `memfit.core.quant` layout: keys per channel along tokens, values per token along
+channels, fp16/bf16 scales and zero points) followed by ``n_r[b]`` full-precision residual tokens. Codes are
+unpacked and dequantized in registers; nothing dequantized touches HBM. `decode_attention` is the same kernel over
+a plain (B, Hkv, C, d) slot buffer holding ``lengths[b]`` tokens (evicted caches, full static caches).
+
+Structure (flash-decoding): grid (B * Hkv, splits); each program owns one KV head and its g query heads (GQA,
+padded to 16 rows for tensor-core dots) over a contiguous token range, with an online softmax in fp32; a second
+small kernel merges the splits. Splits are chosen from the static capacity so that batch-1 decode still fills the
+GPU, and lengths are read from device tensors, so the launch is CUDA-graph safe (no host sync, static grid).
+
+Plain-PyTorch references: `memfit.kernels.reference` (tested in CI on CPU; kernels vs references: `-m gpu`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["decode_attention", "kivi_decode_attention", "plan_splits"]
+
+_LOG2E = 1.4426950408889634
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # Triton's CPU interpreter: keep the grid small
+
+
+def plan_splits(batch: int, kv_heads: int, capacity: int, device: torch.device, block_t: int = 64,
+                max_splits: int = 64) -> tuple[int, int]:
+    """(num_splits, tokens_per_split) for a static token capacity: about two waves of programs on the GPU."""
+    tiles = max(1, -(-capacity // block_t))
+    want = max(1, -(-2 * _sm_count(device) // max(1, batch * kv_heads)))
+    splits = max(1, min(want, tiles, max_splits))
+    tps = -(-tiles // splits) * block_t
+    splits = -(-capacity // tps) if capacity > 0 else 1
+    return max(1, splits), tps
+
+
+def _as_len(x: torch.Tensor | int, batch: int, device: torch.device) -> torch.Tensor:
+    if isinstance(x, int):
+        return torch.full((batch,), x, dtype=torch.int32, device=device)
+    if x.dtype != torch.int32 or x.device != device or not x.is_contiguous():
+        x = x.to(device=device, dtype=torch.int32).contiguous()
+    return x.reshape(batch)
+
+
+def _inner_contig(t: torch.Tensor, what: str) -> None:
+    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+        raise ValueError(f"{what} must be contiguous in its last two dims (got strides {tuple(t.stride())})")
+
+
+def _launch(q, k_res, v_res, n_q, n_r, quant, scale, *, bits=8, group_size=32, store_logits=False,
+            logits=None, lse=None, block_t=64, num_splits=None, out=None):
+    from memfit.kernels import _decode_kernels as K
+
+    if q.dim() != 3:
+        raise ValueError(f"q must be (B, Hq, d) (one query token per row), got shape {tuple(q.shape)}")
+    b, hq, d = q.shape
+    hkv = k_res.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of KV heads {hkv}")
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"head dim must be a power of two >= 16, got {d}")
+    g = hq // hkv
+    gp = max(16, triton_next_pow2(g))
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    for t, name in ((k_res, "k_res"), (v_res, "v_res")):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim")
+    dev = q.device
+    nq = _as_len(n_q, b, dev)
+    nr = _as_len(n_r, b, dev)
+    if quant is not None:
+        kc, ks, kz, vc, vs, vz = quant
+        if bits not in (2, 4, 8):
+            raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+        cpb = 8 // bits
+        if group_size % cpb or d % group_size:
+            raise ValueError(f"group_size {group_size} must divide d={d} and be a multiple of {cpb}")
+        for t, name in ((kc, "k_codes"), (ks, "k_scales"), (kz, "k_zeros"), (vc, "v_codes"), (vs, "v_scales"),
+                        (vz, "v_zeros")):
+            _inner_contig(t, name)
+        if ks.stride() != kz.stride() or vs.stride() != vz.stride():
+            raise ValueError("scales and zeros must share strides")
+        cap_q = ks.shape[2] * group_size
+        if kc.shape[2] * cpb != cap_q or vc.shape[2] != cap_q or vc.shape[3] * cpb != d or vs.shape[3] * group_size != d:
+            raise ValueError("packed key/value shapes do not match the KIVI layout for these bits / group size")
+    else:
+        kc = ks = kz = vc = vs = vz = k_res
+        cap_q = 0
+    capacity = cap_q + k_res.shape[2]
+    if num_splits is None:
+        splits, tps = plan_splits(b, hkv, capacity, dev, block_t)
+    else:
+        splits = max(1, int(num_splits))
+        tps = -(-max(1, -(-capacity // splits)) // block_t) * block_t
+        splits = max(1, -(-capacity // tps))
+    po = torch.empty(b * hkv * splits * gp * d, dtype=torch.float32, device=dev)
+    pml = torch.empty(b * hkv * splits * 2 * gp, dtype=torch.float32, device=dev)
+    if out is None:
+        out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
+    lg = logits if logits is not None else po
+    s_lg = (logits.stride(0), logits.stride(1)) if logits is not None else (0, 0)
+    K._split_kernel[(b * hkv, splits)](
+        q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, lg,
+        scale * _LOG2E, tps, splits,
+        q.stride(0), q.stride(1),
+        kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
+        vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
+        k_res.stride(0), k_res.stride(1), k_res.stride(2),
+        v_res.stride(0), v_res.stride(1), v_res.stride(2),
+        s_lg[0], s_lg[1],
+        HKV=hkv, GQ=g, GP=gp, D=d, BITS=bits, GROUP=group_size, BLOCK_T=block_t,
+        HAS_QUANT=quant is not None, STORE_LOGITS=store_logits,
+        num_warps=4,
+    )
+    K._combine_kernel[(b * hkv, g)](
+        po, pml, out, lse if lse is not None else pml, splits, out.stride(0), out.stride(1),
+        HKV=hkv, GQ=g, GP=gp, D=d, SP=max(2, triton_next_pow2(splits)), STORE_LSE=lse is not None,
+        num_warps=4,
+    )
+    return out
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def kivi_decode_attention(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scales: torch.Tensor,
+    k_zeros: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scales: torch.Tensor,
+    v_zeros: torch.Tensor,
+    k_res: torch.Tensor,
+    v_res: torch.Tensor,
+    n_q: torch.Tensor | int,
+    n_r: torch.Tensor | int,
+    *,
+    bits: int,
+    group_size: int,
+    scale: float,
+    block_t: int = 64,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention (B, Hq, d) of q (B, Hq, d) over n_q packed tokens + n_r residual tokens per row.
+
+    Shapes as in `memfit.kernels.reference` (quantized capacity Cq = k_scales.shape[2] * group_size, a multiple of
+    `block_t` is best; n_q must be a multiple of group_size). Same result as `kivi_decode_attention_ref` up to bf16
+    rounding of the dequantized tiles fed to the tensor-core dots.
+    """
+    return _launch(q, k_res, v_res, n_q, n_r, (k_codes, k_scales, k_zeros, v_codes, v_scales, v_zeros), scale,
+                   bits=bits, group_size=group_size, block_t=block_t, num_splits=num_splits, out=out)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | int, *,
+                     scale: float, block_t: int = 64, num_splits: int | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention (B, Hq, d) of q over the first lengths[b] slots of a plain k, v buffer (B, Hkv, C, d)."""
+    b = q.shape[0]
+    zero = torch.zeros(b, dtype=torch.int32, device=q.device)
+    return _launch(q, k, v, zero, lengths, None, scale, block_t=block_t, num_splits=num_splits, out=out)
