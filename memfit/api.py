@@ -17,13 +17,21 @@ def make_cache(
     method: str = "full",
     budget: float | int | str | Budget | None = None,
     params: dict[str, Any] | None = None,
+    allocation: str = "uniform",
 ) -> MemfitCache:
     """A fresh compressed cache for one generation: pass it as `past_key_values=` to `model.generate` or forward.
 
     `budget`: a fraction of the prompt in (0, 1], a token count per layer (> 1), or None for unlimited.
+    `allocation`: how the average budget is shared out — "uniform", "pyramid" (over layers, PyramidKV), "adakv"
+    (over KV heads, ragged store) or "pyramid+adakv" (see memfit.core.allocation).
     Switches the model's attention implementation to memfit's (SDPA underneath), which the cache needs.
     """
     cls = get_method(method)
     policy = cls.create(budget, params)
     install(model)
-    return MemfitCache(CompressedCache(num_attention_layers(model), policy))
+    core = CompressedCache(num_attention_layers(model), policy)
+    if allocation != "uniform":
+        from memfit.core.allocation import configure_allocation
+
+        configure_allocation(core, allocation)
+    return MemfitCache(core)

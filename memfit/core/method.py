@@ -109,6 +109,9 @@ class Method:
         if keep_rows is None:
             return
         keep_rows = keep_rows + extra_rows
+        per_head = getattr(cache, "head_allocation", None)  # AdaKV-style budgets per KV head (core/allocation.py)
+        if per_head is not None:
+            return per_head.evict(layer, scores, keep_rows, protect)
         if layer.num_slots <= int(keep_rows.min()):
             return  # every row is within its budget: nothing to free
         indices, valid = select_tokens(scores, keep_rows, layer.valid, protect)
