@@ -9,7 +9,7 @@ import torch
 from memfit.adapters.transformers import MemfitCache, install, num_attention_layers
 from memfit.core.budget import Budget
 from memfit.core.cache import CompressedCache
-from memfit.core.method import get_method
+from memfit.core.method import build_policy
 
 
 def make_cache(
@@ -21,15 +21,16 @@ def make_cache(
 ) -> MemfitCache:
     """A fresh compressed cache for one generation: pass it as `past_key_values=` to `model.generate` or forward.
 
-    `budget`: a fraction of the prompt in (0, 1], a token count per layer (> 1), or None for unlimited.
+    `method`: a method name, or `<eviction>+<quantizer>` (e.g. "snapkv+kivi"); `params` may address a component
+    as "kivi.bits". `budget`: a fraction of the prompt in (0, 1], a token count per layer (> 1), or None for
+    unlimited (a quantizer alone keeps every token).
     `allocation`: how the average budget is shared out — "uniform", "pyramid" (over layers, PyramidKV), "adakv"
     (over KV heads, ragged store) or "pyramid+adakv" (see memfit.core.allocation).
     Switches the model's attention implementation to memfit's (SDPA underneath), which the cache needs.
     """
-    cls = get_method(method)
-    policy = cls.create(budget, params)
+    policy, layer_factory = build_policy(method, budget, params)
     install(model)
-    core = CompressedCache(num_attention_layers(model), policy)
+    core = CompressedCache(num_attention_layers(model), policy, layer_factory)
     if allocation != "uniform":
         from memfit.core.allocation import configure_allocation
 

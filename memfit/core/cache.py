@@ -203,8 +203,9 @@ LayerSchedule = Callable[[torch.Tensor, int, int], torch.Tensor]
 class CompressedCache:
     """All layers' stores + the policy and per-row budgets. Independent of transformers."""
 
-    def __init__(self, num_layers: int, method: Method, layer_factory: type[KVLayer] = KVLayer) -> None:
+    def __init__(self, num_layers: int, method: Method, layer_factory: Callable[[int], KVLayer] = KVLayer) -> None:
         self.method = method
+        self.layer_factory = layer_factory  # layer index -> empty store (dense KVLayer, or a quantized store)
         self.layers: list[KVLayer] = [layer_factory(i) for i in range(num_layers)]
         # Per-layer budget schedule: maps (row budgets, layer index, layer count) -> that layer's row budgets.
         # Uniform by default; adaptive allocations (pyramid...) plug in here and must keep the mean budget.
@@ -287,7 +288,7 @@ class CompressedCache:
 
     def held_tokens(self) -> list[int]:
         """Max valid tokens held by any (row, head), per layer."""
-        return [int(layer.held_per_row().max()) if layer.keys is not None else 0 for layer in self.layers]
+        return [int(layer.held_per_row().max()) if layer.num_slots else 0 for layer in self.layers]
 
     def select_batch(self, rows: torch.Tensor) -> None:
         for layer in self.layers:
@@ -298,7 +299,8 @@ class CompressedCache:
             self.prompt_lens = self.prompt_lens.index_select(0, rows.cpu())
 
     def reset(self) -> None:
-        factory = type(self.layers[0]) if self.layers else KVLayer
+        swapped = bool(self.layers) and type(self.layers[0]) is not type(self.layer_factory(0))
+        factory = type(self.layers[0]) if swapped else self.layer_factory  # layers replaced after construction
         self.layers = [factory(i) for i in range(len(self.layers))]
         self.prompt_lens = self.keep_rows = None
         self.prefill_done = False

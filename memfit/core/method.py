@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -93,6 +94,10 @@ class Method:
     def reset(self) -> None:
         """Forget per-sequence state (a new prompt starts)."""
 
+    def make_layer(self, index: int) -> KVLayer:
+        """The empty store for attention layer `index`: dense by default; quantizers return a quantized store."""
+        return KVLayer(index)
+
     # -- shared helpers ------------------------------------------------------------------------------------------
     @staticmethod
     def evict(
@@ -163,6 +168,105 @@ def _convert(raw: Any, typ: Any, where: str) -> Any:
     except ValueError:
         raise ConfigError(f"parameter {where}: {raw!r} is not a valid {typ.__name__}") from None
     return raw
+
+
+class Composed(Method):
+    """`<eviction>+<quantizer>` (e.g. snapkv+kivi): the eviction policy decides which tokens stay, the quantizer's
+    store holds them in fewer bits. Everything policy-related (budget, after_attention, select_prompt...) is the
+    eviction method's; `make_layer` is the quantizer's. Not registered: built by `build_policy`."""
+
+    family = "composed"
+
+    def __init__(self, evictor: Method, quantizer: Method) -> None:  # no dataclass fields of its own
+        self.evictor = evictor
+        self.quantizer = quantizer
+        self.name = f"{evictor.name}+{quantizer.name}"  # type: ignore[misc]
+        self.acts = evictor.acts  # type: ignore[misc]
+
+    @property  # type: ignore[override]
+    def budget(self) -> Budget:
+        return self.evictor.budget
+
+    @budget.setter
+    def budget(self, value: Budget) -> None:
+        self.evictor.budget = value
+        self.quantizer.budget = value
+
+    def __getattr__(self, attr: str) -> Any:  # anything else a caller asks of "the policy" is the evictor's
+        if attr in ("evictor", "quantizer") or attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self.evictor, attr)
+
+    def after_attention(
+        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> None:
+        self.evictor.after_attention(cache, layer, queries, scaling, info)
+
+    def select_prompt(self, *args: Any, **kwargs: Any) -> Any:  # GemFilter-style prompt selection: the evictor's
+        return self.evictor.select_prompt(*args, **kwargs)
+
+    def reset(self) -> None:
+        self.evictor.reset()
+        self.quantizer.reset()
+
+    def make_layer(self, index: int) -> KVLayer:
+        return self.quantizer.make_layer(index)
+
+    def params(self) -> dict[str, Any]:
+        return {f"{m.name}.{k}": v for m in (self.evictor, self.quantizer) for k, v in m.params().items()}
+
+
+def build_policy(
+    spec: str,
+    budget: Budget | float | int | str | None = None,
+    params: dict[str, Any] | None = None,
+) -> tuple[Method, Callable[[int], KVLayer]]:
+    """Parse a method spec and build (policy, layer factory) for `CompressedCache`.
+
+    spec: one method name (`snapkv`, `kivi`), or `<eviction>+<quantizer>` (`snapkv+kivi`): at most one eviction (or
+    reference) method, first, then at most one quantizer (family "quantization"). A quantizer alone keeps every token
+    (like `full`; a budget does not apply to it). params: `component.key=value` (`kivi.bits=2`) or a plain `key` when
+    exactly one component has that parameter. Every error is a ConfigError naming the fix.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError("empty method name (see `memfit methods`)")
+    names = [part.strip() for part in spec.split("+")]
+    if any(not n for n in names):
+        raise ConfigError(f"method {spec!r} has an empty component: write <eviction>+<quantizer>, e.g. snapkv+kivi")
+    classes = [get_method(n) for n in names]
+    if len(names) > 1:
+        quant = [n for n, c in zip(names, classes, strict=True) if c.family == "quantization"]
+        if len(names) > 2 or len(quant) != 1 or classes[-1].family != "quantization":
+            if len(quant) > 1:
+                why = f"it has {len(quant)} quantizers ({', '.join(quant)}); use one"
+            elif not quant:
+                why = "it has no quantizer: eviction methods do not stack"
+            elif len(names) > 2:
+                why = "only one eviction method can come before the quantizer"
+            else:
+                why = f"the quantizer ({quant[0]}) must come last"
+            raise ConfigError(f"cannot compose {spec!r}: {why}. Write <eviction>+<quantizer>, e.g. snapkv+kivi")
+    routed: list[dict[str, Any]] = [{} for _ in names]
+    fields = [{f.name for f in dataclasses.fields(c)} for c in classes]
+    for key, value in (params or {}).items():
+        if "." in key:
+            comp, _, sub = key.partition(".")
+            if comp not in names:
+                raise ConfigError(f"parameter {key!r} names {comp!r}, which is not part of method {spec!r} "
+                                  f"(components: {', '.join(names)})")
+            routed[names.index(comp)][sub] = value
+            continue
+        owners = [i for i, f in enumerate(fields) if key in f]
+        if len(owners) > 1:
+            options = " or ".join(f"{names[i]}.{key}" for i in owners)
+            raise ConfigError(f"parameter {key!r} is ambiguous in {spec!r}: qualify it as {options}")
+        if not owners and len(names) > 1:
+            known = ", ".join(f"{n}.{k}" for n, f in zip(names, fields, strict=True) for k in sorted(f)) or "none"
+            raise ConfigError(f"unknown parameter {key!r} for method {spec!r} (known: {known})")
+        routed[owners[0] if owners else 0][key] = value
+    methods = [c.create(budget, p) for c, p in zip(classes, routed, strict=True)]
+    policy = methods[0] if len(methods) == 1 else Composed(methods[0], methods[1])
+    return policy, policy.make_layer
 
 
 def get_method(name: str) -> type[Method]:
