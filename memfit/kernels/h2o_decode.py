@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from memfit.kernels.kivi_attention import _as_len, _launch, triton_next_pow2
+from memfit.kernels.kivi_attention import _as_len, _launch, _zeros, triton_next_pow2
 
 __all__ = ["h2o_decode"]
 
@@ -60,7 +60,7 @@ def h2o_decode(
     cur = _as_len(cur_pos, b, dev)
     logits = torch.empty(b, hq, cap, dtype=torch.float32, device=dev)
     lse = torch.empty(b, hq, 2, dtype=torch.float32, device=dev)
-    zero = torch.zeros(b, dtype=torch.int32, device=dev)
+    zero = _zeros(b, dev)
     out = _launch(q, k, v, zero, n, None, scale, store_logits=True, logits=logits, lse=lse, block_t=block_t,
                   num_splits=num_splits, out=out)
     if victim is None:

@@ -16,6 +16,7 @@ Plain-PyTorch references: `memfit.kernels.reference` (tested in CI on CPU; kerne
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,10 +26,25 @@ __all__ = ["decode_attention", "kivi_decode_attention", "plan_splits"]
 _LOG2E = 1.4426950408889634
 
 
+@functools.lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # Triton's CPU interpreter: keep the grid small
+
+
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeros(batch: int, device: torch.device) -> torch.Tensor:
+    """Cached int32 zeros (B,) (n_q of a plain slot buffer); never cached from inside a CUDA-graph capture."""
+    key = (batch, device)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = torch.zeros(batch, dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _ZEROS[key] = z
+    return z
 
 
 def plan_splits(batch: int, kv_heads: int, capacity: int, device: torch.device, block_t: int = 64,
@@ -167,6 +183,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
                      scale: float, block_t: int = 64, num_splits: int | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention (B, Hq, d) of q over the first lengths[b] slots of a plain k, v buffer (B, Hkv, C, d)."""
-    b = q.shape[0]
-    zero = torch.zeros(b, dtype=torch.int32, device=q.device)
+    zero = _zeros(q.shape[0], q.device)
     return _launch(q, k, v, zero, lengths, None, scale, block_t=block_t, num_splits=num_splits, out=out)
