@@ -65,6 +65,9 @@ def run(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate."),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", help="Prefill in chunks of N tokens, evicting after each."),
+    allocation: str = typer.Option(
+        "uniform", "--allocation", help="Share the budget: uniform | pyramid (layers) | adakv (heads) | pyramid+adakv."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate an answer with a compressed KV cache and report what it held."""
@@ -74,6 +77,9 @@ def run(
     text = read_prompt(prompt, prompt_file)
     params = parse_params(param)
     get_method(method).create(Budget.parse(budget), params)  # validate before loading the model
+    from memfit.core.allocation import parse_allocation
+
+    parse_allocation(allocation)
     from memfit.engine import run as run_engine
 
     result = run_engine(
@@ -85,6 +91,7 @@ def run(
         max_new_tokens=max_new_tokens,
         chat=chat,
         prefill_chunk=prefill_chunk,
+        allocation=allocation,
     )
     if as_json:
         print(json.dumps(result.to_dict()))

@@ -246,6 +246,7 @@ def run(
     max_new_tokens: int = 64,
     chat: bool = True,
     prefill_chunk: int | None = None,
+    allocation: str = "uniform",
 ) -> RunResult:
     """Load (or take) a model, compress its KV cache with `method` at `budget`, generate, and measure."""
     from memfit.api import make_cache
@@ -259,7 +260,7 @@ def run(
         mdl, tok = model
         model_name = getattr(mdl.config, "_name_or_path", "") or type(mdl).__name__
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    cache = make_cache(mdl, method, budget, params)
+    cache = make_cache(mdl, method, budget, params, allocation=allocation)
     ids, mask = encode_prompts(tok, prompts, chat)
     eos = getattr(mdl.generation_config, "eos_token_id", None) or tok.eos_token_id
     eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []

@@ -203,5 +203,6 @@ def configure_allocation(
                 f"allocation 'adakv' needs the plain store; it does not combine with {', '.join(sorted(odd))}"
             )
         cache.layers = [RaggedKVLayer(i) for i in range(cache.num_layers)]
+        cache.layer_factory = RaggedKVLayer  # type: ignore[attr-defined]  (reset() rebuilds ragged layers)
         cache.head_allocation = HeadAllocation(alpha)  # type: ignore[attr-defined]
     return cache
