@@ -11,7 +11,8 @@ that every layer keeps, e.g. an observation window), the top layer gets `lo = b 
 it and `lo = 2 b - hi` (the official code does the same). Official default: beta = 20 (KVCache-Factory
 `PyramidKVCluster`, AdaKV's `pyram_beta`). Deviation: the official code rounds `lo` and the step down, so its layers
 sum to slightly less than L x b; we compute the line exactly (rationals) and round by largest remainder, so the
-budgets sum to exactly `num_layers * b` for every row, stay non-increasing with depth and are >= 1.
+budgets sum to exactly `num_layers * b` for every row, stay non-increasing with depth and are >= 1. The reserve
+is the method's observation window when it has one (`window`, SnapKV); other methods pyramid their whole budget.
 
 **Per head — AdaKV** ("Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM
 Inference", Feng et al., 2024, arXiv 2407.11550). Within a layer, a row's Hkv x k slots are shared by the KV heads
@@ -193,7 +194,11 @@ def configure_allocation(
     """Give `cache` a layer schedule (pyramid) and/or ragged per-head stores with AdaKV selection."""
     pyramid, adakv = parse_allocation(allocation)
     if pyramid:
-        cache.layer_schedule = PyramidSchedule(beta, prompt_lens=lambda: cache.prompt_lens)
+        # A method's observation window (SnapKV's `window`) stays whole in every layer, outside the pyramid, as in
+        # PyramidKV (built on SnapKV: each layer keeps its window plus its share of the rest).
+        window = getattr(cache.method, "window", 0)
+        reserve = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else 0
+        cache.layer_schedule = PyramidSchedule(beta, reserve, prompt_lens=lambda: cache.prompt_lens)
     if adakv:
         from memfit.core.ragged import RaggedKVLayer
 

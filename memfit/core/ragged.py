@@ -1,36 +1,42 @@
 """A ragged KV store: every (row, KV head) holds its own number of tokens, in real bytes (per-head budgets, AdaKV).
 
-Layout. One layer's keys are one packed tensor `(N, d)` (values likewise; policy state in `extras` as `(N, ...)`).
-Segment (row b, KV head h) occupies `[offset[b][h], offset[b][h] + capacity[b][h])`, in row-major (b, h) order;
-its first `length[b][h]` slots are its tokens in original order. Lengths / capacities / offsets are host-side
-shape metadata (Python ints, B x Hkv of them, like a nested tensor's sizes), so `nbytes()` counts the packed
-tensors only — and every slot of them, spare capacity included.
+Layout. One layer holds
+- a *packed* part: keys `(N, d)` (values likewise), segment (row b, KV head h) at `[offset[b][h], offset[b][h] +
+  length[b][h])` in row-major (b, h) order, each segment's tokens in original order, no gaps;
+- a *tail*: the tokens appended since the last re-pack, `(B, Hkv, t, d)` — every head gets each new token, so
+  they are rectangular.
+A (row, head) holds its packed segment followed by the tail. Policy state (`extras`) is split the same way.
+Lengths and offsets are host-side shape metadata (Python ints, B x Hkv of them, like a nested tensor's sizes);
+`nbytes()` counts the tensors, which hold exactly the held tokens: no padding, no spare capacity.
 
 Trade-offs we chose (and the alternatives):
 - Ragged per (row, head), not rectangular per head across rows. A per-head `(B, max_b n_bh, d)` block would need
   padding to the longest row, and with AdaKV different rows favour different heads, so the sum over heads of the
   per-head maxima can exceed Hkv x budget — more bytes than the uniform store. Fully ragged never holds padding:
-  the held tokens of a row never exceed Hkv x its budget, whatever the batch.
-- Attention loops over (row, head) segments: one SDPA call per segment on a zero-copy slice, the head's GQA group
-  of queries at once (B x Hkv calls per layer: 3 on SmolLM2 at batch 1). A gather into a padded block would be
-  one call but copies the whole layer every step. The first forward on an empty store (the prompt) is attended
-  densely on the incoming tensors, exactly as the plain store does.
-- Decode appends write in place into spare capacity. When a segment is full the layer is re-packed and that
-  segment gets `growth` (1/16) of its length as free slots (at least one): one copy of the layer every n/16 tokens
-  instead of one per token (the plain store concatenates, i.e. copies, every step), for at most 1/16 more bytes.
-  Eviction (`keep_mask`) re-packs exactly, without spare, so right after the policy acted the store holds
-  exactly the kept tokens (and methods that evict every step never carry spare). Spare slots count in `nbytes()`.
+  a row never holds more than Hkv x its budget, whatever the batch, and a batch of rows with different budgets
+  needs no placeholders nor a validity mask (the uniform store needs both).
+- Appends amortised with a tail instead of spare capacity. Re-packing on every decode step would copy the layer
+  each step (as the uniform store's concatenation does); spare slots per segment would avoid that but hold
+  bytes the budget does not pay for. The tail grows by concatenation (a copy of the tail only) and is folded
+  into the packed part once t^2 >= 2 x (tokens per segment): one layer copy every ~sqrt(2n) steps (~28 steps
+  at n = 400). An eviction (`keep_mask`) re-packs everything it keeps, tail included. The prompt (all rows valid)
+  lands in the tail as is, so a ragged store without eviction holds exactly what the plain store holds.
+- Attention loops over (row, head): one call per segment on zero-copy slices (packed segment + tail), the KV
+  head's whole GQA group of queries at once — B x Hkv calls per layer (3 on SmolLM2 at batch 1). With a tail the
+  softmax spans two key blocks, so it is computed by hand in fp32 (two matmuls, one softmax) rather than by SDPA,
+  which cannot take two key tensors; a gather into one padded block would instead copy the layer every step.
+  The first forward on an empty store (the prompt) is attended densely on the incoming tensors, exactly as the
+  plain store does.
 - Policies see the plain store's interface: `keys`, `values`, `valid`, `extras[name]` are *views* materialised as
-  `(B, Hkv, T, ...)` with each segment right-aligned (its newest token in the last slot, invalid slots on the
-  left), which is exactly the plain store's layout after a left-padded prompt — so "the q queries are the last q
-  keys" holds and every method scores unchanged. A view is a transient copy (cached during one layer's step,
-  dropped by `finalize_step`); assigning `extras[name] = view` packs it back. Selection goes through
-  `keep_mask((B, Hkv, T) bool)` (AdaKV in `Method.evict`) or the usual `keep(indices, valid)`.
+  `(B, Hkv, T, ...)` with each (row, head) right-aligned (newest token in the last slot, invalid slots on the
+  left) — exactly the plain store's layout after a left-padded prompt, so "the q queries are the last q keys"
+  holds and every method scores unchanged. A view is a transient copy (cached during one layer's step, dropped
+  by `finalize_step`); assigning `extras[name] = view` packs it back. Selection goes through
+  `keep_mask((B, Hkv, T) bool)` (AdaKV, from `Method.evict`) or the plain `keep(indices, valid)`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, MutableMapping
 
 import torch
@@ -46,14 +52,17 @@ class _RaggedExtras(MutableMapping[str, torch.Tensor]):
         self.layer = layer
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.layer._view("x:" + name, self.layer._x[name])
+        return self.layer._view("x:" + name, self.layer._x[name], self.layer._tx.get(name))
 
     def __setitem__(self, name: str, view: torch.Tensor) -> None:
-        self.layer._x[name] = self.layer._pack(view)
+        self.layer._x[name], tail = self.layer._pack(view)
+        if tail is not None:
+            self.layer._tx[name] = tail
         self.layer._forget("x:" + name)
 
     def __delitem__(self, name: str) -> None:
         del self.layer._x[name]
+        self.layer._tx.pop(name, None)
         self.layer._forget("x:" + name)
 
     def __iter__(self) -> Iterator[str]:
@@ -63,10 +72,29 @@ class _RaggedExtras(MutableMapping[str, torch.Tensor]):
         return len(self.layer._x)
 
 
+def _two_block_attention(
+    queries: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]], allowed: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Softmax attention of queries (g, q, d) over the concatenation of key/value blocks [(n_i, d), (n_i, dv)], in
+    fp32, without concatenating them. `allowed` (q, sum n_i) bool or None."""
+    qf = queries.float()
+    scores = torch.cat([torch.matmul(qf, k.float().transpose(0, 1)) for k, _ in blocks], dim=-1) * scaling
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out, at = None, 0
+    for k, v in blocks:
+        piece = torch.matmul(probs[..., at : at + k.shape[0]], v.float())
+        out = piece if out is None else out + piece
+        at += k.shape[0]
+    assert out is not None
+    return out.to(queries.dtype)
+
+
 class RaggedKVLayer(KVLayer):
     """One layer's KV store with a token count per (row, KV head) (see module docstring)."""
 
-    growth: float = 1 / 16  # a full segment grows by this share of its length (at least 1 slot) on a decode append
+    fold_min = 8  # never fold a tail shorter than this
 
     def __init__(self, index: int = 0) -> None:  # no super().__init__: keys/values/valid/extras are views here
         self.index = index
@@ -74,9 +102,11 @@ class RaggedKVLayer(KVLayer):
         self._k: torch.Tensor | None = None  # (N, d) packed keys
         self._v: torch.Tensor | None = None  # (N, dv) packed values
         self._x: dict[str, torch.Tensor] = {}  # packed policy state (N, ...)
-        self._lens: list[list[int]] = []  # tokens per (row, head)
-        self._caps: list[list[int]] = []  # slots per (row, head)
-        self._offs: list[list[int]] = []  # first slot per (row, head)
+        self._tk: torch.Tensor | None = None  # (B, Hkv, t, d) tail keys
+        self._tv: torch.Tensor | None = None
+        self._tx: dict[str, torch.Tensor] = {}  # tail policy state (B, Hkv, t, ...)
+        self._lens: list[list[int]] = []  # packed tokens per (row, head)
+        self._offs: list[list[int]] = []  # first packed slot per (row, head)
         self._heads = 0
         self._q_last = 0  # tokens appended in the current step (views stay >= this long)
         self._step_new: torch.Tensor | None = None  # (B, q) validity of this step's tokens
@@ -89,47 +119,47 @@ class RaggedKVLayer(KVLayer):
         return len(self._lens)
 
     @property
+    def tail(self) -> int:
+        return 0 if self._tk is None else self._tk.shape[2]
+
+    @property
     def num_slots(self) -> int:
         if self._k is None:
             return 0
-        return max(max((max(row) for row in self._lens), default=0), self._q_last)
+        return max(max((max(row) for row in self._lens), default=0) + self.tail, self._q_last)
 
     def held_per_row(self) -> torch.Tensor:
         """Valid tokens held per (row, KV head): (B, Hkv) long."""
-        return torch.tensor(self._lens, dtype=torch.long).reshape(self.batch, self._heads)
+        return torch.tensor(self._lens, dtype=torch.long).reshape(self.batch, self._heads) + self.tail
 
-    def _set_caps(self, caps: list[list[int]]) -> None:
-        self._caps = caps
+    def _set_lens(self, lens: list[list[int]]) -> None:
+        self._lens = [list(row) for row in lens]
         offs, at = [], 0
-        for row in caps:
+        for row in self._lens:
             offs.append([])
-            for c in row:
+            for n in row:
                 offs[-1].append(at)
-                at += c
+                at += n
         self._offs = offs
-
-    def _total(self) -> int:
-        return sum(sum(row) for row in self._caps)
 
     def _meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         lens = torch.tensor(self._lens, dtype=torch.long, device=device).reshape(self.batch, self._heads)
         offs = torch.tensor(self._offs, dtype=torch.long, device=device).reshape(self.batch, self._heads)
         return lens, offs
 
-    def _index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For every held token: (row, head, view slot, packed position), in packed order."""
+    def _packed_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For every packed token: (row, head, view slot, packed position)."""
         cached = None if self._views is None else self._views.get("idx")
         if cached is not None:
             return cached.unbind(0)  # type: ignore[return-value]
         assert self._k is not None
         device = self._k.device
         lens, offs = self._meta(device)
-        flat_lens = lens.flatten()
-        seg = torch.repeat_interleave(torch.arange(flat_lens.numel(), device=device), flat_lens)
-        start = torch.cumsum(flat_lens, 0) - flat_lens
-        pos = torch.arange(seg.numel(), device=device) - start[seg]
+        flat = lens.flatten()
+        seg = torch.repeat_interleave(torch.arange(flat.numel(), device=device), flat)
+        pos = torch.arange(seg.numel(), device=device) - (torch.cumsum(flat, 0) - flat)[seg]
         src = offs.flatten()[seg] + pos
-        slot = self.num_slots - flat_lens[seg] + pos
+        slot = self.num_slots - self.tail - flat[seg] + pos
         idx = torch.stack([seg // self._heads, seg % self._heads, slot, src])
         if self._views is not None:
             self._views["idx"] = idx
@@ -143,48 +173,50 @@ class RaggedKVLayer(KVLayer):
             else:
                 self._views.pop(key, None)
 
-    def _view(self, key: str, packed: torch.Tensor) -> torch.Tensor:
+    def _view(self, key: str, packed: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
         if self._views is not None and key in self._views:
             return self._views[key]
-        rows, heads, slots, src = self._index()
-        out = packed.new_zeros(self.batch, self._heads, self.num_slots, *packed.shape[1:])
+        rows, heads, slots, src = self._packed_index()
+        t_len = self.num_slots
+        out = packed.new_zeros(self.batch, self._heads, t_len, *packed.shape[1:])
         out[rows, heads, slots] = packed[src]
+        if tail is not None and tail.shape[2]:
+            out[:, :, t_len - tail.shape[2] :] = tail
         if self._views is not None:
             self._views[key] = out
         return out
 
-    def _pack(self, view: torch.Tensor) -> torch.Tensor:
-        """Inverse of `_view`: a (B, Hkv, T, ...) tensor laid out like the views -> packed (N, ...)."""
-        assert self._k is not None
-        if tuple(view.shape[:3]) != (self.batch, self._heads, self.num_slots):
-            raise ValueError(
-                f"ragged extras: expected (B, Hkv, T) = {(self.batch, self._heads, self.num_slots)}, got {tuple(view.shape)}"
-            )
-        rows, heads, slots, src = self._index()
-        packed = view.new_zeros(self._total(), *view.shape[3:])
-        packed[src] = view[rows, heads, slots]
-        return packed
+    def _pack(self, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inverse of `_view`: a (B, Hkv, T, ...) tensor laid out like the views -> (packed (N, ...), tail)."""
+        expected = (self.batch, self._heads, self.num_slots)
+        if tuple(view.shape[:3]) != expected:
+            raise ValueError(f"ragged extras: expected (B, Hkv, T) = {expected}, got {tuple(view.shape)}")
+        rows, heads, slots, _ = self._packed_index()
+        tail = view[:, :, view.shape[2] - self.tail :].contiguous() if self.tail else None
+        return view[rows, heads, slots].contiguous(), tail
 
     @property
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._k is None else self._view("k", self._k)
+        return None if self._k is None else self._view("k", self._k, self._tk)
 
     @property
     def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._v is None else self._view("v", self._v)
+        return None if self._v is None else self._view("v", self._v, self._tv)
 
     @property
     def valid(self) -> torch.Tensor | None:  # type: ignore[override]
         if self._k is None:
             return None
-        t = self.num_slots
-        if all(n == t for row in self._lens for n in row):
+        t_len, tail = self.num_slots, self.tail
+        if all(n + tail == t_len for row in self._lens for n in row):
             return None
         if self._views is not None and "valid" in self._views:
             return self._views["valid"]
-        rows, heads, slots, _ = self._index()
-        out = torch.zeros(self.batch, self._heads, t, dtype=torch.bool, device=self._k.device)
+        rows, heads, slots, _ = self._packed_index()
+        out = torch.zeros(self.batch, self._heads, t_len, dtype=torch.bool, device=self._k.device)
         out[rows, heads, slots] = True
+        if tail:
+            out[:, :, t_len - tail :] = True
         if self._views is not None:
             self._views["valid"] = out
         return out
@@ -201,19 +233,51 @@ class RaggedKVLayer(KVLayer):
         return torch.ones(self.batch, self._heads, self.num_slots, dtype=torch.bool, device=self._k.device)
 
     # -- storage -----------------------------------------------------------------------------------------------------
-    def _repack(self, caps: list[list[int]]) -> None:
-        """Move every segment into a fresh packed layout with capacities `caps` (>= lengths)."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, new_valid: torch.Tensor | None) -> None:
+        """Append q new tokens (B, Hkv, q, d) to every head; `new_valid` (B, q) or None. Padding is not stored."""
+        b, h, q, d = keys.shape
+        nv = torch.ones(b, q, dtype=torch.bool, device=keys.device) if new_valid is None else new_valid.bool()
+        all_valid = bool(nv.all())
+        self._fresh = None
+        if self._k is None:  # the prompt (or its first chunk): attended densely on the incoming tensors
+            self._heads = h
+            self._set_lens([[0] * h for _ in range(b)])
+            self._k, self._v = keys.new_zeros(0, d), values.new_zeros(0, values.shape[-1])
+            self._fresh = (keys, values, None if all_valid else nv[:, None, :].expand(b, h, q))
+        if all_valid:
+            t = self.tail
+            if t >= self.fold_min and t * t >= 2 * (self._k.shape[0] / max(1, b * h) + t):
+                self._fold()
+            if self._tk is None:
+                self._tk, self._tv = keys, values
+                self._tx = {name: state.new_zeros(b, h, q, *state.shape[1:]) for name, state in self._x.items()}
+            else:
+                assert self._tv is not None
+                self._tk = torch.cat([self._tk, keys], dim=2)
+                self._tv = torch.cat([self._tv, values], dim=2)
+                for name, state in self._tx.items():
+                    self._tx[name] = torch.cat([state, state.new_zeros(b, h, q, *state.shape[3:])], dim=2)
+        else:
+            self._fold()
+            self._append_packed(keys, values, nv)
+        self.seen += q
+        self._q_last = q
+        self._step_new = nv
+        self._views = {}  # start of this layer's step: views may be cached until finalize_step
+
+    def _append_packed(self, keys: torch.Tensor, values: torch.Tensor, nv: torch.Tensor) -> None:
+        """Append the valid tokens of (B, Hkv, q, d) into the packed part (re-packed to the exact new size)."""
         assert self._k is not None and self._v is not None
-        device = self._k.device
+        device, d = self._k.device, keys.shape[-1]
+        counts = nv.sum(-1).tolist()
         old_lens, old_offs = self._meta(device)
-        self._set_caps(caps)
+        self._set_lens([[n + c for n in row] for row, c in zip(self._lens, counts, strict=True)])
         _, new_offs = self._meta(device)
-        flat_lens = old_lens.flatten()
-        seg = torch.repeat_interleave(torch.arange(flat_lens.numel(), device=device), flat_lens)
-        pos = torch.arange(seg.numel(), device=device) - (torch.cumsum(flat_lens, 0) - flat_lens)[seg]
-        src = old_offs.flatten()[seg] + pos
-        dst = new_offs.flatten()[seg] + pos
-        total = self._total()
+        flat = old_lens.flatten()
+        seg = torch.repeat_interleave(torch.arange(flat.numel(), device=device), flat)
+        pos = torch.arange(seg.numel(), device=device) - (torch.cumsum(flat, 0) - flat)[seg]
+        src, dst = old_offs.flatten()[seg] + pos, new_offs.flatten()[seg] + pos
+        total = sum(sum(row) for row in self._lens)
 
         def move(old: torch.Tensor) -> torch.Tensor:
             new = old.new_zeros(total, *old.shape[1:])
@@ -222,66 +286,47 @@ class RaggedKVLayer(KVLayer):
 
         self._k, self._v = move(self._k), move(self._v)
         self._x = {name: move(state) for name, state in self._x.items()}
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor, new_valid: torch.Tensor | None) -> None:
-        """Append q new tokens (B, Hkv, q, d) to every head; `new_valid` (B, q) or None. Padding is not stored."""
-        b, h, q, d = keys.shape
-        nv = torch.ones(b, q, dtype=torch.bool, device=keys.device) if new_valid is None else new_valid.bool()
-        counts = nv.sum(-1).tolist()
-        self._fresh = None
-        first = self._k is None
-        if first:
-            self._heads = h
-            self._lens = [[0] * h for _ in range(b)]
-            self._set_caps([[0] * h for _ in range(b)])
-            self._k = keys.new_zeros(0, d)
-            self._v = values.new_zeros(0, values.shape[-1])
-            self._fresh = (
-                keys,
-                values,
-                None if new_valid is None or bool(nv.all()) else nv[:, None, :].expand(b, h, q),
-            )
-        need = [[n + c for n in row] for row, c in zip(self._lens, counts, strict=True)]
-        if any(n > cap for nrow, crow in zip(need, self._caps, strict=True) for n, cap in zip(nrow, crow, strict=True)):
-            self._repack(
-                [
-                    [
-                        cap if n <= cap else n + (0 if first else max(1, math.ceil(n * self.growth)))
-                        for n, cap in zip(nrow, crow, strict=True)
-                    ]
-                    for nrow, crow in zip(need, self._caps, strict=True)
-                ]
-            )
-        assert self._k is not None and self._v is not None
         rows, toks = nv.nonzero(as_tuple=True)
         if rows.numel():
-            lens, offs = self._meta(keys.device)
             rank = (nv.long().cumsum(-1) - 1)[rows, toks]
-            dst = (offs[rows] + lens[rows] + rank[:, None]).flatten()  # (M * Hkv,) in (token, head) order
-            self._k[dst] = keys[rows, :, toks].reshape(-1, d).to(self._k.dtype)
-            self._v[dst] = values[rows, :, toks].reshape(-1, values.shape[-1]).to(self._v.dtype)
-            for state in self._x.values():
-                state[dst] = 0
-        self._lens = need
-        self.seen += q
-        self._q_last = q
-        self._step_new = nv
-        self._views = {}  # start of this layer's step: views may be cached until finalize_step
+            place = (new_offs[rows] + old_lens[rows] + rank[:, None]).flatten()  # (M * Hkv,), (token, head) order
+            self._k[place] = keys[rows, :, toks].reshape(-1, d).to(self._k.dtype)
+            self._v[place] = values[rows, :, toks].reshape(-1, values.shape[-1]).to(self._v.dtype)
+
+    def _fold(self) -> None:
+        """Move the tail into the packed part (one copy of the layer)."""
+        if self.tail:
+            self.keep_mask(self.valid_mask())
 
     def keep_mask(self, mask: torch.Tensor) -> None:
-        """Keep the slots of the (B, Hkv, T) bool `mask` (view coordinates), in order; re-packed without spare."""
+        """Keep the slots of the (B, Hkv, T) bool `mask` (view coordinates), in order; the tail is folded in."""
         assert self._k is not None and self._v is not None
-        t = self.num_slots
-        mask = mask.to(self._k.device) & self.valid_mask()
-        rows, heads, slots = mask.nonzero(as_tuple=True)  # row-major: segments in packed order, tokens in order
-        lens, offs = self._meta(self._k.device)
-        src = offs[rows, heads] + slots - (t - lens[rows, heads])
-        new_lens = mask.sum(-1).tolist()
-        self._k = self._k[src].contiguous()
-        self._v = self._v[src].contiguous()
-        self._x = {name: state[src].contiguous() for name, state in self._x.items()}
-        self._lens = new_lens
-        self._set_caps([list(row) for row in new_lens])
+        device, t_len, tail, n_packed = self._k.device, self.num_slots, self.tail, self._k.shape[0]
+        source = torch.full((self.batch, self._heads, t_len), -1, dtype=torch.long, device=device)
+        rows, heads, slots, src = self._packed_index()
+        source[rows, heads, slots] = src
+        if tail:
+            count = self.batch * self._heads * tail
+            source[:, :, t_len - tail :] = n_packed + torch.arange(count, device=device).view(
+                self.batch, self._heads, tail
+            )
+        keep = mask.to(device) & (source >= 0)
+        pick = source[keep]  # row-major: (row, head) segments in order, tokens in order (packed before tail)
+        from_tail = pick >= n_packed
+
+        def gather(packed: torch.Tensor, tail_part: torch.Tensor | None) -> torch.Tensor:
+            if tail_part is None or not bool(from_tail.any()):
+                return packed[pick].contiguous()
+            out = packed.new_empty(pick.numel(), *packed.shape[1:])
+            out[~from_tail] = packed[pick[~from_tail]]
+            out[from_tail] = tail_part.reshape(-1, *packed.shape[1:])[pick[from_tail] - n_packed]
+            return out
+
+        self._k, self._v = gather(self._k, self._tk), gather(self._v, self._tv)
+        self._x = {name: gather(state, self._tx.get(name)) for name, state in self._x.items()}
+        self._tk = self._tv = None
+        self._tx = {}
+        self._set_lens(keep.sum(-1).tolist())
         self._q_last = 0
         self._forget()
 
@@ -296,50 +341,65 @@ class RaggedKVLayer(KVLayer):
         if self._k is None:
             return
         picks = [int(r) for r in rows.tolist()]
-        ranges = [
-            torch.arange(self._offs[r][0], self._offs[r][0] + sum(self._caps[r]), device=self._k.device) for r in picks
-        ]
-        src = torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long, device=self._k.device)
+        device = self._k.device
+        ranges = [torch.arange(self._offs[r][0], self._offs[r][0] + sum(self._lens[r]), device=device) for r in picks]
+        src = torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long, device=device)
         self._k, self._v = self._k[src], self._v[src]
         self._x = {name: state[src] for name, state in self._x.items()}
-        self._lens = [list(self._lens[r]) for r in picks]
-        self._set_caps([list(self._caps[r]) for r in picks])
+        if self._tk is not None and self._tv is not None:
+            index = torch.tensor(picks, dtype=torch.long, device=self._tk.device)
+            self._tk, self._tv = self._tk.index_select(0, index), self._tv.index_select(0, index)
+            self._tx = {name: state.index_select(0, index) for name, state in self._tx.items()}
+        self._set_lens([self._lens[r] for r in picks])
         self._forget()
 
     # -- attention ---------------------------------------------------------------------------------------------------
     def attend(self, queries: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Attention of the last appended queries (B, H, q, d) over each (row, head) segment: (B, H, q, dv)."""
+        """Attention of the last appended queries (B, H, q, d) over each (row, head)'s tokens: (B, H, q, dv)."""
         assert self._k is not None and self._v is not None
         if self._fresh is not None:  # the prompt on an empty store: plain causal attention on the incoming K/V
             keys, values, valid = self._fresh
             self._fresh = None
             return dense_attention(queries, keys, values, valid, scaling)
         b, hq, q, d = queries.shape
-        g = hq // self._heads
+        g, tail = hq // self._heads, self.tail
         nv = self._step_new
-        cum = None if nv is None else nv.long().cumsum(-1)  # (B, q) new real tokens up to each query
+        cum = None if nv is None else nv.long().cumsum(-1)  # (B, q): new real tokens up to each query
         out = queries.new_zeros(b, hq, q, self._v.shape[-1])
         for r in range(b):
-            plain = q == 1 and (nv is None or bool(nv[r, 0]))
+            plain = q == 1 and (nv is None or bool(nv[r, 0]))  # one real new token: it sees everything held
             for h in range(self._heads):
                 n, o = self._lens[r][h], self._offs[r][h]
-                if n == 0:
+                total = n + tail
+                if total == 0:
                     continue
-                k = self._k[o : o + n].view(1, 1, n, d)
-                v = self._v[o : o + n].view(1, 1, n, -1)
-                qh = queries[r : r + 1, h * g : (h + 1) * g]
-                if plain:
-                    res = F.scaled_dot_product_attention(qh, k, v, scale=scaling, enable_gqa=g > 1)
-                else:
+                allowed = None
+                if not plain:
                     added = q if cum is None else int(cum[r, -1])
-                    step = torch.arange(1, q + 1, device=k.device) if cum is None else cum[r].to(k.device)
-                    limit = (n - added) + step  # query i sees the held tokens and the new real ones up to itself
-                    allowed = torch.arange(n, device=k.device)[None, :] < limit[:, None]
+                    step = torch.arange(1, q + 1, device=queries.device) if cum is None else cum[r]
+                    limit = (total - added) + step  # query i sees the held tokens and the new real ones up to itself
+                    allowed = torch.arange(total, device=queries.device)[None, :] < limit[:, None]
                     allowed[:, 0] |= limit == 0  # a padding query before any token: attend to something finite
-                    res = F.scaled_dot_product_attention(
-                        qh, k, v, attn_mask=allowed[None, None], scale=scaling, enable_gqa=g > 1
-                    )
-                out[r : r + 1, h * g : (h + 1) * g] = res
+                qh = queries[r, h * g : (h + 1) * g]  # (g, q, d)
+                if tail and n:
+                    assert self._tk is not None and self._tv is not None
+                    blocks = [(self._k[o : o + n], self._v[o : o + n]), (self._tk[r, h], self._tv[r, h])]
+                    out[r, h * g : (h + 1) * g] = _two_block_attention(qh, blocks, allowed, scaling)
+                    continue
+                if tail:
+                    assert self._tk is not None and self._tv is not None
+                    k, v = self._tk[r, h], self._tv[r, h]
+                else:
+                    k, v = self._k[o : o + n], self._v[o : o + n]
+                res = F.scaled_dot_product_attention(
+                    qh[None],
+                    k[None, None],
+                    v[None, None],
+                    attn_mask=None if allowed is None else allowed[None, None],
+                    scale=scaling,
+                    enable_gqa=g > 1,
+                )
+                out[r, h * g : (h + 1) * g] = res[0]
         return out
 
     def finalize_step(self, info: StepInfo) -> None:
@@ -350,7 +410,7 @@ class RaggedKVLayer(KVLayer):
 
     # -- accounting --------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        return tensor_bytes(self._k, self._v, *self._x.values())
+        return tensor_bytes(self._k, self._v, self._tk, self._tv, *self._x.values(), *self._tx.values())
 
     def full_nbytes(self) -> int:
         if self._k is None:
