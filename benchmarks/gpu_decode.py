@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -144,7 +145,7 @@ def _pre(x, ln, wqkv, cos, sin, eps: float, hq: int, hkv: int, dh: int):
     c, s = cos[:, None, :], sin[:, None, :]
     q = q * c + _rot(q) * s
     k = k * c + _rot(k) * s
-    return q.contiguous(), k.contiguous(), v.contiguous()
+    return q.contiguous(), k.contiguous(), v  # v stays a view of qkv: the kernels take strided new tokens
 
 
 def _post(x, o, wo, ln2, wgu, wd, eps: float):
@@ -159,10 +160,20 @@ def _mid(x, o, wo, ln2, wgu, wd, ln1n, wqkvn, cos, sin, eps: float, hq: int, hkv
     return x, q, k, v
 
 
+def _argmax(logits):
+    """Greedy token: a two-stage argmax (256 chunks, then the best chunk) keeps the 128K-wide row parallel."""
+    b, n = logits.shape
+    if n % 256:
+        return logits.argmax(dim=-1)
+    vals, idx = logits.view(b, 256, n // 256).max(dim=-1)
+    j = vals.argmax(dim=-1)
+    return j * (n // 256) + idx.gather(-1, j[:, None])[:, 0]
+
+
 def _head(x, o, wo, ln2, wgu, wd, norm, lm_head, eps: float):
     x = _post(x, o, wo, ln2, wgu, wd, eps)
     logits = _rms(x, norm, eps) @ lm_head.t()
-    return logits, logits.argmax(dim=-1)
+    return logits, _argmax(logits)
 
 
 class Compiled:
@@ -259,8 +270,8 @@ class SlotStore:
     def __init__(self, m: Model, batch: int, cap: int, n0: int, kernels: bool):
         self.m, self.kernels, self.cap = m, kernels, cap
         shape = (batch, m.hkv, cap, m.dh)
-        self.k = [torch.empty(shape, dtype=m.dtype, device=m.device) for _ in range(m.n_layers)]
-        self.v = [torch.empty(shape, dtype=m.dtype, device=m.device) for _ in range(m.n_layers)]
+        self.k = [torch.zeros(shape, dtype=m.dtype, device=m.device) for _ in range(m.n_layers)]
+        self.v = [torch.zeros(shape, dtype=m.dtype, device=m.device) for _ in range(m.n_layers)]
         self.n = torch.full((batch,), n0, dtype=torch.int32, device=m.device)
         self.n_after = self.n.clone()
         self.n_host = n0
@@ -276,20 +287,21 @@ class SlotStore:
 
     def begin(self, pos):
         torch.add(self.n, 1, out=self.n_after)
-        b = self.n.shape[0]
-        self.idx = self.n.long()[:, None, None, None].expand(b, self.m.hkv, 1, self.m.dh)
         if not self.kernels:
+            b = self.n.shape[0]
+            self.idx = self.n.long()[:, None, None, None].expand(b, self.m.hkv, 1, self.m.dh)
             ar = torch.arange(self.cap, device=self.n.device)
             self.mask = (ar[None, :] < self.n_after[:, None])[:, None, None, :]
 
     def attend(self, layer, q, k, v):
-        self.k[layer].scatter_(2, self.idx, k[:, :, None])
-        self.v[layer].scatter_(2, self.idx, v[:, :, None])
-        if self.kernels:
+        if self.kernels:  # the kernel writes the new token into slot n itself
             from memfit.kernels.kivi_attention import decode_attention
 
-            o = decode_attention(q, self.k[layer], self.v[layer], self.n_after, scale=self.m.scale)
+            o = decode_attention(q, self.k[layer], self.v[layer], self.n_after, scale=self.m.scale, k_new=k,
+                                 v_new=v, append_at=self.n)
             return o.reshape(q.shape[0], -1)
+        self.k[layer].scatter_(2, self.idx, k[:, :, None])
+        self.v[layer].scatter_(2, self.idx, v[:, :, None])
         return _sdpa_grouped(q, self.k[layer], self.v[layer], self.mask, self.m.scale)
 
     def end(self):
@@ -313,29 +325,38 @@ class KiviStore:
     """Packed KIVI buffers per layer + a bf16 residual of R slots; n_q quantized + n_r residual tokens per row."""
 
     def __init__(self, m: Model, batch: int, cap_q: int, nq0: int, nr0: int, bits: int, kernels: bool,
-                 group: int = KIVI_GROUP, residual: int = KIVI_RESIDUAL):
+                 group: int = KIVI_GROUP, residual: int = KIVI_RESIDUAL, allocate: bool = True):
         self.m, self.kernels, self.bits, self.group, self.R = m, kernels, bits, group, residual
-        cpb = 8 // bits
-        b, h, d, dev = batch, m.hkv, m.dh, m.device
+        b, dev = batch, m.device
         assert cap_q % residual == 0 and residual % group == 0 and nq0 % residual == 0
-        self.cap_q = cap_q
+        self.cap_q, self.batch = cap_q, batch
         L_ = m.n_layers
-        self.kc = [torch.empty(b, h, cap_q // cpb, d, dtype=torch.uint8, device=dev) for _ in range(L_)]
-        self.ks = [torch.empty(b, h, cap_q // group, d, dtype=torch.float16, device=dev) for _ in range(L_)]
-        self.kz = [torch.empty(b, h, cap_q // group, d, dtype=torch.float16, device=dev) for _ in range(L_)]
-        self.vc = [torch.empty(b, h, cap_q, d // cpb, dtype=torch.uint8, device=dev) for _ in range(L_)]
-        self.vs = [torch.empty(b, h, cap_q, d // group, dtype=torch.float16, device=dev) for _ in range(L_)]
-        self.vz = [torch.empty(b, h, cap_q, d // group, dtype=torch.float16, device=dev) for _ in range(L_)]
-        self.kr = [torch.empty(b, h, residual, d, dtype=m.dtype, device=dev) for _ in range(L_)]
-        self.vr = [torch.empty(b, h, residual, d, dtype=m.dtype, device=dev) for _ in range(L_)]
+        self.kc, self.ks, self.kz, self.vc, self.vs, self.vz, self.kr, self.vr = ([None] * L_ for _ in range(8))
+        if allocate:
+            for layer in range(L_):
+                self.alloc_layer(layer)
         self.nq = torch.full((b,), nq0, dtype=torch.int32, device=dev)
         self.nr = torch.full((b,), nr0, dtype=torch.int32, device=dev)
         self.nr_after = self.nr.clone()
         self.nq_host, self.nr_host = nq0, nr0
         self.flush_ms: list[float] = []
 
+    def alloc_layer(self, layer: int):
+        """Allocate one layer's buffers (zeroed): prefill converts layer by layer, so bf16 + packed never coexist."""
+        b, h, d, dev, cap_q, G, R = self.batch, self.m.hkv, self.m.dh, self.m.device, self.cap_q, self.group, self.R
+        cpb = 8 // self.bits
+        self.kc[layer] = torch.zeros(b, h, cap_q // cpb, d, dtype=torch.uint8, device=dev)
+        self.ks[layer] = torch.zeros(b, h, cap_q // G, d, dtype=torch.float16, device=dev)
+        self.kz[layer] = torch.zeros(b, h, cap_q // G, d, dtype=torch.float16, device=dev)
+        self.vc[layer] = torch.zeros(b, h, cap_q, d // cpb, dtype=torch.uint8, device=dev)
+        self.vs[layer] = torch.zeros(b, h, cap_q, d // G, dtype=torch.float16, device=dev)
+        self.vz[layer] = torch.zeros(b, h, cap_q, d // G, dtype=torch.float16, device=dev)
+        self.kr[layer] = torch.zeros(b, h, R, d, dtype=self.m.dtype, device=dev)
+        self.vr[layer] = torch.zeros(b, h, R, d, dtype=self.m.dtype, device=dev)
+
     def tensors(self):
-        return self.kc + self.ks + self.kz + self.vc + self.vs + self.vz + self.kr + self.vr
+        ts = self.kc + self.ks + self.kz + self.vc + self.vs + self.vz + self.kr + self.vr
+        return [t for t in ts if t is not None]
 
     def fill_random(self):
         for t in self.kc + self.vc:
@@ -374,24 +395,25 @@ class KiviStore:
 
     def begin(self, pos):
         torch.add(self.nr, 1, out=self.nr_after)
-        b = self.nr.shape[0]
-        self.idx = self.nr.long()[:, None, None, None].expand(b, self.m.hkv, 1, self.m.dh)
         if not self.kernels:
+            b = self.nr.shape[0]
+            self.idx = self.nr.long()[:, None, None, None].expand(b, self.m.hkv, 1, self.m.dh)
             dev = self.nr.device
             self.mask = torch.cat([torch.arange(self.cap_q, device=dev)[None] < self.nq[:, None],
                                    torch.arange(self.R, device=dev)[None] < self.nr_after[:, None]],
                                   dim=1)[:, None, None, :]
 
     def attend(self, layer, q, k, v):
-        self.kr[layer].scatter_(2, self.idx, k[:, :, None])
-        self.vr[layer].scatter_(2, self.idx, v[:, :, None])
-        if self.kernels:
+        if self.kernels:  # the kernel writes the new token into residual slot n_r itself
             from memfit.kernels.kivi_attention import kivi_decode_attention
 
             o = kivi_decode_attention(q, self.kc[layer], self.ks[layer], self.kz[layer], self.vc[layer],
                                       self.vs[layer], self.vz[layer], self.kr[layer], self.vr[layer], self.nq,
-                                      self.nr_after, bits=self.bits, group_size=self.group, scale=self.m.scale)
+                                      self.nr_after, bits=self.bits, group_size=self.group, scale=self.m.scale,
+                                      k_new=k, v_new=v, append_at=self.nr)
             return o.reshape(q.shape[0], -1)
+        self.kr[layer].scatter_(2, self.idx, k[:, :, None])
+        self.vr[layer].scatter_(2, self.idx, v[:, :, None])
         kd = REF.dequantize_keys(self.kc[layer], self.ks[layer], self.kz[layer], self.bits, self.group)
         vd = REF.dequantize_values(self.vc[layer], self.vs[layer], self.vz[layer], self.bits, self.group)
         kk = torch.cat([kd.to(q.dtype), self.kr[layer]], dim=2)
@@ -457,8 +479,8 @@ class H2OStore:
         self.m, self.kernels, self.recent = m, kernels, recent
         self.cap = cap = budget + 1
         b, h, d, dev, L_ = batch, m.hkv, m.dh, m.device, m.n_layers
-        self.k = [torch.empty(b, h, cap, d, dtype=m.dtype, device=dev) for _ in range(L_)]
-        self.v = [torch.empty(b, h, cap, d, dtype=m.dtype, device=dev) for _ in range(L_)]
+        self.k = [torch.zeros(b, h, cap, d, dtype=m.dtype, device=dev) for _ in range(L_)]
+        self.v = [torch.zeros(b, h, cap, d, dtype=m.dtype, device=dev) for _ in range(L_)]
         self.acc = [torch.zeros(b, h, cap, dtype=torch.float32, device=dev) for _ in range(L_)]
         self.pos = [torch.full((b, h, cap), -1, dtype=torch.int32, device=dev) for _ in range(L_)]
         self.free = [torch.full((b, h), budget, dtype=torch.int32, device=dev) for _ in range(L_)]
@@ -486,17 +508,18 @@ class H2OStore:
 
     def attend(self, layer, q, k, v):
         b, h, d = q.shape[0], self.m.hkv, self.m.dh
+        if self.kernels:  # new token written into the freed slot (k, v, pos, acc) inside the kernels
+            from memfit.kernels.h2o_decode import h2o_decode
+
+            o, _ = h2o_decode(q, self.k[layer], self.v[layer], self.n_after, self.acc[layer], self.pos[layer],
+                              self.cur, self.recent, scale=self.m.scale, k_new=k, v_new=v, slot=self.free[layer],
+                              victim=self.free[layer])
+            return o.reshape(b, -1)
         idx = self.free[layer].long()
         self.k[layer].scatter_(2, idx[..., None, None].expand(b, h, 1, d), k[:, :, None])
         self.v[layer].scatter_(2, idx[..., None, None].expand(b, h, 1, d), v[:, :, None])
         self.pos[layer].scatter_(2, idx[..., None], self.cur[:, None, None].expand(b, h, 1))
         self.acc[layer].scatter_(2, idx[..., None], 0.0)
-        if self.kernels:
-            from memfit.kernels.h2o_decode import h2o_decode
-
-            o, _ = h2o_decode(q, self.k[layer], self.v[layer], self.n_after, self.acc[layer], self.pos[layer],
-                              self.cur, self.recent, scale=self.m.scale, victim=self.free[layer])
-            return o.reshape(b, -1)
         hq = q.shape[1]
         qg = q.view(b, h, hq // h, d)
         s = torch.matmul(qg, self.k[layer].transpose(-1, -2)).float() * self.m.scale
@@ -887,7 +910,8 @@ class Bench:
         return env
 
     def write(self, row: dict):
-        row = {**row, **self.env, "compiled": Compiled.enabled, "time": datetime.datetime.now().isoformat()}
+        row = {**row, **self.env, "compiled": Compiled.enabled, "kivi_variant": getattr(self, "kivi_variant", None),
+               "time": datetime.datetime.now().isoformat()}
         self.rows.append(row)
         with open(self.args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -1099,12 +1123,13 @@ class Bench:
             ks, vs, _ = flat_prefill(m, ids, budget, chunk)
             nq0 = budget // KIVI_RESIDUAL * KIVI_RESIDUAL
             cap_q = nq0 + -(-HEADROOM // KIVI_RESIDUAL) * KIVI_RESIDUAL + KIVI_RESIDUAL
-            st = KiviStore(m, 1, cap_q, nq0, budget - nq0, bits, kernels=True)
+            st = KiviStore(m, 1, cap_q, nq0, budget - nq0, bits, kernels=True, allocate=False)
             n = ks[0].shape[2]
             nq = n // KIVI_RESIDUAL * KIVI_RESIDUAL
             for layer in range(m.n_layers):
                 k, v = ks[layer], vs[layer]
                 ks[layer] = vs[layer] = None
+                st.alloc_layer(layer)
                 st._write_quant(layer, k[:, :, :nq], v[:, :, :nq], 0)
                 st.kr[layer][:, :, : n - nq].copy_(k[:, :, nq:])
                 st.vr[layer][:, :, : n - nq].copy_(v[:, :, nq:])
@@ -1192,6 +1217,96 @@ class Bench:
         self.write(res)
         return res
 
+    def kernel_bench(self):
+        """The attention kernels alone, each replayed from a CUDA graph of 20 launches: us per call, GB/s of cache
+        read, fraction of copy bandwidth. Also picks the KIVI tile path (packed / gather) per regime."""
+        from memfit.kernels import kivi_attention as KA
+        from memfit.kernels.h2o_decode import h2o_decode
+
+        dev, hq, hkv, d, G, R, reps = self.dev, 32, 8, 128, KIVI_GROUP, KIVI_RESIDUAL, 20
+        scale = d**-0.5
+
+        def bench(fn):
+            fn()
+            sync(dev)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(reps):
+                    fn()
+            g.replay()
+            sync(dev)
+            times = []
+            for _ in range(5):
+                with Timer(dev) as t:
+                    g.replay()
+                times.append(t.ms / reps)
+            del g
+            return sorted(times)[2] * 1e3
+
+        best = {}
+        for batch, tokens in ((1, 8192), (1, 32768), (64, 8192), (256, 8192)):
+            if self.left() < 60:
+                break
+            q = torch.randn(batch, hq, d, device=dev, dtype=self.dtype)
+            for bits in (2, 4):
+                cpb = 8 // bits
+                kc = torch.randint(0, 256, (batch, hkv, tokens // cpb, d), dtype=torch.uint8, device=dev)
+                vc = torch.randint(0, 256, (batch, hkv, tokens, d // cpb), dtype=torch.uint8, device=dev)
+                ks = torch.rand(batch, hkv, tokens // G, d, device=dev, dtype=torch.float16) * 0.1
+                kz = torch.randn(batch, hkv, tokens // G, d, device=dev, dtype=torch.float16)
+                vs = torch.rand(batch, hkv, tokens, d // G, device=dev, dtype=torch.float16) * 0.1
+                vz = torch.randn(batch, hkv, tokens, d // G, device=dev, dtype=torch.float16)
+                kr = torch.randn(batch, hkv, R, d, device=dev, dtype=self.dtype)
+                vr = torch.randn(batch, hkv, R, d, device=dev, dtype=self.dtype)
+                nq = torch.full((batch,), tokens, dtype=torch.int32, device=dev)
+                nr = torch.full((batch,), R, dtype=torch.int32, device=dev)
+                nbytes = sum(t.numel() * t.element_size() for t in (kc, ks, kz, vc, vs, vz, kr, vr))
+                for packed in (True, False):
+                    fn = functools.partial(KA.kivi_decode_attention, q, kc, ks, kz, vc, vs, vz, kr, vr, nq, nr,
+                                           bits=bits, group_size=G, scale=scale, packed=packed)
+                    try:
+                        us = bench(fn)
+                    except Exception as e:  # noqa: BLE001
+                        log("kernel bench failed", bits, packed, e)
+                        continue
+                    best.setdefault((batch, tokens, bits), []).append((us, packed))
+                    self.write({"method": f"kernel:kivi{bits}", "impl": "packed" if packed else "gather",
+                                "batch": batch, "context": tokens, "kernel_us": us, "kv_bytes": nbytes,
+                                "gbps": nbytes / us / 1e3, "bw_fraction": nbytes / (us * 1e-6) / self.bw})
+                del kc, vc, ks, kz, vs, vz, kr, vr
+                free_memory()
+            k = torch.randn(batch, hkv, tokens + 1, d, device=dev, dtype=self.dtype)
+            v = torch.randn(batch, hkv, tokens + 1, d, device=dev, dtype=self.dtype)
+            n = torch.full((batch,), tokens + 1, dtype=torch.int32, device=dev)
+            nbytes = 2 * k.numel() * k.element_size()
+            us = bench(functools.partial(KA.decode_attention, q, k, v, n, scale=scale))
+            self.write({"method": "kernel:slots-bf16", "impl": "split-K", "batch": batch, "context": tokens,
+                        "kernel_us": us, "kv_bytes": nbytes, "gbps": nbytes / us / 1e3,
+                        "bw_fraction": nbytes / (us * 1e-6) / self.bw})
+            if batch <= 64:
+                acc = torch.rand(batch, hkv, tokens + 1, device=dev)
+                pos = torch.arange(tokens + 1, device=dev, dtype=torch.int32).repeat(batch, hkv, 1)
+                cur = torch.full((batch,), tokens + 1, dtype=torch.int32, device=dev)
+                kn = torch.randn(batch, hkv, d, device=dev, dtype=self.dtype)
+                slot = torch.zeros(batch, hkv, dtype=torch.int32, device=dev)
+                nb = nbytes + 2 * acc.numel() * 4 + pos.numel() * 4
+                us = bench(functools.partial(h2o_decode, q, k, v, n, acc, pos, cur, tokens // 2, scale=scale, k_new=kn,
+                                             v_new=kn, slot=slot, victim=slot))
+                self.write({"method": "kernel:h2o", "impl": "fused", "batch": batch, "context": tokens,
+                            "kernel_us": us, "kv_bytes": nb, "gbps": nb / us / 1e3,
+                            "bw_fraction": nb / (us * 1e-6) / self.bw})
+                del acc, pos
+            del k, v
+            free_memory()
+        small = best.get((1, 8192, 2))
+        large = best.get((256, 8192, 2))
+        pick_small = min(small)[1] if small else True
+        pick_large = min(large)[1] if large else pick_small
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        KA.packed_policy = lambda programs: pick_small if programs < sms else pick_large
+        self.kivi_variant = {"small_batch_packed": pick_small, "large_batch_packed": pick_large}
+        log("KIVI kernel variant:", self.kivi_variant)
+
     def profile(self, path):
         """Kernel-time breakdown (torch.profiler) of eager decode steps: where a step's time goes."""
         from torch.profiler import ProfilerActivity, profile
@@ -1220,6 +1335,14 @@ class Bench:
         args = self.args
         log("env", self.env)
         self.measure_bandwidth()
+        self.kivi_variant = None
+        if self.dev.type == "cuda" and not args.skip_kernel_bench:
+            try:
+                self.kernel_bench()
+            except Exception as e:  # noqa: BLE001
+                log("kernel bench failed", e)
+                traceback.print_exc()
+            free_memory()
         t0 = time.time()
         self.m = Model(TINY if args.tiny else LLAMA_3_1_8B, self.dev, self.dtype)
         log(f"model built in {time.time() - t0:.1f}s: {self.m.weight_bytes / 1e9:.2f} GB of weights")
@@ -1264,7 +1387,7 @@ class Bench:
                 if self.left() < 20:
                     break
                 self.write(self.decode_row(method, context, 1, kernels))
-            if big and self.left() < 120:
+            if (big and self.left() < 120) or args.no_max_batch:
                 continue
             # largest batches
             if self.left() > 60:
@@ -1295,7 +1418,7 @@ class Bench:
         self.finish()
 
     def finish(self):
-        table = make_table(self.rows)
+        table = make_table(self.rows) + "\n\n" + make_kernel_table(self.rows)
         print(table)
         if self.args.table:
             with open(self.args.table, "w") as f:
@@ -1318,7 +1441,7 @@ def make_table(rows) -> str:
            "prefill peak above weights |")
     out = [hdr, "|" + "---|" * 10]
     for r in rows:
-        if r.get("method") == "selfcheck":
+        if r.get("method") == "selfcheck" or str(r.get("method")).startswith("kernel:"):
             continue
         if "decode_ms_per_token" not in r:
             out.append(f"| {r.get('method')} | {r.get('impl')} | {r.get('context')} | {r.get('batch')} | "
@@ -1332,6 +1455,15 @@ def make_table(rows) -> str:
             f"{r['decode_ms_per_token']:.2f} | {r['roofline_ms']:.2f} | {100 * r['roofline_fraction']:.0f}% | "
             f"{r['tokens_per_second']:.0f} | {r['kv_bytes'] / GiB:.3f} GiB | "
             f"{'' if pf is None else f'{pf / GiB:.2f} GiB'} |")
+    return "\n".join(out)
+
+
+def make_kernel_table(rows) -> str:
+    out = ["| kernel | path | batch | tokens | us / call | cache bytes | GB/s | % of copy bandwidth |", "|" + "---|" * 8]
+    for r in rows:
+        if str(r.get("method")).startswith("kernel:"):
+            out.append(f"| {r['method'][7:]} | {r['impl']} | {r['batch']} | {_ctx(r['context'])} | {r['kernel_us']:.1f} | "
+                       f"{r['kv_bytes'] / 1e6:.1f} MB | {r['gbps']:.0f} | {100 * r['bw_fraction']:.0f}% |")
     return "\n".join(out)
 
 
@@ -1349,6 +1481,8 @@ def main(argv=None):
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--skip-selfcheck", action="store_true")
+    p.add_argument("--skip-kernel-bench", action="store_true")
+    p.add_argument("--no-max-batch", action="store_true")
     p.add_argument("--profile", default=None, help="write a torch.profiler kernel table of decode steps here")
     p.add_argument("--floor", action="store_true", help="also time the full static path at a 256-token context")
     args = p.parse_args(argv)

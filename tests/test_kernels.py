@@ -146,7 +146,8 @@ def _setup(device):
 
 @pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("bits", [2, 4])
-def test_kivi_kernel_matches_reference(device, bits):
+@pytest.mark.parametrize("packed", [True, False])
+def test_kivi_kernel_matches_reference(device, bits, packed):
     from memfit.kernels.kivi_attention import kivi_decode_attention
 
     dev, dtype, (b, hq, hkv, d, cq, r, bt) = _setup(device)
@@ -154,22 +155,53 @@ def test_kivi_kernel_matches_reference(device, bits):
     worst = 0.0
     for seed in range(3):
         q, qk, qv, kr, vr = _kivi_case(b, hq, hkv, d, cq, r, bits, g, dtype, dev, seed=seed + 10 * bits)
-        lens_q = [cq, cq - 2 * g, g][:b] if b > 1 else [cq - g]
+        lens_q = [cq, cq - 3 * g, g][:b] if b > 1 else [cq - g]
         lens_r = [0, r // 2 + 3, r][:b] if b > 1 else [r // 2 + 1]
         n_q = torch.tensor(lens_q, dtype=torch.int32, device=dev)
         n_r = torch.tensor(lens_r, dtype=torch.int32, device=dev)
         args = (q, qk.codes, qk.scales, qk.zeros, qv.codes, qv.scales, qv.zeros, kr, vr, n_q, n_r)
         ref = R.kivi_decode_attention_ref(*args, bits=bits, group_size=g, scale=scale).float()
         out = torch.full_like(q, float("nan"))
-        kivi_decode_attention(*args, bits=bits, group_size=g, scale=scale, block_t=bt, out=out)
+        kivi_decode_attention(*args, bits=bits, group_size=g, scale=scale, block_t=bt, out=out, packed=packed)
         assert torch.isfinite(out).all()
         err = (out.float() - ref).abs().max().item()
         rel = ((out.float() - ref).norm() / ref.norm()).item()
         worst = max(worst, err)
         assert rel < 1e-2, rel
         assert err < 3e-2, err
-    _report("kivi_decode_attention", device=device, bits=bits, dtype=str(dtype), shape=[b, hq, hkv, d, cq, r],
-            max_abs_err=worst)
+    _report(
+        "kivi_decode_attention",
+        device=device,
+        bits=bits,
+        packed=packed,
+        dtype=str(dtype),
+        shape=[b, hq, hkv, d, cq, r],
+        max_abs_err=worst,
+    )
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_kivi_kernel_appends_new_token(device):
+    """k_new / v_new are written into residual slot n_r - 1 (split 0 stores them) and used for that slot."""
+    from memfit.kernels.kivi_attention import kivi_decode_attention
+
+    dev, dtype, (b, hq, hkv, d, cq, r, bt) = _setup(device)
+    bits, g, scale = 2, 32, d**-0.5
+    q, qk, qv, kr, vr = _kivi_case(b, hq, hkv, d, cq, r, bits, g, dtype, dev, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    kn = torch.randn(b, hkv, d, generator=gen).to(dev, dtype)
+    vn = torch.randn(b, hkv, d, generator=gen).to(dev, dtype)
+    old_r = torch.tensor(([3, 0, r - 1] * b)[:b], dtype=torch.int32, device=dev)
+    n_q = torch.full((b,), cq, dtype=torch.int32, device=dev)
+    kr2, vr2 = R.append_slots(kr, vr, kn, vn, old_r)
+    ref = R.kivi_decode_attention_ref(q, qk.codes, qk.scales, qk.zeros, qv.codes, qv.scales, qv.zeros, kr2, vr2,
+                                      n_q, old_r + 1, bits=bits, group_size=g, scale=scale).float()
+    out = kivi_decode_attention(q, qk.codes, qk.scales, qk.zeros, qv.codes, qv.scales, qv.zeros, kr, vr, n_q,
+                                old_r + 1, bits=bits, group_size=g, scale=scale, block_t=bt, k_new=kn, v_new=vn,
+                                append_at=old_r)
+    err = (out.float() - ref).abs().max().item()
+    assert err < 3e-2, err
+    assert torch.equal(kr, kr2) and torch.equal(vr, vr2)  # the cache now holds the new token
 
 
 @pytest.mark.parametrize("device", _DEVICES)
@@ -187,11 +219,21 @@ def test_decode_attention_kernel_matches_reference(device):
     out = decode_attention(q, k, v, n, scale=d**-0.5, block_t=bt)
     err = (out.float() - ref).abs().max().item()
     assert err < 3e-2, err
-    _report("decode_attention", device=device, dtype=str(dtype), shape=[b, hq, hkv, d, c], max_abs_err=err)
+    # fused append: the new token goes to slot n - 1
+    kn = torch.randn(b, hkv, d, generator=gen).to(dev, dtype)
+    vn = torch.randn(b, hkv, d, generator=gen).to(dev, dtype)
+    k2, v2 = R.append_slots(k, v, kn, vn, n - 1)
+    ref2 = R.decode_attention_ref(q, k2, v2, n, scale=d**-0.5).float()
+    out2 = decode_attention(q, k, v, n, scale=d**-0.5, block_t=bt, k_new=kn, v_new=vn, append_at=n - 1)
+    err2 = (out2.float() - ref2).abs().max().item()
+    assert err2 < 3e-2, err2
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+    _report("decode_attention", device=device, dtype=str(dtype), shape=[b, hq, hkv, d, c], max_abs_err=max(err, err2))
 
 
 @pytest.mark.parametrize("device", _DEVICES)
-def test_h2o_kernel_matches_reference(device):
+@pytest.mark.parametrize("append", [False, True])
+def test_h2o_kernel_matches_reference(device, append):
     from memfit.kernels.h2o_decode import h2o_decode
 
     dev, dtype, (b, hq, hkv, d, cq, _, bt) = _setup(device)
@@ -203,20 +245,39 @@ def test_h2o_kernel_matches_reference(device):
     acc = (torch.rand(b, hkv, c, generator=gen) * 4).to(dev)
     pos = torch.stack([torch.randperm(c, generator=gen) for _ in range(b * hkv)]).view(b, hkv, c).int().to(dev)
     n = torch.tensor(([c, c - 9] * b)[:b], dtype=torch.int32, device=dev)
-    cur = torch.full((b,), c - 1, dtype=torch.int32, device=dev)
+    cur = torch.full((b,), c, dtype=torch.int32, device=dev)
     recent = c // 4
-    out_r, acc_r, vic_r = R.h2o_decode_ref(q, k, v, n, acc, pos, cur, recent, scale=d**-0.5)
-    acc_k = acc.clone()
-    out_k, vic_k = h2o_decode(q, k, v, n, acc_k, pos, cur, recent, scale=d**-0.5, block_t=bt)
+    kw = {}
+    k_ref, v_ref, acc_ref_in, pos_ref = k, v, acc, pos
+    if append:
+        kn = torch.randn(b, hkv, d, generator=gen).to(dev, dtype)
+        vn = torch.randn(b, hkv, d, generator=gen).to(dev, dtype)
+        slot = torch.randint(0, c - 9, (b, hkv), generator=gen).int().to(dev)
+        k_ref, v_ref, acc_ref_in, pos_ref = R.h2o_append_ref(k, v, acc, pos, kn, vn, slot, cur)
+        kw = dict(k_new=kn, v_new=vn, slot=slot.clone())
+    out_r, acc_r, vic_r = R.h2o_decode_ref(q, k_ref, v_ref, n, acc_ref_in, pos_ref, cur, recent, scale=d**-0.5)
+    acc_k, pos_k = acc.clone(), pos.clone()
+    out_k, vic_k = h2o_decode(q, k, v, n, acc_k, pos_k, cur, recent, scale=d**-0.5, block_t=bt, **kw)
     err = (out_k.float() - out_r.float()).abs().max().item()
     acc_err = (acc_k - acc_r).abs().max().item()
     assert err < 3e-2, err
     assert acc_err < 1e-3, acc_err
+    assert torch.equal(pos_k, pos_ref)
+    if append:
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
     # the victim must be a minimum of the reference scores (exact ties aside, the same slot)
     picked = acc_r.gather(-1, vic_k.long()[..., None])[..., 0]
     best = acc_r.gather(-1, vic_r[..., None])[..., 0]
     empty = n[:, None].expand(b, hkv) < c
     assert torch.equal(vic_k.long()[empty], vic_r[empty])
     assert (picked[~empty] <= best[~empty] + 1e-4).all()
-    _report("h2o_decode", device=device, dtype=str(dtype), shape=[b, hq, hkv, d, c], max_abs_err=err,
-            acc_max_abs_err=acc_err, victims_equal=bool(torch.equal(vic_k.long(), vic_r)))
+    _report(
+        "h2o_decode",
+        device=device,
+        append=append,
+        dtype=str(dtype),
+        shape=[b, hq, hkv, d, c],
+        max_abs_err=err,
+        acc_max_abs_err=acc_err,
+        victims_equal=bool(torch.equal(vic_k.long(), vic_r)),
+    )

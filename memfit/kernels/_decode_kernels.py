@@ -5,6 +5,12 @@ head h of row b (padded to GP >= 16 rows for tl.dot) over tokens [s * S, (s + 1)
 the sequence is n_q packed-quantized tokens followed by n_r full-precision residual tokens. It writes an
 unnormalised partial output and its running max / sum (base-2 logits); `_combine_kernel` merges the splits.
 Quantized tiles are unpacked and dequantized in registers (code * scale + zero) and never written back.
+
+PACKED=True (default) loads each tile's packed bytes and group scales once (16-byte vector loads), expands them in
+registers (shift / mask / reshape, broadcast of the per-group scales) and prefetches the next tile while the current
+one is computed; PACKED=False gathers every element's byte and scale directly (simpler, kept for comparison).
+APPEND=True also writes the new token (k_new, v_new) into residual slot `app` (split 0 does the store) and uses the
+new values in place of that slot's old contents, so the cache append costs no separate launch.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import triton.language as tl
 
 @triton.jit
 def _split_kernel(
-    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, NQ, NR, PO, PML, LG,
+    Q, KC, KS, KZ, VC, VS, VZ, KR, VR, NQ, NR, PO, PML, LG, KN, VN, APP,
     qk_scale, tokens_per_split, num_splits,
     s_qb, s_qh,
     s_kcb, s_kch, s_ksb, s_ksh,
@@ -23,9 +29,10 @@ def _split_kernel(
     s_krb, s_krh, s_krt,
     s_vrb, s_vrh, s_vrt,
     s_lgb, s_lgh,
+    s_knb, s_knh, s_vnb, s_vnh, s_apb, s_aph,
     HKV: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
-    HAS_QUANT: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, QBLOCK: tl.constexpr,
+    HAS_QUANT: tl.constexpr, STORE_LOGITS: tl.constexpr, APPEND: tl.constexpr, PACKED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
@@ -57,45 +64,116 @@ def _split_kernel(
         vc_base = VC + b * s_vcb + h * s_vch
         vs_base = VS + b * s_vsb + h * s_vsh
         vz_base = VZ + b * s_vsb + h * s_vsh
-        v_shift = ((offs_d % CPB) * BITS)[None, :]
-        for t0 in range(start, q_end, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            tmask = offs_t < q_end
-            # keys: byte row t // CPB, bits (t % CPB) * BITS; one scale / zero per (t // GROUP, channel)
-            kc = tl.load(kc_base + (offs_t // CPB)[:, None] * D + offs_d[None, :], mask=tmask[:, None], other=0)
-            kq = (kc.to(tl.int32) >> ((offs_t % CPB) * BITS)[:, None]) & LMASK
-            srow = (offs_t // GROUP)[:, None] * D + offs_d[None, :]
-            ks = tl.load(ks_base + srow, mask=tmask[:, None], other=0.0).to(tl.float32)
-            kz = tl.load(kz_base + srow, mask=tmask[:, None], other=0.0).to(tl.float32)
-            k = (kq.to(tl.float32) * ks + kz).to(dt)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(tmask[None, :], s, float("-inf"))
-            if STORE_LOGITS:
-                tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            # values: per token, byte c // CPB of the token's row, one scale / zero per (token, c // GROUP)
-            vc = tl.load(vc_base + offs_t[:, None] * (D // CPB) + (offs_d // CPB)[None, :], mask=tmask[:, None],
-                         other=0)
-            vq = (vc.to(tl.int32) >> v_shift) & LMASK
-            vrow = offs_t[:, None] * (D // GROUP) + (offs_d // GROUP)[None, :]
-            vs = tl.load(vs_base + vrow, mask=tmask[:, None], other=0.0).to(tl.float32)
-            vz = tl.load(vz_base + vrow, mask=tmask[:, None], other=0.0).to(tl.float32)
-            v = (vq.to(tl.float32) * vs + vz).to(dt)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
-            m_i = m_new
+        if PACKED:
+            NGT: tl.constexpr = QBLOCK // GROUP
+            KROWS: tl.constexpr = QBLOCK // CPB
+            VB: tl.constexpr = D // CPB
+            NGD: tl.constexpr = D // GROUP
+            rows = tl.arange(0, KROWS)
+            srows = tl.arange(0, NGT)
+            tq = tl.arange(0, QBLOCK)
+            vbytes = tl.arange(0, VB)
+            vgrp = tl.arange(0, NGD)
+            shifts = tl.arange(0, CPB) * BITS
+            # prefetch the first tile (rows past q_end masked: tiles may straddle it)
+            tn = start
+            km = ((tn // CPB + rows) * CPB < q_end)[:, None]
+            kc_n = tl.load(kc_base + (tn // CPB + rows)[:, None] * D + offs_d[None, :], mask=km, other=0)
+            sm = ((tn // GROUP + srows) * GROUP < q_end)[:, None]
+            srow_n = (tn // GROUP + srows)[:, None] * D + offs_d[None, :]
+            ks_n = tl.load(ks_base + srow_n, mask=sm, other=0.0)
+            kz_n = tl.load(kz_base + srow_n, mask=sm, other=0.0)
+            vm = (tn + tq < q_end)[:, None]
+            vc_n = tl.load(vc_base + (tn + tq)[:, None] * VB + vbytes[None, :], mask=vm, other=0)
+            vrow_n = (tn + tq)[:, None] * NGD + vgrp[None, :]
+            vs_n = tl.load(vs_base + vrow_n, mask=vm, other=0.0)
+            vz_n = tl.load(vz_base + vrow_n, mask=vm, other=0.0)
+            for t0 in range(start, q_end, QBLOCK):
+                kc_c, ks_c, kz_c, vc_c, vs_c, vz_c = kc_n, ks_n, kz_n, vc_n, vs_n, vz_n
+                tn = t0 + QBLOCK
+                km = ((tn // CPB + rows) * CPB < q_end)[:, None]
+                kc_n = tl.load(kc_base + (tn // CPB + rows)[:, None] * D + offs_d[None, :], mask=km, other=0)
+                sm = ((tn // GROUP + srows) * GROUP < q_end)[:, None]
+                srow_n = (tn // GROUP + srows)[:, None] * D + offs_d[None, :]
+                ks_n = tl.load(ks_base + srow_n, mask=sm, other=0.0)
+                kz_n = tl.load(kz_base + srow_n, mask=sm, other=0.0)
+                vm = (tn + tq < q_end)[:, None]
+                vc_n = tl.load(vc_base + (tn + tq)[:, None] * VB + vbytes[None, :], mask=vm, other=0)
+                vrow_n = (tn + tq)[:, None] * NGD + vgrp[None, :]
+                vs_n = tl.load(vs_base + vrow_n, mask=vm, other=0.0)
+                vz_n = tl.load(vz_base + vrow_n, mask=vm, other=0.0)
+                # keys: byte row r holds tokens r*CPB .. r*CPB+CPB-1 of each channel
+                kq = (kc_c.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & LMASK
+                kq = tl.reshape(kq, (QBLOCK, D))
+                ksb = tl.reshape(tl.broadcast_to(ks_c.to(tl.float32)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
+                kzb = tl.reshape(tl.broadcast_to(kz_c.to(tl.float32)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
+                k = (kq.to(tl.float32) * ksb + kzb).to(dt)
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                offs_t = t0 + tq
+                tmask = offs_t < q_end
+                s = tl.where(tmask[None, :], s, float("-inf"))
+                if STORE_LOGITS:
+                    tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                # values: byte j of a token holds channels j*CPB .. j*CPB+CPB-1; one scale per GROUP channels
+                vq = (vc_c.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & LMASK
+                vq = tl.reshape(vq, (QBLOCK, D))
+                vsb = tl.reshape(tl.broadcast_to(vs_c.to(tl.float32)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
+                vzb = tl.reshape(tl.broadcast_to(vz_c.to(tl.float32)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
+                v = (vq.to(tl.float32) * vsb + vzb).to(dt)
+                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+                m_i = m_new
+        else:
+            v_shift = ((offs_d % CPB) * BITS)[None, :]
+            for t0 in range(start, q_end, BLOCK_T):
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                tmask = offs_t < q_end
+                kc = tl.load(kc_base + (offs_t // CPB)[:, None] * D + offs_d[None, :], mask=tmask[:, None], other=0)
+                kq = (kc.to(tl.int32) >> ((offs_t % CPB) * BITS)[:, None]) & LMASK
+                srow = (offs_t // GROUP)[:, None] * D + offs_d[None, :]
+                ks = tl.load(ks_base + srow, mask=tmask[:, None], other=0.0).to(tl.float32)
+                kz = tl.load(kz_base + srow, mask=tmask[:, None], other=0.0).to(tl.float32)
+                k = (kq.to(tl.float32) * ks + kz).to(dt)
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                s = tl.where(tmask[None, :], s, float("-inf"))
+                if STORE_LOGITS:
+                    tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vc = tl.load(
+                    vc_base + offs_t[:, None] * (D // CPB) + (offs_d // CPB)[None, :], mask=tmask[:, None], other=0
+                )
+                vq = (vc.to(tl.int32) >> v_shift) & LMASK
+                vrow = offs_t[:, None] * (D // GROUP) + (offs_d // GROUP)[None, :]
+                vs = tl.load(vs_base + vrow, mask=tmask[:, None], other=0.0).to(tl.float32)
+                vz = tl.load(vz_base + vrow, mask=tmask[:, None], other=0.0).to(tl.float32)
+                v = (vq.to(tl.float32) * vs + vz).to(dt)
+                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+                m_i = m_new
 
     kr_base = KR + b * s_krb + h * s_krh
     vr_base = VR + b * s_vrb + h * s_vrh
+    if APPEND:
+        app = tl.load(APP + b * s_apb + h * s_aph)
+        kn = tl.load(KN + b * s_knb + h * s_knh + offs_d)
+        vn = tl.load(VN + b * s_vnb + h * s_vnh + offs_d)
+        if sid == 0:
+            tl.store(kr_base + app * s_krt + offs_d, kn.to(KR.dtype.element_ty))
+            tl.store(vr_base + app * s_vrt + offs_d, vn.to(VR.dtype.element_ty))
     r_start = tl.maximum(start, nq)
     for t0 in range(r_start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         tmask = offs_t < end
         ridx = offs_t - nq
-        k = tl.load(kr_base + ridx[:, None] * s_krt + offs_d[None, :], mask=tmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(dt))) * qk_scale
+        k = tl.load(kr_base + ridx[:, None] * s_krt + offs_d[None, :], mask=tmask[:, None], other=0.0).to(dt)
+        if APPEND:
+            k = tl.where((ridx == app)[:, None], kn.to(dt)[None, :], k)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(tmask[None, :], s, float("-inf"))
         if STORE_LOGITS:
             tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
@@ -103,8 +181,10 @@ def _split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vr_base + ridx[:, None] * s_vrt + offs_d[None, :], mask=tmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v.to(dt))
+        v = tl.load(vr_base + ridx[:, None] * s_vrt + offs_d[None, :], mask=tmask[:, None], other=0.0).to(dt)
+        if APPEND:
+            v = tl.where((ridx == app)[:, None], vn.to(dt)[None, :], v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
         m_i = m_new
 
     part = pid * num_splits + sid
@@ -115,9 +195,8 @@ def _split_kernel(
 
 @triton.jit
 def _combine_kernel(
-    PO, PML, OUT, LSE, num_splits, s_ob, s_oh,
+    PO, PML, OUT, num_splits, s_ob, s_oh,
     HKV: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
-    STORE_LSE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -136,45 +215,60 @@ def _combine_kernel(
     o = tl.load(PO + (part * GP + g)[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
     out = tl.sum(o * w[:, None], 0) / total
     tl.store(OUT + b * s_ob + (h * GQ + g) * s_oh + offs_d, out.to(OUT.dtype.element_ty))
-    if STORE_LSE:
-        row = (pid * GQ + g) * 2
-        tl.store(LSE + row, mx)
-        tl.store(LSE + row + 1, total)
 
 
 @triton.jit
 def _h2o_score_kernel(
-    LG, LSE, ACC, POS, NTOK, CUR, VICTIM, recent, cap,
-    s_lgb, s_lgh, s_ab, s_ah, s_pb, s_ph,
-    HKV: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr,
+    LG, PML, ACC, POS, NTOK, CUR, SLOT, PVAL, PIDX, recent, cap, num_splits, chunk,
+    s_lgb, s_lgh, s_ab, s_ah, s_pb, s_ph, s_sb, s_sh,
+    HKV: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, SP: tl.constexpr,
+    APPEND: tl.constexpr,
 ):
-    """Per (row, KV head): acc += softmax row summed over the query group (from the stored base-2 logits and the
-    combined max / sum), then victim = first empty slot, else argmin of acc over unprotected slots."""
+    """Program (row * Hkv + head, chunk): acc += this step's softmax row summed over the query group, for the slots
+    of one chunk (max / sum of each head's row recomputed from the split partials); then the chunk's candidate
+    victim: first empty slot, else the smallest acc among unprotected slots. `_victim_kernel` reduces the chunks."""
     pid = tl.program_id(0)
+    cid = tl.program_id(1)
+    nch = tl.num_programs(1)
     b = pid // HKV
     h = pid % HKV
     n = tl.load(NTOK + b)
     cur = tl.load(CUR + b)
     offs_g = tl.arange(0, GP)
     gmask = offs_g < GQ
-    row = (pid * GQ + offs_g) * 2
-    mx = tl.load(LSE + row, mask=gmask, other=0.0)
-    total = tl.load(LSE + row + 1, mask=gmask, other=1.0)
-    inv = 1.0 / total
+    offs_s = tl.arange(0, SP)
+    smask = offs_s < num_splits
+    part = pid * num_splits + offs_s
+    m = tl.load(PML + (part * 2 * GP)[:, None] + offs_g[None, :], mask=smask[:, None], other=float("-inf"))
+    l_ = tl.load(PML + (part * 2 * GP + GP)[:, None] + offs_g[None, :], mask=smask[:, None], other=0.0)
+    mx = tl.max(m, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(tl.exp2(m - mx[None, :]) * l_, 0)
+    inv = tl.where(gmask & (total > 0), 1.0 / total, 0.0)
     lg_base = LG + b * s_lgb + (h * GQ + offs_g)[:, None] * s_lgh
     a_base = ACC + b * s_ab + h * s_ah
     p_base = POS + b * s_pb + h * s_ph
+    if APPEND:
+        slot = tl.load(SLOT + b * s_sb + h * s_sh)
     best_val = tl.full([], float("inf"), tl.float32)
     best_idx = tl.full([], 0, tl.int32)
-    for t0 in range(0, cap, BLOCK_T):
+    c0 = cid * chunk
+    c1 = tl.minimum(c0 + chunk, cap)
+    for t0 in range(c0, c1, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        in_cap = offs_t < cap
+        in_cap = offs_t < c1
         valid = offs_t < n
         s = tl.load(lg_base + offs_t[None, :], mask=gmask[:, None] & valid[None, :], other=float("-inf"))
         p = tl.exp2(s - mx[:, None]) * inv[:, None]
-        a = tl.load(a_base + offs_t, mask=valid, other=0.0) + tl.sum(p, 0)
-        tl.store(a_base + offs_t, a, mask=valid)
+        a = tl.load(a_base + offs_t, mask=valid, other=0.0)
         pos = tl.load(p_base + offs_t, mask=valid, other=0)
+        if APPEND:
+            is_new = offs_t == slot
+            a = tl.where(is_new, 0.0, a)
+            pos = tl.where(is_new, cur, pos)
+            tl.store(p_base + offs_t, pos, mask=valid & is_new)
+        a = a + tl.sum(p, 0)
+        tl.store(a_base + offs_t, a, mask=valid)
         cand = tl.where(pos > cur - recent, float("inf"), a)
         cand = tl.where(valid, cand, float("-inf"))
         cand = tl.where(in_cap, cand, float("inf"))
@@ -183,4 +277,19 @@ def _h2o_score_kernel(
         better = tmin < best_val
         best_idx = tl.where(better, t0 + targ, best_idx)
         best_val = tl.where(better, tmin, best_val)
-    tl.store(VICTIM + pid, best_idx)
+    tl.store(PVAL + pid * nch + cid, best_val)
+    tl.store(PIDX + pid * nch + cid, best_idx)
+
+
+@triton.jit
+def _victim_kernel(PVAL, PIDX, VICTIM, nch, s_vb, s_vh, HKV: tl.constexpr, NCP: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // HKV
+    h = pid % HKV
+    offs = tl.arange(0, NCP)
+    msk = offs < nch
+    val = tl.load(PVAL + pid * nch + offs, mask=msk, other=float("inf"))
+    idx = tl.load(PIDX + pid * nch + offs, mask=msk, other=0)
+    best = tl.argmin(val, 0)
+    win = tl.sum(tl.where(offs == best, idx, 0), 0)
+    tl.store(VICTIM + b * s_vb + h * s_vh, win)

@@ -47,15 +47,29 @@ def _zeros(batch: int, device: torch.device) -> torch.Tensor:
     return z
 
 
-def plan_splits(batch: int, kv_heads: int, capacity: int, device: torch.device, block_t: int = 64,
-                max_splits: int = 64) -> tuple[int, int]:
-    """(num_splits, tokens_per_split) for a static token capacity: about two waves of programs on the GPU."""
+def plan_splits(
+    batch: int, kv_heads: int, capacity: int, device: torch.device, block_t: int = 64, max_splits: int = 128
+) -> tuple[int, int]:
+    """(num_splits, tokens_per_split) for a static token capacity.
+
+    Decode attention at small batch is latency-bound (few bytes per program): aim for ~8 programs per SM, each
+    owning at least one tile; at large batch one split per (row, KV head) already fills the GPU.
+    """
     tiles = max(1, -(-capacity // block_t))
-    want = max(1, -(-2 * _sm_count(device) // max(1, batch * kv_heads)))
+    want = max(1, -(-8 * _sm_count(device) // max(1, batch * kv_heads)))
     splits = max(1, min(want, tiles, max_splits))
     tps = -(-tiles // splits) * block_t
     splits = -(-capacity // tps) if capacity > 0 else 1
     return max(1, splits), tps
+
+
+# Which quantized-tile code path to use, as a function of the number of (row, KV head) programs: PACKED (vector
+# loads + in-register expansion + prefetch) or the element-gather path. Benchmarks may override it.
+def _default_packed(programs: int) -> bool:
+    return True
+
+
+packed_policy = _default_packed
 
 
 def _as_len(x: torch.Tensor | int, batch: int, device: torch.device) -> torch.Tensor:
@@ -66,13 +80,47 @@ def _as_len(x: torch.Tensor | int, batch: int, device: torch.device) -> torch.Te
     return x.reshape(batch)
 
 
+def _slot_index(x: torch.Tensor | int, batch: int, kv_heads: int, device: torch.device):
+    """Append slot per (row, KV head) as (tensor, stride_b, stride_h): (B,), (B, Hkv) or an int."""
+    if isinstance(x, int):
+        x = torch.full((batch,), x, dtype=torch.int32, device=device)
+    if x.dtype != torch.int32:
+        raise ValueError("append slot indices must be int32")
+    if x.dim() == 1:
+        return x, x.stride(0), 0
+    if x.shape != (batch, kv_heads):
+        raise ValueError(f"append slots must be (B,) or (B, Hkv) = {(batch, kv_heads)}, got {tuple(x.shape)}")
+    return x, x.stride(0), x.stride(1)
+
+
 def _inner_contig(t: torch.Tensor, what: str) -> None:
     if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
         raise ValueError(f"{what} must be contiguous in its last two dims (got strides {tuple(t.stride())})")
 
 
-def _launch(q, k_res, v_res, n_q, n_r, quant, scale, *, bits=8, group_size=32, store_logits=False,
-            logits=None, lse=None, block_t=64, num_splits=None, out=None):
+def _launch(
+    q,
+    k_res,
+    v_res,
+    n_q,
+    n_r,
+    quant,
+    scale,
+    *,
+    bits=8,
+    group_size=32,
+    store_logits=False,
+    logits=None,
+    block_t=64,
+    num_splits=None,
+    out=None,
+    k_new=None,
+    v_new=None,
+    append_at=None,
+    packed=None,
+    combine=True,
+):
+    """Launch the split kernel (+ the combine kernel). Returns (out, pml, splits)."""
     from memfit.kernels import _decode_kernels as K
 
     if q.dim() != 3:
@@ -93,21 +141,36 @@ def _launch(q, k_res, v_res, n_q, n_r, quant, scale, *, bits=8, group_size=32, s
     dev = q.device
     nq = _as_len(n_q, b, dev)
     nr = _as_len(n_r, b, dev)
+    qblock = group_size
     if quant is not None:
         kc, ks, kz, vc, vs, vz = quant
         if bits not in (2, 4, 8):
             raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
         cpb = 8 // bits
-        if group_size % cpb or d % group_size:
-            raise ValueError(f"group_size {group_size} must divide d={d} and be a multiple of {cpb}")
-        for t, name in ((kc, "k_codes"), (ks, "k_scales"), (kz, "k_zeros"), (vc, "v_codes"), (vs, "v_scales"),
-                        (vz, "v_zeros")):
+        if group_size % cpb or d % group_size or group_size & (group_size - 1):
+            raise ValueError(f"group_size {group_size} must be a power of two dividing d={d}, a multiple of {cpb}")
+        for t, name in (
+            (kc, "k_codes"),
+            (ks, "k_scales"),
+            (kz, "k_zeros"),
+            (vc, "v_codes"),
+            (vs, "v_scales"),
+            (vz, "v_zeros"),
+        ):
             _inner_contig(t, name)
         if ks.stride() != kz.stride() or vs.stride() != vz.stride():
             raise ValueError("scales and zeros must share strides")
         cap_q = ks.shape[2] * group_size
-        if kc.shape[2] * cpb != cap_q or vc.shape[2] != cap_q or vc.shape[3] * cpb != d or vs.shape[3] * group_size != d:
+        if (
+            kc.shape[2] * cpb != cap_q
+            or vc.shape[2] != cap_q
+            or vc.shape[3] * cpb != d
+            or vs.shape[3] * group_size != d
+        ):
             raise ValueError("packed key/value shapes do not match the KIVI layout for these bits / group size")
+        qblock = max(2 * group_size, 16)  # two scale groups per tile (no size-1 ranges)
+        if block_t % qblock:
+            block_t = qblock * max(1, -(-block_t // qblock))
     else:
         kc = ks = kz = vc = vs = vz = k_res
         cap_q = 0
@@ -118,14 +181,25 @@ def _launch(q, k_res, v_res, n_q, n_r, quant, scale, *, bits=8, group_size=32, s
         splits = max(1, int(num_splits))
         tps = -(-max(1, -(-capacity // splits)) // block_t) * block_t
         splits = max(1, -(-capacity // tps))
+    if packed is None:
+        packed = packed_policy(b * hkv)
+    append = k_new is not None
+    if append:
+        if v_new is None or append_at is None:
+            raise ValueError("k_new needs v_new and append_at")
+        if k_new.shape != (b, hkv, d) or v_new.shape != (b, hkv, d) or k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+            raise ValueError(f"k_new / v_new must be (B, Hkv, d) = {(b, hkv, d)} with a contiguous last dim")
+        app, s_apb, s_aph = _slot_index(append_at, b, hkv, dev)
+        kn, vn = k_new, v_new
+    else:
+        app, s_apb, s_aph = nq, 0, 0
+        kn = vn = q
     po = torch.empty(b * hkv * splits * gp * d, dtype=torch.float32, device=dev)
     pml = torch.empty(b * hkv * splits * 2 * gp, dtype=torch.float32, device=dev)
-    if out is None:
-        out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
     lg = logits if logits is not None else po
     s_lg = (logits.stride(0), logits.stride(1)) if logits is not None else (0, 0)
     K._split_kernel[(b * hkv, splits)](
-        q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, lg,
+        q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, lg, kn, vn, app,
         scale * _LOG2E, tps, splits,
         q.stride(0), q.stride(1),
         kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
@@ -133,16 +207,19 @@ def _launch(q, k_res, v_res, n_q, n_r, quant, scale, *, bits=8, group_size=32, s
         k_res.stride(0), k_res.stride(1), k_res.stride(2),
         v_res.stride(0), v_res.stride(1), v_res.stride(2),
         s_lg[0], s_lg[1],
-        HKV=hkv, GQ=g, GP=gp, D=d, BITS=bits, GROUP=group_size, BLOCK_T=block_t,
-        HAS_QUANT=quant is not None, STORE_LOGITS=store_logits,
+        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), s_apb, s_aph,
+        HKV=hkv, GQ=g, GP=gp, D=d, BITS=bits, GROUP=group_size, BLOCK_T=block_t, QBLOCK=qblock,
+        HAS_QUANT=quant is not None, STORE_LOGITS=store_logits, APPEND=append, PACKED=bool(packed),
         num_warps=4,
-    )
-    K._combine_kernel[(b * hkv, g)](
-        po, pml, out, lse if lse is not None else pml, splits, out.stride(0), out.stride(1),
-        HKV=hkv, GQ=g, GP=gp, D=d, SP=max(2, triton_next_pow2(splits)), STORE_LSE=lse is not None,
-        num_warps=4,
-    )
-    return out
+    )  # fmt: skip
+    if out is None:
+        out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
+    if combine:
+        K._combine_kernel[(b * hkv, g)](
+            po, pml, out, splits, out.stride(0), out.stride(1),
+            HKV=hkv, GQ=g, GP=gp, D=d, SP=max(2, triton_next_pow2(splits)), num_warps=4,
+        )  # fmt: skip
+    return out, pml, splits, gp
 
 
 def triton_next_pow2(n: int) -> int:
@@ -165,23 +242,46 @@ def kivi_decode_attention(
     bits: int,
     group_size: int,
     scale: float,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    append_at: torch.Tensor | int | None = None,
     block_t: int = 64,
     num_splits: int | None = None,
+    packed: bool | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention (B, Hq, d) of q (B, Hq, d) over n_q packed tokens + n_r residual tokens per row.
 
-    Shapes as in `memfit.kernels.reference` (quantized capacity Cq = k_scales.shape[2] * group_size, a multiple of
-    `block_t` is best; n_q must be a multiple of group_size). Same result as `kivi_decode_attention_ref` up to bf16
-    rounding of the dequantized tiles fed to the tensor-core dots.
+    Shapes as in `memfit.kernels.reference` (quantized capacity Cq = k_scales.shape[2] * group_size; n_q a multiple
+    of group_size). With `k_new`, `v_new` (B, Hkv, d) and `append_at` (residual slot per row (B,) or per (row, KV
+    head) (B, Hkv), int32), the new token is first written into that residual slot (n_r must already count it).
+    Same result as `kivi_decode_attention_ref` up to bf16 rounding of the dequantized tiles fed to the dots.
     """
-    return _launch(q, k_res, v_res, n_q, n_r, (k_codes, k_scales, k_zeros, v_codes, v_scales, v_zeros), scale,
-                   bits=bits, group_size=group_size, block_t=block_t, num_splits=num_splits, out=out)
+    return _launch(
+        q, k_res, v_res, n_q, n_r, (k_codes, k_scales, k_zeros, v_codes, v_scales, v_zeros), scale,
+        bits=bits, group_size=group_size, block_t=block_t, num_splits=num_splits, out=out,
+        k_new=k_new, v_new=v_new, append_at=append_at, packed=packed,
+    )[0]  # fmt: skip
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | int, *,
-                     scale: float, block_t: int = 64, num_splits: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention (B, Hq, d) of q over the first lengths[b] slots of a plain k, v buffer (B, Hkv, C, d)."""
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor | int,
+    *,
+    scale: float,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    append_at: torch.Tensor | int | None = None,
+    block_t: int = 64,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention (B, Hq, d) of q over the first lengths[b] slots of a plain k, v buffer (B, Hkv, C, d);
+    optionally writing (k_new, v_new) into slot `append_at` first (lengths must already count it)."""
     zero = _zeros(q.shape[0], q.device)
-    return _launch(q, k, v, zero, lengths, None, scale, block_t=block_t, num_splits=num_splits, out=out)
+    return _launch(
+        q, k, v, zero, lengths, None, scale, block_t=block_t, num_splits=num_splits, out=out,
+        k_new=k_new, v_new=v_new, append_at=append_at,
+    )[0]  # fmt: skip

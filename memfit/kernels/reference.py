@@ -21,9 +21,11 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "append_slots",
     "decode_attention_ref",
     "dequantize_keys",
     "dequantize_values",
+    "h2o_append_ref",
     "h2o_decode_ref",
     "kivi_decode_attention_ref",
     "unpack_bytes",
@@ -166,3 +168,30 @@ def h2o_decode_ref(
     cand = torch.where(valid[:, None, :], cand, torch.full_like(new_acc, float("-inf")))
     victim = torch.argmin(cand, dim=-1)
     return out.to(q.dtype), new_acc, victim
+
+
+def _slot_tensor(slot: torch.Tensor | int, b: int, h: int, device: torch.device) -> torch.Tensor:
+    if isinstance(slot, int):
+        return torch.full((b, h), slot, dtype=torch.long, device=device)
+    slot = slot.to(device=device, dtype=torch.long)
+    return slot[:, None].expand(b, h) if slot.dim() == 1 else slot
+
+
+def append_slots(k: torch.Tensor, v: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                 slot: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of k, v (B, Hkv, C, d) with the new token (B, Hkv, d) written at slot (int, (B,) or (B, Hkv))."""
+    b, h, _, d = k.shape
+    idx = _slot_tensor(slot, b, h, k.device)[..., None, None].expand(b, h, 1, d)
+    return (k.clone().scatter_(2, idx, k_new[:, :, None].to(k.dtype)),
+            v.clone().scatter_(2, idx, v_new[:, :, None].to(v.dtype)))
+
+
+def h2o_append_ref(k, v, acc, pos, k_new, v_new, slot, cur_pos):
+    """`append_slots` + the new slot's H2O state (pos = cur_pos, acc = 0): returns copies (k, v, acc, pos)."""
+    b, h = k.shape[:2]
+    k2, v2 = append_slots(k, v, k_new, v_new, slot)
+    idx = _slot_tensor(slot, b, h, k.device)[..., None]
+    cur = _lengths(cur_pos, b, k.device)
+    pos2 = pos.clone().scatter_(2, idx, cur[:, None, None].expand(b, h, 1).to(pos.dtype))
+    acc2 = acc.clone().scatter_(2, idx, 0.0)
+    return k2, v2, acc2, pos2
