@@ -121,13 +121,28 @@ def prefill(
     prefill_chunk: int | None = None,
 ) -> torch.Tensor:
     """Feed the prompt (in chunks of `prefill_chunk` tokens if given); returns the last position's logits (B, V)."""
+    return _prefill(model, input_ids, attention_mask, cache, prefill_chunk)[0]
+
+
+def _prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: MemfitCache,
+    prefill_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prefill`, also returning the attention mask of what was actually prefilled (decoding continues from it)."""
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ConfigError("--prefill-chunk must be a positive number of tokens")
+    prompt_lens = attention_mask.sum(-1)
+    chosen = cache.core.method.select_prompt(model, input_ids, attention_mask, cache.core)
+    if chosen is not None:  # the method shortened the prompt (GemFilter); budgets still resolve from the original
+        input_ids, attention_mask = chosen
     positions = positions_from_mask(attention_mask)
     total = input_ids.shape[1]
     chunk = total if not prefill_chunk or prefill_chunk >= total else int(prefill_chunk)
-    if chunk < total:
-        cache.core.begin_prompt(attention_mask.sum(-1), total)
+    if chunk < total or chosen is not None:
+        cache.core.begin_prompt(prompt_lens, total)
     logits = None
     for start in range(0, total, chunk):
         stop = min(total, start + chunk)
@@ -140,7 +155,7 @@ def prefill(
             logits_to_keep=1,
         )
     assert logits is not None
-    return logits[:, -1]
+    return logits[:, -1], attention_mask
 
 
 @torch.no_grad()
@@ -161,7 +176,7 @@ def generate(
     reset_peak_memory(device)
     _sync(device)
     t0 = time.perf_counter()
-    logits = prefill(model, input_ids, attention_mask, cache, prefill_chunk)
+    logits, attention_mask = _prefill(model, input_ids, attention_mask, cache, prefill_chunk)
     _sync(device)
     prefill_seconds = time.perf_counter() - t0
     first_logits = logits.float().cpu()

@@ -24,7 +24,8 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from memfit.core.cache import CompressedCache, dense_attention
+from memfit.core.cache import CompressedCache, KVLayer, StepInfo, dense_attention
+from memfit.core.method import Method
 
 ATTN_NAME = "memfit"
 _PENDING: contextvars.ContextVar[tuple[MemfitCache, int, torch.Tensor, torch.Tensor] | None] = contextvars.ContextVar(
@@ -235,3 +236,49 @@ def model_dims(model: torch.nn.Module) -> dict[str, int]:
         "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
         "max_positions": int(getattr(config, "max_position_embeddings", 0) or 0),
     }
+
+
+class _StopForward(Exception):
+    """Raised by `_LayerProbe` inside a forward to end it early; caught by `run_first_layers`."""
+
+
+class _LayerProbe(Method):
+    """Not a registered method: frees layers below `upto`, captures layer `upto`, then stops the forward."""
+
+    def __init__(self, upto: int) -> None:
+        super().__init__()
+        self.upto = upto
+        self.captured: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float] | None = None
+
+    def after_attention(
+        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> None:
+        assert layer.keys is not None
+        if info.layer_idx < self.upto:  # this pass never decodes: drop the layer's K/V at once
+            layer.keep(torch.zeros(*layer.keys.shape[:2], 0, dtype=torch.long, device=layer.keys.device))
+            return
+        self.captured = (queries, layer.keys, layer.valid, scaling)
+        raise _StopForward
+
+
+def run_first_layers(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, upto: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """Run a left-padded prompt through attention layers 0..`upto` only (the rest of the model never runs).
+
+    Returns layer `upto`'s post-RoPE queries (B, H, q, d), its keys (B, Hkv, T, d), their validity (B, Hkv, T) or
+    None, and the attention scaling. Lower layers' K/V are freed as soon as they have been used. (GemFilter's
+    filter pass.)"""
+    layers = num_attention_layers(model)
+    if not 0 <= upto < layers:
+        raise ValueError(f"layer {upto} out of range: the model has {layers} attention layers")
+    install(model)
+    probe = _LayerProbe(upto)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    try:
+        forward(model, input_ids, attention_mask, MemfitCache(CompressedCache(layers, probe)), positions, 1)
+    except _StopForward:
+        pass
+    if probe.captured is None:
+        raise RuntimeError(f"the forward ended before attention layer {upto} ran")
+    return probe.captured

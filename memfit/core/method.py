@@ -91,6 +91,14 @@ class Method:
     ) -> None:
         """Called after each attention layer attended; may evict from `layer`. Default: keep everything."""
 
+    def select_prompt(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: CompressedCache
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Called by the engine before prefill: return shorter left-padded (input_ids, attention_mask) to prefill
+        instead of the prompt (GemFilter), or None (default) to prefill the prompt as given. Budgets still resolve
+        from the original prompt."""
+        return None
+
     def reset(self) -> None:
         """Forget per-sequence state (a new prompt starts)."""
 
