@@ -57,7 +57,9 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 @app.command()
 def run(
     model: str = typer.Option("default", "--model", help="HF folder, hub id, .gguf file, or 'default'."),
-    method: str = typer.Option("full", "--method", help="Compression method (see `memfit methods`)."),
+    method: str = typer.Option(
+        "full", "--method", help="Compression method (see `memfit methods`), or <eviction>+<quantizer>: snapkv+kivi."
+    ),
     budget: str = typer.Option(None, "--budget", help="Fraction of the prompt in (0, 1] or tokens per layer (> 1)."),
     param: list[str] = typer.Option(None, "--param", help="Method parameter KEY=VALUE (repeatable)."),
     prompt: str = typer.Option(None, "--prompt", help="Prompt text."),
@@ -72,11 +74,11 @@ def run(
 ) -> None:
     """Generate an answer with a compressed KV cache and report what it held."""
     from memfit.core.budget import Budget
-    from memfit.core.method import get_method
+    from memfit.core.method import build_policy
 
     text = read_prompt(prompt, prompt_file)
     params = parse_params(param)
-    get_method(method).create(Budget.parse(budget), params)  # validate before loading the model
+    build_policy(method, Budget.parse(budget), params)  # validate (composed names too) before loading the model
     from memfit.core.allocation import parse_allocation
 
     parse_allocation(allocation)
@@ -108,14 +110,20 @@ def run(
 
 @app.command()
 def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List every registered method: paper, family, when it acts, parameters and defaults."""
+    """List every registered method: paper, family, when it acts, parameters and defaults.
+
+    Quantizers (family "quantization") also compose as <eviction>+<quantizer>, e.g. snapkv+kivi."""
     from memfit.core.method import all_methods
 
     described = [cls.describe() for cls in all_methods().values()]
     if as_json:
         print(json.dumps(described, indent=2, default=str))
         return
-    table = Table(title="memfit methods")
+    table = Table(
+        title="memfit methods",
+        caption="Quantizers (family quantization) compose after an eviction method: --method <eviction>+<quantizer> "
+        "(e.g. snapkv+kivi); address a component's parameter as --param kivi.bits=2.",
+    )
     for col in ("name", "family", "acts", "paper", "parameters (defaults)"):
         table.add_column(col, overflow="fold")
     for d in described:

@@ -78,9 +78,15 @@ __all__ = [
     "SideStore",
     "TokenCodec",
     "TokenSegment",
+    "decode_channel_lanes",
+    "decode_token_lanes",
     "fill_invalid",
+    "gather_rows",
     "lane_codes",
     "owned",
+    "qt_select_rows",
+    "qt_take_groups",
+    "qt_take_rows",
     "take_groups",
 ]
 
@@ -112,7 +118,7 @@ def take_groups(t: torch.Tensor, idx: torch.Tensor, per: int) -> torch.Tensor:
     """t (B, H, ng*per, ...) -> (B, H, m*per, ...): per (row, head) the groups `idx` (B, H, m) of `per` rows."""
     B, H = t.shape[:2]
     rest = tuple(t.shape[3:])
-    v = t.reshape(B, H, -1, per, *rest)
+    v = t.reshape(B, H, t.shape[2] // per, per, *rest)
     ix = idx.reshape(B, H, idx.shape[2], *([1] * (v.dim() - 3))).expand(B, H, idx.shape[2], per, *rest)
     return v.gather(2, ix).reshape(B, H, idx.shape[2] * per, *rest).contiguous()
 
@@ -132,7 +138,7 @@ def lane_codes(codes: torch.Tensor, bits: float, group_size: int, bh: torch.Tens
     return (byte >> (k * int(bits))) & ((1 << int(bits)) - 1)
 
 
-def _gather_rows(t: torch.Tensor, bh: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def gather_rows(t: torch.Tensor, bh: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """t (B, H, n, ...) -> (N, ...): row `rows[i]` of flattened (row, head) `bh[i]`."""
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])[bh, rows]
 
@@ -171,7 +177,7 @@ class Segment:
         return tensor_bytes(*self.tensors())
 
 
-def _qt_take_groups(qt: QuantizedTensor, groups: torch.Tensor) -> QuantizedTensor:
+def qt_take_groups(qt: QuantizedTensor, groups: torch.Tensor) -> QuantizedTensor:
     """Per-channel QuantizedTensor restricted to token groups `groups` (B, H, m) (exact, codes untouched)."""
     bpg = bytes_per_group(qt.bits, qt.group_size)
     B, H, _, d = qt.shape
@@ -180,7 +186,7 @@ def _qt_take_groups(qt: QuantizedTensor, groups: torch.Tensor) -> QuantizedTenso
                            (B, H, groups.shape[2] * qt.group_size, d), qt.bits, qt.axis, qt.group_size, qt.dtype)
 
 
-def _qt_take_rows(qt: QuantizedTensor, rows: torch.Tensor) -> QuantizedTensor:
+def qt_take_rows(qt: QuantizedTensor, rows: torch.Tensor) -> QuantizedTensor:
     """Per-token QuantizedTensor restricted to tokens `rows` (B, H, m) (exact)."""
     B, H, _, d = qt.shape
     zeros = None if qt.zeros is None else take_groups(qt.zeros, rows, 1)
@@ -188,7 +194,7 @@ def _qt_take_rows(qt: QuantizedTensor, rows: torch.Tensor) -> QuantizedTensor:
                            (B, H, rows.shape[2], d), qt.bits, qt.axis, qt.group_size, qt.dtype)
 
 
-def _qt_select_rows(qt: QuantizedTensor, rows: torch.Tensor) -> QuantizedTensor:
+def qt_select_rows(qt: QuantizedTensor, rows: torch.Tensor) -> QuantizedTensor:
     zeros = None if qt.zeros is None else qt.zeros.index_select(0, rows)
     _, H, T, d = qt.shape
     return QuantizedTensor(qt.codes.index_select(0, rows), qt.scales.index_select(0, rows), zeros,
@@ -199,20 +205,20 @@ def decode_channel_lanes(qt: QuantizedTensor, bh: torch.Tensor, lanes: torch.Ten
     """fp32 (N, d) of lanes of a per-channel (axis='token') QuantizedTensor; equals `qt.dequantize()` there."""
     code = lane_codes(qt.codes, qt.bits, qt.group_size, bh, lanes).float()
     g = torch.div(lanes, qt.group_size, rounding_mode="floor")
-    s = _gather_rows(qt.scales, bh, g).float()
+    s = gather_rows(qt.scales, bh, g).float()
     if qt.bits == TERNARY_BITS:
         return (code - 1.0) * s
     assert qt.zeros is not None
-    return torch.addcmul(_gather_rows(qt.zeros, bh, g).float(), code, s)
+    return torch.addcmul(gather_rows(qt.zeros, bh, g).float(), code, s)
 
 
 def decode_token_lanes(qt: QuantizedTensor, bh: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor:
     """fp32 (N, d) of tokens of a per-token (axis='channel') QuantizedTensor (row gathers + `dequantize`)."""
     n = bh.numel()
     d = qt.shape[3]
-    zeros = None if qt.zeros is None else _gather_rows(qt.zeros, bh, lanes).reshape(1, 1, n, -1)
-    sub = QuantizedTensor(_gather_rows(qt.codes, bh, lanes).reshape(1, 1, n, -1),
-                          _gather_rows(qt.scales, bh, lanes).reshape(1, 1, n, -1), zeros, (1, 1, n, d),
+    zeros = None if qt.zeros is None else gather_rows(qt.zeros, bh, lanes).reshape(1, 1, n, -1)
+    sub = QuantizedTensor(gather_rows(qt.codes, bh, lanes).reshape(1, 1, n, -1),
+                          gather_rows(qt.scales, bh, lanes).reshape(1, 1, n, -1), zeros, (1, 1, n, d),
                           qt.bits, qt.axis, qt.group_size, qt.dtype)
     return sub.dequantize(torch.float32).reshape(n, d)
 
@@ -236,10 +242,10 @@ class ChannelSegment(Segment):
         return decode_channel_lanes(self.qt, bh, lanes)
 
     def take(self, groups: torch.Tensor) -> Segment:
-        return ChannelSegment(_qt_take_groups(self.qt, groups))
+        return ChannelSegment(qt_take_groups(self.qt, groups))
 
     def select_rows(self, rows: torch.Tensor) -> Segment:
-        return ChannelSegment(_qt_select_rows(self.qt, rows))
+        return ChannelSegment(qt_select_rows(self.qt, rows))
 
     def merge(self, other: Segment) -> Segment | None:
         return ChannelSegment(self.qt.cat(other.qt)) if _same_qt(self, other, ChannelSegment) else None
@@ -260,10 +266,10 @@ class TokenSegment(Segment):
         return decode_token_lanes(self.qt, bh, lanes)
 
     def take(self, groups: torch.Tensor) -> Segment:
-        return TokenSegment(_qt_take_rows(self.qt, groups))
+        return TokenSegment(qt_take_rows(self.qt, groups))
 
     def select_rows(self, rows: torch.Tensor) -> Segment:
-        return TokenSegment(_qt_select_rows(self.qt, rows))
+        return TokenSegment(qt_select_rows(self.qt, rows))
 
     def merge(self, other: Segment) -> Segment | None:
         return TokenSegment(self.qt.cat(other.qt)) if _same_qt(self, other, TokenSegment) else None
@@ -454,12 +460,10 @@ class SideStore:
             and offset == start
         if not identity_tail:
             old = self.lane_map()
-            if self.tq > start:  # overlap: heads whose slot is already quantized keep their old lane
-                over = self.tq - start
-                mixed = torch.where(live[:, :, :over], new[:, :, :over], old[:, :, start:])
-                lanes = torch.cat([old[:, :, :start], mixed, new[:, :, over:]], dim=2)
-            else:
-                lanes = torch.cat([old[:, :, :start], new], dim=2)
+            # slots start.. may already be quantized for some heads (after eviction): those keep their old lane
+            m = min(self.tq - start, n)
+            mixed = torch.where(live[:, :, :m], new[:, :, :m], old[:, :, start : start + m])
+            lanes = torch.cat([old[:, :, :start], mixed, old[:, :, start + m :], new[:, :, m:]], dim=2)
             self._store_lanes(lanes)
         self.quantized += int(live.sum())
         self._set_q(torch.maximum(q, torch.full_like(q, start + n)))
@@ -545,7 +549,10 @@ class SideStore:
             self.segments, self.lanes = [], None
 
     def compact(self, ctx: FlushContext) -> None:
-        """Free physical groups no quantized slot points to (exact); repack when holes exceed the waste limit."""
+        """Free physical groups no quantized slot points to (exact); repack when holes exceed the waste limit.
+
+        Lazy: nothing happens while the dead lanes are fewer than max(largest group, 1/32 of the quantized tokens),
+        so one-token-per-step evictors (H2O) pay the compaction every few steps, not every step."""
         if not self.segments:
             return
         assert self.residual is not None
@@ -553,6 +560,8 @@ class SideStore:
         dev = self.residual.device
         total = self.physical_lanes
         q = self.q_rows()
+        if total - int(q.min()) < max(max(s.group for s in self.segments), self.tq // 32):
+            return
         lanes = self.lane_map()
         alive_slot = torch.arange(self.tq, device=dev)[None, None, :] < q[:, :, None]
         live = torch.zeros(b, h, total + 1, dtype=torch.bool, device=dev)
