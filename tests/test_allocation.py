@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from memfit.adapters.transformers import forward
 from memfit.api import make_cache
-from memfit.core.allocation import adakv_keep_mask, parse_allocation, pyramid_budgets
+from memfit.core.allocation import adakv_keep_mask, parse_allocation, pyramid_budgets, pyramid_schedule
 from memfit.core.budget import Budget
 from memfit.core.cache import KVLayer, StepInfo, tensor_bytes
 from memfit.core.ragged import RaggedKVLayer
@@ -72,6 +72,9 @@ def test_pyramid_shape_matches_pyramidkv():
     assert pyramid_budgets(400, 32, beta=20, cap=300) == [400] * 32  # budget >= prompt: keep all everywhere
     windowed = pyramid_budgets(400, 32, beta=20, reserve=32)  # SnapKV's window stays whole in every layer
     assert windowed[-1] == 32 + 18 and sum(windowed) == 32 * 400
+    schedule = pyramid_schedule(prompt_lens=lambda: torch.tensor([1000, 500]))  # per row, capped by its prompt
+    table = torch.stack([schedule(torch.tensor([250, 125]), i, 30) for i in range(30)], dim=1)
+    assert table.sum(1).tolist() == [30 * 250, 30 * 125]
 
 
 @pytest.mark.parametrize("method", EVICTION)

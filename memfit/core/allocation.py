@@ -106,6 +106,13 @@ class PyramidSchedule:
         return self._table[:, layer_idx].to(keep_rows.device)
 
 
+def pyramid_schedule(
+    beta: float = PYRAMID_BETA, reserve: int = 0, prompt_lens: Callable[[], torch.Tensor | None] | None = None
+) -> PyramidSchedule:
+    """A PyramidKV layer schedule to set as `CompressedCache.layer_schedule` (what allocation="pyramid" installs)."""
+    return PyramidSchedule(beta, reserve, prompt_lens)
+
+
 # -- per head ----------------------------------------------------------------------------------------------------
 def _rank_desc(scores: torch.Tensor) -> torch.Tensor:
     """Rank of each entry along the last axis by descending score (0 = best); ties keep index order."""
@@ -198,7 +205,7 @@ def configure_allocation(
         # PyramidKV (built on SnapKV: each layer keeps its window plus its share of the rest).
         window = getattr(cache.method, "window", 0)
         reserve = window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else 0
-        cache.layer_schedule = PyramidSchedule(beta, reserve, prompt_lens=lambda: cache.prompt_lens)
+        cache.layer_schedule = pyramid_schedule(beta, reserve, prompt_lens=lambda: cache.prompt_lens)
     if adakv:
         from memfit.core.ragged import RaggedKVLayer
 
