@@ -1260,20 +1260,32 @@ class Bench:
                 vr = torch.randn(batch, hkv, R, d, device=dev, dtype=self.dtype)
                 nq = torch.full((batch,), tokens, dtype=torch.int32, device=dev)
                 nr = torch.full((batch,), R, dtype=torch.int32, device=dev)
-                nbytes = sum(t.numel() * t.element_size() for t in (kc, ks, kz, vc, vs, vz, kr, vr))
-                for packed in (True, False):
-                    fn = functools.partial(KA.kivi_decode_attention, q, kc, ks, kz, vc, vs, vz, kr, vr, nq, nr,
-                                           bits=bits, group_size=G, scale=scale, packed=packed)
+                args = (q, kc, ks, kz, vc, vs, vz, kr, vr, nq, nr)
+                nbytes = sum(t.numel() * t.element_size() for t in args[1:9])
+                ref = None
+                if batch * tokens <= 64 * 8192:
+                    ref = REF.kivi_decode_attention_ref(*args, bits=bits, group_size=G, scale=scale).float()
+                for name in KA.VARIANTS:
+                    if name == "gather" and (batch, tokens) != (1, 8192):
+                        continue
+                    fn = functools.partial(KA.kivi_decode_attention, *args, bits=bits, group_size=G, scale=scale,
+                                           packed=name)
                     try:
+                        err = None
+                        if ref is not None:
+                            err = (fn().float() - ref).abs().max().item()
+                            if not err < 5e-2:
+                                log(f"kernel variant {name} bits={bits} rejected: max abs err {err}")
+                                continue
                         us = bench(fn)
                     except Exception as e:  # noqa: BLE001
-                        log("kernel bench failed", bits, packed, e)
+                        log("kernel bench failed", name, bits, e)
                         continue
-                    best.setdefault((batch, tokens, bits), []).append((us, packed))
-                    self.write({"method": f"kernel:kivi{bits}", "impl": "packed" if packed else "gather",
-                                "batch": batch, "context": tokens, "kernel_us": us, "kv_bytes": nbytes,
-                                "gbps": nbytes / us / 1e3, "bw_fraction": nbytes / (us * 1e-6) / self.bw})
-                del kc, vc, ks, kz, vs, vz, kr, vr
+                    best.setdefault((batch, tokens, bits), []).append((us, name))
+                    self.write({"method": f"kernel:kivi{bits}", "impl": name, "batch": batch, "context": tokens,
+                                "kernel_us": us, "kv_bytes": nbytes, "gbps": nbytes / us / 1e3,
+                                "bw_fraction": nbytes / (us * 1e-6) / self.bw, "max_abs_err_vs_ref": err})
+                del kc, vc, ks, kz, vs, vz, kr, vr, args, ref
                 free_memory()
             k = torch.randn(batch, hkv, tokens + 1, d, device=dev, dtype=self.dtype)
             v = torch.randn(batch, hkv, tokens + 1, d, device=dev, dtype=self.dtype)
@@ -1298,13 +1310,19 @@ class Bench:
                 del acc, pos
             del k, v
             free_memory()
-        small = best.get((1, 8192, 2))
-        large = best.get((256, 8192, 2))
-        pick_small = min(small)[1] if small else True
-        pick_large = min(large)[1] if large else pick_small
+        choice = {}
+        for bits in (2, 4):
+            small = best.get((1, 8192, bits))
+            large = best.get((256, 8192, bits)) or best.get((64, 8192, bits))
+            choice[("small", bits)] = min(small)[1] if small else "fold"
+            choice[("large", bits)] = min(large)[1] if large else choice[("small", bits)]
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        KA.packed_policy = lambda programs: pick_small if programs < sms else pick_large
-        self.kivi_variant = {"small_batch_packed": pick_small, "large_batch_packed": pick_large}
+
+        def policy(programs, bits):
+            return KA.VARIANTS[choice[("small" if programs < sms else "large", bits if bits in (2, 4) else 4)]]
+
+        KA.packed_policy = policy
+        self.kivi_variant = {f"{r}-{b}bit": v for (r, b), v in choice.items()}
         log("KIVI kernel variant:", self.kivi_variant)
 
     def profile(self, path):

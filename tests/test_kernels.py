@@ -146,7 +146,7 @@ def _setup(device):
 
 @pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("packed", ["fold", "packed", "gather"])
 def test_kivi_kernel_matches_reference(device, bits, packed):
     from memfit.kernels.kivi_attention import kivi_decode_attention
 
@@ -181,7 +181,8 @@ def test_kivi_kernel_matches_reference(device, bits, packed):
 
 
 @pytest.mark.parametrize("device", _DEVICES)
-def test_kivi_kernel_appends_new_token(device):
+@pytest.mark.parametrize("packed", ["fold", "packed"])
+def test_kivi_kernel_appends_new_token(device, packed):
     """k_new / v_new are written into residual slot n_r - 1 (split 0 stores them) and used for that slot."""
     from memfit.kernels.kivi_attention import kivi_decode_attention
 
@@ -198,7 +199,7 @@ def test_kivi_kernel_appends_new_token(device):
                                       n_q, old_r + 1, bits=bits, group_size=g, scale=scale).float()
     out = kivi_decode_attention(q, qk.codes, qk.scales, qk.zeros, qv.codes, qv.scales, qv.zeros, kr, vr, n_q,
                                 old_r + 1, bits=bits, group_size=g, scale=scale, block_t=bt, k_new=kn, v_new=vn,
-                                append_at=old_r)
+                                append_at=old_r, packed=packed)
     err = (out.float() - ref).abs().max().item()
     assert err < 3e-2, err
     assert torch.equal(kr, kr2) and torch.equal(vr, vr2)  # the cache now holds the new token

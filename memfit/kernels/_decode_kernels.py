@@ -64,7 +64,64 @@ def _split_kernel(
         vc_base = VC + b * s_vcb + h * s_vch
         vs_base = VS + b * s_vsb + h * s_vsh
         vz_base = VZ + b * s_vsb + h * s_vsh
-        if PACKED:
+        if PACKED == 2:
+            # one scale group per tile; key scales folded into q: s = (q * ks) . codes + q . kz;
+            # values dequantized in fp16 (codes, scales and zeros are exact / stored in fp16)
+            KR2: tl.constexpr = GROUP // CPB
+            VB2: tl.constexpr = D // CPB
+            NGD2: tl.constexpr = D // GROUP
+            rows2 = tl.arange(0, KR2)
+            tq2 = tl.arange(0, GROUP)
+            vbytes2 = tl.arange(0, VB2)
+            vgrp2 = tl.arange(0, NGD2)
+            shifts2 = tl.arange(0, CPB) * BITS
+            qf = q.to(tl.float32)
+            tn = start
+            pm = (offs_d * 0 + tn) < q_end
+            km = ((tn // CPB + rows2) * CPB < q_end)[:, None]
+            kc_n = tl.load(kc_base + (tn // CPB + rows2)[:, None] * D + offs_d[None, :], mask=km, other=0)
+            ks_n = tl.load(ks_base + (tn // GROUP) * D + offs_d, mask=pm, other=0.0)
+            kz_n = tl.load(kz_base + (tn // GROUP) * D + offs_d, mask=pm, other=0.0)
+            vm = (tn + tq2 < q_end)[:, None]
+            vc_n = tl.load(vc_base + (tn + tq2)[:, None] * VB2 + vbytes2[None, :], mask=vm, other=0)
+            vrow_n = (tn + tq2)[:, None] * NGD2 + vgrp2[None, :]
+            vs_n = tl.load(vs_base + vrow_n, mask=vm, other=0.0)
+            vz_n = tl.load(vz_base + vrow_n, mask=vm, other=0.0)
+            for t0 in range(start, q_end, GROUP):
+                kc_c, ks_c, kz_c, vc_c, vs_c, vz_c = kc_n, ks_n, kz_n, vc_n, vs_n, vz_n
+                tn = t0 + GROUP
+                pm = (offs_d * 0 + tn) < q_end
+                km = ((tn // CPB + rows2) * CPB < q_end)[:, None]
+                kc_n = tl.load(kc_base + (tn // CPB + rows2)[:, None] * D + offs_d[None, :], mask=km, other=0)
+                ks_n = tl.load(ks_base + (tn // GROUP) * D + offs_d, mask=pm, other=0.0)
+                kz_n = tl.load(kz_base + (tn // GROUP) * D + offs_d, mask=pm, other=0.0)
+                vm = (tn + tq2 < q_end)[:, None]
+                vc_n = tl.load(vc_base + (tn + tq2)[:, None] * VB2 + vbytes2[None, :], mask=vm, other=0)
+                vrow_n = (tn + tq2)[:, None] * NGD2 + vgrp2[None, :]
+                vs_n = tl.load(vs_base + vrow_n, mask=vm, other=0.0)
+                vz_n = tl.load(vz_base + vrow_n, mask=vm, other=0.0)
+                kq = (kc_c.to(tl.int32)[:, None, :] >> shifts2[None, :, None]) & LMASK
+                kq = tl.reshape(kq, (GROUP, D)).to(dt)
+                qs = (qf * ks_c.to(tl.float32)[None, :]).to(dt)
+                bias = tl.sum(qf * kz_c.to(tl.float32)[None, :], 1)
+                s = (tl.dot(qs, tl.trans(kq)) + bias[:, None]) * qk_scale
+                offs_t = t0 + tq2
+                tmask = offs_t < q_end
+                s = tl.where(tmask[None, :], s, float("-inf"))
+                if STORE_LOGITS:
+                    tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vq = (vc_c.to(tl.int32)[:, :, None] >> shifts2[None, None, :]) & LMASK
+                vq = tl.reshape(vq, (GROUP, D)).to(tl.float16)
+                vsb = tl.reshape(tl.broadcast_to(vs_c[:, :, None], (GROUP, NGD2, GROUP)), (GROUP, D))
+                vzb = tl.reshape(tl.broadcast_to(vz_c[:, :, None], (GROUP, NGD2, GROUP)), (GROUP, D))
+                v = vq * vsb.to(tl.float16) + vzb.to(tl.float16)
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+                m_i = m_new
+        elif PACKED == 1:
             NGT: tl.constexpr = QBLOCK // GROUP
             KROWS: tl.constexpr = QBLOCK // CPB
             VB: tl.constexpr = D // CPB
@@ -168,24 +225,37 @@ def _split_kernel(
     r_start = tl.maximum(start, nq)
     for t0 in range(r_start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        tmask = offs_t < end
         ridx = offs_t - nq
+        tmask = offs_t < end
+        if APPEND:  # the new token's old slot contents are not used: it enters below, from kn / vn
+            smask = tmask & (ridx != app)
+        else:
+            smask = tmask
         k = tl.load(kr_base + ridx[:, None] * s_krt + offs_d[None, :], mask=tmask[:, None], other=0.0).to(dt)
-        if APPEND:
-            k = tl.where((ridx == app)[:, None], kn.to(dt)[None, :], k)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(tmask[None, :], s, float("-inf"))
+        s = tl.where(smask[None, :], s, float("-inf"))
         if STORE_LOGITS:
-            tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
+            tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & smask[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile holding only the new token: all -inf
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vr_base + ridx[:, None] * s_vrt + offs_d[None, :], mask=tmask[:, None], other=0.0).to(dt)
-        if APPEND:
-            v = tl.where((ridx == app)[:, None], vn.to(dt)[None, :], v)
         acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
         m_i = m_new
+    if APPEND:
+        own = (nq + app >= start) & (nq + app < end)
+        if own:  # the program whose range holds the new token adds it to its online softmax
+            s_new = tl.sum(q.to(tl.float32) * kn.to(dt).to(tl.float32)[None, :], 1) * qk_scale
+            if STORE_LOGITS:
+                tl.store(lg_base + (nq + app) + 0 * offs_g[:, None], s_new[:, None], mask=gmask[:, None])
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * vn.to(dt).to(tl.float32)[None, :]
+            m_i = m_new
 
     part = pid * num_splits + sid
     tl.store(PO + (part * GP + offs_g)[:, None] * D + offs_d[None, :], acc)

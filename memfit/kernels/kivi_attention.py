@@ -63,10 +63,18 @@ def plan_splits(
     return max(1, splits), tps
 
 
-# Which quantized-tile code path to use, as a function of the number of (row, KV head) programs: PACKED (vector
-# loads + in-register expansion + prefetch) or the element-gather path. Benchmarks may override it.
-def _default_packed(programs: int) -> bool:
-    return True
+# Quantized-tile code paths (the kernel's PACKED switch), each with a number of warps:
+#   2 "fold":   one scale group per tile, key scales folded into q (no per-element key dequantization), values
+#               dequantized in fp16; packed vector loads + prefetch of the next tile;
+#   1 "packed": two groups per tile, keys and values dequantized in fp32; packed loads + prefetch;
+#   0 "gather": every element loads its own byte and scale (simplest).
+# `packed_policy(programs, bits)` -> (path, num_warps) picks one from the number of (row, KV head) programs and the
+# code width; benchmarks may replace it with what they measured.
+VARIANTS = {"fold": (2, 4), "fold-w8": (2, 8), "packed": (1, 4), "packed-w8": (1, 8), "gather": (0, 4)}
+
+
+def _default_packed(programs: int, bits: int) -> tuple[int, int]:
+    return VARIANTS["fold"]
 
 
 packed_policy = _default_packed
@@ -168,7 +176,7 @@ def _launch(
             or vs.shape[3] * group_size != d
         ):
             raise ValueError("packed key/value shapes do not match the KIVI layout for these bits / group size")
-        qblock = max(2 * group_size, 16)  # two scale groups per tile (no size-1 ranges)
+        qblock = max(2 * group_size, 16)  # two scale groups per tile (no size-1 ranges); "fold" uses one
         if block_t % qblock:
             block_t = qblock * max(1, -(-block_t // qblock))
     else:
@@ -182,7 +190,13 @@ def _launch(
         tps = -(-max(1, -(-capacity // splits)) // block_t) * block_t
         splits = max(1, -(-capacity // tps))
     if packed is None:
-        packed = packed_policy(b * hkv)
+        path, warps = packed_policy(b * hkv, bits)
+    elif isinstance(packed, str):
+        path, warps = VARIANTS[packed]
+    elif isinstance(packed, bool):
+        path, warps = (1 if packed else 0), 4
+    else:
+        path, warps = packed
     append = k_new is not None
     if append:
         if v_new is None or append_at is None:
@@ -209,8 +223,8 @@ def _launch(
         s_lg[0], s_lg[1],
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), s_apb, s_aph,
         HKV=hkv, GQ=g, GP=gp, D=d, BITS=bits, GROUP=group_size, BLOCK_T=block_t, QBLOCK=qblock,
-        HAS_QUANT=quant is not None, STORE_LOGITS=store_logits, APPEND=append, PACKED=bool(packed),
-        num_warps=4,
+        HAS_QUANT=quant is not None, STORE_LOGITS=store_logits, APPEND=append, PACKED=int(path),
+        num_warps=warps if quant is not None else 4,
     )  # fmt: skip
     if out is None:
         out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
@@ -247,10 +261,13 @@ def kivi_decode_attention(
     append_at: torch.Tensor | int | None = None,
     block_t: int = 64,
     num_splits: int | None = None,
-    packed: bool | None = None,
+    packed: bool | str | tuple[int, int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention (B, Hq, d) of q (B, Hq, d) over n_q packed tokens + n_r residual tokens per row.
+
+    `packed`: the quantized-tile code path, a name from `VARIANTS` ("fold", "packed", "gather", ...), True / False
+    (packed / gather) or None (``packed_policy``).
 
     Shapes as in `memfit.kernels.reference` (quantized capacity Cq = k_scales.shape[2] * group_size; n_q a multiple
     of group_size). With `k_new`, `v_new` (B, Hkv, d) and `append_at` (residual slot per row (B,) or per (row, KV
