@@ -146,7 +146,7 @@ def _setup(device):
 
 @pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("packed", ["fold", "packed", "gather"])
+@pytest.mark.parametrize("packed", ["packed", "packed32", "fold", "gather"])
 def test_kivi_kernel_matches_reference(device, bits, packed):
     from memfit.kernels.kivi_attention import kivi_decode_attention
 
@@ -181,7 +181,7 @@ def test_kivi_kernel_matches_reference(device, bits, packed):
 
 
 @pytest.mark.parametrize("device", _DEVICES)
-@pytest.mark.parametrize("packed", ["fold", "packed"])
+@pytest.mark.parametrize("packed", ["packed", "packed32"])
 def test_kivi_kernel_appends_new_token(device, packed):
     """k_new / v_new are written into residual slot n_r - 1 (split 0 stores them) and used for that slot."""
     from memfit.kernels.kivi_attention import kivi_decode_attention

@@ -9,6 +9,8 @@ Quantized tiles are unpacked and dequantized in registers (code * scale + zero) 
 PACKED=True (default) loads each tile's packed bytes and group scales once (16-byte vector loads), expands them in
 registers (shift / mask / reshape, broadcast of the per-group scales) and prefetches the next tile while the current
 one is computed; PACKED=False gathers every element's byte and scale directly (simpler, kept for comparison).
+PACKED=3 ("packed32") is the same with one scale group per tile (key scales become a plain row broadcast);
+PACKED=2 ("fold") folds the key scales into q and dequantizes values in fp16 (kept for comparison: slower here).
 APPEND=True also writes the new token (k_new, v_new) into residual slot `app` (split 0 does the store) and uses the
 new values in place of that slot's old contents, so the cache append costs no separate launch.
 """
@@ -120,6 +122,60 @@ def _split_kernel(
                 vzb = tl.reshape(tl.broadcast_to(vz_c[:, :, None], (GROUP, NGD2, GROUP)), (GROUP, D))
                 v = vq * vsb.to(tl.float16) + vzb.to(tl.float16)
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+                m_i = m_new
+        elif PACKED == 3:
+            # "packed32": one scale group per tile, so key scales / zeros are one row broadcast over the tile
+            KR3: tl.constexpr = GROUP // CPB
+            VB3: tl.constexpr = D // CPB
+            NGD3: tl.constexpr = D // GROUP
+            rows3 = tl.arange(0, KR3)
+            tq3 = tl.arange(0, GROUP)
+            vbytes3 = tl.arange(0, VB3)
+            vgrp3 = tl.arange(0, NGD3)
+            shifts3 = tl.arange(0, CPB) * BITS
+            tn = start
+            pm = (offs_d * 0 + tn) < q_end
+            km = ((tn // CPB + rows3) * CPB < q_end)[:, None]
+            kc_n = tl.load(kc_base + (tn // CPB + rows3)[:, None] * D + offs_d[None, :], mask=km, other=0)
+            ks_n = tl.load(ks_base + (tn // GROUP) * D + offs_d, mask=pm, other=0.0)
+            kz_n = tl.load(kz_base + (tn // GROUP) * D + offs_d, mask=pm, other=0.0)
+            vm = (tn + tq3 < q_end)[:, None]
+            vc_n = tl.load(vc_base + (tn + tq3)[:, None] * VB3 + vbytes3[None, :], mask=vm, other=0)
+            vrow_n = (tn + tq3)[:, None] * NGD3 + vgrp3[None, :]
+            vs_n = tl.load(vs_base + vrow_n, mask=vm, other=0.0)
+            vz_n = tl.load(vz_base + vrow_n, mask=vm, other=0.0)
+            for t0 in range(start, q_end, GROUP):
+                kc_c, ks_c, kz_c, vc_c, vs_c, vz_c = kc_n, ks_n, kz_n, vc_n, vs_n, vz_n
+                tn = t0 + GROUP
+                pm = (offs_d * 0 + tn) < q_end
+                km = ((tn // CPB + rows3) * CPB < q_end)[:, None]
+                kc_n = tl.load(kc_base + (tn // CPB + rows3)[:, None] * D + offs_d[None, :], mask=km, other=0)
+                ks_n = tl.load(ks_base + (tn // GROUP) * D + offs_d, mask=pm, other=0.0)
+                kz_n = tl.load(kz_base + (tn // GROUP) * D + offs_d, mask=pm, other=0.0)
+                vm = (tn + tq3 < q_end)[:, None]
+                vc_n = tl.load(vc_base + (tn + tq3)[:, None] * VB3 + vbytes3[None, :], mask=vm, other=0)
+                vrow_n = (tn + tq3)[:, None] * NGD3 + vgrp3[None, :]
+                vs_n = tl.load(vs_base + vrow_n, mask=vm, other=0.0)
+                vz_n = tl.load(vz_base + vrow_n, mask=vm, other=0.0)
+                kq = (kc_c.to(tl.int32)[:, None, :] >> shifts3[None, :, None]) & LMASK
+                kq = tl.reshape(kq, (GROUP, D))
+                k = (kq.to(tl.float32) * ks_c.to(tl.float32)[None, :] + kz_c.to(tl.float32)[None, :]).to(dt)
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                offs_t = t0 + tq3
+                tmask = offs_t < q_end
+                s = tl.where(tmask[None, :], s, float("-inf"))
+                if STORE_LOGITS:
+                    tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vq = (vc_c.to(tl.int32)[:, :, None] >> shifts3[None, None, :]) & LMASK
+                vq = tl.reshape(vq, (GROUP, D))
+                vsb = tl.reshape(tl.broadcast_to(vs_c.to(tl.float32)[:, :, None], (GROUP, NGD3, GROUP)), (GROUP, D))
+                vzb = tl.reshape(tl.broadcast_to(vz_c.to(tl.float32)[:, :, None], (GROUP, NGD3, GROUP)), (GROUP, D))
+                v = (vq.to(tl.float32) * vsb + vzb).to(dt)
+                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
                 m_i = m_new
         elif PACKED == 1:
             NGT: tl.constexpr = QBLOCK // GROUP

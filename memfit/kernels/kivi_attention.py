@@ -64,17 +64,19 @@ def plan_splits(
 
 
 # Quantized-tile code paths (the kernel's PACKED switch), each with a number of warps:
-#   2 "fold":   one scale group per tile, key scales folded into q (no per-element key dequantization), values
-#               dequantized in fp16; packed vector loads + prefetch of the next tile;
-#   1 "packed": two groups per tile, keys and values dequantized in fp32; packed loads + prefetch;
-#   0 "gather": every element loads its own byte and scale (simplest).
+#   1 "packed":   two scale groups per tile; packed 16-byte loads expanded in registers, keys and values dequantized
+#                 in fp32, next tile prefetched;
+#   3 "packed32": the same with one group per tile (key scales are a plain row broadcast; fewer registers);
+#   2 "fold":     one group per tile, key scales folded into q, values dequantized in fp16;
+#   0 "gather":   every element loads its own byte and scale (simplest).
 # `packed_policy(programs, bits)` -> (path, num_warps) picks one from the number of (row, KV head) programs and the
-# code width; benchmarks may replace it with what they measured.
-VARIANTS = {"fold": (2, 4), "fold-w8": (2, 8), "packed": (1, 4), "packed-w8": (1, 8), "gather": (0, 4)}
+# code width; benchmarks/gpu_decode.py times them all and installs what it measured. On an H100, "packed" beat
+# "fold" and "gather" at every size measured (batch 1..256, 8K-32K tokens).
+VARIANTS = {"packed": (1, 4), "packed32": (3, 4), "fold": (2, 4), "packed-w8": (1, 8), "gather": (0, 4)}
 
 
 def _default_packed(programs: int, bits: int) -> tuple[int, int]:
-    return VARIANTS["fold"]
+    return VARIANTS["packed"]
 
 
 packed_policy = _default_packed
