@@ -147,23 +147,21 @@ class RaggedKVLayer(KVLayer):
         offs = torch.tensor(self._offs, dtype=torch.long, device=device).reshape(self.batch, self._heads)
         return lens, offs
 
-    def _packed_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For every packed token: (row, head, view slot, packed position)."""
+    def _packed_index(self) -> torch.Tensor:
+        """Where each packed token (in packed order) sits in the flattened (B * Hkv * T) views: (N,) long."""
         cached = None if self._views is None else self._views.get("idx")
         if cached is not None:
-            return cached.unbind(0)  # type: ignore[return-value]
+            return cached
         assert self._k is not None
         device = self._k.device
-        lens, offs = self._meta(device)
-        flat = lens.flatten()
-        seg = torch.repeat_interleave(torch.arange(flat.numel(), device=device), flat)
+        flat = torch.tensor(self._lens, dtype=torch.long, device=device).flatten()
+        seg = torch.repeat_interleave(torch.arange(flat.numel(), device=device), flat)  # row * Hkv + head
         pos = torch.arange(seg.numel(), device=device) - (torch.cumsum(flat, 0) - flat)[seg]
-        src = offs.flatten()[seg] + pos
-        slot = self.num_slots - self.tail - flat[seg] + pos
-        idx = torch.stack([seg // self._heads, seg % self._heads, slot, src])
+        t_len = self.num_slots
+        lin = seg * t_len + (t_len - self.tail - flat[seg]) + pos  # right-aligned before the tail
         if self._views is not None:
-            self._views["idx"] = idx
-        return idx.unbind(0)  # type: ignore[return-value]
+            self._views["idx"] = lin
+        return lin
 
     # -- views (what policies read) ----------------------------------------------------------------------------------
     def _forget(self, key: str | None = None) -> None:
@@ -176,10 +174,10 @@ class RaggedKVLayer(KVLayer):
     def _view(self, key: str, packed: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
         if self._views is not None and key in self._views:
             return self._views[key]
-        rows, heads, slots, src = self._packed_index()
-        t_len = self.num_slots
-        out = packed.new_zeros(self.batch, self._heads, t_len, *packed.shape[1:])
-        out[rows, heads, slots] = packed[src]
+        t_len, rest = self.num_slots, packed.shape[1:]
+        out = packed.new_zeros(self.batch * self._heads * t_len, *rest)
+        out.index_copy_(0, self._packed_index(), packed)
+        out = out.view(self.batch, self._heads, t_len, *rest)
         if tail is not None and tail.shape[2]:
             out[:, :, t_len - tail.shape[2] :] = tail
         if self._views is not None:
@@ -191,9 +189,9 @@ class RaggedKVLayer(KVLayer):
         expected = (self.batch, self._heads, self.num_slots)
         if tuple(view.shape[:3]) != expected:
             raise ValueError(f"ragged extras: expected (B, Hkv, T) = {expected}, got {tuple(view.shape)}")
-        rows, heads, slots, _ = self._packed_index()
         tail = view[:, :, view.shape[2] - self.tail :].contiguous() if self.tail else None
-        return view[rows, heads, slots].contiguous(), tail
+        packed = view.reshape(-1, *view.shape[3:]).index_select(0, self._packed_index())
+        return packed, tail
 
     @property
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
@@ -212,9 +210,9 @@ class RaggedKVLayer(KVLayer):
             return None
         if self._views is not None and "valid" in self._views:
             return self._views["valid"]
-        rows, heads, slots, _ = self._packed_index()
-        out = torch.zeros(self.batch, self._heads, t_len, dtype=torch.bool, device=self._k.device)
-        out[rows, heads, slots] = True
+        out = torch.zeros(self.batch * self._heads * t_len, dtype=torch.bool, device=self._k.device)
+        out[self._packed_index()] = True
+        out = out.view(self.batch, self._heads, t_len)
         if tail:
             out[:, :, t_len - tail :] = True
         if self._views is not None:
@@ -302,24 +300,25 @@ class RaggedKVLayer(KVLayer):
         """Keep the slots of the (B, Hkv, T) bool `mask` (view coordinates), in order; the tail is folded in."""
         assert self._k is not None and self._v is not None
         device, t_len, tail, n_packed = self._k.device, self.num_slots, self.tail, self._k.shape[0]
-        source = torch.full((self.batch, self._heads, t_len), -1, dtype=torch.long, device=device)
-        rows, heads, slots, src = self._packed_index()
-        source[rows, heads, slots] = src
+        b, h = self.batch, self._heads
+        source = torch.full((b * h * t_len,), -1, dtype=torch.long, device=device)
+        source.index_copy_(0, self._packed_index(), torch.arange(n_packed, device=device))
+        source = source.view(b, h, t_len)
         if tail:
-            count = self.batch * self._heads * tail
-            source[:, :, t_len - tail :] = n_packed + torch.arange(count, device=device).view(
-                self.batch, self._heads, tail
-            )
+            source[:, :, t_len - tail :] = n_packed + torch.arange(b * h * tail, device=device).view(b, h, tail)
         keep = mask.to(device) & (source >= 0)
         pick = source[keep]  # row-major: (row, head) segments in order, tokens in order (packed before tail)
-        from_tail = pick >= n_packed
+        from_tail = (pick >= n_packed).nonzero().squeeze(1) if tail else None
+        from_packed = (pick < n_packed).nonzero().squeeze(1) if tail else None
 
         def gather(packed: torch.Tensor, tail_part: torch.Tensor | None) -> torch.Tensor:
-            if tail_part is None or not bool(from_tail.any()):
-                return packed[pick].contiguous()
-            out = packed.new_empty(pick.numel(), *packed.shape[1:])
-            out[~from_tail] = packed[pick[~from_tail]]
-            out[from_tail] = tail_part.reshape(-1, *packed.shape[1:])[pick[from_tail] - n_packed]
+            if tail_part is None or from_tail is None or from_packed is None:
+                return packed.index_select(0, pick)
+            rest = packed.shape[1:]
+            out = packed.new_empty(pick.numel(), *rest)
+            out.index_copy_(0, from_packed, packed.index_select(0, pick.index_select(0, from_packed)))
+            tail_rows = pick.index_select(0, from_tail) - n_packed
+            out.index_copy_(0, from_tail, tail_part.reshape(-1, *rest).index_select(0, tail_rows))
             return out
 
         self._k, self._v = gather(self._k, self._tk), gather(self._v, self._tv)
