@@ -6,13 +6,14 @@ the sequence is n_q packed-quantized tokens followed by n_r full-precision resid
 unnormalised partial output and its running max / sum (base-2 logits); `_combine_kernel` merges the splits.
 Quantized tiles are unpacked and dequantized in registers (code * scale + zero) and never written back.
 
-PACKED=True (default) loads each tile's packed bytes and group scales once (16-byte vector loads), expands them in
-registers (shift / mask / reshape, broadcast of the per-group scales) and prefetches the next tile while the current
-one is computed; PACKED=False gathers every element's byte and scale directly (simpler, kept for comparison).
+PACKED=1 ("packed", the default) loads each tile's packed bytes and group scales once (16-byte vector loads), expands
+them in registers (shift / mask / reshape, broadcast of the per-group scales) and prefetches the next tile while the
+current one is computed; PACKED=0 ("gather") loads every element's byte and scale directly (simplest, 2x slower).
 PACKED=3 ("packed32") is the same with one scale group per tile (key scales become a plain row broadcast);
 PACKED=2 ("fold") folds the key scales into q and dequantizes values in fp16 (kept for comparison: slower here).
-APPEND=True also writes the new token (k_new, v_new) into residual slot `app` (split 0 does the store) and uses the
-new values in place of that slot's old contents, so the cache append costs no separate launch.
+APPEND=True also writes the new token (k_new, v_new) into residual slot `app` (split 0 does the store): that slot's
+old contents are masked out of the tiles and the program whose range holds it adds the new token to its online
+softmax from registers, so the cache append costs no separate launch (and no tile rewrite, which cost registers).
 """
 
 from __future__ import annotations
