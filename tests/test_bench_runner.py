@@ -120,7 +120,8 @@ def test_rows_have_every_field(first_run) -> None:
         if r["method"] == "full":
             assert r["budget"] is None
         else:
-            assert r["budget"] in BUDGETS and r["params"]  # the methods' full parameters name the row
+            assert r["budget"] in BUDGETS and r["params"] == {}  # no parameter set: the row is named by the method
+            assert r["method_params"]  # ... and records every effective parameter
     fulls = [r for r in rows if r["method"] == "full"]
     assert sorted(r["task"] for r in fulls) == sorted(TASKS)  # once per task, not once per budget
     for r in rows:  # eviction really holds less
@@ -195,6 +196,14 @@ def test_resume_skips_finished_rows(pair, first_run, tmp_path) -> None:
             assert r[f] == pytest.approx(b[f], rel=1e-5, abs=1e-6), f
         assert r["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-6)
     assert rec.calls > 0
+
+
+def test_given_params_take_the_methods_types() -> None:
+    from memfit.bench.runner import _given_params, validate_methods
+
+    effective = validate_methods(["snapkv"], [0.5], {"snapkv": {"window": "8"}})["snapkv"]
+    assert effective["window"] == 8 and "kernel" in effective
+    assert _given_params({"window": "8"}, effective) == {"window": 8}
 
 
 def test_group_batches() -> None:

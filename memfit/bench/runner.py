@@ -156,8 +156,8 @@ def _policy(method: str, budget: float | int | None, params: Mapping[str, Any] |
 def validate_methods(
     methods: Sequence[str], budgets: Sequence[float | int | None], params: Mapping[str, Mapping[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Check every method name, budget and parameter before any model work; returns each method's full
-    parameters (defaults included), which name its rows."""
+    """Check every method name, budget and parameter before any model work; returns each method's effective
+    parameters (defaults included), recorded in its rows as ``method_params``."""
     resolved: dict[str, dict[str, Any]] = {}
     for m in methods:
         p = (params or {}).get(m)
@@ -192,7 +192,8 @@ class BenchResult:
 class _Config:
     method: str
     budget: float | int | None
-    params: dict[str, Any]
+    params: dict[str, Any]  # the parameters the user set (they name the row; defaults are implied by the version)
+    method_params: dict[str, Any] = field(default_factory=dict)  # every effective parameter, defaults included
 
     @property
     def label(self) -> str:
@@ -320,8 +321,9 @@ def run_bench(
     results_path = out_dir / "results.jsonl"
     name = _model_name(model, model_name)
     filler_label = filler_description(filler, corpus)  # type: ignore[arg-type]
-    configs = [_Config(FULL_METHOD, None, resolved[FULL_METHOD])]
-    configs += [_Config(m, b, resolved[m]) for m in method_list[1:] for b in budget_list]
+    given = {m: _given_params((params or {}).get(m), resolved[m]) for m in method_list}
+    configs = [_Config(FULL_METHOD, None, given[FULL_METHOD], resolved[FULL_METHOD])]
+    configs += [_Config(m, b, given[m], resolved[m]) for m in method_list[1:] for b in budget_list]
 
     # -- what is left to do ----------------------------------------------------------------------------------
     done = load_done_keys(results_path)
@@ -502,7 +504,7 @@ def _run_task(
     with tempfile.TemporaryDirectory(prefix="memfit-bench-") as tmp:
         refs: list[_Reference] = []
         stats = _Stats()
-        ref_cfg = full_cfg or _Config(FULL_METHOD, None, {})
+        ref_cfg = full_cfg or _Config(FULL_METHOD, None, {})  # params of "full" cannot change its output
         for bi, batch in enumerate(run.batches):
             ref = _run_batch(model, tok, ref_cfg, run, batch, None, stats, eos)
             ref.stash(Path(tmp) / f"reference-{bi}.pt")
@@ -665,6 +667,7 @@ def _finish_row(run: _TaskRun, cfg: _Config, st: _Stats) -> dict[str, Any]:
         "model": run.model_name,
         "method": cfg.method,
         "params": cfg.params,
+        "method_params": cfg.method_params,
         "budget": cfg.budget,
         "context": run.context,
         "task": run.task,
@@ -699,6 +702,11 @@ def _finish_row(run: _TaskRun, cfg: _Config, st: _Stats) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+
+
+def _given_params(given: Mapping[str, Any] | None, effective: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's parameters with the method's own (converted) values, e.g. ``{"window": "16"}`` -> ``16``."""
+    return {k: effective.get(k, v) for k, v in sorted((given or {}).items())}
 
 
 def _mean(values: Sequence[float]) -> float | None:
