@@ -861,8 +861,16 @@ def _report_note(rows: Sequence[Mapping[str, Any]], extra: str | None) -> str:
     return "\n\n".join(parts)
 
 
+def _canon(value: Any) -> str:
+    """The canonical JSON ``memfit.bench.report`` keys its summaries with."""
+    if isinstance(value, str):  # already canonical (summaries hold params as canonical JSON)
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
 def _append_agreement_section(rows: Sequence[Mapping[str, Any]], report: Path) -> None:
-    """Add a table of fidelity to the full cache (answer agreement, KL, top-1, ppl) per method and budget."""
+    """Insert a table of fidelity to the full cache (answer agreement, KL, top-1, ppl) per method and budget into
+    the report, before its table of all results."""
     if not rows:
         return
     groups: dict[tuple[Any, ...], dict[str, list[float]]] = {}
@@ -872,7 +880,7 @@ def _append_agreement_section(rows: Sequence[Mapping[str, Any]], report: Path) -
             r["context"],
             r.get("filler") or "",
             r["method"],
-            json.dumps(r.get("params") or {}, sort_keys=True),
+            _canon(r.get("params") or {}),
             json.dumps(r.get("budget")),
         )
         g = groups.setdefault(key, {"agreement": [], "kl": [], "top1": [], "ppl": []})
@@ -880,44 +888,42 @@ def _append_agreement_section(rows: Sequence[Mapping[str, Any]], report: Path) -
             v = r.get(field_name)
             if isinstance(v, int | float) and math.isfinite(float(v)):
                 g[col].append(float(v))
-    labels = {
+    points = {
         (
             p["model"],
             p["context"],
             p["filler"] or "",
             p["method"],
-            json.dumps(p["params"] or {}, sort_keys=True),
+            _canon(p["params"] or {}),
             json.dumps(p["budget"]),
         ): p
         for p in quality_points(rows)
     }
-    order = list(labels) + [k for k in groups if k not in labels]
+    order = [k for k in points if k in groups] + [k for k in groups if k not in points]
     lines = [
         "",
         "## Fidelity to the full cache",
         "",
         "answer agreement = common word prefix of the generated answer and the full cache's, over the longer one "
-        "(mean over answer tasks); KL, top-1 and ppl over the teacher-forced continuation of the text tasks.",
+        "(mean over the answer tasks); KL, top-1 and ppl over the teacher-forced continuation of the text tasks.",
         "",
         "| model | context | method | budget | KV held | answer agreement % | KL | top-1 % | ppl |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def mean(vals: list[float], spec: str, scale: float = 1.0) -> str:
+        return "–" if not vals else format(scale * sum(vals) / len(vals), spec)
+
     for key in order:
-        g = groups.get(key)
-        if g is None:
-            continue
-        p = labels.get(key)
-        label = p["label"] if p else key[3]
-        held = format_bytes(p["kv_bytes_held"]) if p else "–"
+        g, p = groups[key], points.get(key)
         budget = json.loads(key[5])
-
-        def f(vals: list[float], spec: str, scale: float = 1.0) -> str:
-            return "–" if not vals else format(scale * sum(vals) / len(vals), spec)
-
         lines.append(
-            f"| {key[0]} | {key[1]} | {label} | {'–' if budget is None else budget} | {held} | "
-            f"{f(g['agreement'], '.1f', 100.0)} | {f(g['kl'], '.4f')} | {f(g['top1'], '.1f', 100.0)} | "
-            f"{f(g['ppl'], '.3f')} |"
+            f"| {key[0]} | {key[1]} | {p['label'] if p else key[3]} | {'–' if budget is None else budget} | "
+            f"{format_bytes(p['kv_bytes_held']) if p else '–'} | {mean(g['agreement'], '.1f', 100.0)} | "
+            f"{mean(g['kl'], '.4f')} | {mean(g['top1'], '.1f', 100.0)} | {mean(g['ppl'], '.3f')} |"
         )
-    with open(report, "a", encoding="utf-8") as fh:
-        fh.write("\n".join(lines) + "\n")
+    text = report.read_text(encoding="utf-8")
+    at = text.find("\n## All results")  # before the long table, right after the losses
+    section = "\n".join(lines) + "\n"
+    text = text + section if at < 0 else text[:at] + "\n" + section.strip("\n") + "\n" + text[at:]
+    report.write_text(text, encoding="utf-8")
