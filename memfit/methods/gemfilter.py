@@ -23,6 +23,9 @@ whose passkey digits all fall in layer r's top-k set peaks at layers 15 (k=64/12
 (0.70/0.83/0.93 at 21); below layer 12 it stays <= 0.4 even at k=256. Layer 15 is the earliest peak, so its filter
 pass costs 16/30 of a prefill instead of 22/30. 0.5 is also in the range of the official picks as a fraction of depth
 (13/32 = 0.41, 19/40 = 0.48, 19/32 = 0.59). Set `filter_layer` for a layer calibrated on another model.
+End to end the picture is weaker on this 135M model: on 6 such prompts (~1.2K tokens) the full cache answered 3/6,
+GemFilter 0/6 (layer 15, k=256), 1/6 (layer 15, k=512), 1/6 (layer 21, k=256), 2/6 (layer 21, k=512) — even when the
+needle sentence survives the selection, the model rarely answers from the shredded prompt.
 
 Deviations:
 - Batches: the official code is batch-1 only. Rows of a left-padded batch select independently (each row its own
