@@ -9,8 +9,9 @@ keys and values each live in a `SideStore`:
 What happens in one forward call (see `CompressedCache.step`):
 1. `append`: the new tokens join the full-precision residual. Nothing is quantized yet, so an eviction policy that
    acts in `after_attention` (SnapKV, H2O at prefill...) sees full-precision prompt tokens.
-2. `attend`: each quantized token that attention reads is dequantized exactly once (per-lane gathers from the
-   packed codes, never the whole buffer, never re-quantized), concatenated with the residual into one transient
+2. `attend`: each quantized token that attention reads is dequantized exactly once, never re-quantized (whole
+   segments at once while every physical lane is live; per-lane gathers from the packed codes once eviction left
+   holes, so dead lanes are never decoded), concatenated with the residual into one transient
    (B, Hkv, T, d) tensor per side, and SDPA runs over it. That tensor is what the policy sees as `layer.keys` /
    `layer.values` during the same step (no second dequantization); it is dropped in `finalize_step`.
    Counters: `step_dequantized` (tokens dequantized by the last `attend`, per (row, KV head) summed, keys + values)
@@ -33,7 +34,9 @@ Eviction on quantized data (`keep`), the design choice:
   oldest-first, so its groups empty whole). Dead lanes inside still-live groups ("holes") cost bytes until their
   share exceeds `repack_waste` of the quantized tokens (and at least two groups); then the live quantized tokens
   are dequantized and quantized again into dense groups (counted in `requantized_tokens`; each such repack happens
-  at most once per `repack_waste * held` evictions). `nbytes()` always counts holes: they are real memory.
+  at most once per `repack_waste * held` evictions). `nbytes()` always counts holes: they are real memory, as is
+  the lane map (int16 per quantized token and head, only while it is not the identity). Freeing is lazy: it runs
+  once dead lanes reach a group or 1/32 of the quantized tokens, so per-step evictors pay it every few steps.
 * per (row, head) eviction may leave different numbers of quantized tokens in different heads. `q` (per row and
   head) says where each one's quantized prefix ends; the residual buffer covers the last `r` logical slots and rows
   that are already quantized for some head are dead there (zeroed). After the next flush they are gone.
@@ -159,6 +162,12 @@ class Segment:
         """fp32 (N, d) reconstruction of lane `lanes[i]` of flattened (row, head) `bh[i]`."""
         raise NotImplementedError
 
+    def decode_all(self, batch: int, heads: int) -> torch.Tensor:
+        """fp32 (B, H, lanes, d): every lane (vectorized; used when every lane is live)."""
+        bh = torch.arange(batch * heads).repeat_interleave(self.lanes)
+        lanes = torch.arange(self.lanes).repeat(batch * heads)
+        return self.decode(bh, lanes).reshape(batch, heads, self.lanes, -1)
+
     def take(self, groups: torch.Tensor) -> Segment:
         """Keep only groups `groups` (B, H, m) (group indices, per row and head), in that order."""
         raise NotImplementedError
@@ -241,6 +250,9 @@ class ChannelSegment(Segment):
     def decode(self, bh: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor:
         return decode_channel_lanes(self.qt, bh, lanes)
 
+    def decode_all(self, batch: int, heads: int) -> torch.Tensor:
+        return self.qt.dequantize(torch.float32)
+
     def take(self, groups: torch.Tensor) -> Segment:
         return ChannelSegment(qt_take_groups(self.qt, groups))
 
@@ -264,6 +276,9 @@ class TokenSegment(Segment):
 
     def decode(self, bh: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor:
         return decode_token_lanes(self.qt, bh, lanes)
+
+    def decode_all(self, batch: int, heads: int) -> torch.Tensor:
+        return self.qt.dequantize(torch.float32)
 
     def take(self, groups: torch.Tensor) -> Segment:
         return TokenSegment(qt_take_rows(self.qt, groups))
@@ -483,6 +498,15 @@ class SideStore:
         out = torch.empty(b, h, self.slots, d, dtype=dtype, device=res.device)
         if r:
             out[:, :, self.slots - r :] = res.to(dtype)
+        if isinstance(self.q, int) and self.physical_lanes == self.tq:
+            # every physical lane is live exactly once: dequantize whole segments (vectorized), then put the
+            # lanes in logical order (a row gather, skipped when the lane map is the identity)
+            phys = torch.cat([seg.decode_all(b, h) for seg in self.segments], dim=2)
+            if self.lanes is not None:
+                phys = phys.gather(2, self.lanes.long()[..., None].expand(b, h, self.tq, d))
+            out[:, :, : self.tq] = phys.to(dtype)
+            self.dequantized += b * h * self.tq
+            return out
         if isinstance(self.q, int):
             flat_pos = None
             bh = torch.arange(b * h, device=res.device).repeat_interleave(self.tq)

@@ -121,6 +121,13 @@ class GearChannelSegment(Segment):
         lr = torch.einsum("nr,ndr->nd", gather_rows(self.q, bh, lanes).float(), self.p.reshape(B * H, d, -1)[bh].float())
         return out + lr
 
+    def decode_all(self, batch: int, heads: int) -> torch.Tensor:
+        out = self.qt.dequantize(torch.float32)
+        lane = self.out_lane.long()
+        hit = (lane >= 0).nonzero(as_tuple=True)  # (b, h, channel, pick)
+        out[hit[0], hit[1], lane[hit], hit[2]] = self.out_val[hit].float()
+        return out + self.q.float() @ self.p.float().transpose(-1, -2)
+
     def take(self, groups: torch.Tensor) -> Segment:
         G = self.group
         B, H, ng = groups.shape
@@ -155,6 +162,10 @@ class GearTokenSegment(Segment):
         B, H, d, r = self.p.shape
         lr = torch.einsum("nr,ndr->nd", gather_rows(self.q, bh, lanes).float(), self.p.reshape(B * H, d, r)[bh].float())
         return out + lr
+
+    def decode_all(self, batch: int, heads: int) -> torch.Tensor:
+        out = self.qt.dequantize(torch.float32).scatter_(-1, self.out_chan.long(), self.out_val.float())
+        return out + self.q.float() @ self.p.float().transpose(-1, -2)
 
     def take(self, groups: torch.Tensor) -> Segment:
         return GearTokenSegment(qt_take_rows(self.qt, groups), take_groups(self.q, groups, 1), self.p,

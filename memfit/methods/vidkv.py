@@ -40,7 +40,7 @@ import torch
 
 from memfit.core.cache import KVLayer
 from memfit.core.method import Method, register
-from memfit.core.quant import QuantizedTensor, pack_codes, quantize
+from memfit.core.quant import QuantizedTensor, pack_codes, quantize, unpack_codes
 from memfit.core.quantized_store import (
     ChannelSegment,
     Codec,
@@ -104,6 +104,17 @@ class VidKVKeySegment(Segment):
             parts.append(inverse_spectrum(sign * gather_rows(self.easy_scales, bh, g).float(), ne))
         order = self.order.reshape(-1, self.order.shape[-1])[bh].long()
         return torch.empty_like(order, dtype=torch.float32).scatter_(1, order, torch.cat(parts, dim=-1))
+
+    def decode_all(self, batch: int, heads: int) -> torch.Tensor:
+        B, H, ng, ne = self.easy_scales.shape
+        d = self.order.shape[-1]
+        parts = [] if self.hard is None else [self.hard.dequantize(torch.float32)]
+        if ne:
+            codes = unpack_codes(self.easy_codes.reshape(B, H, ng, -1, ne), 1, self.group, dim=3)
+            coef = (codes.float() * 2.0 - 1.0) * self.easy_scales.float()[:, :, :, None, :]
+            parts.append(inverse_spectrum(coef.reshape(B, H, self.lanes, ne), ne))
+        order = self.order.long()[:, :, None, :].expand(B, H, self.lanes, d)
+        return torch.empty(B, H, self.lanes, d, device=order.device).scatter_(3, order, torch.cat(parts, dim=-1))
 
     def take(self, groups: torch.Tensor) -> Segment:
         per = self.easy_codes.shape[2] // (self.lanes // self.group)
