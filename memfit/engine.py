@@ -137,6 +137,8 @@ def _prefill(
     prompt_lens = attention_mask.sum(-1)
     chosen = cache.core.method.select_prompt(model, input_ids, attention_mask, cache.core)
     if chosen is not None:  # the method shortened the prompt (GemFilter); budgets still resolve from the original
+        # a full cache would have held the original prompt: count it in full_nbytes()
+        cache.core.skipped_prompt_tokens = int(input_ids.shape[1] - chosen[0].shape[1])
         input_ids, attention_mask = chosen
     positions = positions_from_mask(attention_mask)
     total = input_ids.shape[1]

@@ -215,6 +215,7 @@ class CompressedCache:
         self.prefill_done = False  # becomes True after the first complete forward over the prompt
         self._expected_prompt: torch.Tensor | None = None  # set by the engine for chunked prefill
         self._padded_prompt_len = 0
+        self.skipped_prompt_tokens = 0  # prompt tokens removed before prefill (counted as held by a full cache)
 
     def layer_keep(self, layer_idx: int) -> torch.Tensor | None:
         """Budget per row (B,) for one layer (None = unlimited)."""
@@ -280,8 +281,14 @@ class CompressedCache:
         return sum(layer.nbytes() for layer in self.layers)
 
     def full_nbytes(self) -> int:
-        """Bytes an uncompressed cache would hold for the same tokens (keys + values, same dtype)."""
-        return sum(layer.full_nbytes() for layer in self.layers)
+        """Bytes an uncompressed cache would hold for the same tokens (keys + values, same dtype), including prompt
+        tokens a method never fed to the model (GemFilter's prompt selection)."""
+        total = sum(layer.full_nbytes() for layer in self.layers)
+        if self.skipped_prompt_tokens:
+            for layer in self.layers:
+                if layer.seen:
+                    total += layer.full_nbytes() * self.skipped_prompt_tokens // layer.seen
+        return total
 
     def seen_tokens(self) -> int:
         return self.layers[0].seen if self.layers else 0
@@ -305,4 +312,5 @@ class CompressedCache:
         self.prompt_lens = self.keep_rows = None
         self.prefill_done = False
         self._expected_prompt = None
+        self.skipped_prompt_tokens = 0
         self.method.reset()
