@@ -10,6 +10,21 @@ decode speed (CPU; noisy on a shared machine — compare rows of one run only).
 
     python benchmarks/adaptive_budgets.py --threads 1            # snapkv @ 0.25, 6 prompts
     python benchmarks/adaptive_budgets.py --method h2o --samples 1
+
+Results (2-core CPU shared with other jobs, fp32 weights; JSON in benchmarks/results/adaptive_budgets_*.json):
+`--threads 1 --samples 2` (snapkv, 12 prompts):
+
+| allocation | KV held after prompt | after +64 tokens | top-1 agreement (min-max) | mean KL | decode tok/s |
+|---|---|---|---|---|---|
+| uniform | 16.88 MiB | 19.64 MiB | 0.878 (0.766-0.969) | 0.0442 | 5.3 |
+| pyramid | 16.88 MiB | 19.64 MiB | 0.846 (0.766-0.922) | 0.0669 | 5.2 |
+| adakv | 16.88 MiB | 19.64 MiB | 0.880 (0.734-0.953) | 0.0404 | 4.4 |
+| pyramid+adakv | 16.88 MiB | 19.64 MiB | 0.853 (0.734-0.922) | 0.0597 | 4.6 |
+
+(full cache: 70.27 MiB after +64 tokens; adakv's KL is below uniform's on 11 of 12 prompts, pyramid's on 0 of 12.)
+`--threads 1 --method h2o --allocations uniform,adakv,pyramid` (6 prompts): held 17.01 MiB throughout for all
+three (scores included); top-1 0.885 / 0.888 / 0.841, KL 0.0613 / 0.0601 / 0.0986; decode 3.0 / 1.7 / 2.6 tok/s
+(adakv re-allocates and re-packs every step; measured before the flat-index speed-up of the ragged store).
 """
 
 from __future__ import annotations
