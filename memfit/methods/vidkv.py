@@ -30,6 +30,12 @@ returns ternary codes without multiplying by the scale, and decodes 1-bit codes 
   prompt's end, the text analogue; the top `stp` share, rounded down to a multiple of G, is stored at 2 bits.
 - Schedule: the released code quantizes floor(L / G) * G prompt tokens at once even for short prompts; we wait until
   `residual` tokens are in full precision (so residual >= prompt + generated means no quantization at all).
+
+Measured on SmolLM2-135M (a text model, not the video LLMs the paper targets; benchmarks/quant_fidelity.py, 3 x 2K
+PG-19 tokens): K1.5/V1.58 holds 9.6x fewer bytes than fp32 at 51 % top-1 agreement. The FFT half of the keys costs
+~10 points (K1.5 vs K2 at 8-bit values: 65 % vs 75 %). STP as transposed to text hurts: the most-attended tokens
+include the attention sink, and grouping those heterogeneous tokens per channel widens their ranges (the sink's value
+error triples in the last layer while the mean value error falls 9 %): V1.58 with stp 0.2 -> 64 %, stp 0 -> 71 %.
 """
 
 from __future__ import annotations
