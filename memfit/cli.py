@@ -176,6 +176,13 @@ def bench(
     chat: bool = typer.Option(
         False, "--chat/--no-chat", help="Wrap answer-task prompts in the model's chat template (default: plain text)."
     ),
+    param: list[str] = typer.Option(
+        None,
+        "--param",
+        help="Method parameter KEY=VALUE (repeatable): component.key (kivi.bits=4) reaches every method with that "
+        "component, a plain key every method that has it. Rows record their parameters, so runs with different "
+        "values share one --out.",
+    ),
 ) -> None:
     """Memory, speed and quality of every method against the full cache, on the same generated prompts.
 
@@ -190,11 +197,12 @@ def bench(
     CPU time (less on 2 cores).
     """
     from memfit.bench.report import format_bytes, quality_points
-    from memfit.bench.runner import parse_budgets, parse_list, run_bench
+    from memfit.bench.runner import parse_budgets, parse_list, route_params, run_bench
 
+    method_list = parse_list(methods, "methods")
     result = run_bench(
         model,
-        methods=parse_list(methods, "methods"),
+        methods=method_list,
         budgets=parse_budgets(budgets),
         tasks=parse_list(tasks, "tasks"),
         context=context,
@@ -206,6 +214,7 @@ def bench(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         chat=chat,
+        params=route_params(method_list, parse_params(param)) if param else None,
     )
     table = Table(title=f"memfit bench · {out_dir}")
     for col in ("method", "budget", "context", "KV held", "ratio", "quality %", "loss pts", "KL", "top-1 %"):

@@ -206,6 +206,22 @@ def test_given_params_take_the_methods_types() -> None:
     assert _given_params({"window": "8"}, effective) == {"window": 8}
 
 
+def test_route_params_reach_every_method_with_the_component() -> None:
+    from memfit.bench.runner import route_params, validate_methods
+
+    methods = ["snapkv", "kivi", "snapkv+kivi", "h2o+gear"]
+    routed = route_params(methods, {"kivi.bits": "4", "window": "16"})
+    assert routed["kivi"] == {"bits": "4"}
+    assert routed["snapkv+kivi"] == {"kivi.bits": "4", "snapkv.window": "16"}
+    assert routed["snapkv"] == {"window": "16"}
+    assert routed["h2o+gear"] == {}
+    effective = validate_methods(methods, [0.25], routed)
+    assert effective["kivi"]["bits"] == 4 and effective["snapkv+kivi"]["kivi.bits"] == 4
+    assert effective["snapkv+kivi"]["snapkv.window"] == 16
+    with pytest.raises(ConfigError, match="applies to none"):
+        route_params(["snapkv", "h2o"], {"kivi.bits": "4"})
+
+
 def test_group_batches() -> None:
     from memfit.bench.runner import _group
 
@@ -254,6 +270,9 @@ def test_bad_input_is_a_config_error(tmp_path, overrides, message) -> None:
         (["--budgets", "0.25,2.5"], "budget"),
         (["--budgets", "0.25,,0.5"], "empty"),
         (["--filler", "lorem"], "filler"),
+        (["--methods", "snapkv", "--param", "kivi.bits=4"], "applies to none"),
+        (["--methods", "kivi", "--param", "bits"], "KEY=VALUE"),
+        (["--methods", "kivi", "--budgets", "none", "--param", "kivi.bits=3"], "bits"),
     ],
 )
 def test_cli_bad_input_is_one_line(monkeypatch, capsys, tmp_path, args, expected) -> None:

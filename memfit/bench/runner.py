@@ -70,6 +70,7 @@ __all__ = [
     "BenchResult",
     "parse_budgets",
     "parse_list",
+    "route_params",
     "run_bench",
     "validate_methods",
 ]
@@ -151,6 +152,38 @@ def _policy(method: str, budget: float | int | None, params: Mapping[str, Any] |
 
         return get_method(method).create(budget, dict(params or {}))
     return build_policy(method, budget, dict(params or {}))[0]
+
+
+def route_params(methods: Sequence[str], params: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Give each bench method the ``--param`` entries that belong to it: ``comp.key=value`` goes to every method
+    with the component ``comp`` (``kivi.bits=4`` reaches ``kivi`` and ``snapkv+kivi``), a plain ``key=value`` to
+    every method that has that parameter. A parameter no method takes is a ConfigError (a typo would otherwise
+    silently bench the defaults)."""
+    import dataclasses
+
+    from memfit.core.method import get_method
+
+    routed: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for key, value in (params or {}).items():
+        takers = []
+        for m in methods:
+            names = [n.strip() for n in m.split("+")]
+            if "." in key:
+                comp, _, sub = key.partition(".")
+                if comp not in names:
+                    continue
+                # a single method is addressed by its bare key, so its rows read like `memfit run`'s
+                routed[m][sub if len(names) == 1 else key] = value
+                takers.append(m)
+                continue
+            owners = [n for n in names if key in {f.name for f in dataclasses.fields(get_method(n))}]
+            if owners:
+                routed[m][key if len(names) == 1 else f"{owners[0]}.{key}"] = value
+                takers.append(m)
+        if not takers:
+            raise ConfigError(f"--param {key}={value} applies to none of the methods {', '.join(methods)} "
+                              "(write component.key, e.g. kivi.bits=4; see `memfit methods`)")
+    return routed
 
 
 def validate_methods(

@@ -164,8 +164,9 @@ class Segment:
 
     def decode_all(self, batch: int, heads: int) -> torch.Tensor:
         """fp32 (B, H, lanes, d): every lane (vectorized; used when every lane is live)."""
-        bh = torch.arange(batch * heads).repeat_interleave(self.lanes)
-        lanes = torch.arange(self.lanes).repeat(batch * heads)
+        dev = self.tensors()[0].device
+        bh = torch.arange(batch * heads, device=dev).repeat_interleave(self.lanes)
+        lanes = torch.arange(self.lanes, device=dev).repeat(batch * heads)
         return self.decode(bh, lanes).reshape(batch, heads, self.lanes, -1)
 
     def take(self, groups: torch.Tensor) -> Segment:
@@ -328,7 +329,9 @@ class ChannelCodec(Codec):
         self.bits, self.group_size, self.scale_dtype = bits, group_size, scale_dtype
         self.multiple = group_size
 
-    def encode(self, x, valid, ctx):
+    def encode(
+        self, x: torch.Tensor, valid: torch.Tensor | None, ctx: FlushContext
+    ) -> tuple[list[Segment], torch.Tensor | None]:
         x = fill_invalid(x, valid, self.group_size)
         return [ChannelSegment(quantize(x, self.bits, "token", self.group_size, self.scale_dtype))], None
 
@@ -346,7 +349,9 @@ class TokenCodec(Codec):
                               f"groups of G channels): pass a divisor of {head_dim}, e.g. --param group_size="
                               f"{_largest_divisor(head_dim, self.group_size)}")
 
-    def encode(self, x, valid, ctx):
+    def encode(
+        self, x: torch.Tensor, valid: torch.Tensor | None, ctx: FlushContext
+    ) -> tuple[list[Segment], torch.Tensor | None]:
         x = fill_invalid(x, valid, 1)
         return [TokenSegment(quantize(x, self.bits, "channel", self.group_size, self.scale_dtype))], None
 

@@ -141,7 +141,9 @@ class VidKVKeyCodec(Codec):
     def __init__(self, group: int, anomalous_ratio: float, bits: int = 2) -> None:
         self.group, self.ratio, self.bits, self.multiple = group, anomalous_ratio, bits, group
 
-    def encode(self, x, valid, ctx: FlushContext):
+    def encode(
+        self, x: torch.Tensor, valid: torch.Tensor | None, ctx: FlushContext
+    ) -> tuple[list[Segment], torch.Tensor | None]:
         B, H, n, d = x.shape
         xf = fill_invalid(x.float(), valid, self.group)
         n_hard = min(d, max(0, round(self.ratio * d)))
@@ -163,7 +165,9 @@ class VidKVValueCodec(Codec):
     def __init__(self, group: int, bits: float, stp: float) -> None:
         self.group, self.bits, self.stp, self.multiple = group, bits, stp, group
 
-    def encode(self, x, valid, ctx: FlushContext):
+    def encode(
+        self, x: torch.Tensor, valid: torch.Tensor | None, ctx: FlushContext
+    ) -> tuple[list[Segment], torch.Tensor | None]:
         B, H, n, d = x.shape
         n_sal = int(self.stp * n) // self.group * self.group
         if n_sal == 0 or ctx.saliency is None:
