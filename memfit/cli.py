@@ -176,6 +176,12 @@ def bench(
     chat: bool = typer.Option(
         False, "--chat/--no-chat", help="Wrap answer-task prompts in the model's chat template (default: plain text)."
     ),
+    allocation: str = typer.Option(
+        "uniform",
+        "--allocation",
+        help="Comma-separated budget allocations to bench each eviction method with: uniform | pyramid (layers) | "
+        "adakv (heads) | pyramid+adakv; non-uniform rows record it as the parameter 'allocation'.",
+    ),
     param: list[str] = typer.Option(
         None,
         "--param",
@@ -215,6 +221,7 @@ def bench(
         max_new_tokens=max_new_tokens,
         chat=chat,
         params=route_params(method_list, parse_params(param)) if param else None,
+        allocations=parse_list(allocation, "allocation"),
     )
     table = Table(title=f"memfit bench · {out_dir}")
     for col in ("method", "budget", "context", "KV held", "ratio", "quality %", "loss pts", "KL", "top-1 %"):

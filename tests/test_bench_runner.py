@@ -222,6 +222,23 @@ def test_route_params_reach_every_method_with_the_component() -> None:
         route_params(["snapkv", "h2o"], {"kivi.bits": "4"})
 
 
+def test_allocations_add_rows_that_hold_no_more_bytes(pair, tmp_path) -> None:
+    result = bench(
+        pair, tmp_path, methods=["snapkv", "kivi"], budgets=[0.25], tasks=["fidelity"],
+        allocations=["uniform", "adakv", "pyramid"], params={"kivi": {"group_size": 16}},
+    )
+    rows = {(r["method"], (r["params"] or {}).get("allocation", "uniform")): r for r in result.rows}
+    # the quantizer alone has no budget to share: it runs uniform only
+    assert set(rows) == {("full", "uniform"), ("snapkv", "uniform"), ("snapkv", "adakv"), ("snapkv", "pyramid"),
+                         ("kivi", "uniform")}
+    uniform = rows[("snapkv", "uniform")]["kv_bytes_held"]
+    assert rows[("snapkv", "adakv")]["kv_bytes_held"] <= uniform
+    assert rows[("snapkv", "pyramid")]["kv_bytes_held"] <= uniform * 1.01
+    assert rows[("snapkv", "adakv")]["kv_bytes_held"] < rows[("full", "uniform")]["kv_bytes_held"]
+    with pytest.raises(ConfigError, match="allocation"):
+        bench(pair, tmp_path, methods=["snapkv"], allocations=["lopsided"])
+
+
 def test_group_batches() -> None:
     from memfit.bench.runner import _group
 

@@ -85,6 +85,8 @@ DEFAULT_SAMPLES = 4
 DEFAULT_FILLER = "natural"
 DEFAULT_CHAT = False
 DEFAULT_BATCH_SIZE = 4
+ALLOCATION_PARAM = "allocation"
+"""Row parameter that records a non-uniform budget allocation (``--allocation`` on ``memfit bench``)."""
 
 DEFAULTS_NOTE = (
     "Why these defaults (measured on SmolLM2-135M-Instruct, 2048 tokens, natural pydoc_data.topics filler, "
@@ -307,6 +309,7 @@ def run_bench(
     max_new_tokens: int | None = None,
     chat: bool = DEFAULT_CHAT,
     params: Mapping[str, Mapping[str, Any]] | None = None,
+    allocations: Sequence[str] = ("uniform",),
     task_options: Mapping[str, Mapping[str, Any]] | None = None,
     model_name: str | None = None,
     progress: bool = True,
@@ -321,7 +324,9 @@ def run_bench(
     ``corpus`` if given; ``noise``: RULER's repeated sentences). ``batch_size`` samples run together (left
     padding, exact). ``max_new_tokens`` overrides the per-task answer length (``ANSWER_TOKENS``). ``chat`` wraps
     answer-task prompts in the tokenizer's chat template (text tasks never are). ``params``: method name ->
-    parameters. ``task_options``: task -> generator options (e.g. ``{"ppl": {"continuation_tokens": 128}}``).
+    parameters. ``allocations``: how each eviction method shares its budget (``uniform``, ``pyramid``, ``adakv``,
+    ``pyramid+adakv``; see ``memfit.core.allocation``); every non-uniform one adds rows whose ``params`` carry
+    ``"allocation"`` (methods without a budget, such as a quantizer alone, run uniform only). ``task_options``: task -> generator options (e.g. ``{"ppl": {"continuation_tokens": 128}}``).
     Returns a :class:`BenchResult`; raises ``ConfigError`` on bad input before loading anything.
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -349,6 +354,7 @@ def run_bench(
     if corpus is not None and not Path(corpus).is_file():
         raise ConfigError(f"corpus file not found: {corpus}")
     resolved = validate_methods(method_list, budget_list, params)
+    alloc_list = _parse_allocations(allocations)
 
     out_dir = Path(out)
     results_path = out_dir / "results.jsonl"
@@ -356,7 +362,15 @@ def run_bench(
     filler_label = filler_description(filler, corpus)  # type: ignore[arg-type]
     given = {m: _given_params((params or {}).get(m), resolved[m]) for m in method_list}
     configs = [_Config(FULL_METHOD, None, given[FULL_METHOD], resolved[FULL_METHOD])]
-    configs += [_Config(m, b, given[m], resolved[m]) for m in method_list[1:] for b in budget_list]
+    for alloc in alloc_list:
+        # a non-uniform allocation is recorded as the row parameter "allocation", so it names the row (key, label)
+        extra = {} if alloc == "uniform" else {ALLOCATION_PARAM: alloc}
+        configs += [
+            _Config(m, b, {**given[m], **extra}, {**resolved[m], **extra})
+            for m in method_list[1:]
+            for b in budget_list
+            if not extra or (b is not None and _evicts(m))
+        ]
 
     # -- what is left to do ----------------------------------------------------------------------------------
     done = load_done_keys(results_path)
@@ -572,7 +586,9 @@ def _run_batch(
     from memfit.bench import metrics
     from memfit.engine import generate
 
-    cache = make_cache(model, cfg.method, cfg.budget, cfg.params or None)
+    method_params = {k: v for k, v in cfg.params.items() if k != ALLOCATION_PARAM}
+    allocation = str(cfg.params.get(ALLOCATION_PARAM, "uniform"))
+    cache = make_cache(model, cfg.method, cfg.budget, method_params or None, allocation=allocation)
     b = ids.shape[0]
     out = _Reference()
     if cont is None:  # answer task: greedy generation
@@ -740,6 +756,23 @@ def _finish_row(run: _TaskRun, cfg: _Config, st: _Stats) -> dict[str, Any]:
 def _given_params(given: Mapping[str, Any] | None, effective: Mapping[str, Any]) -> dict[str, Any]:
     """The user's parameters with the method's own (converted) values, e.g. ``{"window": "16"}`` -> ``16``."""
     return {k: effective.get(k, v) for k, v in sorted((given or {}).items())}
+
+
+def _parse_allocations(allocations: str | Sequence[str] | None) -> list[str]:
+    from memfit.core.allocation import parse_allocation
+
+    out = []
+    for a in parse_list(allocations if allocations is not None else ["uniform"], "allocation"):
+        pyramid, adakv = parse_allocation(a)
+        out.append("+".join(n for n, on in (("pyramid", pyramid), ("adakv", adakv)) if on) or "uniform")
+    return list(dict.fromkeys(out))
+
+
+def _evicts(method: str) -> bool:
+    """Whether ``method`` has an eviction component (so an allocation of its budget means something)."""
+    from memfit.core.method import get_method
+
+    return any(get_method(n.strip()).family not in ("quantization", "reference") for n in method.split("+"))
 
 
 def _mean(values: Sequence[float]) -> float | None:
