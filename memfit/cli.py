@@ -36,6 +36,13 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
     return params
 
 
+def _check_device(device: str, dtype: str) -> None:
+    """Bad --device/--dtype is one clear error before any model work."""
+    from memfit.models import resolve_device, resolve_dtype
+
+    resolve_dtype(dtype, resolve_device(device))
+
+
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise ConfigError("give either --prompt or --prompt-file, not both")
@@ -70,6 +77,10 @@ def run(
     allocation: str = typer.Option(
         "uniform", "--allocation", help="Share the budget: uniform | pyramid (layers) | adakv (heads) | pyramid+adakv."
     ),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (CUDA when there is one)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="Model and KV precision: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate an answer with a compressed KV cache and report what it held."""
@@ -82,6 +93,7 @@ def run(
     from memfit.core.allocation import parse_allocation
 
     parse_allocation(allocation)
+    _check_device(device, dtype)
     from memfit.engine import run as run_engine
 
     result = run_engine(
@@ -94,6 +106,8 @@ def run(
         chat=chat,
         prefill_chunk=prefill_chunk,
         allocation=allocation,
+        device=device,
+        dtype=dtype,
     )
     if as_json:
         print(json.dumps(result.to_dict()))
@@ -182,6 +196,10 @@ def bench(
         help="Comma-separated budget allocations to bench each eviction method with: uniform | pyramid (layers) | "
         "adakv (heads) | pyramid+adakv; non-uniform rows record it as the parameter 'allocation'.",
     ),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (CUDA when there is one)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="Model and KV precision: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16."
+    ),
     param: list[str] = typer.Option(
         None,
         "--param",
@@ -206,6 +224,7 @@ def bench(
     from memfit.bench.runner import parse_budgets, parse_list, route_params, run_bench
 
     method_list = parse_list(methods, "methods")
+    _check_device(device, dtype)
     result = run_bench(
         model,
         methods=method_list,
@@ -222,6 +241,8 @@ def bench(
         chat=chat,
         params=route_params(method_list, parse_params(param)) if param else None,
         allocations=parse_list(allocation, "allocation"),
+        device=device,
+        dtype=dtype,
     )
     table = Table(title=f"memfit bench · {out_dir}")
     for col in ("method", "budget", "context", "KV held", "ratio", "quality %", "loss pts", "KL", "top-1 %"):

@@ -264,15 +264,20 @@ def run(
     chat: bool = True,
     prefill_chunk: int | None = None,
     allocation: str = "uniform",
+    device: str = "cpu",
+    dtype: str = "auto",
 ) -> RunResult:
-    """Load (or take) a model, compress its KV cache with `method` at `budget`, generate, and measure."""
+    """Load (or take) a model, compress its KV cache with `method` at `budget`, generate, and measure.
+
+    `device` and `dtype` apply when `model` is a spec to load (``"auto"`` device = CUDA when there is one;
+    ``"auto"`` dtype = bfloat16 on CUDA, float32 on CPU)."""
     from memfit.api import make_cache
 
     if isinstance(model, str):
         from memfit.models import load_model
 
         model_name = model
-        mdl, tok = load_model(model)
+        mdl, tok = load_model(model, device=device, dtype=dtype)
     else:
         mdl, tok = model
         model_name = getattr(mdl.config, "_name_or_path", "") or type(mdl).__name__

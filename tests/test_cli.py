@@ -40,6 +40,9 @@ def invoke(monkeypatch, capsys, *args: str, stdin: str | None = None) -> tuple[i
         (["run", "--method", "snapkv", "--param", "bogus=1", "--prompt", "hi"], "unknown parameter 'bogus'"),
         (["run", "--method", "snapkv", "--param", "window", "--prompt", "hi"], "KEY=VALUE"),
         (["run", "--method", "snapkv", "--param", "window=abc", "--prompt", "hi"], "not a valid int"),
+        (["run", "--prompt", "hi", "--dtype", "int8"], "Unknown dtype"),
+        (["run", "--prompt", "hi", "--device", "tpu:7"], "device"),
+        (["bench", "--methods", "snapkv", "--dtype", "fp64"], "Unknown dtype"),
     ],
 )
 def test_bad_input_is_one_clear_line(monkeypatch, capsys, args, expected):

@@ -314,6 +314,8 @@ def run_bench(
     model_name: str | None = None,
     progress: bool = True,
     note: str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
 ) -> BenchResult:
     """Bench ``methods`` × ``budgets`` against the full cache on ``tasks`` and write the report into ``out``.
 
@@ -327,6 +329,8 @@ def run_bench(
     parameters. ``allocations``: how each eviction method shares its budget (``uniform``, ``pyramid``, ``adakv``,
     ``pyramid+adakv``; see ``memfit.core.allocation``); every non-uniform one adds rows whose ``params`` carry
     ``"allocation"`` (methods without a budget, such as a quantizer alone, run uniform only). ``task_options``: task -> generator options (e.g. ``{"ppl": {"continuation_tokens": 128}}``).
+    ``device``/``dtype``: where and in what precision a model spec is loaded (``"auto"``: CUDA if present;
+    bfloat16 on CUDA, float32 on CPU); rows record the device and the KV bytes follow the dtype.
     Returns a :class:`BenchResult`; raises ``ConfigError`` on bad input before loading anything.
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -402,7 +406,7 @@ def run_bench(
 
     new_rows: list[dict[str, Any]] = []
     if plan:
-        mdl, tok = _load(model, progress)
+        mdl, tok = _load(model, progress, device, dtype)
         device = next(mdl.parameters()).device
         pad = (device.type != "cpu") if pad_batches is None else bool(pad_batches)
         runs = [
@@ -813,11 +817,13 @@ def _model_name(model: str | tuple[torch.nn.Module, Any], given: str | None) -> 
     return str(getattr(mdl.config, "_name_or_path", "") or type(mdl).__name__)
 
 
-def _load(model: str | tuple[torch.nn.Module, Any], progress: bool) -> tuple[torch.nn.Module, Any]:
+def _load(
+    model: str | tuple[torch.nn.Module, Any], progress: bool, device: str = "cpu", dtype: str = "auto"
+) -> tuple[torch.nn.Module, Any]:
     if isinstance(model, str):
         from memfit.models import load_model
 
-        return load_model(model, progress=progress)
+        return load_model(model, progress=progress, device=device, dtype=dtype)
     return model
 
 
