@@ -174,6 +174,31 @@ def test_residual_holds_exactly_the_newest_tokens(chunks, bits, G, mult, seed):
         assert layer.nbytes() == ref_k.nbytes() + ref_v.nbytes()
 
 
+@FAST
+@given(chunks=st.lists(st.integers(1, 20), min_size=1, max_size=8), G=st.sampled_from([2, 4]),
+       mult=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_sliding_key_residual_keeps_the_newest_keys(chunks, G, mult, seed):
+    """key_residual=sliding: the R newest keys (and up to G - 1 more) stay bit for bit; older ones are quantized
+    in whole groups of G; values are unchanged (sliding R); bytes are every tensor held."""
+    R = G * mult
+    layer = get_method("kivi").create(None, {"bits": 2, "group_size": G, "residual": R,
+                                              "key_residual": "sliding"}).make_layer(0)
+    x = torch.randn(1, 2, sum(chunks), 8, generator=torch.Generator().manual_seed(seed)).half()
+    n = 0
+    for i, c in enumerate(chunks):
+        feed(layer, x[:, :, n : n + c], prefill=i == 0)
+        n += c
+        expect = n if n < R else R + (n - R) % G
+        assert layer.k.residual_len == expect and layer.v.residual_len == min(R, n)
+        assert torch.equal(layer.k.residual, x[:, :, n - expect : n])
+        keys = layer.keys
+        assert keys.shape[2] == n
+        assert torch.equal(keys[:, :, n - expect :].to(x.dtype), x[:, :, n - expect : n])
+    block = kivi_layer(2, G, R)
+    feed(block, x, prefill=True)
+    assert block.k.residual_len == n % R
+
+
 def kivi_bytes(B, H, T, d, bits, G, R, elem) -> int:
     """Closed form: keys quantize floor(T/R)*R tokens per channel in groups of G tokens, values all but the last R
     per token in groups of G channels; fp16 scale + zero per group; the rest full precision."""
@@ -519,3 +544,49 @@ def test_default_model_kivi_fidelity(default_model):
             stats[bits] = ((q.argmax(-1) == full.argmax(-1)).float().mean().item(), kl, held)
     assert stats[4][0] >= 0.8 and stats[4][1] < 0.05, stats
     assert stats[2][1] > stats[4][1] and stats[2][2] < stats[4][2] < full_bytes / 3, stats
+
+
+def _fake_quant(x: torch.Tensor, bits: int, G: int, along_tokens: bool) -> torch.Tensor:
+    """Independent KIVI fake quantization (B, H, T, d): min-max groups of G tokens per channel (keys) or of G
+    channels per token (values), fp16 scale and minimum, round-to-nearest codes — written from the paper, not from
+    memfit.core.quant."""
+    B, H, T, d = x.shape
+    v = x.float().reshape(B, H, T // G, G, d) if along_tokens else x.float().reshape(B, H, T, d // G, G)
+    dim = 3 if along_tokens else 4
+    lo = v.amin(dim, keepdim=True).half().float()
+    scale = ((v.amax(dim, keepdim=True) - v.amin(dim, keepdim=True)) / (2**bits - 1)).half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = ((v - lo) / scale).round().clamp(0, 2**bits - 1)
+    return (q * scale + lo).reshape(B, H, T, d).to(x.dtype)
+
+
+@pytest.mark.parametrize("key_residual", ["block", "sliding"])
+@pytest.mark.parametrize("T", [70, 64])
+def test_kivi_matches_an_independent_fake_quantized_cache(llama, key_residual, T):
+    """The next-token logits with memfit's packed KIVI cache equal those of a plain DynamicCache whose old keys and
+    values were fake-quantized with the paper's grouping: same tokens quantized, same values, same attention."""
+    from transformers import DynamicCache
+
+    bits, G, R = 2, 8, 16
+    torch.manual_seed(7)
+    ids = torch.randint(0, 128, (1, T))
+    nxt = torch.randint(0, 128, (1, 1))
+    key_q = T - T % R if key_residual == "block" else max(0, T - R) // G * G
+    val_q = max(0, T - R)
+    with torch.no_grad():
+        ref_cache = DynamicCache(config=llama.config)
+        llama(input_ids=ids, past_key_values=ref_cache, use_cache=True)
+        for layer in ref_cache.layers:
+            k, v = layer.keys, layer.values
+            layer.keys = torch.cat([_fake_quant(k[:, :, :key_q], bits, G, True), k[:, :, key_q:]], dim=2)
+            layer.values = torch.cat([_fake_quant(v[:, :, :val_q], bits, G, False), v[:, :, val_q:]], dim=2)
+        ref = llama(input_ids=nxt, past_key_values=ref_cache, use_cache=True).logits[:, -1]
+
+        cache = make_cache(llama, "kivi", None, {"bits": bits, "group_size": G, "residual": R,
+                                                 "key_residual": key_residual})
+        mask = torch.ones_like(ids)
+        forward(llama, ids, mask, cache, positions_from_mask(mask))
+        layer0 = cache.core.layers[0]
+        assert layer0.k.residual_len == T - key_q and layer0.v.residual_len == T - val_q
+        out = forward(llama, nxt, torch.ones(1, T + 1, dtype=mask.dtype), cache, torch.tensor([[T]]))[:, -1]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -13,6 +13,11 @@ attention uses full-precision K/V (nothing is quantized before the step ends), a
 Official defaults (jy-yuan/KIVI): 2 bits (also 4) for keys and values, G = 32, R = 128 (paper's KIVI-2; the
 current example.py uses R = 32). Ours: bits=2, group_size=32, residual=128; `key_bits` / `value_bits` override
 `bits` per side (the LongBench script takes k_bits and v_bits).
+Option ours: `key_residual="sliding"` keeps the R newest keys in full precision too (between R and R + G - 1; the
+oldest G are quantized as a group once R + G have accumulated), instead of the block rule under which a prompt whose
+length is a multiple of R has *every* key quantized, the newest included. It costs up to R + G - 1 more
+full-precision keys per (row, head) and, on the default model, removes most of KIVI-2's first-step loss (numbers in
+benchmarks/claims.md).
 Deviations: the official cache transposes keys and packs 16 2-bit codes per int32; our packing is uint8 (same bits
 per value, scales/zeros identical). Eviction in front of KIVI (`snapkv+kivi`, `h2o+kivi`) is ours: evicted per-channel
 key lanes become holes freed group by group (see quantized_store), never re-quantized unless holes pile up.
@@ -45,6 +50,7 @@ class KIVI(Method):
     residual: int = 128
     key_bits: int | None = None
     value_bits: int | None = None
+    key_residual: str = "block"
 
     def validate(self) -> None:
         for what, b in (("bits", self.bits), ("key_bits", self.key_bits), ("value_bits", self.value_bits)):
@@ -52,6 +58,9 @@ class KIVI(Method):
                 raise ConfigError(f"kivi.{what} must be one of {BITS} (the paper uses 2 and 4), got {b}")
         if self.group_size < 1:
             raise ConfigError("kivi.group_size must be >= 1")
+        if self.key_residual not in ("block", "sliding"):
+            raise ConfigError(f"kivi.key_residual must be 'block' (official: keys quantized R at a time) or 'sliding' "
+                              f"(the R newest keys stay full precision), got {self.key_residual!r}")
         if self.residual < self.group_size or self.residual % self.group_size:
             raise ConfigError(f"kivi.residual must be a positive multiple of group_size={self.group_size} (keys are "
                               f"quantized a residual block at a time, in groups of G tokens), got {self.residual}")
@@ -60,6 +69,7 @@ class KIVI(Method):
         kb = self.bits if self.key_bits is None else self.key_bits
         vb = self.bits if self.value_bits is None else self.value_bits
         G, R = self.group_size, self.residual
-        keys = SideStore(ChannelCodec(kb, G), Flush(R, multiple=R))
+        key_flush = Flush(R, multiple=G, sliding=True) if self.key_residual == "sliding" else Flush(R, multiple=R)
+        keys = SideStore(ChannelCodec(kb, G), key_flush)
         values = SideStore(TokenCodec(vb, G), Flush(R, multiple=1, sliding=True))
         return QuantizedKVLayer(index, keys, values)
