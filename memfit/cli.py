@@ -166,7 +166,7 @@ def bench(
         "0.125,0.25,0.5",
         "--budgets",
         help="Comma-separated budgets: fractions of the prompt in (0, 1] or tokens per layer (> 1); 'none' = no "
-        "token budget (a quantizer alone).",
+        "token budget. A quantizer alone (kivi, gear, vidkv) keeps every token and runs once, without a budget.",
     ),
     tasks: str = typer.Option(
         "niah_single_number,fidelity", "--tasks", help=f"Comma-separated tasks: {BENCH_TASKS_HELP}."

@@ -228,7 +228,8 @@ def test_allocations_add_rows_that_hold_no_more_bytes(pair, tmp_path) -> None:
         allocations=["uniform", "adakv", "pyramid"], params={"kivi": {"group_size": 16}},
     )
     rows = {(r["method"], (r["params"] or {}).get("allocation", "uniform")): r for r in result.rows}
-    # the quantizer alone has no budget to share: it runs uniform only
+    # the quantizer alone keeps every token: it runs once, with no budget and uniform only
+    assert rows[("kivi", "uniform")]["budget"] is None
     assert set(rows) == {("full", "uniform"), ("snapkv", "uniform"), ("snapkv", "adakv"), ("snapkv", "pyramid"),
                          ("kivi", "uniform")}
     uniform = rows[("snapkv", "uniform")]["kv_bytes_held"]

@@ -57,8 +57,11 @@ def plain_logits(model, ids, mask, steps, feed):
     return out
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in QUANTIZERS])
-@pytest.mark.parametrize("budget", [None, 100_000])
+@pytest.mark.parametrize(
+    "method, budget",
+    # `full` takes no budget (a ConfigError: it would evict nothing); every eviction method, none or a huge one
+    [("full", None)] + [(m, b) for m in EVICTING for b in (None, 100_000)],
+)
 def test_unlimited_budget_is_exact(tiny_model, method, budget):
     torch.manual_seed(1)
     ids, mask = pad_left([torch.randint(0, 128, (n,)).tolist() for n in (50, 37)])
@@ -116,8 +119,7 @@ def test_nbytes_counts_every_tensor_and_falls_with_budget(llama, method):
     assert sizes[0.25] < sizes[0.5] < sizes[None]
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in QUANTIZERS])
-@pytest.mark.parametrize("budget", [0.3, 16])
+@pytest.mark.parametrize("method, budget", [("full", None)] + [(m, b) for m in EVICTING for b in (0.3, 16)])
 def test_padded_batch_matches_rows_alone(llama, method, budget):
     torch.manual_seed(4)
     rows = [torch.randint(0, 128, (n,)).tolist() for n in (45, 30, 60)]

@@ -199,7 +199,7 @@ def validate_methods(
         if m == FULL_METHOD:
             resolved[m] = dict(_policy(m, None, p).params())
             continue
-        for b in budgets:
+        for b in budgets if _evicts(m) else [None]:  # a quantizer alone keeps every token: no budget to vary
             resolved[m] = dict(_policy(m, b, p).params())
     return resolved
 
@@ -372,7 +372,7 @@ def run_bench(
         configs += [
             _Config(m, b, {**given[m], **extra}, {**resolved[m], **extra})
             for m in method_list[1:]
-            for b in budget_list
+            for b in (budget_list if _evicts(m) else [None])
             if not extra or (b is not None and _evicts(m))
         ]
 

@@ -272,6 +272,12 @@ def build_policy(
             known = ", ".join(f"{n}.{k}" for n, f in zip(names, fields, strict=True) for k in sorted(f)) or "none"
             raise ConfigError(f"unknown parameter {key!r} for method {spec!r} (known: {known})")
         routed[owners[0] if owners else 0][key] = value
+    if len(classes) == 1 and classes[0].family in ("quantization", "reference") and not Budget.parse(budget).unlimited:
+        # silently ignoring the budget would report "budget=0.25" for a cache that evicted nothing
+        hint = (f"compose an eviction method in front, e.g. snapkv+{names[0]}" if classes[0].family == "quantization"
+                else "pick an eviction method (see `memfit methods`)")
+        raise ConfigError(f"method {names[0]!r} keeps every token, so a token budget does not apply to it "
+                          f"(got {budget}): drop the budget, or {hint}")
     methods = [c.create(budget, p) for c, p in zip(classes, routed, strict=True)]
     policy = methods[0] if len(methods) == 1 else Composed(methods[0], methods[1])
     return policy, policy.make_layer
