@@ -238,6 +238,12 @@ def test_allocations_add_rows_that_hold_no_more_bytes(pair, tmp_path) -> None:
     assert rows[("snapkv", "adakv")]["kv_bytes_held"] < rows[("full", "uniform")]["kv_bytes_held"]
     with pytest.raises(ConfigError, match="allocation"):
         bench(pair, tmp_path, methods=["snapkv"], allocations=["lopsided"])
+    # asking for adakv alone still benches the quantizer (once) and adds no new rows for what is done
+    again = bench(
+        pair, tmp_path, methods=["snapkv", "kivi"], budgets=[0.25], tasks=["fidelity"], allocations=["adakv"],
+        params={"kivi": {"group_size": 16}},
+    )
+    assert again.new_rows == [] and again.skipped == 3
 
 
 def test_group_batches() -> None:

@@ -366,15 +366,18 @@ def run_bench(
     filler_label = filler_description(filler, corpus)  # type: ignore[arg-type]
     given = {m: _given_params((params or {}).get(m), resolved[m]) for m in method_list}
     configs = [_Config(FULL_METHOD, None, given[FULL_METHOD], resolved[FULL_METHOD])]
-    for alloc in alloc_list:
-        # a non-uniform allocation is recorded as the row parameter "allocation", so it names the row (key, label)
-        extra = {} if alloc == "uniform" else {ALLOCATION_PARAM: alloc}
-        configs += [
-            _Config(m, b, {**given[m], **extra}, {**resolved[m], **extra})
-            for m in method_list[1:]
-            for b in (budget_list if _evicts(m) else [None])
-            if not extra or (b is not None and _evicts(m))
-        ]
+    for m in method_list[1:]:
+        if not _evicts(m):  # a quantizer alone keeps every token: once, no budget, nothing to allocate
+            configs.append(_Config(m, None, given[m], resolved[m]))
+            continue
+        for alloc in alloc_list:
+            # a non-uniform allocation is recorded as the row parameter "allocation", so it names the row (key, label)
+            extra = {} if alloc == "uniform" else {ALLOCATION_PARAM: alloc}
+            configs += [
+                _Config(m, b, {**given[m], **extra}, {**resolved[m], **extra})
+                for b in budget_list
+                if not extra or b is not None  # without a budget there is nothing to share out
+            ]
 
     # -- what is left to do ----------------------------------------------------------------------------------
     done = load_done_keys(results_path)
