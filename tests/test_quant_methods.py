@@ -574,13 +574,16 @@ def test_kivi_matches_an_independent_fake_quantized_cache(llama, key_residual, T
     key_q = T - T % R if key_residual == "block" else max(0, T - R) // G * G
     val_q = max(0, T - R)
     with torch.no_grad():
+        from memfit.adapters.transformers import _cache_kwarg
+
+        kw = _cache_kwarg(llama)  # `cache` on newer transformers, `past_key_values` before
         ref_cache = DynamicCache(config=llama.config)
-        llama(input_ids=ids, past_key_values=ref_cache, use_cache=True)
+        llama(input_ids=ids, use_cache=True, **{kw: ref_cache})
         for layer in ref_cache.layers:
             k, v = layer.keys, layer.values
             layer.keys = torch.cat([_fake_quant(k[:, :, :key_q], bits, G, True), k[:, :, key_q:]], dim=2)
             layer.values = torch.cat([_fake_quant(v[:, :, :val_q], bits, G, False), v[:, :, val_q:]], dim=2)
-        ref = llama(input_ids=nxt, past_key_values=ref_cache, use_cache=True).logits[:, -1]
+        ref = llama(input_ids=nxt, use_cache=True, **{kw: ref_cache}).logits[:, -1]
 
         cache = make_cache(llama, "kivi", None, {"bits": bits, "group_size": G, "residual": R,
                                                  "key_residual": key_residual})
