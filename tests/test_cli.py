@@ -109,3 +109,15 @@ def test_run_json_on_default_model(monkeypatch, capsys, default_model):
     assert row["method"] == "snapkv" and row["budget"] == "0.5"
     assert 0 < row["kv_bytes_held"] < row["kv_bytes_full"]
     assert row["text"].strip()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["bench", "--methods", "snapkv"]])
+def test_cuda_without_cuda_is_one_clear_error(monkeypatch, capsys, command) -> None:
+    from memfit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["memfit", *command, "--device", "cuda"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "CUDA is not available" in err[0], err
