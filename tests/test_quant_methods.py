@@ -593,3 +593,43 @@ def test_kivi_matches_an_independent_fake_quantized_cache(llama, key_residual, T
         assert layer0.k.residual_len == T - key_q and layer0.v.residual_len == T - val_q
         out = forward(llama, nxt, torch.ones(1, T + 1, dtype=mask.dtype), cache, torch.tensor([[T]]))[:, -1]
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T", [70, 64])
+def test_gear_without_error_terms_is_its_quantized_backbone(llama, T):
+    """GEAR with ranks 0 and no outliers must reduce to its KIVI-style backbone (G = 8 here): the same independent
+    fake-quantized DynamicCache, prompt tokens quantized in whole groups at prefill (gap 16 <= T)."""
+    from transformers import DynamicCache
+
+    from memfit.adapters.transformers import _cache_kwarg
+
+    bits, G = 2, 8
+    torch.manual_seed(8)
+    ids = torch.randint(0, 128, (1, T))
+    nxt = torch.randint(0, 128, (1, 1))
+    nq = T - T % G
+    kw = _cache_kwarg(llama)
+    with torch.no_grad():
+        ref_cache = DynamicCache(config=llama.config)
+        llama(input_ids=ids, use_cache=True, **{kw: ref_cache})
+        for layer in ref_cache.layers:
+            k, v = layer.keys, layer.values
+            layer.keys = torch.cat([_fake_quant(k[:, :, :nq], bits, G, True), k[:, :, nq:]], dim=2)
+            layer.values = torch.cat([_fake_quant(v[:, :, :nq], bits, G, False), v[:, :, nq:]], dim=2)
+        ref = llama(input_ids=nxt, use_cache=True, **{kw: ref_cache}).logits[:, -1]
+
+        params = {"bits": bits, "group_size": G, "gap": 16, "prefill_rank": 0, "prefill_rank_v": 0, "rank": 0,
+                  "rank_v": 0, "outlier_ratio": 0.0}
+        cache = make_cache(llama, "gear", None, params)
+        mask = torch.ones_like(ids)
+        forward(llama, ids, mask, cache, positions_from_mask(mask))
+        assert cache.core.layers[0].k.residual_len == T - nq
+        out = forward(llama, nxt, torch.ones(1, T + 1, dtype=mask.dtype), cache, torch.tensor([[T]]))[:, -1]
+        # and the error terms (rank 2 low-rank + 2 % outliers) bring the logits closer to the full cache's
+        full = llama(input_ids=torch.cat([ids, nxt], 1)).logits[:, -1]
+        rich = make_cache(llama, "gear", None, {**params, "prefill_rank": 2, "prefill_rank_v": 2,
+                                                "outlier_ratio": 0.1})
+        forward(llama, ids, mask, rich, positions_from_mask(mask))
+        out_rich = forward(llama, nxt, torch.ones(1, T + 1, dtype=mask.dtype), rich, torch.tensor([[T]]))[:, -1]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert (out_rich - full).abs().mean() < (out - full).abs().mean()
