@@ -633,3 +633,35 @@ def test_gear_without_error_terms_is_its_quantized_backbone(llama, T):
         out_rich = forward(llama, nxt, torch.ones(1, T + 1, dtype=mask.dtype), rich, torch.tensor([[T]]))[:, -1]
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert (out_rich - full).abs().mean() < (out - full).abs().mean()
+
+
+@pytest.mark.parametrize("T", [70, 64])
+def test_vidkv_at_two_bits_everywhere_is_per_channel_min_max(llama, T):
+    """VidKV with every key channel 'anomalous' at 2 bits, 2-bit values and no salient tokens reduces to 2-bit
+    per-channel min-max groups of G tokens for keys and values alike (its value path is per channel, unlike
+    KIVI's): the same as an independently fake-quantized DynamicCache."""
+    from transformers import DynamicCache
+
+    from memfit.adapters.transformers import _cache_kwarg
+
+    bits, G = 2, 8
+    torch.manual_seed(9)
+    ids = torch.randint(0, 128, (1, T))
+    nxt = torch.randint(0, 128, (1, 1))
+    nq = T - T % G
+    kw = _cache_kwarg(llama)
+    with torch.no_grad():
+        ref_cache = DynamicCache(config=llama.config)
+        llama(input_ids=ids, use_cache=True, **{kw: ref_cache})
+        for layer in ref_cache.layers:
+            k, v = layer.keys, layer.values
+            layer.keys = torch.cat([_fake_quant(k[:, :, :nq], bits, G, True), k[:, :, nq:]], dim=2)
+            layer.values = torch.cat([_fake_quant(v[:, :, :nq], bits, G, True), v[:, :, nq:]], dim=2)
+        ref = llama(input_ids=nxt, use_cache=True, **{kw: ref_cache}).logits[:, -1]
+        params = {"anomalous_ratio": 1.0, "anomalous_bits": bits, "value_bits": bits, "stp": 0.0,
+                  "group_size": G, "residual": 16}
+        cache = make_cache(llama, "vidkv", None, params)
+        mask = torch.ones_like(ids)
+        forward(llama, ids, mask, cache, positions_from_mask(mask))
+        out = forward(llama, nxt, torch.ones(1, T + 1, dtype=mask.dtype), cache, torch.tensor([[T]]))[:, -1]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
