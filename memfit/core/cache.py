@@ -157,13 +157,43 @@ def dense_attention(
         return F.scaled_dot_product_attention(
             queries, keys, values, is_causal=True, scale=scaling, enable_gqa=groups > 1
         )
+    # (checked only for multi-token steps: a host sync per layer is fine at prefill, not at every decode step)
+    same_heads = valid is not None and q_len > 1 and bool((valid == valid[:, :1]).all())
+    if same_heads and q_len == t_len and q_len > 1:
+        out = _left_padded_prefill(queries, keys, values, valid[:, 0], scaling, groups)  # type: ignore[index]
+        if out is not None:
+            return out
     qi = torch.arange(q_len, device=keys.device)[:, None] + (t_len - q_len)
     kj = torch.arange(t_len, device=keys.device)[None, :]
     mask = (kj <= qi)[None, None]
     if valid is not None:
-        mask = mask & valid.repeat_interleave(groups, dim=1)[:, :, None, :] if groups > 1 else mask & valid[:, :, None, :]
+        # one mask row per KV head, or a single one broadcast over the heads when every head holds the same slots
+        # (a (B, H, q, T) mask at a long prefill is the largest tensor of the step)
+        per_head = valid[:, :1] if same_heads else valid.repeat_interleave(groups, dim=1) if groups > 1 else valid
+        mask = mask & per_head[:, :, None, :]
     mask = mask | (kj == qi)[None, None]
     return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+
+
+def _left_padded_prefill(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scaling: float, groups: int
+) -> torch.Tensor | None:
+    """A prompt whose rows are left-padded (valid = a suffix of each row): causal SDPA row by row over the real
+    tokens, so no (B, H, T, T) mask is built and the fused (flash / memory-efficient) kernels run. Padding queries
+    get zeros (their outputs are unused). None if `valid` is not such a suffix."""
+    b, _, t_len, _ = queries.shape
+    pads = (~valid).sum(-1)
+    suffix = torch.arange(t_len, device=valid.device)[None, :] >= pads[:, None]
+    if not bool((valid == suffix).all()):
+        return None
+    out = torch.zeros_like(queries)
+    for i, pad in enumerate(pads.tolist()):
+        if pad < t_len:
+            out[i : i + 1, :, pad:] = F.scaled_dot_product_attention(
+                queries[i : i + 1, :, pad:], keys[i : i + 1, :, pad:], values[i : i + 1, :, pad:],
+                is_causal=True, scale=scaling, enable_gqa=groups > 1,
+            )
+    return out
 
 
 def select_tokens(
