@@ -250,3 +250,26 @@ def test_chunked_prefill(llama, method):
     budget = int(cache.core.keep_rows.max())
     assert budget == math.ceil(0.25 * 90)  # resolved from the whole prompt, not the first chunk
     assert max(peak_slots) <= budget + 16 + 2
+
+
+@given(q_len=st.integers(1, 40), extra=st.integers(0, 30), chunk=st.sampled_from([None, 1, 7, 64]),
+       seed=st.integers(0, 100))
+def test_column_sums_match_one_dense_softmax(q_len, extra, chunk, seed):
+    """Block-wise accumulated attention (any chunk, GQA, masked keys and padding queries) equals the column sums
+    of one dense causal softmax written out here."""
+    from memfit.core.scoring import column_sums
+
+    g = torch.Generator().manual_seed(seed)
+    t_len = q_len + extra
+    q = torch.randn(2, 4, q_len, 8, generator=g)
+    k = torch.randn(2, 2, t_len, 8, generator=g)
+    kvalid = torch.rand(2, 2, t_len, generator=g) > 0.2
+    qvalid = torch.rand(2, q_len, generator=g) > 0.3
+    got = column_sums(q, k, 0.35, kvalid, qvalid, chunk=chunk)
+    kk = k.repeat_interleave(2, dim=1)
+    logits = q @ kk.transpose(-1, -2) * 0.35
+    causal = torch.arange(t_len)[None, :] <= (torch.arange(q_len)[:, None] + extra)
+    allowed = causal[None, None] & kvalid.repeat_interleave(2, dim=1)[:, :, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    want = (probs * qvalid[:, None, :, None]).sum(2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

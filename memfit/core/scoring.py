@@ -79,16 +79,24 @@ def column_sums(
     scaling: float,
     key_valid: torch.Tensor | None = None,
     query_valid: torch.Tensor | None = None,
-    chunk: int = 256,
+    chunk: int | None = None,
+    block_bytes: int = 256 * 2**20,
 ) -> torch.Tensor:
     """Attention each key received, summed over the (causal) queries: (B, H, T) fp32.
 
     The q queries are the last q of the T keys. Computed block-wise over query chunks so memory stays
-    O(chunk x T) — the accumulated-attention score of H2O / Scissorhands / Keyformer at prefill.
+    O(chunk x T) — the accumulated-attention score of H2O / Scissorhands / Keyformer at prefill. The chunk is sized
+    so one (B, H, chunk, T) fp32 block stays near `block_bytes` (16 to 256 queries), unless `chunk` is given; the
+    keys are converted to fp32 and spread over the query heads once, not per chunk.
     `query_valid` (B, q) drops padding queries from the sum.
     """
     b, h, q_len, _ = queries.shape
     t_len = keys.shape[2]
+    groups = h // keys.shape[1]
+    if chunk is None:
+        chunk = int(min(256, max(16, block_bytes // max(1, b * h * t_len * 4))))
+    k32 = _expand_heads(keys.float(), groups)
+    kvalid = None if key_valid is None else _expand_heads(key_valid, groups)
     total = torch.zeros(b, h, t_len, dtype=torch.float32, device=queries.device)
     for start in range(0, q_len, chunk):
         stop = min(q_len, start + chunk)
@@ -97,9 +105,9 @@ def column_sums(
         visible = t_len - q_len + stop
         probs = attention_probs(
             queries[:, :, start:stop],
-            keys[:, :, :visible],
+            k32[:, :, :visible],
             scaling,
-            None if key_valid is None else key_valid[:, :, :visible],
+            None if kvalid is None else kvalid[:, :, :visible],
         )
         if query_valid is not None:
             probs = probs * query_valid[:, None, start:stop, None].to(probs.dtype)
