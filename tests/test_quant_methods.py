@@ -560,38 +560,59 @@ def _fake_quant(x: torch.Tensor, bits: int, G: int, along_tokens: bool) -> torch
     return (q * scale + lo).reshape(B, H, T, d).to(x.dtype)
 
 
+def _next_logits_reference(model, ids, nxt, key_q: int, val_q: int, bits: int, G: int, values_per_token: bool):
+    """Next-token logits after `ids` from a plain transformers DynamicCache whose first `key_q` keys and `val_q`
+    values were fake-quantized (keys per channel; values per token or per channel)."""
+    from transformers import DynamicCache
+
+    from memfit.adapters.transformers import _cache_kwarg
+
+    kw = _cache_kwarg(model)  # `cache` on newer transformers, `past_key_values` before
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, use_cache=True, **{kw: cache})
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        layer.keys = torch.cat([_fake_quant(k[:, :, :key_q], bits, G, True), k[:, :, key_q:]], dim=2)
+        layer.values = torch.cat([_fake_quant(v[:, :, :val_q], bits, G, not values_per_token), v[:, :, val_q:]], dim=2)
+    return model(input_ids=nxt, use_cache=True, **{kw: cache}).logits[:, -1]
+
+
+def _next_logits_memfit(model, method: str, params: dict, ids, nxt, after_prefill=None):
+    """(cache, next-token logits) with memfit's cache for `method` after prefilling `ids` (batch 1);
+    `after_prefill(cache)` may check the cache between the prompt and the next token."""
+    cache = make_cache(model, method, None, params)
+    mask = torch.ones_like(ids)
+    forward(model, ids, mask, cache, positions_from_mask(mask))
+    if after_prefill is not None:
+        after_prefill(cache)
+    t = ids.shape[1]
+    return cache, forward(model, nxt, torch.ones(1, t + 1, dtype=mask.dtype), cache, torch.tensor([[t]]))[:, -1]
+
+
+def _prompt(T: int, seed: int):
+    torch.manual_seed(seed)
+    return torch.randint(0, 128, (1, T)), torch.randint(0, 128, (1, 1))
+
+
 @pytest.mark.parametrize("key_residual", ["block", "sliding"])
 @pytest.mark.parametrize("T", [70, 64])
 def test_kivi_matches_an_independent_fake_quantized_cache(llama, key_residual, T):
     """The next-token logits with memfit's packed KIVI cache equal those of a plain DynamicCache whose old keys and
     values were fake-quantized with the paper's grouping: same tokens quantized, same values, same attention."""
-    from transformers import DynamicCache
-
     bits, G, R = 2, 8, 16
-    torch.manual_seed(7)
-    ids = torch.randint(0, 128, (1, T))
-    nxt = torch.randint(0, 128, (1, 1))
+    ids, nxt = _prompt(T, 7)
     key_q = T - T % R if key_residual == "block" else max(0, T - R) // G * G
     val_q = max(0, T - R)
     with torch.no_grad():
-        from memfit.adapters.transformers import _cache_kwarg
+        ref = _next_logits_reference(llama, ids, nxt, key_q, val_q, bits, G, values_per_token=True)
+        def quantized_as_the_reference(cache) -> None:
+            layer0 = cache.core.layers[0]
+            assert (layer0.k.residual_len, layer0.v.residual_len) == (T - key_q, T - val_q)
 
-        kw = _cache_kwarg(llama)  # `cache` on newer transformers, `past_key_values` before
-        ref_cache = DynamicCache(config=llama.config)
-        llama(input_ids=ids, use_cache=True, **{kw: ref_cache})
-        for layer in ref_cache.layers:
-            k, v = layer.keys, layer.values
-            layer.keys = torch.cat([_fake_quant(k[:, :, :key_q], bits, G, True), k[:, :, key_q:]], dim=2)
-            layer.values = torch.cat([_fake_quant(v[:, :, :val_q], bits, G, False), v[:, :, val_q:]], dim=2)
-        ref = llama(input_ids=nxt, use_cache=True, **{kw: ref_cache}).logits[:, -1]
-
-        cache = make_cache(llama, "kivi", None, {"bits": bits, "group_size": G, "residual": R,
-                                                 "key_residual": key_residual})
-        mask = torch.ones_like(ids)
-        forward(llama, ids, mask, cache, positions_from_mask(mask))
-        layer0 = cache.core.layers[0]
-        assert layer0.k.residual_len == T - key_q and layer0.v.residual_len == T - val_q
-        out = forward(llama, nxt, torch.ones(1, T + 1, dtype=mask.dtype), cache, torch.tensor([[T]]))[:, -1]
+        _, out = _next_logits_memfit(
+            llama, "kivi", {"bits": bits, "group_size": G, "residual": R, "key_residual": key_residual}, ids, nxt,
+            after_prefill=quantized_as_the_reference,
+        )
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -599,38 +620,22 @@ def test_kivi_matches_an_independent_fake_quantized_cache(llama, key_residual, T
 def test_gear_without_error_terms_is_its_quantized_backbone(llama, T):
     """GEAR with ranks 0 and no outliers must reduce to its KIVI-style backbone (G = 8 here): the same independent
     fake-quantized DynamicCache, prompt tokens quantized in whole groups at prefill (gap 16 <= T)."""
-    from transformers import DynamicCache
-
-    from memfit.adapters.transformers import _cache_kwarg
-
     bits, G = 2, 8
-    torch.manual_seed(8)
-    ids = torch.randint(0, 128, (1, T))
-    nxt = torch.randint(0, 128, (1, 1))
+    ids, nxt = _prompt(T, 8)
     nq = T - T % G
-    kw = _cache_kwarg(llama)
+    params = {"bits": bits, "group_size": G, "gap": 16, "prefill_rank": 0, "prefill_rank_v": 0, "rank": 0,
+              "rank_v": 0, "outlier_ratio": 0.0}
     with torch.no_grad():
-        ref_cache = DynamicCache(config=llama.config)
-        llama(input_ids=ids, use_cache=True, **{kw: ref_cache})
-        for layer in ref_cache.layers:
-            k, v = layer.keys, layer.values
-            layer.keys = torch.cat([_fake_quant(k[:, :, :nq], bits, G, True), k[:, :, nq:]], dim=2)
-            layer.values = torch.cat([_fake_quant(v[:, :, :nq], bits, G, False), v[:, :, nq:]], dim=2)
-        ref = llama(input_ids=nxt, use_cache=True, **{kw: ref_cache}).logits[:, -1]
+        ref = _next_logits_reference(llama, ids, nxt, nq, nq, bits, G, values_per_token=True)
+        def whole_groups_quantized(cache) -> None:
+            assert cache.core.layers[0].k.residual_len == T - nq
 
-        params = {"bits": bits, "group_size": G, "gap": 16, "prefill_rank": 0, "prefill_rank_v": 0, "rank": 0,
-                  "rank_v": 0, "outlier_ratio": 0.0}
-        cache = make_cache(llama, "gear", None, params)
-        mask = torch.ones_like(ids)
-        forward(llama, ids, mask, cache, positions_from_mask(mask))
-        assert cache.core.layers[0].k.residual_len == T - nq
-        out = forward(llama, nxt, torch.ones(1, T + 1, dtype=mask.dtype), cache, torch.tensor([[T]]))[:, -1]
-        # and the error terms (rank 2 low-rank + 2 % outliers) bring the logits closer to the full cache's
+        _, out = _next_logits_memfit(llama, "gear", params, ids, nxt, after_prefill=whole_groups_quantized)
+        # and the error terms (rank 2 low-rank + 10 % outliers) bring the logits closer to the full cache's
         full = llama(input_ids=torch.cat([ids, nxt], 1)).logits[:, -1]
-        rich = make_cache(llama, "gear", None, {**params, "prefill_rank": 2, "prefill_rank_v": 2,
-                                                "outlier_ratio": 0.1})
-        forward(llama, ids, mask, rich, positions_from_mask(mask))
-        out_rich = forward(llama, nxt, torch.ones(1, T + 1, dtype=mask.dtype), rich, torch.tensor([[T]]))[:, -1]
+        _, out_rich = _next_logits_memfit(
+            llama, "gear", {**params, "prefill_rank": 2, "prefill_rank_v": 2, "outlier_ratio": 0.1}, ids, nxt
+        )
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert (out_rich - full).abs().mean() < (out - full).abs().mean()
 
@@ -640,28 +645,12 @@ def test_vidkv_at_two_bits_everywhere_is_per_channel_min_max(llama, T):
     """VidKV with every key channel 'anomalous' at 2 bits, 2-bit values and no salient tokens reduces to 2-bit
     per-channel min-max groups of G tokens for keys and values alike (its value path is per channel, unlike
     KIVI's): the same as an independently fake-quantized DynamicCache."""
-    from transformers import DynamicCache
-
-    from memfit.adapters.transformers import _cache_kwarg
-
     bits, G = 2, 8
-    torch.manual_seed(9)
-    ids = torch.randint(0, 128, (1, T))
-    nxt = torch.randint(0, 128, (1, 1))
+    ids, nxt = _prompt(T, 9)
     nq = T - T % G
-    kw = _cache_kwarg(llama)
+    params = {"anomalous_ratio": 1.0, "anomalous_bits": bits, "value_bits": bits, "stp": 0.0, "group_size": G,
+              "residual": 16}
     with torch.no_grad():
-        ref_cache = DynamicCache(config=llama.config)
-        llama(input_ids=ids, use_cache=True, **{kw: ref_cache})
-        for layer in ref_cache.layers:
-            k, v = layer.keys, layer.values
-            layer.keys = torch.cat([_fake_quant(k[:, :, :nq], bits, G, True), k[:, :, nq:]], dim=2)
-            layer.values = torch.cat([_fake_quant(v[:, :, :nq], bits, G, True), v[:, :, nq:]], dim=2)
-        ref = llama(input_ids=nxt, use_cache=True, **{kw: ref_cache}).logits[:, -1]
-        params = {"anomalous_ratio": 1.0, "anomalous_bits": bits, "value_bits": bits, "stp": 0.0,
-                  "group_size": G, "residual": 16}
-        cache = make_cache(llama, "vidkv", None, params)
-        mask = torch.ones_like(ids)
-        forward(llama, ids, mask, cache, positions_from_mask(mask))
-        out = forward(llama, nxt, torch.ones(1, T + 1, dtype=mask.dtype), cache, torch.tensor([[T]]))[:, -1]
+        ref = _next_logits_reference(llama, ids, nxt, nq, nq, bits, G, values_per_token=False)
+        _, out = _next_logits_memfit(llama, "vidkv", params, ids, nxt)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
