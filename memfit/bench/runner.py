@@ -148,12 +148,8 @@ def parse_budgets(text: str | Sequence[float | int | str | None]) -> list[float 
 
 def _policy(method: str, budget: float | int | None, params: Mapping[str, Any] | None) -> Any:
     """Build the method's policy without a model (validates the name, the budget and the parameters)."""
-    try:  # composed names ("snapkv+kivi") need build_policy; older trees only have single methods
-        from memfit.core.method import build_policy
-    except ImportError:  # pragma: no cover - depends on the tree's age
-        from memfit.core.method import get_method
+    from memfit.core.method import build_policy
 
-        return get_method(method).create(budget, dict(params or {}))
     return build_policy(method, budget, dict(params or {}))[0]
 
 
@@ -615,7 +611,10 @@ def _run_batch(
         decode_tokens = gen.decode_steps * b
     else:  # text task: teacher-forced continuation
         keep_logits = run.task == "fidelity"
-        tf = _teacher_force(model, cache, ids, mask, cont, keep_logits)
+        import torch
+
+        with torch.no_grad():
+            tf = _teacher_force(model, cache, ids, mask, cont, keep_logits)
         stats.nll_sum += float(tf["nll"].sum())
         stats.nll_count += int(tf["nll"].numel())
         ref_argmax = tf["argmax"] if ref is None else ref.argmax
@@ -657,20 +656,6 @@ def _teacher_force(
     logits (B, C, V) if asked, prefill/decode seconds, decode steps and the peak memory."""
     import torch
 
-    with torch.no_grad():
-        return _teacher_force_impl(model, cache, ids, mask, cont, keep_logits)
-
-
-def _teacher_force_impl(
-    model: torch.nn.Module,
-    cache: Any,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    cont: torch.Tensor,
-    keep_logits: bool,
-) -> dict[str, Any]:
-    import torch
-
     from memfit import engine
     from memfit.adapters.transformers import forward
 
@@ -679,11 +664,7 @@ def _teacher_force_impl(
     engine.reset_peak_memory(device)
     _sync(device)
     t0 = time.perf_counter()
-    prefill_with_mask = getattr(engine, "_prefill", None)  # returns the mask decoding continues from
-    if prefill_with_mask is not None:
-        logits, mask = prefill_with_mask(model, ids, mask, cache)
-    else:  # pragma: no cover - trees without prompt-shortening methods
-        logits = engine.prefill(model, ids, mask, cache)
+    logits, mask = engine._prefill(model, ids, mask, cache)  # and the mask decoding continues from (GemFilter)
     _sync(device)
     prefill_seconds = time.perf_counter() - t0
     b, c = cont.shape
