@@ -152,6 +152,13 @@ def protect_mask(layer: KVLayer, sinks: int = 0, recent: int | torch.Tensor = 0)
     return mask
 
 
+def recent_valid(valid: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, T) bool: the last `recent[b]` *valid* slots of each row — counted over real tokens, so placeholder
+    slots of a short row never use up its recent window (`protect_mask` counts trailing slots instead)."""
+    from_end = valid.flip(-1).long().cumsum(-1).flip(-1)
+    return valid & (from_end <= recent.to(valid.device)[:, None, None])
+
+
 def _convert(raw: Any, typ: Any, where: str) -> Any:
     if not isinstance(raw, str):
         return raw

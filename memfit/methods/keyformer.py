@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from memfit.core.cache import CompressedCache, KVLayer, StepInfo
-from memfit.core.method import Method, register
+from memfit.core.method import Method, recent_valid, register
 from memfit.core.scoring import attention_logits, reduce_groups
 from memfit.errors import ConfigError
 
@@ -179,10 +179,5 @@ class Keyformer(Method):
         layer.extras[SCORE] = step if SCORE not in layer.extras else layer.extras[SCORE] + step
         # Evict at the end of the prompt (after every chunk of a chunked prefill) and after every generated token.
         recent = (keep.double() * self.recent_fraction).floor().long()
-        self.evict(cache, layer, layer.extras[SCORE], _recent_valid(layer.valid_mask(), recent))
+        self.evict(cache, layer, layer.extras[SCORE], recent_valid(layer.valid_mask(), recent))
 
-
-def _recent_valid(valid: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
-    """(B, Hkv, T) bool: the last `recent[b]` valid slots of each row (placeholders are skipped)."""
-    from_end = valid.flip(-1).long().cumsum(-1).flip(-1)
-    return valid & (from_end <= recent.to(valid.device)[:, None, None])

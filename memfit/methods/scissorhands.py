@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from memfit.core.cache import CompressedCache, KVLayer, StepInfo, select_tokens
-from memfit.core.method import Method, register
+from memfit.core.method import Method, recent_valid, register
 from memfit.core.scoring import attention_probs, reduce_groups
 from memfit.errors import ConfigError
 
@@ -78,12 +78,6 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 def event_counts(state: torch.Tensor) -> torch.Tensor:
     """Number of set bits per token: (B, Hkv, T, n) uint8 -> (B, Hkv, T) long."""
     return _POPCOUNT.to(state.device)[state.long()].sum(-1)
-
-
-def recent_valid(valid: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
-    """(B, Hkv, T) bool: the last `recent[b]` *valid* slots of each row (placeholders are skipped)."""
-    from_end = valid.flip(-1).long().cumsum(-1).flip(-1)
-    return valid & (from_end <= recent.to(valid.device)[:, None, None])
 
 
 def keep_ranks(primary: torch.Tensor, secondary: torch.Tensor, protect: torch.Tensor) -> torch.Tensor:
