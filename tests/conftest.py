@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -44,3 +46,20 @@ def default_model():
     from memfit.models import load_model
 
     return load_model("default")
+
+
+def held_tensors(obj, seen: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """Every tensor reachable from a layer object (attributes, lists, dicts, dataclasses), by identity."""
+    seen = {} if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        seen.setdefault(id(obj), obj)
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            held_tensors(x, seen)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            held_tensors(x, seen)
+    elif dataclasses.is_dataclass(obj) or (hasattr(obj, "__dict__") and type(obj).__module__.startswith("memfit")):
+        for x in vars(obj).values():
+            held_tensors(x, seen)
+    return seen

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import held_tensors
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from memfit.api import make_cache
@@ -58,28 +59,8 @@ def _batch(lengths: tuple[int, ...] = (400, 290), seed: int = 1) -> tuple[torch.
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
-    """Every tensor reachable from the cache's layers (attributes, lists, dicts, nested memfit objects)."""
-    out: list[torch.Tensor] = []
-    seen: set[int] = set()
-
-    def walk(obj, depth: int = 0) -> None:
-        if id(obj) in seen or depth > 8:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            out.append(obj)
-        elif isinstance(obj, list | tuple):
-            for x in obj:
-                walk(x, depth + 1)
-        elif isinstance(obj, dict):
-            for x in obj.values():
-                walk(x, depth + 1)
-        elif type(obj).__module__.startswith("memfit") and hasattr(obj, "__dict__"):
-            for x in vars(obj).values():
-                walk(x, depth + 1)
-
-    walk(list(cache.core.layers))
-    return out
+    """Every tensor reachable from the cache's layers."""
+    return list(held_tensors(list(cache.core.layers)).values())
 
 
 @pytest.mark.parametrize("method", EVICTING + QUANTIZERS + COMPOSED)

@@ -10,11 +10,11 @@ nothing is quantized twice; padding never enters a group's statistics; composed-
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import held_tensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,23 +72,6 @@ def run(model, spec, budget, params, prompt_lens=(50,), steps=6, seed=0, pad_id=
             logits.append(forward(model, feed[:, i : i + 1], mask, cache, last)[:, -1])
             snaps.append([(layer.num_slots, layer.held_per_row().clone()) for layer in cache.core.layers])
     return logits, cache, snaps
-
-
-def held_tensors(obj, seen: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
-    """Every tensor reachable from a layer object (attributes, lists, dicts, dataclasses), by identity."""
-    seen = {} if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        seen.setdefault(id(obj), obj)
-    elif isinstance(obj, (list, tuple)):
-        for x in obj:
-            held_tensors(x, seen)
-    elif isinstance(obj, dict):
-        for x in obj.values():
-            held_tensors(x, seen)
-    elif dataclasses.is_dataclass(obj) or (hasattr(obj, "__dict__") and type(obj).__module__.startswith("memfit")):
-        for x in vars(obj).values():
-            held_tensors(x, seen)
-    return seen
 
 
 # ------------------------------------------------------------------------------------------------ store level
