@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -34,6 +35,17 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
             raise ConfigError(f"--param {item!r} has an empty key")
         params[key.strip()] = value.strip()
     return params
+
+
+def _device_option() -> Any:
+    return typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (CUDA when there is one).")
+
+
+def _dtype_option() -> Any:
+    return typer.Option(
+        "auto", "--dtype",
+        help="Model and KV precision: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16.",
+    )
 
 
 def _check_device(device: str, dtype: str) -> None:
@@ -77,10 +89,8 @@ def run(
     allocation: str = typer.Option(
         "uniform", "--allocation", help="Share the budget: uniform | pyramid (layers) | adakv (heads) | pyramid+adakv."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (CUDA when there is one)."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="Model and KV precision: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16."
-    ),
+    device: str = _device_option(),
+    dtype: str = _dtype_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Generate an answer with a compressed KV cache and report what it held."""
@@ -196,10 +206,8 @@ def bench(
         help="Comma-separated budget allocations to bench each eviction method with: uniform | pyramid (layers) | "
         "adakv (heads) | pyramid+adakv; non-uniform rows record it as the parameter 'allocation'.",
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto (CUDA when there is one)."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="Model and KV precision: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16."
-    ),
+    device: str = _device_option(),
+    dtype: str = _dtype_option(),
     param: list[str] = typer.Option(
         None,
         "--param",

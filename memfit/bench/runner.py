@@ -99,8 +99,8 @@ DEFAULTS_NOTE = (
     "single-thread CPU time (about 2/3 of that on 2 dedicated cores); with 4 needles one miss moves a score by "
     "25 points, so read needle scores together with KL and top-1. Batches hold up to 4 samples of one prompt "
     "length on CPU: a padded batch of four 1.9-2K prompts prefills in 1.2x the CPU time of the rows one by one "
-    "(20.4 s vs 16.6 s, 2 threads; the padded rows attend row by row), while equal-length batches of 4 "
-    "(fidelity) cost 0.85x."
+    "(20.4 s vs 16.6 s, 2 threads, benchmarks/padded_prefill_cpu.py; the padded rows attend row by row), "
+    "while equal-length batches of 4 (fidelity) cost 0.85x."
 )
 """How the defaults were chosen; `memfit bench --help` and every report repeat it."""
 
@@ -531,7 +531,7 @@ def _group(rows: Sequence[Sequence[int]], batch_size: int, pad: bool) -> list[li
     """Consecutive sample indices in batches of at most ``batch_size``; without ``pad``, a batch only holds prompts
     of one length. (On CPU a padded batch still costs more than its rows alone: measured on the default model, four
     1.9-2K prompts prefill in 20.4 s padded vs 16.6 s one by one, 2 threads; 46.5 s before memfit attended padded
-    rows one by one.)"""
+    rows one by one; benchmarks/padded_prefill_cpu.py.)"""
     groups: list[list[int]] = []
     for i, r in enumerate(rows):
         g = groups[-1] if groups else None

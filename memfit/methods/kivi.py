@@ -17,9 +17,10 @@ Option ours: `key_residual="sliding"` keeps the R newest keys in full precision 
 oldest G are quantized as a group once R + G have accumulated), instead of the block rule under which a prompt whose
 length is a multiple of R has *every* key quantized, the newest included. It costs up to R + G - 1 more
 full-precision keys per (row, head). Measured on the default model (2048-token prompt, so the block rule quantized
-every key): KL of the first decoded token 0.253 -> 0.012; over the bench's 64-token continuations KL 0.188 -> 0.165
-for 15 % more bytes (benchmarks/claims.md). Either way our cache matches a plain DynamicCache fake-quantized with the
-paper's grouping (tests/test_quant_methods.py), so what remains of KIVI-2's loss on this model is the 2-bit codes'.
+every key; benchmarks/kivi_reference_kl.py): KL of the first decoded token 0.253 -> 0.012; over the bench's 64-token
+continuations KL 0.188 -> 0.165 for 15 % more bytes (benchmarks/claims.md). Either way our cache matches a plain
+DynamicCache fake-quantized with the paper's grouping (tests/test_quant_methods.py), so what remains of KIVI-2's
+loss on this model is the 2-bit codes'.
 Deviations: the official cache transposes keys and packs 16 2-bit codes per int32; our packing is uint8 (same bits
 per value, scales/zeros identical). Eviction in front of KIVI (`snapkv+kivi`, `h2o+kivi`) is ours: evicted per-channel
 key lanes become holes freed group by group (see quantized_store), never re-quantized unless holes pile up.
