@@ -43,6 +43,7 @@ def invoke(monkeypatch, capsys, *args: str, stdin: str | None = None) -> tuple[i
         (["run", "--prompt", "hi", "--dtype", "int8"], "Unknown dtype"),
         (["run", "--prompt", "hi", "--method", "kivi", "--budget", "0.25"], "snapkv+kivi"),
         (["run", "--prompt", "hi", "--budget", "0.25"], "keeps every token"),
+        (["run", "--prompt", "hi", "--method", "full+kivi", "--budget", "0.25"], "keeps every token"),
         (["run", "--prompt", "hi", "--device", "tpu:7"], "device"),
         (["bench", "--methods", "snapkv", "--dtype", "fp64"], "Unknown dtype"),
     ],

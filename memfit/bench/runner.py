@@ -190,13 +190,15 @@ def validate_methods(
 ) -> dict[str, dict[str, Any]]:
     """Check every method name, budget and parameter before any model work; returns each method's effective
     parameters (defaults included), recorded in its rows as ``method_params``."""
+    from memfit.core.method import evicts
+
     resolved: dict[str, dict[str, Any]] = {}
     for m in methods:
         p = (params or {}).get(m)
         if m == FULL_METHOD:
             resolved[m] = dict(_policy(m, None, p).params())
             continue
-        for b in budgets if _evicts(m) else [None]:  # a quantizer alone keeps every token: no budget to vary
+        for b in budgets if evicts(m) else [None]:  # a quantizer alone keeps every token: no budget to vary
             resolved[m] = dict(_policy(m, b, p).params())
     return resolved
 
@@ -362,9 +364,11 @@ def run_bench(
     name = _model_name(model, model_name)
     filler_label = filler_description(filler, corpus)  # type: ignore[arg-type]
     given = {m: _given_params((params or {}).get(m), resolved[m]) for m in method_list}
+    from memfit.core.method import evicts
+
     configs = [_Config(FULL_METHOD, None, given[FULL_METHOD], resolved[FULL_METHOD])]
     for m in method_list[1:]:
-        if not _evicts(m):  # a quantizer alone keeps every token: once, no budget, nothing to allocate
+        if not evicts(m):  # a quantizer alone keeps every token: once, no budget, nothing to allocate
             configs.append(_Config(m, None, given[m], resolved[m]))
             continue
         for alloc in alloc_list:
@@ -756,13 +760,6 @@ def _parse_allocations(allocations: str | Sequence[str] | None) -> list[str]:
         pyramid, adakv = parse_allocation(a)
         out.append("+".join(n for n, on in (("pyramid", pyramid), ("adakv", adakv)) if on) or "uniform")
     return list(dict.fromkeys(out))
-
-
-def _evicts(method: str) -> bool:
-    """Whether ``method`` has an eviction component (so an allocation of its budget means something)."""
-    from memfit.core.method import get_method
-
-    return any(get_method(n.strip()).family not in ("quantization", "reference") for n in method.split("+"))
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -231,6 +231,15 @@ class Composed(Method):
         return {f"{m.name}.{k}": v for m in (self.evictor, self.quantizer) for k, v in m.params().items()}
 
 
+KEEP_ALL_FAMILIES = ("quantization", "reference")
+"""Families whose methods keep every token: a token budget means nothing to a spec made only of them."""
+
+
+def evicts(spec: str) -> bool:
+    """Whether `spec` (a method or `<eviction>+<quantizer>`) has a component that drops tokens."""
+    return any(get_method(n.strip()).family not in KEEP_ALL_FAMILIES for n in spec.split("+"))
+
+
 def build_policy(
     spec: str,
     budget: Budget | float | int | str | None = None,
@@ -279,7 +288,7 @@ def build_policy(
             known = ", ".join(f"{n}.{k}" for n, f in zip(names, fields, strict=True) for k in sorted(f)) or "none"
             raise ConfigError(f"unknown parameter {key!r} for method {spec!r} (known: {known})")
         routed[owners[0] if owners else 0][key] = value
-    if len(classes) == 1 and classes[0].family in ("quantization", "reference") and not Budget.parse(budget).unlimited:
+    if not any(c.family not in KEEP_ALL_FAMILIES for c in classes) and not Budget.parse(budget).unlimited:
         # silently ignoring the budget would report "budget=0.25" for a cache that evicted nothing
         hint = (f"compose an eviction method in front, e.g. snapkv+{names[0]}" if classes[0].family == "quantization"
                 else "pick an eviction method (see `memfit methods`)")
