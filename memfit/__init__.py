@@ -1,6 +1,7 @@
 """memfit: fit LLM inference into the memory you have.
 
 Public API: `load_model(spec)`, `make_cache(model, method, budget, params)`, `run(prompt, ...)`,
+`compress(document, ...)` / `CompressedContext.load(path, model)` (reusable compressed contexts),
 `available_methods()`. Imports are lazy so `import memfit` stays cheap.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "make_cache", "run", "available_methods", "__version__"]
+__all__ = ["load_model", "make_cache", "run", "compress", "CompressedContext", "available_methods", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,6 +26,10 @@ def __getattr__(name: str) -> Any:
         from memfit.engine import run
 
         return run
+    if name in ("compress", "CompressedContext"):
+        from memfit import contexts
+
+        return getattr(contexts, name)
     if name == "available_methods":
         from memfit.core.method import all_methods
 

@@ -93,6 +93,20 @@ def pad_left(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tens
     return ids, mask
 
 
+def synthetic_prompt(tokenizer: Any, tokens: int, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` identical prompts of exactly `tokens` tokens of natural text (the standard library's pydoc topics,
+    repeated if needed): `--context N` for speed and memory runs."""
+    if tokens < 1:
+        raise ConfigError("--context must be a positive number of tokens")
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    while len(ids) < tokens:
+        ids = ids + ids
+    return pad_left([ids[:tokens]] * rows, pad_id=_pad_id(tokenizer))
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -106,6 +120,7 @@ class Generation:
     decode_steps: int
     peak_memory_bytes: int
     first_logits: torch.Tensor | None = None  # (B, V) next-token logits after the prompt
+    graph_replays: int = 0  # decode steps replayed from a CUDA graph (fast backend)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -134,12 +149,17 @@ def _prefill(
     """`prefill`, also returning the attention mask of what was actually prefilled (decoding continues from it)."""
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ConfigError("--prefill-chunk must be a positive number of tokens")
+    past = cache.core.seen_tokens()
+    if past:  # the cache already holds a context (memfit.contexts): these tokens continue it
+        return _continue(model, input_ids, attention_mask, cache, past)
     prompt_lens = attention_mask.sum(-1)
     chosen = cache.core.method.select_prompt(model, input_ids, attention_mask, cache.core)
     if chosen is not None:  # the method shortened the prompt (GemFilter); budgets still resolve from the original
         # a full cache would have held the original prompt: count it in full_nbytes()
         cache.core.skipped_prompt_tokens = int(input_ids.shape[1] - chosen[0].shape[1])
         input_ids, attention_mask = chosen
+    if cache.core.span_rule is not None:  # keep whole words/numbers: span ids of the tokens actually prefilled
+        cache.core.prompt_spans = cache.core.span_rule(input_ids, attention_mask)
     positions = positions_from_mask(attention_mask)
     total = input_ids.shape[1]
     chunk = total if not prefill_chunk or prefill_chunk >= total else int(prefill_chunk)
@@ -157,7 +177,24 @@ def _prefill(
             logits_to_keep=1,
         )
     assert logits is not None
+    # methods that score with extra forward passes over the whole prompt (KVzip's context reconstruction) act here
+    cache.core.method.after_prefill(model, cache.core, input_ids, attention_mask)
     return logits[:, -1], attention_mask
+
+
+def _continue(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: MemfitCache, past: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed new (left-padded) tokens on top of a cache that already holds `past` logical tokens, as decoding does:
+    positions follow the context's logical length; the returned mask covers context + new tokens."""
+    rows = cache.core.layers[0].held_per_row().shape[0]
+    if rows != input_ids.shape[0]:
+        raise ConfigError(f"the cache holds {rows} context row(s) but {input_ids.shape[0]} prompts were given: "
+                          "take one copy per prompt (CompressedContext.cache(batch=...))")
+    full = torch.cat([attention_mask.new_ones(attention_mask.shape[0], past), attention_mask], dim=1)
+    positions = positions_from_mask(attention_mask) + past
+    logits = forward(model, input_ids, full, cache, positions, logits_to_keep=1)
+    return logits[:, -1], full
 
 
 @torch.no_grad()
@@ -190,6 +227,9 @@ def generate(
     mask = attention_mask
     last_pos = positions_from_mask(attention_mask)[:, -1:]
     steps = 0
+    from memfit.graphs import DecodeSteps
+
+    step = DecodeSteps(model, cache)
     t1 = time.perf_counter()
     for i in range(max_new_tokens):
         next_tok = logits.argmax(-1)
@@ -203,11 +243,12 @@ def generate(
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         last_pos = last_pos + 1
-        logits = forward(model, next_tok[:, None], mask, cache, last_pos, logits_to_keep=1)[:, -1]
+        logits = step(next_tok, mask, last_pos)
         steps += 1
     _sync(device)
     decode_seconds = time.perf_counter() - t1
-    return Generation(out, prefill_seconds, decode_seconds, steps, peak_memory(device), first_logits)
+    return Generation(out, prefill_seconds, decode_seconds, steps, peak_memory(device), first_logits,
+                      graph_replays=step.replays)
 
 
 # -- one call that does what `memfit run` does ---------------------------------------------------------------------
@@ -230,6 +271,10 @@ class RunResult:
     decode_tokens_per_second: float
     device: str
     versions: dict[str, str] = field(default_factory=dict)
+    backend: str = "portable"  # which runtime backend ran (memfit.backend)
+    backend_reason: str = ""
+    cuda_graphs: bool = False
+    decode_graph_replays: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -266,24 +311,47 @@ def run(
     allocation: str = "uniform",
     device: str = "cpu",
     dtype: str = "auto",
+    kv: Any = None,
+    backend: str = "auto",
+    load_format: str = "auto",
+    context: int | None = None,
 ) -> RunResult:
     """Load (or take) a model, compress its KV cache with `method` at `budget`, generate, and measure.
 
     `device` and `dtype` apply when `model` is a spec to load (``"auto"`` device = CUDA when there is one;
-    ``"auto"`` dtype = bfloat16 on CUDA, float32 on CPU)."""
+    ``"auto"`` dtype = bfloat16 on CUDA, float32 on CPU).
+    `kv`: a `memfit.contexts.CompressedContext` (a compressed document): the prompts are questions about it,
+    answered from a copy of its cache with its model and method (`model`, `method`, `budget`... are ignored).
+    `backend`: auto | fast | portable (memfit.backend). `load_format="dummy"`: random weights from a config (a
+    built-in name such as ``llama-3.1-8b``). `context`: ignore `prompt` and feed a `context`-token prompt of natural
+    text (speed and memory runs at a chosen length)."""
     from memfit.api import make_cache
+    from memfit.backend import check_backend
 
+    check_backend(backend)
+
+    if kv is not None:
+        model = (kv.model, kv.tokenizer)
+        method = kv.method
     if isinstance(model, str):
         from memfit.models import load_model
 
         model_name = model
-        mdl, tok = load_model(model, device=device, dtype=dtype)
+        mdl, tok = load_model(model, device=device, dtype=dtype, load_format=load_format)
     else:
         mdl, tok = model
         model_name = getattr(mdl.config, "_name_or_path", "") or type(mdl).__name__
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    cache = make_cache(mdl, method, budget, params, allocation=allocation)
-    ids, mask = encode_prompts(tok, prompts, chat)
+    if kv is not None:
+        ids, mask = kv.encode_questions(prompts)
+        cache = kv.cache(batch=len(prompts))
+    else:
+        cache = make_cache(mdl, method, budget, params, allocation=allocation, backend=backend,
+                           reserve=max_new_tokens)
+        bind = getattr(cache.method, "bind_tokenizer", None)
+        if bind is not None:
+            bind(tok)  # KVzip words its reconstruction prompt with the tokenizer
+        ids, mask = synthetic_prompt(tok, context, len(prompts)) if context else encode_prompts(tok, prompts, chat)
     eos = getattr(mdl.generation_config, "eos_token_id", None) or tok.eos_token_id
     eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     gen = generate(mdl, ids, mask, cache, max_new_tokens, eos_ids, prefill_chunk)
@@ -308,4 +376,6 @@ def run(
         decode_tokens_per_second=gen.decode_tokens_per_second,
         device=device_name(device),
         versions=versions(),
+        **(cache.backend.to_dict() if getattr(cache, "backend", None) else {}),
+        decode_graph_replays=gen.graph_replays,
     )

@@ -18,6 +18,7 @@ import torch
 
 from memfit.core.budget import Budget
 from memfit.core.cache import CompressedCache, KVLayer, StepInfo, select_tokens
+from memfit.core.spans import SPAN_KEY, span_scores
 from memfit.errors import ConfigError
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -99,6 +100,12 @@ class Method:
         from the original prompt."""
         return None
 
+    def after_prefill(
+        self, model: torch.nn.Module, cache: CompressedCache, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> None:
+        """Called by the engine once the whole prompt is in the cache (the ids and mask it prefilled): a method
+        that scores with extra forward passes over the prompt (KVzip) evicts here. Default: nothing."""
+
     def reset(self) -> None:
         """Forget per-sequence state (a new prompt starts)."""
 
@@ -122,6 +129,9 @@ class Method:
         if keep_rows is None:
             return
         keep_rows = keep_rows + extra_rows
+        span_ids = layer.extras.get(SPAN_KEY)
+        if span_ids is not None:  # the cache keeps whole words/numbers (memfit.core.spans): rank spans, not tokens
+            scores = span_scores(scores, span_ids, layer.valid)
         per_head = getattr(cache, "head_allocation", None)  # AdaKV-style budgets per KV head (core/allocation.py)
         if per_head is not None:
             return per_head.evict(layer, scores, keep_rows, protect)
@@ -219,6 +229,9 @@ class Composed(Method):
 
     def select_prompt(self, *args: Any, **kwargs: Any) -> Any:  # GemFilter-style prompt selection: the evictor's
         return self.evictor.select_prompt(*args, **kwargs)
+
+    def after_prefill(self, *args: Any, **kwargs: Any) -> None:  # KVzip-style scoring passes: the evictor's
+        self.evictor.after_prefill(*args, **kwargs)
 
     def reset(self) -> None:
         self.evictor.reset()

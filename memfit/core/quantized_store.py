@@ -186,6 +186,36 @@ class Segment:
     def nbytes(self) -> int:
         return tensor_bytes(*self.tensors())
 
+    # persistence (memfit.contexts): a segment is plain data (tensors, QuantizedTensors, ints), so its attributes
+    # are its state, whatever the subclass (GEAR's low-rank factors, VidKV's parts...)
+    def state_dict(self) -> dict[str, Any]:
+        return {"class": f"{type(self).__module__}:{type(self).__qualname__}", "fields": dict(vars(self))}
+
+    @staticmethod
+    def from_state(state: dict[str, Any]) -> Segment:
+        """Rebuild a segment from `state_dict()`; only memfit's own Segment subclasses are accepted."""
+        cls = _segment_class(str(state["class"]))
+        seg = cls.__new__(cls)
+        seg.__dict__.update(state["fields"])
+        return seg
+
+
+def _segment_class(name: str) -> type[Segment]:
+    module, _, qualname = name.partition(":")
+    if not module.startswith("memfit."):
+        raise ValueError(f"unknown segment class {name!r}")
+    import importlib
+
+    importlib.import_module(module)  # a memfit module (e.g. memfit.methods.gear) defines its segments
+    todo, found = list(Segment.__subclasses__()), {}
+    while todo:
+        c = todo.pop()
+        found[f"{c.__module__}:{c.__qualname__}"] = c
+        todo.extend(c.__subclasses__())
+    if name not in found:
+        raise ValueError(f"unknown segment class {name!r}")
+    return found[name]
+
 
 def qt_take_groups(qt: QuantizedTensor, groups: torch.Tensor) -> QuantizedTensor:
     """Per-channel QuantizedTensor restricted to token groups `groups` (B, H, m) (exact, codes untouched)."""
@@ -666,6 +696,18 @@ class SideStore:
     def nbytes(self) -> int:
         return tensor_bytes(*self.tensors())
 
+    # -- persistence (memfit.contexts); the codec and flush rule are configuration, rebuilt by the method ----------
+    def state_dict(self) -> dict[str, Any]:
+        return {"residual": self.residual, "segments": [s.state_dict() for s in self.segments], "lanes": self.lanes,
+                "q": self.q, "tq": self.tq, "slots": self.slots,
+                "counters": [self.dequantized, self.quantized, self.requantized, self.repacks]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.residual, self.lanes, self.q = state["residual"], state["lanes"], state["q"]
+        self.segments = [Segment.from_state(s) for s in state["segments"]]
+        self.tq, self.slots = int(state["tq"]), int(state["slots"])
+        self.dequantized, self.quantized, self.requantized, self.repacks = (int(c) for c in state["counters"])
+
 
 # ------------------------------------------------------------------------------------------------ the layer
 
@@ -767,14 +809,14 @@ class QuantizedKVLayer(KVLayer):
             self.extras[name] = torch.cat([state, pad], dim=2)
         self.seen += q
 
-    def attend(self, queries: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(self, queries: torch.Tensor, scaling: float, window: int | None = None) -> torch.Tensor:
         before = self.dequantized_tokens
         keys, values = self.k.read(), self.v.read()
         self.step_dequantized = self.dequantized_tokens - before
         self._step = (keys, values)
         if self.saliency_window:
             self._probe = (queries[:, :, -self.saliency_window :], scaling)
-        return dense_attention(queries, keys, values, self.valid, scaling)
+        return dense_attention(queries, keys, values, self.valid, scaling, window)
 
     def keep(self, indices: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         ctx = FlushContext("repack", None)
@@ -831,6 +873,21 @@ class QuantizedKVLayer(KVLayer):
         self.extras = {k: v.index_select(0, rows) for k, v in self.extras.items()}
         assert self._shape is not None
         self._shape = (rows.numel(), *self._shape[1:])
+
+    # -- persistence (memfit.contexts) -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"k": self.k.state_dict(), "v": self.v.state_dict(), "valid": self.valid, "extras": dict(self.extras),
+                "seen": self.seen, "shape": self._shape, "dtype": self._dtype,
+                "counters": [self.step_dequantized, self.on_demand_dequantized]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.k.load_state_dict(state["k"])
+        self.v.load_state_dict(state["v"])
+        self.valid, self.extras, self.seen = state["valid"], dict(state["extras"]), int(state["seen"])
+        self._shape = None if state["shape"] is None else tuple(int(x) for x in state["shape"])  # type: ignore[assignment]
+        self._dtype = state["dtype"]
+        self.step_dequantized, self.on_demand_dequantized = (int(c) for c in state["counters"])
+        self._step = self._probe = None
 
     # -- accounting ----------------------------------------------------------------------------------------------
     def nbytes(self) -> int:

@@ -38,6 +38,7 @@ Trade-offs we chose (and the alternatives):
 from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -406,6 +407,18 @@ class RaggedKVLayer(KVLayer):
         self._fresh = None
         self._step_new = None
         self._q_last = 0
+
+    # -- persistence (memfit.contexts) -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"k": self._k, "v": self._v, "x": dict(self._x), "tk": self._tk, "tv": self._tv, "tx": dict(self._tx),
+                "lens": [list(row) for row in self._lens], "heads": self._heads, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._k, self._v, self._tk, self._tv = state["k"], state["v"], state["tk"], state["tv"]
+        self._x, self._tx = dict(state["x"]), dict(state["tx"])
+        self._set_lens([[int(n) for n in row] for row in state["lens"]])
+        self._heads, self.seen = int(state["heads"]), int(state["seen"])
+        self._q_last, self._step_new, self._fresh, self._views = 0, None, None, None
 
     # -- accounting --------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
