@@ -93,20 +93,6 @@ def pad_left(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tens
     return ids, mask
 
 
-def synthetic_prompt(tokenizer: Any, tokens: int, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rows` identical prompts of exactly `tokens` tokens of natural text (the standard library's pydoc topics,
-    repeated if needed): `--context N` for speed and memory runs."""
-    if tokens < 1:
-        raise ConfigError("--context must be a positive number of tokens")
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    while len(ids) < tokens:
-        ids = ids + ids
-    return pad_left([ids[:tokens]] * rows, pad_id=_pad_id(tokenizer))
-
-
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -120,7 +106,6 @@ class Generation:
     decode_steps: int
     peak_memory_bytes: int
     first_logits: torch.Tensor | None = None  # (B, V) next-token logits after the prompt
-    graph_replays: int = 0  # decode steps replayed from a CUDA graph (fast backend)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -158,8 +143,6 @@ def _prefill(
         # a full cache would have held the original prompt: count it in full_nbytes()
         cache.core.skipped_prompt_tokens = int(input_ids.shape[1] - chosen[0].shape[1])
         input_ids, attention_mask = chosen
-    if cache.core.span_rule is not None:  # keep whole words/numbers: span ids of the tokens actually prefilled
-        cache.core.prompt_spans = cache.core.span_rule(input_ids, attention_mask)
     positions = positions_from_mask(attention_mask)
     total = input_ids.shape[1]
     chunk = total if not prefill_chunk or prefill_chunk >= total else int(prefill_chunk)
@@ -227,9 +210,6 @@ def generate(
     mask = attention_mask
     last_pos = positions_from_mask(attention_mask)[:, -1:]
     steps = 0
-    from memfit.graphs import DecodeSteps
-
-    step = DecodeSteps(model, cache)
     t1 = time.perf_counter()
     for i in range(max_new_tokens):
         next_tok = logits.argmax(-1)
@@ -243,12 +223,11 @@ def generate(
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         last_pos = last_pos + 1
-        logits = step(next_tok, mask, last_pos)
+        logits = forward(model, next_tok[:, None], mask, cache, last_pos, logits_to_keep=1)[:, -1]
         steps += 1
     _sync(device)
     decode_seconds = time.perf_counter() - t1
-    return Generation(out, prefill_seconds, decode_seconds, steps, peak_memory(device), first_logits,
-                      graph_replays=step.replays)
+    return Generation(out, prefill_seconds, decode_seconds, steps, peak_memory(device), first_logits)
 
 
 # -- one call that does what `memfit run` does ---------------------------------------------------------------------
@@ -271,10 +250,6 @@ class RunResult:
     decode_tokens_per_second: float
     device: str
     versions: dict[str, str] = field(default_factory=dict)
-    backend: str = "portable"  # which runtime backend ran (memfit.backend)
-    backend_reason: str = ""
-    cuda_graphs: bool = False
-    decode_graph_replays: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -312,23 +287,14 @@ def run(
     device: str = "cpu",
     dtype: str = "auto",
     kv: Any = None,
-    backend: str = "auto",
-    load_format: str = "auto",
-    context: int | None = None,
 ) -> RunResult:
     """Load (or take) a model, compress its KV cache with `method` at `budget`, generate, and measure.
 
     `device` and `dtype` apply when `model` is a spec to load (``"auto"`` device = CUDA when there is one;
     ``"auto"`` dtype = bfloat16 on CUDA, float32 on CPU).
     `kv`: a `memfit.contexts.CompressedContext` (a compressed document): the prompts are questions about it,
-    answered from a copy of its cache with its model and method (`model`, `method`, `budget`... are ignored).
-    `backend`: auto | fast | portable (memfit.backend). `load_format="dummy"`: random weights from a config (a
-    built-in name such as ``llama-3.1-8b``). `context`: ignore `prompt` and feed a `context`-token prompt of natural
-    text (speed and memory runs at a chosen length)."""
+    answered from a copy of its cache with its model and method (`model`, `method`, `budget`... are ignored)."""
     from memfit.api import make_cache
-    from memfit.backend import check_backend
-
-    check_backend(backend)
 
     if kv is not None:
         model = (kv.model, kv.tokenizer)
@@ -337,7 +303,7 @@ def run(
         from memfit.models import load_model
 
         model_name = model
-        mdl, tok = load_model(model, device=device, dtype=dtype, load_format=load_format)
+        mdl, tok = load_model(model, device=device, dtype=dtype)
     else:
         mdl, tok = model
         model_name = getattr(mdl.config, "_name_or_path", "") or type(mdl).__name__
@@ -346,12 +312,11 @@ def run(
         ids, mask = kv.encode_questions(prompts)
         cache = kv.cache(batch=len(prompts))
     else:
-        cache = make_cache(mdl, method, budget, params, allocation=allocation, backend=backend,
-                           reserve=max_new_tokens)
+        cache = make_cache(mdl, method, budget, params, allocation=allocation)
         bind = getattr(cache.method, "bind_tokenizer", None)
         if bind is not None:
             bind(tok)  # KVzip words its reconstruction prompt with the tokenizer
-        ids, mask = synthetic_prompt(tok, context, len(prompts)) if context else encode_prompts(tok, prompts, chat)
+        ids, mask = encode_prompts(tok, prompts, chat)
     eos = getattr(mdl.generation_config, "eos_token_id", None) or tok.eos_token_id
     eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     gen = generate(mdl, ids, mask, cache, max_new_tokens, eos_ids, prefill_chunk)
@@ -376,6 +341,4 @@ def run(
         decode_tokens_per_second=gen.decode_tokens_per_second,
         device=device_name(device),
         versions=versions(),
-        **(cache.backend.to_dict() if getattr(cache, "backend", None) else {}),
-        decode_graph_replays=gen.graph_replays,
     )
