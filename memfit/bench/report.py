@@ -622,7 +622,13 @@ def write_report_md(
             _fmt(s["prefill_seconds"], ".3f"),
             _fmt(s["decode_tokens_per_second"], ".1f"),
         ]
-        r += [_pct(s[c]) if c == "top1" else _fmt(s[c], ".4g") for c in extra]
+        # The full cache is the reference of KL and top-1: comparing it with itself measures nothing.
+        reference = s["method"] == FULL_METHOD
+        for c in extra:
+            if reference and c != "ppl" and s[c] is not None:
+                r.append("reference")
+            else:
+                r.append(_pct(s[c]) if c == "top1" else _fmt(s[c], ".4g"))
         body.append(r)
     parts.append(_md_table(header, body))
 

@@ -972,10 +972,13 @@ def _append_agreement_section(rows: Sequence[Mapping[str, Any]], report: Path) -
     for key in order:
         g, p = groups[key], points.get(key)
         budget = json.loads(key[5])
+        if key[3] == FULL_METHOD:  # the reference itself: agreement, KL and top-1 against itself measure nothing
+            versus = "reference | reference | reference"
+        else:
+            versus = f"{mean(g['agreement'], '.1f', 100.0)} | {mean(g['kl'], '.4f')} | {mean(g['top1'], '.1f', 100.0)}"
         lines.append(
             f"| {key[0]} | {key[1]} | {p['label'] if p else key[3]} | {'–' if budget is None else budget} | "
-            f"{format_bytes(p['kv_bytes_held']) if p else '–'} | {mean(g['agreement'], '.1f', 100.0)} | "
-            f"{mean(g['kl'], '.4f')} | {mean(g['top1'], '.1f', 100.0)} | {mean(g['ppl'], '.3f')} |"
+            f"{format_bytes(p['kv_bytes_held']) if p else '–'} | {versus} | {mean(g['ppl'], '.3f')} |"
         )
     text = report.read_text(encoding="utf-8")
     at = text.find("\n## All results")  # before the long table, right after the losses
