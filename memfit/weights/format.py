@@ -1,0 +1,313 @@
+"""Compressed linear layers: what is stored, how it is packed, and the plain-PyTorch reference matmul.
+
+One module, `CompressedLinear`, replaces an ``nn.Linear``. It holds a *base* term in one of three storage formats
+plus an optional low-rank side branch and the bias:
+
+    y = x @ base(W)^T  [+ (x @ L2^T) @ L1^T]  [+ bias]
+
+Formats (``fmt``), every tensor a registered buffer so ``.to(device)`` and safetensors see it:
+
+* ``"group"`` — dense group quantization with per-group bit widths (RTN, SliM-LLM, the SVDQuant residual).
+  The input dimension is cut into ``n_groups`` column groups of ``group_size`` (the last one padded when
+  ``in_features`` is not a multiple; the padding is stored and counted). Each column group has one bit width in
+  1..8, shared by every output row (SliM-LLM's layout). Groups of equal width form a bucket; bucket ``b`` stores
+  ``codes_b``: uint8 ``(out, n_b * group_size * b / 8)``, the groups in ascending index order, each group's codes
+  packed little-endian into a contiguous bit stream (group_size is a multiple of 8, so every group starts on a
+  byte). ``scales``/``offsets``: fp16 ``(out, n_groups)``; ``group_bits``: uint8 ``(n_groups,)``.
+  A weight decodes as ``code * scale + offset`` (asymmetric; the offset is the group's real-valued minimum, as in
+  HQQ/KIVI, so 1-bit groups can hold SliM-LLM's binarisation ``mu +- alpha``).
+* ``"group_sparse"`` — GQSA: whole (row, group) blocks pruned, the survivors group-quantized at one width. Stored
+  like BSR with 1 x group_size blocks: ``row_ptr`` int32 ``(out+1,)``, ``group_idx`` int16 ``(nnz,)``, ``codes``
+  uint8 ``(nnz, group_size*bits/8)``, ``scales``/``offsets`` fp16 ``(nnz,)``.
+* ``"tiled_csl"`` — Flash-LLM's Tiled-CSL: unstructured sparse weights, tiles of 128 rows x 64 columns, per tile
+  its non-zeros as (fp16 value, int16 in-tile position ``r*64 + c``) = 4 bytes each, ``tile_ptr`` int32
+  ``(n_tiles+1,)`` prefix sums over tiles in row-major tile order. (The paper interleaves value and position in
+  one 32-bit word and swizzles positions for shared-memory banks: GPU-kernel details with the same bytes.)
+
+Low-rank branch: ``lr_l1`` ``(out, r)`` and ``lr_l2`` ``(r, in)`` in fp16 (SVDQuant's 16-bit branch).
+
+The reference matmul never materialises the whole weight: it dequantizes one band of output rows at a time
+(about 1 M weights, a multiple of 128 rows) and multiplies. GPU kernels plug in through `register_kernel`
+(name -> callable taking ``(layer, x)``); when none is registered for the format and device the reference runs.
+``weight_bytes`` is the sum of ``numel * element_size`` over every buffer the layer holds (bias included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.errors import ConfigError
+
+SUPPORTED_BITS = tuple(range(1, 9))
+TILE_ROWS, TILE_COLS = 128, 64  # Flash-LLM's tile shape
+_BAND_WEIGHTS = 1 << 20  # weights dequantized at once by the reference matmul
+FORMATS = ("group", "group_sparse", "tiled_csl")
+
+KernelFn = Callable[["CompressedLinear", torch.Tensor], torch.Tensor]
+_KERNELS: dict[tuple[str, str], tuple[str, KernelFn]] = {}
+
+
+def register_kernel(fmt: str, device_type: str, name: str) -> Callable[[KernelFn], KernelFn]:
+    """Decorator: use ``fn(layer, x) -> y`` (the whole layer, bias and low-rank branch included) for ``fmt`` on
+    ``device_type``. The reference stays the fallback and the oracle a kernel is tested against."""
+
+    def deco(fn: KernelFn) -> KernelFn:
+        _KERNELS[(fmt, device_type)] = (name, fn)
+        return fn
+
+    return deco
+
+
+def kernel_for(fmt: str, device_type: str) -> tuple[str, KernelFn] | None:
+    return _KERNELS.get((fmt, device_type))
+
+
+def check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or int(bits) != bits or int(bits) not in SUPPORTED_BITS:
+        raise ConfigError(f"weight bits must be an integer from 1 to 8, got {bits!r}")
+    return int(bits)
+
+
+def check_group_size(group_size: int) -> int:
+    if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 8 or group_size % 8:
+        raise ConfigError(f"group_size must be a positive multiple of 8, got {group_size!r}")
+    return int(group_size)
+
+
+# -- bit packing ---------------------------------------------------------------------------------------------------
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``(..., n)`` (each < 2**bits) into uint8 ``(..., n * bits / 8)``: a little-endian bit
+    stream (code k occupies stream bits ``[k*bits, (k+1)*bits)``). ``n * bits`` must be a multiple of 8."""
+    n = codes.shape[-1]
+    if (n * bits) % 8:
+        raise ValueError(f"{n} codes of {bits} bits do not fill whole bytes")
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.int16)
+    stream = (codes.to(torch.int16).unsqueeze(-1) >> shifts) & 1  # (..., n, bits)
+    stream = stream.reshape(*codes.shape[:-1], n * bits // 8, 8)
+    weights = torch.tensor([1 << i for i in range(8)], device=codes.device, dtype=torch.int16)
+    return (stream * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: uint8 ``(..., n * bits / 8)`` -> int16 codes ``(..., n)``."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int16)
+    stream = (packed.to(torch.int16).unsqueeze(-1) >> shifts) & 1
+    stream = stream.reshape(*packed.shape[:-1], n, bits)
+    weights = torch.tensor([1 << i for i in range(bits)], device=packed.device, dtype=torch.int16)
+    return (stream * weights).sum(-1, dtype=torch.int16)
+
+
+# -- the module ----------------------------------------------------------------------------------------------------
+class CompressedLinear(nn.Module):
+    """A drop-in for ``nn.Linear`` whose weight is held compressed (see the module docstring for the formats).
+
+    Build it with `from_group`, `from_group_sparse` or `from_tiled_csl`; `add_lowrank` attaches a side branch.
+    ``meta`` holds the JSON-able shape information saved in a quantized folder's manifest."""
+
+    def __init__(self, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown compressed-linear format {fmt!r} (known: {', '.join(FORMATS)})")
+        self.fmt = fmt
+        self.meta = dict(meta)
+        self.in_features = int(meta["in_features"])
+        self.out_features = int(meta["out_features"])
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", bias)
+
+    # -- constructors ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_group(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        offsets: torch.Tensor,
+        group_bits: torch.Tensor,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+    ) -> CompressedLinear:
+        """``codes`` int ``(out, n_groups, group_size)``, ``scales``/``offsets`` ``(out, n_groups)`` (stored
+        fp16), ``group_bits`` ``(n_groups,)`` in 1..8."""
+        out, n_groups, gs = codes.shape
+        group_bits = group_bits.to(torch.uint8).cpu()
+        tensors: dict[str, torch.Tensor] = {
+            "group_bits": group_bits.to(codes.device),
+            "scales": scales.to(torch.float16).contiguous(),
+            "offsets": offsets.to(torch.float16).contiguous(),
+        }
+        for b in sorted(set(group_bits.tolist())):
+            idx = (group_bits == b).nonzero().flatten().to(codes.device)
+            sel = codes.index_select(1, idx).reshape(out, -1)
+            tensors[f"codes_{b}"] = pack_bits(sel, b).contiguous()
+        meta = {"in_features": in_features, "out_features": out, "group_size": gs, "n_groups": n_groups}
+        return cls("group", meta, tensors, bias)
+
+    @classmethod
+    def from_group_sparse(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        offsets: torch.Tensor,
+        keep: torch.Tensor,
+        bits: int,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+    ) -> CompressedLinear:
+        """``codes`` ``(out, n_groups, group_size)``, ``scales``/``offsets`` ``(out, n_groups)``, ``keep`` bool
+        ``(out, n_groups)``: only kept blocks are stored."""
+        out, n_groups, gs = codes.shape
+        rows, gidx = keep.nonzero(as_tuple=True)  # row-major order: CSR over blocks
+        counts = keep.sum(1).to(torch.int64)
+        row_ptr = torch.zeros(out + 1, dtype=torch.int32, device=codes.device)
+        row_ptr[1:] = counts.cumsum(0).to(torch.int32)
+        tensors = {
+            "row_ptr": row_ptr,
+            "group_idx": gidx.to(torch.int16),
+            "codes": pack_bits(codes[rows, gidx], bits).contiguous(),
+            "scales": scales[rows, gidx].to(torch.float16),
+            "offsets": offsets[rows, gidx].to(torch.float16),
+        }
+        meta = {"in_features": in_features, "out_features": out, "group_size": gs, "n_groups": n_groups, "bits": bits}
+        return cls("group_sparse", meta, tensors, bias)
+
+    @classmethod
+    def from_tiled_csl(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> CompressedLinear:
+        """Store the non-zeros of ``weight`` ``(out, in)`` in Tiled-CSL (values rounded to fp16)."""
+        out, inf = weight.shape
+        values = weight.to(torch.float16)
+        nz = values != 0
+        r, c = nz.nonzero(as_tuple=True)
+        tile = (r // TILE_ROWS) * (-(-inf // TILE_COLS)) + c // TILE_COLS
+        order = torch.argsort(tile, stable=True)  # row-major within a tile already; stable keeps it
+        r, c, tile = r[order], c[order], tile[order]
+        n_tiles = (-(-out // TILE_ROWS)) * (-(-inf // TILE_COLS))
+        tile_ptr = torch.zeros(n_tiles + 1, dtype=torch.int32, device=weight.device)
+        tile_ptr[1:] = torch.bincount(tile, minlength=n_tiles).cumsum(0).to(torch.int32)
+        tensors = {
+            "values": values[r, c].contiguous(),
+            "locs": ((r % TILE_ROWS) * TILE_COLS + (c % TILE_COLS)).to(torch.int16),
+            "tile_ptr": tile_ptr,
+        }
+        return cls("tiled_csl", {"in_features": inf, "out_features": out}, tensors, bias)
+
+    def add_lowrank(self, l1: torch.Tensor, l2: torch.Tensor) -> CompressedLinear:
+        """Attach ``W += l1 @ l2`` (``l1`` ``(out, r)``, ``l2`` ``(r, in)``), stored fp16."""
+        self.register_buffer("lr_l1", l1.to(torch.float16).contiguous())
+        self.register_buffer("lr_l2", l2.to(torch.float16).contiguous())
+        self.meta["rank"] = int(l1.shape[1])
+        return self
+
+    # -- accounting --------------------------------------------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor this layer holds (codes, scales, offsets, indices, low-rank factors, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def nbytes(self) -> int:
+        return self.weight_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.weight_bytes / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}, {self.bits_per_weight:.2f} bits/weight"
+
+    # -- dequantization ----------------------------------------------------------------------------------------
+    def band_rows(self) -> int:
+        """Rows dequantized at once by the reference: a multiple of 128 (Flash-LLM's tile height)."""
+        return max(TILE_ROWS, (_BAND_WEIGHTS // max(1, self.in_features)) // TILE_ROWS * TILE_ROWS)
+
+    def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base term's rows ``r0:r1`` as a dense ``(r1 - r0, in_features)`` tensor (no low-rank, no bias)."""
+        if self.fmt == "group":
+            w = self._group_rows(r0, r1)
+        elif self.fmt == "group_sparse":
+            w = self._group_sparse_rows(r0, r1)
+        else:
+            w = self._tiled_csl_rows(r0, r1)
+        return w[:, : self.in_features].to(dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, with_lowrank: bool = True) -> torch.Tensor:
+        """The whole effective weight (tests and calibration only; inference never calls this)."""
+        w = self.dequantize_rows(0, self.out_features, torch.float32)
+        if with_lowrank and getattr(self, "lr_l1", None) is not None:
+            w = w + self.lr_l1.float() @ self.lr_l2.float()
+        return w.to(dtype)
+
+    def _group_rows(self, r0: int, r1: int) -> torch.Tensor:
+        gs, n_groups = self.meta["group_size"], self.meta["n_groups"]
+        bits = self.group_bits.long()
+        w = torch.empty(r1 - r0, n_groups, gs, dtype=torch.float32, device=self.scales.device)
+        scales, offsets = self.scales[r0:r1].float(), self.offsets[r0:r1].float()
+        for b in sorted(set(bits.tolist())):
+            idx = (bits == b).nonzero().flatten()
+            q = unpack_bits(getattr(self, f"codes_{b}")[r0:r1], b, idx.numel() * gs).view(r1 - r0, -1, gs)
+            w[:, idx] = q.float() * scales[:, idx, None] + offsets[:, idx, None]
+        return w.view(r1 - r0, n_groups * gs)
+
+    def _group_sparse_rows(self, r0: int, r1: int) -> torch.Tensor:
+        gs, n_groups, bits = self.meta["group_size"], self.meta["n_groups"], self.meta["bits"]
+        a, b = int(self.row_ptr[r0]), int(self.row_ptr[r1])
+        w = torch.zeros(r1 - r0, n_groups, gs, dtype=torch.float32, device=self.scales.device)
+        if b > a:
+            vals = unpack_bits(self.codes[a:b], bits, gs).float()
+            vals = vals * self.scales[a:b, None].float() + self.offsets[a:b, None].float()
+            counts = (self.row_ptr[r0 + 1 : r1 + 1] - self.row_ptr[r0:r1]).long()
+            rows = torch.repeat_interleave(torch.arange(r1 - r0, device=w.device), counts)
+            w[rows, self.group_idx[a:b].long()] = vals
+        return w.view(r1 - r0, n_groups * gs)
+
+    def _tiled_csl_rows(self, r0: int, r1: int) -> torch.Tensor:
+        if r0 % TILE_ROWS:
+            raise ValueError("tiled_csl bands start on a tile boundary")
+        n_tc = -(-self.in_features // TILE_COLS)
+        t0 = (r0 // TILE_ROWS) * n_tc
+        t1 = min(-(-r1 // TILE_ROWS) * n_tc, self.tile_ptr.numel() - 1)
+        a, b = int(self.tile_ptr[t0]), int(self.tile_ptr[t1])
+        n_rows = (t1 - t0) // n_tc * TILE_ROWS
+        w = torch.zeros(n_rows, n_tc * TILE_COLS, dtype=torch.float32, device=self.values.device)
+        if b > a:
+            counts = (self.tile_ptr[t0 + 1 : t1 + 1] - self.tile_ptr[t0:t1]).long()
+            tiles = torch.repeat_interleave(torch.arange(t1 - t0, device=w.device), counts)
+            locs = self.locs[a:b].long()
+            rows = (tiles // n_tc) * TILE_ROWS + locs // TILE_COLS
+            cols = (tiles % n_tc) * TILE_COLS + locs % TILE_COLS
+            w[rows, cols] = self.values[a:b].float()
+        return w[: r1 - r0]
+
+    # -- matmul ------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        found = kernel_for(self.fmt, x.device.type)
+        if found is not None:
+            return found[1](self, x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize one band of output rows at a time and multiply (plain PyTorch; what CI tests)."""
+        x2 = x.reshape(-1, self.in_features)
+        y = x2.new_empty(x2.shape[0], self.out_features)
+        step = self.band_rows()
+        for r0 in range(0, self.out_features, step):
+            r1 = min(r0 + step, self.out_features)
+            y[:, r0:r1] = x2 @ self.dequantize_rows(r0, r1, x2.dtype).T
+        if getattr(self, "lr_l1", None) is not None:
+            y += (x2 @ self.lr_l2.to(x2.dtype).T) @ self.lr_l1.to(x2.dtype).T
+        if self.bias is not None:
+            y += self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (tied tensors counted once): what the weights cost."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta":
+            continue
+        seen[t.data_ptr() if t.numel() else id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
