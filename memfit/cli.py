@@ -2,27 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from memfit.errors import ConfigError, MemfitError
+from memfit.units import format_bytes
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fit LLM inference into the memory you have.")
+# rich_markup_mode=None: click's plain help and usage errors ("Usage: ... Error: No such option"), which read the
+# same in a narrow terminal, a pipe or a log, and show no type tag such as <bool> after flags that take no value.
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Fit LLM inference into the memory you have.",
+)
 out = Console(soft_wrap=True)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TB"
+def _print_version(value: bool) -> None:
+    if value:
+        from memfit import __version__
+
+        print(f"memfit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print memfit's version and exit."
+    ),
+) -> None:
+    """Fit LLM inference into the memory you have: real KV-cache compression, measured."""
 
 
 def parse_params(items: list[str] | None) -> dict[str, str]:
@@ -48,6 +68,19 @@ def _dtype_option() -> Any:
     )
 
 
+def check_range(option: str, value: int, low: int, high: int | None = None) -> None:
+    """A numeric option outside [low, high] is one ConfigError, raised before any model work."""
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{option} must be {bound}, got {value}")
+
+
+def _interrupted(where: str) -> NoReturn:
+    """Ctrl-C: one line saying what was kept, and the shell's conventional status for SIGINT (128 + 2)."""
+    print(f"interrupted: {where}", file=sys.stderr)
+    raise SystemExit(130)
+
+
 def _check_device(device: str, dtype: str) -> None:
     """Bad --device/--dtype is one clear error before any model work."""
     from memfit.models import resolve_device, resolve_dtype
@@ -55,13 +88,33 @@ def _check_device(device: str, dtype: str) -> None:
     resolve_dtype(dtype, resolve_device(device))
 
 
+def read_text_file(path: Path, what: str = "prompt file") -> str:
+    """A UTF-8 text file's contents; a missing, unreadable or binary file is one ConfigError.
+
+    A binary file (say /bin/ls) decoded with replacement characters becomes a >100K-token prompt that runs for
+    many minutes before anyone sees a problem, so it is refused up front."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if b"\x00" in data[:65536]:
+        raise ConfigError(f"{what} {path} is not a text file (it holds NUL bytes): give a UTF-8 text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{what} {path} is not a text file (invalid UTF-8 at byte {e.start}): give a UTF-8 text file "
+            "(convert with e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt is not None and prompt_file is not None:
         raise ConfigError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise ConfigError(f"prompt file not found: {prompt_file}")
-        text = prompt_file.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(prompt_file)
     elif prompt is not None:
         text = prompt
     elif not sys.stdin.isatty():
@@ -71,6 +124,12 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if not text.strip():
         raise ConfigError("the prompt is empty")
     return text
+
+
+def _on_off(value: str, option: str) -> bool:
+    if value not in ("on", "off"):
+        raise ConfigError(f"{option} takes on or off, got {value!r}")
+    return value == "on"
 
 
 @app.command()
@@ -89,44 +148,106 @@ def run(
     allocation: str = typer.Option(
         "uniform", "--allocation", help="Share the budget: uniform | pyramid (layers) | adakv (heads) | pyramid+adakv."
     ),
+    spans: str = typer.Option(
+        "off", "--spans", help="on | off: when a token is kept, keep the rest of its word or number (same budget)."
+    ),
     device: str = _device_option(),
     dtype: str = _dtype_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    truncate: str = typer.Option(
+        None,
+        "--truncate",
+        help="A prompt longer than the model's context window is refused; --truncate left drops its beginning, "
+        "right its end, until it fits.",
+    ),
+    backend: str = typer.Option(
+        "auto", "--backend",
+        help="auto (fast on CUDA for supported architectures, else portable) | fast (static stores, Triton decode "
+        "kernels, CUDA graphs) | portable (any transformers model, any device). --json names the one that ran.",
+    ),
+    load_format: str = typer.Option(
+        "auto", "--load-format",
+        help="auto (the model's weights) | dummy (random weights from a config: --model llama-3.1-8b, qwen2.5-7b, "
+        "gemma-3-1b, smollm2-135m or a config.json; for speed and memory runs).",
+    ),
+    context: int = typer.Option(
+        None, "--context", help="Without a prompt: feed an N-token prompt of natural text (speed and memory runs)."
+    ),
 ) -> None:
     """Generate an answer with a compressed KV cache and report what it held."""
     from memfit.core.budget import Budget
     from memfit.core.method import build_policy
+    from memfit.window import TRUNCATE_SIDES
 
-    text = read_prompt(prompt, prompt_file)
+    from memfit.backend import check_backend
+    from memfit.models import check_load_format
+
+    check_backend(backend)
+    check_load_format(load_format)
+    if context is not None:
+        check_range("--context", context, 1)
+        if prompt is not None or prompt_file is not None:
+            raise ConfigError("give either --context N (a generated N-token prompt) or a prompt, not both")
+    if backend == "fast":  # before any model work: a CPU run cannot use the fast backend
+        from memfit.backend import fast_on_cpu
+        from memfit.models import resolve_device
+
+        if resolve_device(device).type != "cuda" and not fast_on_cpu():
+            raise ConfigError("--backend fast needs a CUDA device (its kernels and CUDA graphs are GPU-only): use "
+                              "--device cuda on a machine with a GPU, or --backend portable")
+    text = read_prompt(prompt, prompt_file) if context is None else ""
     params = parse_params(param)
     build_policy(method, Budget.parse(budget), params)  # validate (composed names too) before loading the model
     from memfit.core.allocation import parse_allocation
 
     parse_allocation(allocation)
+    check_range("--max-new-tokens", max_new_tokens, 0)
+    if prefill_chunk is not None:
+        check_range("--prefill-chunk", prefill_chunk, 1)
+    if truncate is not None and truncate not in TRUNCATE_SIDES:
+        raise ConfigError(f"--truncate must be 'left' (drop the beginning) or 'right' (drop the end), got {truncate!r}")
     _check_device(device, dtype)
     from memfit.engine import run as run_engine
+    from memfit.models import load_model
+    from memfit.window import context_window, fit_prompts
 
-    result = run_engine(
-        text,
-        model=model,
-        method=method,
-        budget=budget,
-        params=params,
-        max_new_tokens=max_new_tokens,
-        chat=chat,
-        prefill_chunk=prefill_chunk,
-        allocation=allocation,
-        device=device,
-        dtype=dtype,
-    )
+    try:
+        pair = load_model(model, device=device, dtype=dtype, load_format=load_format)
+        window = context_window(pair[0])
+        if context is not None and window is not None and context + max_new_tokens > window:
+            raise ConfigError(f"--context {context} + --max-new-tokens {max_new_tokens} is more than the model's "
+                              f"context window ({window} positions): use a smaller --context")
+        fitted = text if context is not None else fit_prompts(
+            pair[1], [text], chat=chat, window=context_window(pair[0]), new_tokens=max_new_tokens,
+            truncate=truncate, method=method, budget=budget, prefill_chunk=prefill_chunk,
+        )[0]
+        if fitted != text:
+            print(f"memfit: --truncate {truncate}: the prompt was cut to fit the model's context window", file=sys.stderr)
+        result = run_engine(
+            fitted,
+            model=pair,
+            method=method,
+            budget=budget,
+            params=params,
+            max_new_tokens=max_new_tokens,
+            chat=chat,
+            prefill_chunk=prefill_chunk,
+            allocation=allocation,
+            spans=_on_off(spans, "--spans"),
+            backend=backend,
+            context=context,
+        )
+    except KeyboardInterrupt:
+        _interrupted("nothing was written")
+    result.model = model  # the spec the user gave ("default"), not the cache folder it resolved to
     if as_json:
         print(json.dumps(result.to_dict()))
         return
     print(result.text)
     out.print(
         f"[dim]memfit[/] {result.method} budget={result.budget} · prompt {result.prompt_tokens} tok · "
-        f"KV {human_bytes(result.kv_bytes_full)} full → {human_bytes(result.kv_bytes_held)} held "
-        f"({result.compression_ratio:.2f}x) · peak {human_bytes(result.peak_memory_bytes)} · "
+        f"KV {format_bytes(result.kv_bytes_full)} full → {format_bytes(result.kv_bytes_held)} held "
+        f"({result.compression_ratio:.2f}x) · peak {format_bytes(result.peak_memory_bytes)} · "
         f"prefill {result.prefill_seconds:.2f} s · decode {result.decode_tokens_per_second:.1f} tok/s",
         highlight=False,
     )
@@ -206,6 +327,10 @@ def bench(
         help="Comma-separated budget allocations to bench each eviction method with: uniform | pyramid (layers) | "
         "adakv (heads) | pyramid+adakv; non-uniform rows record it as the parameter 'allocation'.",
     ),
+    spans: str = typer.Option(
+        "off", "--spans", help="off | on | off,on: keep whole words/numbers when one token is selected (rows with "
+        "'on' record the parameter 'spans')."
+    ),
     device: str = _device_option(),
     dtype: str = _dtype_option(),
     param: list[str] = typer.Option(
@@ -228,35 +353,53 @@ def bench(
     64-token continuation. 4 samples per task keep the 4-method x 3-budget bench near 20 min of single-thread
     CPU time (less on 2 cores).
     """
-    from memfit.bench.report import format_bytes, quality_points
+    from memfit.bench.report import quality_points
     from memfit.bench.runner import parse_budgets, parse_list, route_params, run_bench
 
     method_list = parse_list(methods, "methods")
+    check_range("--context", context, 64)
+    check_range("--samples", samples, 1)
+    check_range("--batch-size", batch_size, 1)
+    if max_new_tokens is not None:
+        check_range("--max-new-tokens", max_new_tokens, 1)
+    if corpus is not None:
+        read_text_file(corpus, "corpus file")
     _check_device(device, dtype)
-    result = run_bench(
-        model,
-        methods=method_list,
-        budgets=parse_budgets(budgets),
-        tasks=parse_list(tasks, "tasks"),
-        context=context,
-        samples=samples,
-        corpus=corpus,
-        out=out_dir,
-        seed=seed,
-        filler=filler,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        chat=chat,
-        params=route_params(method_list, parse_params(param)) if param else None,
-        allocations=parse_list(allocation, "allocation"),
-        device=device,
-        dtype=dtype,
-    )
-    table = Table(title=f"memfit bench · {out_dir}")
-    for col in ("method", "budget", "context", "KV held", "ratio", "quality %", "loss pts", "KL", "top-1 %"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for p in quality_points(result.rows):
-        table.add_row(
+    created = make_out_dir(out_dir)  # last check: a folder we cannot write is refused before any model work
+    try:
+        result = run_bench(
+            model,
+            methods=method_list,
+            budgets=parse_budgets(budgets),
+            tasks=parse_list(tasks, "tasks"),
+            context=context,
+            samples=samples,
+            corpus=corpus,
+            out=out_dir,
+            seed=seed,
+            filler=filler,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            chat=chat,
+            params=route_params(method_list, parse_params(param)) if param else None,
+            allocations=parse_list(allocation, "allocation"),
+            spans=parse_list(spans, "spans"),
+            device=device,
+            dtype=dtype,
+        )
+    except MemfitError:
+        for d in created:  # a bad option found later: leave no empty folder behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    except KeyboardInterrupt:
+        _interrupted(
+            f"every finished row is in {out_dir / 'results.jsonl'}; run the same command again to resume "
+            "(summary.csv and report.md are written when a run completes)"
+        )
+    headers = ("method", "budget", "context", "KV held", "ratio", "quality %", "loss pts", "KL", "top-1 %")
+    rows = [
+        (
             p["label"],
             "–" if p["budget"] is None else str(p["budget"]),
             str(p["context"]),
@@ -267,7 +410,10 @@ def bench(
             "–" if p["kl"] is None else f"{p['kl']:.4f}",
             "–" if p["top1"] is None else f"{100 * p['top1']:.1f}",
         )
-    out.print(table)
+        for p in quality_points(result.rows)
+    ]
+    print(f"memfit bench · {out_dir}")
+    print(plain_table(headers, rows))
     out.print(
         f"[dim]memfit bench[/] {len(result.new_rows)} new rows, {result.skipped} already done · "
         f"{result.seconds:.0f} s wall, {result.cpu_seconds:.0f} s CPU · "
@@ -276,29 +422,51 @@ def bench(
     )
 
 
-def main() -> None:
+def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell, first column left-aligned, the rest right-aligned.
+
+    Plain text rather than a rich Table: rich squeezes a table to 80 columns when output is redirected and cuts
+    the headers; this reads the same in a terminal, a pipe or a log file (wide terminals not needed)."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def make_out_dir(path: Path) -> list[Path]:
+    """Create the output folder (with its parents) or raise one ConfigError saying why it cannot be used.
+
+    Returns the folders it created, outermost first, so a caller that fails later can remove them again."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path} is a file: give a folder (results.jsonl, summary.csv... are written inside)")
+    missing = [p for p in [path, *path.parents] if not p.exists()][::-1]
     try:
-        app(standalone_mode=False)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {path}: cannot create this folder ({e.strerror or e}); give a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {path}: the folder is not writable; give a writable folder")
+    return missing
+
+
+def main() -> None:
+    """Console entry point. Click prints usage errors (usage text, exit 2) and --help itself; memfit's own errors
+    are one `error:` line on stderr and exit 2; Ctrl-C is exit 130 (commands say what they kept)."""
+    try:
+        app(prog_name="memfit")
     except MemfitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except FileNotFoundError as exc:
         print(f"error: file not found: {exc.filename or exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a command (while importing or parsing)
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
-            raise SystemExit(1) from None
-        raise
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from memfit.bench.tasks import TEXT_TASKS as _TASK_TEXT_TASKS
+from memfit.units import format_bytes
 
 __all__ = [
     "FULL_METHOD",
@@ -394,18 +395,6 @@ def quality_points(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------------- outputs
-
-
-def format_bytes(n: float | None) -> str:
-    """Human-readable bytes (binary units): ``1536`` -> ``1.5 KiB``."""
-    if n is None:
-        return "–"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _csv_value(v: Any) -> Any:
