@@ -63,6 +63,13 @@ _LINK_URL = re.compile(r"\]\([^)\s]*\)")
 _VERSION = re.compile(r"\d+\.\d+\.\d+\S*")
 _FIELD_UNITS = {u.lower(): u for u in BYTE_UNITS if u != "B"}
 _FIELD_UNIT = re.compile(r"_(" + "|".join(_FIELD_UNITS) + r")$")
+_FUNCS = {
+    "min": min,
+    "max": max,
+    "sum": sum,
+    "abs": lambda xs: abs(xs[0]),
+    "mean": lambda xs: sum(xs) / len(xs),
+}
 _SELECTOR = re.compile(r"([A-Za-z_]\w*)\[([^\]]*)\]")
 
 
@@ -107,9 +114,12 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 def _get(row: Any, dotted: str) -> Any:
     for part in dotted.split("."):
-        if not isinstance(row, dict) or part not in row:
+        if isinstance(row, list) and part.isdigit() and int(part) < len(row):  # list items: kl_per_step.0
+            row = row[int(part)]
+        elif isinstance(row, dict) and part in row:
+            row = row[part]
+        else:
             return _MISSING
-        row = row[part]
     return row
 
 
@@ -159,14 +169,19 @@ class Scope:
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     _files: dict[Path, list[dict[str, Any]]] = field(default_factory=dict)
 
-    def select(self, source: str, selector: str) -> dict[str, Any]:
+    def select(self, source: str, selector: str) -> Any:
+        """The one row of ``source`` that matches ``selector`` (``k=v,...``); with a ``*`` term, every matching row
+        (a list, for mean/min/max/sum over rows)."""
         if source not in self.sources:
             raise ClaimError(f"unknown source '{source}' (define it: <!--= def {source} = path/to/file.jsonl -->)")
         path = self.sources[source]
         if path not in self._files:
             self._files[path] = load_rows(path)
-        conds = []
+        conds, many = [], False
         for part in _split_top(selector, ","):
+            if part == "*":
+                many = True
+                continue
             key, eq, raw = part.partition("=")
             if not eq:
                 raise ClaimError(f"selector term '{part}' is not key=value")
@@ -176,8 +191,11 @@ class Scope:
                 want = raw
             conds.append((key.strip(), want))
         hits = [r for r in self._files[path] if all(_same(_get(r, k), v) for k, v in conds)]
+        if many and hits:
+            return hits
         if len(hits) != 1:
-            raise ClaimError(f"{source}[{selector}] matches {len(hits)} rows of {path.relative_to(self.root)}, not 1")
+            where = path.relative_to(self.root) if path.is_relative_to(self.root) else path
+            raise ClaimError(f"{source}[{selector}] matches {len(hits)} rows of {where}, not 1")
         return hits[0]
 
     def define(self, name: str, value: str) -> None:
@@ -209,7 +227,7 @@ def evaluate(expr: str, scope: Scope, local: dict[str, dict[str, Any]]) -> Value
     names = {**scope.rows, **local, **inline}
     saw_bytes = False
 
-    def ev(node: ast.AST) -> float:
+    def ev(node: ast.AST) -> Any:
         nonlocal saw_bytes
         if isinstance(node, ast.Expression):
             return ev(node.body)
@@ -220,37 +238,55 @@ def evaluate(expr: str, scope: Scope, local: dict[str, dict[str, Any]]) -> Value
             return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}.get(type(node.op), a / b if b else math.nan)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -ev(node.operand)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max", "abs"):
-            return {"min": min, "max": max, "abs": abs}[node.func.id](*(ev(a) for a in node.args))
-        if isinstance(node, ast.Attribute):
-            path = []
-            while isinstance(node, ast.Attribute):
-                path.append(node.attr)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS:
+            args = [ev(a) for a in node.args]
+            flat = [x for a in args for x in (a if isinstance(a, list) else [a])]
+            return _FUNCS[node.func.id](flat)
+        if isinstance(node, ast.Attribute | ast.Subscript):
+            path = []  # row.field.sub[2] -> ["2", "sub", "field"]
+            while isinstance(node, ast.Attribute | ast.Subscript):
+                if isinstance(node, ast.Attribute):
+                    path.append(node.attr)
+                elif isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int):
+                    path.append(str(node.slice.value))
+                else:
+                    raise ClaimError(f"'{expr}': only constant list indexes are allowed")
                 node = node.value
             if not isinstance(node, ast.Name) or node.id not in names:
                 raise ClaimError(f"'{expr}': unknown row '{getattr(node, 'id', '?')}'")
             dotted = ".".join(reversed(path))
-            value = _get(names[node.id], dotted)
-            if isinstance(value, str):
-                try:
-                    value = float(value)
-                except ValueError:
-                    value = _MISSING
-            if value is _MISSING or value is None or isinstance(value, bool):
-                raise ClaimError(f"'{expr}': field '{dotted}' is missing or not a number in row '{node.id}'")
-            leaf = path[0]
-            unit = _FIELD_UNIT.search(leaf)
-            if unit:  # a field already in a byte unit, e.g. peak_gib: back to bytes, like every bytes field
-                value = float(value) * BYTE_UNITS[_FIELD_UNITS[unit.group(1)]]
-            saw_bytes = saw_bytes or "bytes" in leaf or unit is not None
-            return float(value)
-        raise ClaimError(f"'{expr}': only row.field, numbers, + - * /, min, max and abs are allowed")
+            base = names[node.id]
+            if isinstance(base, list):  # a "*" selector: the field of every row, for mean/min/max/sum
+                return [field_value(r, dotted, node.id) for r in base]
+            return field_value(base, dotted, node.id)
+        raise ClaimError(f"'{expr}': only row.field, numbers, + - * /, min, max, mean, sum and abs are allowed")
+
+    def field_value(row: dict[str, Any], dotted: str, name: str) -> float:
+        nonlocal saw_bytes
+        path = list(reversed(dotted.split(".")))
+        value = _get(row, dotted)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                value = _MISSING
+        if value is _MISSING or value is None or isinstance(value, bool):
+            raise ClaimError(f"'{expr}': field '{dotted}' is missing or not a number in row '{name}'")
+        leaf = next(p for p in path if not p.isdigit())
+        unit = _FIELD_UNIT.search(leaf)
+        if unit:  # a field already in a byte unit, e.g. peak_gib: back to bytes, like every bytes field
+            value = float(value) * BYTE_UNITS[_FIELD_UNITS[unit.group(1)]]
+        saw_bytes = saw_bytes or "bytes" in leaf or unit is not None
+        return float(value)
 
     try:
         tree = ast.parse(py, mode="eval")
     except SyntaxError as exc:
         raise ClaimError(f"'{expr}' is not a valid reference expression") from exc
-    return Value(ev(tree), saw_bytes)
+    value = ev(tree)
+    if isinstance(value, list):
+        raise ClaimError(f"'{expr}' gives several values: wrap it in mean(), min(), max() or sum()")
+    return Value(value, saw_bytes)
 
 
 # ------------------------------------------------------------------------------------------------ documents
@@ -405,7 +441,7 @@ def check_document(path: Path, root: Path = ROOT, name: str | None = None) -> Re
     scope = Scope(root)
     for m in _MARK.finditer(text):  # definitions first, so a reference may use a name defined further down
         body = m.group(1).strip()
-        if body.startswith("def "):
+        if re.match(r"def\s", body):
             for item in _split_top(body[4:], ";"):
                 key, eq, value = item.partition("=")
                 try:
@@ -452,9 +488,12 @@ def check_document(path: Path, root: Path = ROOT, name: str | None = None) -> Re
                         alias, _, sel = item.partition("=")
                         sm = _SELECTOR.fullmatch(sel)
                         try:
-                            if not sm:
-                                raise ClaimError(f"row alias '{item}' is not name=source[selector]")
-                            local[alias] = scope.select(sm.group(1), sm.group(2))
+                            if sel in scope.rows:
+                                local[alias] = scope.rows[sel]
+                            elif not sm:
+                                raise ClaimError(f"row alias '{item}' is neither a defined row nor source[selector]")
+                            else:
+                                local[alias] = scope.select(sm.group(1), sm.group(2))
                         except ClaimError as exc:
                             report.errors.append(f"{where}:{line_of(offset)}: {exc}")
         for i, (c_off, cell) in enumerate(cells):
@@ -498,7 +537,7 @@ def _check_segments(block: str, offset: int, marks: list[re.Match[str]], scope: 
         body = mk.group(1).strip()
         seg = _MARK.sub(lambda m: _blank(m.group(0)), block[pos : mk.start()])
         nums = numbers(seg, lambda p, o=offset + pos: line_of(o + p))
-        if body.startswith(("row ", "columns ", "def ")):
+        if body.startswith(("row ", "columns ")) or re.match(r"def\s", body):
             exprs: list[str] = []
         else:
             exprs = _split_top(body, " ")

@@ -6,16 +6,22 @@ fake-quantized with KIVI's grouping, written here from the paper; (2) memfit's k
 (the same tokens quantized); (3) memfit's kivi with the official block rule (at T = 2048 = 16 x 128 every key is
 quantized). (1) and (2) agreeing says the loss is the quantizer's, not memfit's; (2) vs (3) is the rule's effect.
 
-    python benchmarks/kivi_reference_kl.py
+    python benchmarks/kivi_reference_kl.py --out benchmarks/results/kivi_reference_kl.jsonl
+
+One JSON line per (prompt, cache): the per-step KLs, and for memfit's caches the largest per-step difference from the
+fake-quantized reference's KL; each line carries its provenance (machine, versions, commit, command).
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from transformers import DynamicCache
 
 from memfit.adapters.transformers import _cache_kwarg, forward
 from memfit.api import make_cache
+from memfit.bench.provenance import ResultWriter
 from memfit.bench.tasks import generate_samples
 from memfit.engine import positions_from_mask
 from memfit.models import load_model
@@ -67,9 +73,12 @@ def memfit_run(model, ids, cont, params: dict) -> list[torch.Tensor]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the JSON lines here too (the file is started afresh)")
+    args = ap.parse_args()
     model, tok = load_model("default", progress=False)
-    with torch.no_grad():
-        for s in generate_samples("fidelity", tok, 2048, 2, seed=0):
+    with torch.no_grad(), ResultWriter(args.out) as writer:
+        for i, s in enumerate(generate_samples("fidelity", tok, 2048, 2, seed=0)):
             ids, cont = torch.tensor([s.prompt_ids]), torch.tensor([s.continuation_ids[:STEPS]])
             full = dynamic_run(model, ids, cont, quantize=False)
             runs = {
@@ -77,9 +86,14 @@ def main() -> None:
                 "memfit kivi sliding": memfit_run(model, ids, cont, {"key_residual": "sliding"}),
                 "memfit kivi block": memfit_run(model, ids, cont, {}),
             }
-            print(f"prompt of {ids.shape[1]} tokens, KL to the full cache per step:")
-            for name, logits in runs.items():
-                print(f"  {name:24s}", [round(kl(a, b), 4) for a, b in zip(full, logits, strict=True)], flush=True)
+            kls = {name: [kl(a, b) for a, b in zip(full, logits, strict=True)] for name, logits in runs.items()}
+            reference = kls["fake-quant DynamicCache"]
+            for name, per_step in kls.items():
+                row = {"prompt": i, "prompt_tokens": int(ids.shape[1]), "steps": STEPS, "cache": name,
+                       "kl_per_step": per_step, "kl_first": per_step[0]}
+                if name != "fake-quant DynamicCache":
+                    row["max_abs_kl_diff_vs_fake_quant"] = max(abs(a - b) for a, b in zip(per_step, reference, strict=True))
+                writer.write(row)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,19 @@
 The bench runs the default model in fp32 on CPU, so its compression ratios are against an fp32 cache. A quantizer's
 packed codes do not shrink with the model's dtype, but its full-precision residual window and its scales do, so
 against a bf16 cache (what a GPU user holds) the ratios are lower. This script measures both on one 2K-token
-needle prompt of the bench (seed 0) and prints one JSON line per (dtype, configuration).
+needle prompt of the bench (seed 0) and writes one JSON line per (dtype, configuration), with its provenance
+(machine, versions, commit, command), to ``--out`` (and stdout):
 
-    python benchmarks/kv_bytes_by_dtype.py > benchmarks/results/kv_bytes_by_dtype.jsonl
+    python benchmarks/kv_bytes_by_dtype.py --out benchmarks/results/kv_bytes_by_dtype.jsonl
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 
 import torch
 
+from memfit.bench.provenance import ResultWriter
 from memfit.bench.tasks import generate_samples
 from memfit.engine import run
 from memfit.models import load_model
@@ -30,17 +32,26 @@ CONFIGS: list[tuple[str, float | None, dict[str, object]]] = [
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the JSON lines here too (the file is started afresh)")
+    args = ap.parse_args()
     torch.set_num_threads(1)
-    for dtype in ("bfloat16", "float32"):
-        model, tok = load_model("default", dtype=dtype, progress=False)
-        sample = generate_samples("niah_single_number", tok, 2048, 1, seed=0)[0]
-        for method, budget, params in CONFIGS:
-            r = run(sample.prompt, model=(model, tok), method=method, budget=budget, params=dict(params),
-                    max_new_tokens=16, chat=False)
-            print(json.dumps({"dtype": dtype, "method": method, "budget": budget, "params": params,
-                              "prompt_tokens": r.prompt_tokens, "kv_bytes_full": r.kv_bytes_full,
-                              "kv_bytes_held": r.kv_bytes_held, "compression_ratio": round(r.compression_ratio, 2),
-                              "answer": r.text[:16]}), flush=True)
+    with ResultWriter(args.out) as out:
+        for dtype in ("bfloat16", "float32"):
+            measure(dtype, out)
+
+
+def measure(dtype: str, out: ResultWriter) -> None:
+    """One JSON line per configuration with the default model loaded in ``dtype``."""
+    model, tok = load_model("default", dtype=dtype, progress=False)
+    sample = generate_samples("niah_single_number", tok, 2048, 1, seed=0)[0]
+    for method, budget, params in CONFIGS:
+        r = run(sample.prompt, model=(model, tok), method=method, budget=budget, params=dict(params),
+                max_new_tokens=16, chat=False)
+        out.write({"dtype": dtype, "method": method, "budget": budget, "params": params,
+                   "prompt_tokens": r.prompt_tokens, "kv_bytes_full": r.kv_bytes_full,
+                   "kv_bytes_held": r.kv_bytes_held, "compression_ratio": r.compression_ratio,
+                   "answer": r.text[:16]})
 
 
 if __name__ == "__main__":
