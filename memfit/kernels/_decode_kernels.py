@@ -384,7 +384,9 @@ def _h2o_score_kernel(
     for t0 in range(c0, c1, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         in_cap = offs_t < c1
-        valid = offs_t < n
+        # a tile may run past its chunk (chunk not a multiple of BLOCK_T): those slots belong to the next chunk's
+        # program, so they are neither updated nor candidates here (else they would be counted twice)
+        valid = in_cap & (offs_t < n)
         s = tl.load(lg_base + offs_t[None, :], mask=gmask[:, None] & valid[None, :], other=float("-inf"))
         p = tl.exp2(s - mx[:, None]) * inv[:, None]
         a = tl.load(a_base + offs_t, mask=valid, other=0.0)
