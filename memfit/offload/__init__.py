@@ -28,7 +28,7 @@ import torch
 from memfit.errors import ConfigError
 from memfit.offload.streamer import OffloadStats, WeightStreamer, make_hook
 
-__all__ = ["POLICIES", "Offload", "OffloadStats", "attach_offload", "format_bytes", "parse_bytes"]
+__all__ = ["POLICIES", "Layout", "Offload", "layout", "OffloadStats", "attach_offload", "format_bytes", "parse_bytes"]
 
 POLICIES = ("auto", "superpipeline", "tpi", "pregated", "ondemand")
 
@@ -119,8 +119,6 @@ def attach_offload(
     The model may sit anywhere (CPU memory, typically) when this is called; afterwards its resident weights are on
     `device` and forward calls stream the others. Raises ConfigError when even the smallest window does not fit,
     saying the minimum."""
-    from memfit.adapters.transformers_offload import moe_blocks, set_experts_eager
-
     budget = parse_bytes(weights_memory)
     dev = torch.device(device)
     name = resolve_policy(model, policy, offload_dir)
@@ -136,96 +134,144 @@ def attach_offload(
     tier = "disk" if folder is not None else "cpu"
     streamer = WeightStreamer(dev, name)
 
+    lay = layout(model, name, budget, window, prefetch)
+    _place_resident(model, lay.other, dev)
+    if lay.moe_blocks:
+        from memfit.adapters.transformers_offload import set_experts_eager
+        from memfit.offload.pregated_moe import install_experts
+
+        set_experts_eager(model)
+        keys = [(blk.layer, e) for blk in lay.moe_blocks for e in range(int(blk.experts.num_experts))]
+        homes = {key: "device" if i < lay.resident else tier for i, key in enumerate(keys)}
+        install_experts(lay.moe_blocks, streamer, homes, max(lay.window, 2), folder, prefetch=name == "pregated")
+    else:
+        from memfit.offload.window import Window
+
+        units = [streamer.add_unit(n, ps, "device" if i < lay.resident else tier, folder)
+                 for i, (n, ps) in enumerate(zip(lay.unit_names, lay.unit_params, strict=True))]
+        streamed = [u for u in units if u.home != "device"]
+        if streamed:
+            win = Window(streamer, streamed, lay.window, lay.prefetch, lay.release_before)
+            for m, u in zip(lay.unit_modules, units, strict=True):
+                if u.home != "device":
+                    streamer.attach(m, make_hook(pre=lambda _m, _a, _k, _u=u: win.before(_u),
+                                                 post=lambda _m, _u=u: win.after(_u)))
+    other_bytes = lay.other_bytes
+    window_bytes = lay.window_bytes
+    streamer.stats.window_units = lay.window if lay.resident < len(lay.unit_sizes) else 0
+    streamer.stats.bytes_resident_device += other_bytes
+    streamer.stats.extra["tier"] = tier
+    handle = model.register_forward_pre_hook(_step_counter(streamer), with_kwargs=True)
+    return Offload(streamer, name, budget, window_bytes, temp_dir, [handle])
+
+
+
+@dataclass
+class Layout:
+    """Where a model's weights go under a weights budget (works on a meta-device model: no weights needed)."""
+
+    policy: str
+    budget: int
+    other: dict[str, torch.nn.Parameter]  # always on the device
+    other_bytes: int  # + buffers
+    unit_names: list[str]
+    unit_sizes: list[int]
+    resident: int  # the first `resident` units stay on the device
+    window: int  # streamed units the device holds at once (MoE: the expert cache's capacity)
+    prefetch: int = 0
+    release_before: bool = False
+    unit_modules: list[torch.nn.Module] = field(default_factory=list)
+    unit_params: list[dict[str, torch.nn.Parameter]] = field(default_factory=list)
+    moe_blocks: list[Any] = field(default_factory=list)
+    minimum: int = 0  # the smallest budget this policy accepts for this model
+
+    @property
+    def streamed(self) -> int:
+        return len(self.unit_sizes) - self.resident
+
+    @property
+    def window_bytes(self) -> int:
+        return min(self.window, self.streamed) * max(self.unit_sizes, default=0) if self.streamed else 0
+
+    @property
+    def device_bytes(self) -> int:
+        """Weight bytes on the device at most: resident + a full window."""
+        return self.other_bytes + sum(self.unit_sizes[: self.resident]) + self.window_bytes
+
+
+def layout(
+    model: torch.nn.Module, policy: str, budget: int, window: int | None = None, prefetch: int | None = None,
+) -> Layout:
+    """Split `model`'s weights for `policy` ('superpipeline', 'tpi', 'pregated'/'ondemand') under `budget` bytes.
+    Raises ConfigError, saying the minimum, when the budget is below it."""
+    from memfit.adapters.transformers_offload import moe_blocks
+
     all_params = dict(model.named_parameters(remove_duplicate=False))
     buffers_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-    if name in ("pregated", "ondemand"):
+    if policy in ("pregated", "ondemand"):
         blocks = moe_blocks(model)
-        set_experts_eager(model)
         expert_ids = {id(p) for b in blocks for p in (b.experts.gate_up_proj, b.experts.down_proj)}
         other = {n: p for n, p in all_params.items() if id(p) not in expert_ids}
         other_bytes = _param_bytes({str(id(p)): p for p in other.values()}) + buffers_bytes
         ex = blocks[0].experts
         unit_bytes = (ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()) * ex.gate_up_proj.element_size()
-        n_units = sum(int(b.experts.num_experts) for b in blocks)
-        room = (budget - other_bytes) // unit_bytes
-        if room < 2:
-            need = other_bytes + 2 * unit_bytes
+        names = [f"layer{b.layer}.expert{e}" for b in blocks for e in range(int(b.experts.num_experts))]
+        n_units = len(names)
+        need = other_bytes + 2 * unit_bytes
+        if budget < need:
             raise ConfigError(
                 f"--weights-memory {format_bytes(budget)} is below the minimum for streaming this MoE model's "
                 f"experts: {format_bytes(need)} (non-expert weights {format_bytes(other_bytes)} stay on the device, "
                 f"plus 2 experts of {format_bytes(unit_bytes)}). Pass --weights-memory {format_bytes(need)} or more."
             )
-        _place_resident(model, other, dev)
+        room = (budget - other_bytes) // unit_bytes
         # the cache holds up to two layers' experts (the paper: about two blocks of active experts); what the
         # budget allows beyond it stays resident, first layers first
-        epl = int(ex.num_experts)
-        capacity = 0 if room >= n_units else min(room, 2 * epl)
+        capacity = 0 if room >= n_units else min(room, 2 * int(ex.num_experts))
         resident = n_units if room >= n_units else room - capacity
-        keys = [(blk.layer, e) for blk in blocks for e in range(int(blk.experts.num_experts))]
-        homes = {key: "device" if i < resident else tier for i, key in enumerate(keys)}
-        from memfit.offload.pregated_moe import install_experts
+        return Layout(policy, budget, other, other_bytes, names, [unit_bytes] * n_units, int(resident),
+                      int(capacity), moe_blocks=blocks, minimum=need)
+    from memfit.offload.superpipeline import Superpipeline
+    from memfit.offload.tpi_window import TPIWindow
 
-        install_experts(blocks, streamer, homes, max(capacity, 2), folder, prefetch=name == "pregated")
-        streamer.stats.window_units = capacity
-        window_bytes = capacity * unit_bytes
+    pol = Superpipeline() if policy == "superpipeline" else TPIWindow()
+    if window is not None:
+        if window < 1:
+            raise ConfigError("--offload-window must be >= 1")
+        pol.window = window
+        if isinstance(pol, TPIWindow):
+            pol.__post_init__()
+    if prefetch is not None and isinstance(pol, Superpipeline):
+        pol.prefetch = prefetch
+    modules = pol.unit_modules(model)
+    unit_params = [dict(m.named_parameters()) for _, m in modules]
+    in_units = {id(p) for ps in unit_params for p in ps.values()}
+    # a weight also reached from outside its unit (tied) stays resident with the rest
+    ids = {id(m) for _, m in modules}
+    prefixes = [n + "." for n, m in model.named_modules() if id(m) in ids]
+    outside = {id(p) for n, p in all_params.items() if id(p) in in_units and not _owned_by(n, prefixes)}
+    unit_params = [{n: p for n, p in ps.items() if id(p) not in outside} for ps in unit_params]
+    in_units -= outside
+    other = {n: p for n, p in all_params.items() if id(p) not in in_units}
+    other_bytes = _param_bytes({str(id(p)): p for p in other.values()}) + buffers_bytes
+    sizes = [_param_bytes(ps) for ps in unit_params]
+    largest, total = max(sizes), sum(sizes)
+    k = pol.window
+    need = other_bytes + k * largest
+    if budget < need:
+        raise ConfigError(
+            f"--weights-memory {format_bytes(budget)} is below the minimum for this model with --offload-policy "
+            f"{policy}: {format_bytes(need)} (embeddings, norms and head stay on the device: "
+            f"{format_bytes(other_bytes)}; plus a window of {k} units of {format_bytes(largest)}). Pass "
+            f"--weights-memory {format_bytes(need)} or more"
+            + (", or --offload-window 1 (no prefetch: every unit stalls)" if k > 1 else "") + "."
+        )
+    if budget >= other_bytes + total:
+        resident = len(modules)
     else:
-        from memfit.offload.superpipeline import Superpipeline
-        from memfit.offload.tpi_window import TPIWindow
-
-        pol = Superpipeline() if name == "superpipeline" else TPIWindow()
-        if window is not None:
-            if window < 1:
-                raise ConfigError("--offload-window must be >= 1")
-            pol.window = window
-            if name == "tpi":
-                pol.__post_init__()  # type: ignore[operator]
-        if prefetch is not None and name == "superpipeline":
-            pol.prefetch = prefetch
-        modules = pol.unit_modules(model)
-        unit_params = [dict(m.named_parameters()) for _, m in modules]
-        in_units = {id(p) for ps in unit_params for p in ps.values()}
-        # a weight also reached from outside its unit (tied) stays resident with the rest
-        ids = {id(m) for _, m in modules}
-        prefixes = [n + "." for n, m in model.named_modules() if id(m) in ids]
-        outside = {id(p) for n, p in all_params.items() if id(p) in in_units and not _owned_by(n, prefixes)}
-        unit_params = [{n: p for n, p in ps.items() if id(p) not in outside} for ps in unit_params]
-        in_units -= outside
-        other = {n: p for n, p in all_params.items() if id(p) not in in_units}
-        other_bytes = _param_bytes({str(id(p)): p for p in other.values()}) + buffers_bytes
-        sizes = [_param_bytes(ps) for ps in unit_params]
-        largest, total = max(sizes), sum(sizes)
-        k = pol.window
-        need = other_bytes + k * largest
-        if budget < need:
-            raise ConfigError(
-                f"--weights-memory {format_bytes(budget)} is below the minimum for this model with --offload-policy "
-                f"{name}: {format_bytes(need)} (embeddings, norms and head stay on the device: "
-                f"{format_bytes(other_bytes)}; plus a window of {k} units of {format_bytes(largest)}). Pass "
-                f"--weights-memory {format_bytes(need)} or more"
-                + (", or --offload-window 1 (no prefetch: every unit stalls)" if k > 1 else "") + "."
-            )
-        _place_resident(model, other, dev)
-        if budget >= other_bytes + total:
-            resident = len(modules)
-        else:
-            resident = int(min(len(modules), (budget - other_bytes - k * largest) // largest))
-        from memfit.offload.window import Window
-
-        units = [streamer.add_unit(n, ps, "device" if i < resident else tier, folder)
-                 for i, ((n, _), ps) in enumerate(zip(modules, unit_params, strict=True))]
-        streamed = [u for u in units if u.home != "device"]
-        streamer.stats.window_units = min(k, len(streamed))
-        window_bytes = min(k, len(streamed)) * largest
-        if streamed:
-            win = Window(streamer, streamed, k, pol.prefetch, pol.release_before)
-            for (_, m), u in zip(modules, units, strict=True):
-                if u.home != "device":
-                    streamer.attach(m, make_hook(pre=lambda _m, _a, _k, _u=u: win.before(_u),
-                                                 post=lambda _m, _u=u: win.after(_u)))
-    streamer.stats.bytes_resident_device += other_bytes
-    streamer.stats.extra["tier"] = tier
-    handle = model.register_forward_pre_hook(_step_counter(streamer), with_kwargs=True)
-    return Offload(streamer, name, budget, window_bytes, temp_dir, [handle])
+        resident = int(min(len(modules), (budget - other_bytes - k * largest) // largest))
+    return Layout(policy, budget, other, other_bytes, [n for n, _ in modules], sizes, resident, k, pol.prefetch,
+                  pol.release_before, [m for _, m in modules], unit_params, minimum=need)
 
 
 def _owned_by(name: str, prefixes: list[str]) -> bool:
@@ -237,6 +283,8 @@ def _place_resident(model: torch.nn.Module, params: dict[str, torch.nn.Parameter
     for p in params.values():
         if p.device != dev:
             p.data = p.data.to(dev)
+        elif dev.type == "cpu":  # own the bytes: a weight loaded from safetensors may be a view of the file's
+            p.data = p.data.clone()  # memory map, which would keep every streamed unit's pages mapped too
     for mod in model.modules():
         for n, b in list(mod._buffers.items()):
             if b is not None and b.device != dev:
