@@ -143,6 +143,8 @@ def _prefill(
         # a full cache would have held the original prompt: count it in full_nbytes()
         cache.core.skipped_prompt_tokens = int(input_ids.shape[1] - chosen[0].shape[1])
         input_ids, attention_mask = chosen
+    if getattr(cache.core, "span_rule", None) is not None:  # keep whole words/numbers: ids of what is prefilled
+        cache.core.prompt_spans = cache.core.span_rule(input_ids, attention_mask)
     positions = positions_from_mask(attention_mask)
     total = input_ids.shape[1]
     chunk = total if not prefill_chunk or prefill_chunk >= total else int(prefill_chunk)
@@ -287,13 +289,15 @@ def run(
     device: str = "cpu",
     dtype: str = "auto",
     kv: Any = None,
+    spans: bool = False,
 ) -> RunResult:
     """Load (or take) a model, compress its KV cache with `method` at `budget`, generate, and measure.
 
     `device` and `dtype` apply when `model` is a spec to load (``"auto"`` device = CUDA when there is one;
     ``"auto"`` dtype = bfloat16 on CUDA, float32 on CPU).
     `kv`: a `memfit.contexts.CompressedContext` (a compressed document): the prompts are questions about it,
-    answered from a copy of its cache with its model and method (`model`, `method`, `budget`... are ignored)."""
+    answered from a copy of its cache with its model and method (`model`, `method`, `budget`... are ignored).
+    `spans`: when a token is kept, keep the rest of its word or number within the same budget (memfit.core.spans)."""
     from memfit.api import make_cache
 
     if kv is not None:
@@ -313,6 +317,10 @@ def run(
         cache = kv.cache(batch=len(prompts))
     else:
         cache = make_cache(mdl, method, budget, params, allocation=allocation)
+        if spans:  # keep whole words/numbers (memfit.core.spans)
+            from memfit.core.spans import enable_spans
+
+            enable_spans(cache, tok)
         bind = getattr(cache.method, "bind_tokenizer", None)
         if bind is not None:
             bind(tok)  # KVzip words its reconstruction prompt with the tokenizer

@@ -87,6 +87,8 @@ DEFAULT_CHAT = False
 DEFAULT_BATCH_SIZE = 4
 ALLOCATION_PARAM = "allocation"
 """Row parameter that records a non-uniform budget allocation (``--allocation`` on ``memfit bench``)."""
+SPANS_PARAM = "spans"
+"""Row parameter that records span-aware selection (``--spans on`` on ``memfit bench``; memfit.core.spans)."""
 
 DEFAULTS_NOTE = (
     "Why these defaults (measured on SmolLM2-135M-Instruct, 2048 tokens, natural pydoc_data.topics filler, "
@@ -309,6 +311,7 @@ def run_bench(
     chat: bool = DEFAULT_CHAT,
     params: Mapping[str, Mapping[str, Any]] | None = None,
     allocations: Sequence[str] = ("uniform",),
+    spans: Sequence[str] = ("off",),
     task_options: Mapping[str, Mapping[str, Any]] | None = None,
     model_name: str | None = None,
     progress: bool = True,
@@ -327,7 +330,8 @@ def run_bench(
     answer-task prompts in the tokenizer's chat template (text tasks never are). ``params``: method name ->
     parameters. ``allocations``: how each eviction method shares its budget (``uniform``, ``pyramid``, ``adakv``,
     ``pyramid+adakv``; see ``memfit.core.allocation``); every non-uniform one adds rows whose ``params`` carry
-    ``"allocation"`` (methods without a budget, such as a quantizer alone, run uniform only). ``task_options``: task -> generator options (e.g. ``{"ppl": {"continuation_tokens": 128}}``).
+    ``"allocation"`` (methods without a budget, such as a quantizer alone, run uniform only). ``spans``: ``off``
+    and/or ``on`` (keep whole words/numbers, memfit.core.spans); ``on`` rows carry ``"spans": "on"``. ``task_options``: task -> generator options (e.g. ``{"ppl": {"continuation_tokens": 128}}``).
     ``device``/``dtype``: where and in what precision a model spec is loaded (``"auto"``: CUDA if present;
     bfloat16 on CUDA, float32 on CPU); rows record the device and the KV bytes follow the dtype.
     Returns a :class:`BenchResult`; raises ``ConfigError`` on bad input before loading anything.
@@ -358,6 +362,9 @@ def run_bench(
         raise ConfigError(f"corpus file not found: {corpus}")
     resolved = validate_methods(method_list, budget_list, params)
     alloc_list = _parse_allocations(allocations)
+    span_list = parse_list(spans if spans is not None else ["off"], "spans")
+    if any(s not in ("on", "off") for s in span_list):
+        raise ConfigError(f"--spans takes on and/or off (comma-separated), got {','.join(span_list)}")
 
     out_dir = Path(out)
     results_path = out_dir / "results.jsonl"
@@ -372,13 +379,17 @@ def run_bench(
             configs.append(_Config(m, None, given[m], resolved[m]))
             continue
         for alloc in alloc_list:
-            # a non-uniform allocation is recorded as the row parameter "allocation", so it names the row (key, label)
-            extra = {} if alloc == "uniform" else {ALLOCATION_PARAM: alloc}
-            configs += [
-                _Config(m, b, {**given[m], **extra}, {**resolved[m], **extra})
-                for b in budget_list
-                if not extra or b is not None  # without a budget there is nothing to share out
-            ]
+            for span in span_list:
+                # a non-uniform allocation (spans on) is recorded as the row parameter "allocation" ("spans"), so it
+                # names the row (key, label)
+                extra = {} if alloc == "uniform" else {ALLOCATION_PARAM: alloc}
+                if span == "on":
+                    extra[SPANS_PARAM] = "on"
+                configs += [
+                    _Config(m, b, {**given[m], **extra}, {**resolved[m], **extra})
+                    for b in budget_list
+                    if not extra or b is not None  # without a budget there is nothing to share out (or to span)
+                ]
 
     # -- what is left to do ----------------------------------------------------------------------------------
     done = load_done_keys(results_path)
@@ -595,9 +606,13 @@ def _run_batch(
     from memfit.bench import metrics
     from memfit.engine import generate
 
-    method_params = {k: v for k, v in cfg.params.items() if k != ALLOCATION_PARAM}
+    method_params = {k: v for k, v in cfg.params.items() if k not in (ALLOCATION_PARAM, SPANS_PARAM)}
     allocation = str(cfg.params.get(ALLOCATION_PARAM, "uniform"))
     cache = make_cache(model, cfg.method, cfg.budget, method_params or None, allocation=allocation)
+    if cfg.params.get(SPANS_PARAM) == "on":
+        from memfit.core.spans import enable_spans
+
+        enable_spans(cache, tok)
     b = ids.shape[0]
     out = _Reference()
     if cont is None:  # answer task: greedy generation

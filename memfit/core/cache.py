@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from memfit.core.budget import Budget
+from memfit.core.spans import record_spans
 
 if TYPE_CHECKING:  # pragma: no cover
     from memfit.core.method import Method
@@ -258,6 +259,10 @@ class CompressedCache:
         self._expected_prompt: torch.Tensor | None = None  # set by the engine for chunked prefill
         self._padded_prompt_len = 0
         self.skipped_prompt_tokens = 0  # prompt tokens removed before prefill (counted as held by a full cache)
+        # Keep whole words/numbers (memfit.core.spans): `span_rule` (set by enable_spans) maps the prompt's ids to
+        # span ids before prefill; each layer stores them for its prompt tokens as they are appended.
+        self.span_rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.prompt_spans: torch.Tensor | None = None  # (B, T_prompt) for the prompt being prefilled
 
     def layer_keep(self, layer_idx: int) -> torch.Tensor | None:
         """Budget per row (B,) for one layer (None = unlimited)."""
@@ -309,6 +314,8 @@ class CompressedCache:
         info = self._start_forward(layer_idx, keys.shape[2], new_valid, keys.shape[0])
         layer = self.layers[layer_idx]
         layer.append(keys, values, new_valid)
+        if self.prompt_spans is not None and info.is_prefill:
+            record_spans(layer, self.prompt_spans, keys.shape[2])
         out = layer.attend(queries, scaling)
         self.method.after_attention(self, layer, queries, scaling, info)
         layer.finalize_step(info)
@@ -355,4 +362,5 @@ class CompressedCache:
         self.prefill_done = False
         self._expected_prompt = None
         self.skipped_prompt_tokens = 0
+        self.prompt_spans = None
         self.method.reset()

@@ -18,7 +18,7 @@ import torch
 
 from memfit.core.budget import Budget
 from memfit.core.cache import CompressedCache, KVLayer, StepInfo, select_tokens
-from memfit.core.spans import SPAN_KEY, span_scores
+from memfit.core.spans import SPAN_KEY, span_priority, span_scores
 from memfit.errors import ConfigError
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -129,12 +129,14 @@ class Method:
         if keep_rows is None:
             return
         keep_rows = keep_rows + extra_rows
-        span_ids = layer.extras.get(SPAN_KEY)
-        if span_ids is not None:  # the cache keeps whole words/numbers (memfit.core.spans): rank spans, not tokens
-            scores = span_scores(scores, span_ids, layer.valid)
+        span_ids = layer.extras.get(SPAN_KEY)  # the cache keeps whole words/numbers (memfit.core.spans)
         per_head = getattr(cache, "head_allocation", None)  # AdaKV-style budgets per KV head (core/allocation.py)
         if per_head is not None:
+            if span_ids is not None:  # values stay comparable across heads for the allocation
+                scores = span_scores(scores, span_ids, layer.valid)
             return per_head.evict(layer, scores, keep_rows, protect)
+        if span_ids is not None and layer.num_slots > int(keep_rows.min()):
+            scores = span_priority(scores, span_ids, layer.valid)
         if layer.num_slots <= int(keep_rows.min()):
             return  # every row is within its budget: nothing to free
         indices, valid = select_tokens(scores, keep_rows, layer.valid, protect)
