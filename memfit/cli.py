@@ -12,7 +12,6 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from memfit.errors import ConfigError, MemfitError
 from memfit.units import format_bytes
@@ -160,42 +159,13 @@ def run(
         help="A prompt longer than the model's context window is refused; --truncate left drops its beginning, "
         "right its end, until it fits.",
     ),
-    backend: str = typer.Option(
-        "auto", "--backend",
-        help="auto (fast on CUDA for supported architectures, else portable) | fast (static stores, Triton decode "
-        "kernels, CUDA graphs) | portable (any transformers model, any device). --json names the one that ran.",
-    ),
-    load_format: str = typer.Option(
-        "auto", "--load-format",
-        help="auto (the model's weights) | dummy (random weights from a config: --model llama-3.1-8b, qwen2.5-7b, "
-        "gemma-3-1b, smollm2-135m or a config.json; for speed and memory runs).",
-    ),
-    context: int = typer.Option(
-        None, "--context", help="Without a prompt: feed an N-token prompt of natural text (speed and memory runs)."
-    ),
 ) -> None:
     """Generate an answer with a compressed KV cache and report what it held."""
     from memfit.core.budget import Budget
     from memfit.core.method import build_policy
     from memfit.window import TRUNCATE_SIDES
 
-    from memfit.backend import check_backend
-    from memfit.models import check_load_format
-
-    check_backend(backend)
-    check_load_format(load_format)
-    if context is not None:
-        check_range("--context", context, 1)
-        if prompt is not None or prompt_file is not None:
-            raise ConfigError("give either --context N (a generated N-token prompt) or a prompt, not both")
-    if backend == "fast":  # before any model work: a CPU run cannot use the fast backend
-        from memfit.backend import fast_on_cpu
-        from memfit.models import resolve_device
-
-        if resolve_device(device).type != "cuda" and not fast_on_cpu():
-            raise ConfigError("--backend fast needs a CUDA device (its kernels and CUDA graphs are GPU-only): use "
-                              "--device cuda on a machine with a GPU, or --backend portable")
-    text = read_prompt(prompt, prompt_file) if context is None else ""
+    text = read_prompt(prompt, prompt_file)
     params = parse_params(param)
     build_policy(method, Budget.parse(budget), params)  # validate (composed names too) before loading the model
     from memfit.core.allocation import parse_allocation
@@ -212,12 +182,8 @@ def run(
     from memfit.window import context_window, fit_prompts
 
     try:
-        pair = load_model(model, device=device, dtype=dtype, load_format=load_format)
-        window = context_window(pair[0])
-        if context is not None and window is not None and context + max_new_tokens > window:
-            raise ConfigError(f"--context {context} + --max-new-tokens {max_new_tokens} is more than the model's "
-                              f"context window ({window} positions): use a smaller --context")
-        fitted = text if context is not None else fit_prompts(
+        pair = load_model(model, device=device, dtype=dtype)
+        fitted = fit_prompts(
             pair[1], [text], chat=chat, window=context_window(pair[0]), new_tokens=max_new_tokens,
             truncate=truncate, method=method, budget=budget, prefill_chunk=prefill_chunk,
         )[0]
@@ -234,8 +200,6 @@ def run(
             prefill_chunk=prefill_chunk,
             allocation=allocation,
             spans=_on_off(spans, "--spans"),
-            backend=backend,
-            context=context,
         )
     except KeyboardInterrupt:
         _interrupted("nothing was written")
@@ -260,22 +224,36 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
     Quantizers (family "quantization") also compose as <eviction>+<quantizer>, e.g. snapkv+kivi."""
     from memfit.core.method import all_methods
 
-    described = [cls.describe() for cls in all_methods().values()]
+    described = [describe_method(cls) for cls in all_methods().values()]
     if as_json:
         print(json.dumps(described, indent=2, default=str))
         return
-    table = Table(
-        title="memfit methods",
-        caption="Quantizers (family quantization) compose after an eviction method: --method <eviction>+<quantizer> "
-        "(e.g. snapkv+kivi); address a component's parameter as --param kivi.bits=2.",
+    # plain text, one block per method: reads the same in a narrow terminal, a pipe or a file
+    print(
+        "memfit methods: --method NAME, --param KEY=VALUE. Quantizers (family quantization) compose after an "
+        "eviction method: --method <eviction>+<quantizer> (e.g. snapkv+kivi), parameters as --param kivi.bits=2."
     )
-    for col in ("name", "family", "acts", "paper", "parameters (defaults)"):
-        table.add_column(col, overflow="fold")
     for d in described:
-        params = ", ".join(f"{k}={v['default']}" for k, v in d["params"].items()) or "-"
-        paper = d["paper"] + (f" (arXiv {d['arxiv']})" if d["arxiv"] else "")
-        table.add_row(d["name"], d["family"], d["acts"], paper, params)
-    out.print(table)
+        print(f"\n{d['name']} · {d['family']} · acts: {d['acts']}")
+        print(f"  {d['paper']}" + (f" (arXiv {d['arxiv']})" if d["arxiv"] else ""))
+        if d["summary"]:
+            print(f"  {d['summary']}")
+        rows = [(f"{k}={v['default']}", v["allowed"], v["help"]) for k, v in d["params"].items()]
+        if rows:
+            widths = [max(len(r[i]) for r in rows) for i in range(2)]
+            for name_default, allowed, meaning in rows:
+                print(f"  {name_default.ljust(widths[0])}  {allowed.ljust(widths[1])}  {meaning}".rstrip())
+
+
+def describe_method(cls: type) -> dict[str, Any]:
+    """``Method.describe()`` plus, per parameter, ``help`` (what it means) and ``allowed`` (the values it takes),
+    from the class's ``param_help`` = {name: (meaning, allowed values)}; empty strings where a class has none."""
+    d = cls.describe()
+    docs = getattr(cls, "param_help", {})
+    for name, entry in d["params"].items():
+        meaning, allowed = docs.get(name, ("", ""))
+        entry["help"], entry["allowed"] = meaning, allowed
+    return d
 
 
 BENCH_TASKS_HELP = (
@@ -467,6 +445,10 @@ def main() -> None:
     except KeyboardInterrupt:  # outside a command (while importing or parsing)
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+        # success: click always exits; return instead, so callers (and tests) can call main() like a function
 
 
 if __name__ == "__main__":
