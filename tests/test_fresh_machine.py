@@ -255,3 +255,25 @@ def test_plain_table_keeps_every_header() -> None:
     head, rule, *rows = text.splitlines()
     assert head.split("  ")[0].strip() == "method" and head.endswith("a long header")
     assert len(rule) == len(head) and rows[1].endswith("12.5")
+
+
+# -- memfit methods: every parameter says what it means and which values it takes ------------------------------------
+DOCUMENTED = ["snapkv", "h2o", "streaming", "tova", "kivi", "gear", "vidkv", "gemfilter", "keyformer", "scissorhands",
+              "windowkv"]
+
+
+def test_methods_json_describes_every_parameter(monkeypatch, capsys) -> None:
+    from memfit.core.method import all_methods
+
+    code, out, _ = invoke(monkeypatch, capsys, "methods", "--json")
+    assert code == 0
+    listed = {m["name"]: m for m in json.loads(out)}
+    for name in DOCUMENTED:
+        for key, p in listed[name]["params"].items():
+            assert p["help"] and p["allowed"], f"{name}.{key}: add it to {name}'s param_help"
+    for name, cls in all_methods().items():  # a class that documents its parameters documents them all
+        if getattr(cls, "param_help", None):
+            assert set(cls.param_help) == set(listed[name]["params"]), name
+    assert listed["snapkv"]["params"]["pooling"]["allowed"] == "max | avg"
+    code, text, _ = invoke(monkeypatch, capsys, "methods")
+    assert code == 0 and "pooling=max" in text and "max | avg" in text and "<eviction>+<quantizer>" in text

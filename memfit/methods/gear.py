@@ -260,6 +260,21 @@ class GEAR(Method):
     outlier_ratio: float = 0.02
     gap: int = 64
 
+    # memfit methods: what each parameter means and the values it takes
+    param_help = {
+        "bits": ("bits of the quantized backbone", "2 | 4"),
+        "base": ("backbone quantizer: kivi (groups of group_size) or kcvt (per channel / per token)", "kivi | kcvt"),
+        "group_size": ("group size of the kivi backbone", "integer >= 1"),
+        "prefill_rank": ("rank of the low-rank key error term for the prompt", "integer >= 0"),
+        "prefill_rank_v": ("rank of the low-rank value error term for the prompt", "integer >= 0"),
+        "rank": ("rank of the key error term for generated blocks", "integer >= 0"),
+        "rank_v": ("rank of the value error term for generated blocks", "integer >= 0"),
+        "power_iters": ("power-iteration steps for the low-rank factors", "integer >= 1"),
+        "outlier_ratio": ("share of each row's entries kept exactly as sparse outliers", "number in [0, 0.5)"),
+        "gap": ("new tokens buffered in full precision before they are compressed as a block",
+                "positive multiple of group_size"),
+    }
+
     def validate(self) -> None:
         if self.bits not in (2, 4):
             raise ConfigError(f"gear.bits must be 2 or 4 (the released quantizer is only right for those), got {self.bits}")

@@ -92,6 +92,14 @@ class GemFilter(Method):
         super().__post_init__()
         self._scores: torch.Tensor | None = None  # single-pass fallback: layer r's selection scores (B, T)
 
+    # memfit methods: what each parameter means and the values it takes
+    param_help = {
+        "filter_layer": ("layer whose last-token attention selects the prompt tokens (none: from filter_depth)",
+                         "none | integer in [0, layers)"),
+        "filter_depth": ("filter layer as a fraction of the model's depth, when filter_layer is none", "number in [0, 1]"),
+        "kernel": ("average-pooling kernel over neighbouring tokens' scores", "integer >= 1"),
+    }
+
     def validate(self) -> None:
         if self.filter_layer is not None and self.filter_layer < 0:
             raise ConfigError("gemfilter.filter_layer must be >= 0 (or none for filter_depth)")

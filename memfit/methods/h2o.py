@@ -38,6 +38,13 @@ class H2O(Method):
     recent_fraction: float = 0.5
     reduce: str = "sum"
 
+    # memfit methods: what each parameter means and the values it takes
+    param_help = {
+        "recent_fraction": ("share of the budget kept for the most recent tokens; the rest goes to heavy hitters",
+                            "number in [0, 1]"),
+        "reduce": ("how the query heads of a GQA group combine into one score per KV head", "sum | mean | max"),
+    }
+
     def validate(self) -> None:
         if not 0.0 <= self.recent_fraction <= 1.0:
             raise ConfigError("h2o.recent_fraction must be in [0, 1]")

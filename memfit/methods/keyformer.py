@@ -90,6 +90,16 @@ class Keyformer(Method):
         self._prompt_end: dict[int, int] = {}
         self._real_seen: dict[int, torch.Tensor] = {}
 
+    # memfit methods: what each parameter means and the values it takes
+    param_help = {
+        "recent_fraction": ("share of the budget kept for the most recent tokens", "number in [0, 1]"),
+        "tau_init": ("Gumbel-softmax temperature for the prompt and the first generated token", "number > 0"),
+        "tau_end": ("temperature reached after max_new_tokens generated tokens", "number > 0"),
+        "max_new_tokens": ("generated tokens over which the temperature rises from tau_init to tau_end", "integer >= 1"),
+        "seed": ("seed of the Gumbel noise (fixed seed: the same selection every run)", "integer"),
+        "reduce": ("how the query heads of a GQA group combine into one score per KV head", "sum | mean | max"),
+    }
+
     def validate(self) -> None:
         if not 0.0 <= self.recent_fraction <= 1.0:
             raise ConfigError("keyformer.recent_fraction must be in [0, 1]")

@@ -55,6 +55,17 @@ class KIVI(Method):
     value_bits: int | None = None
     key_residual: str = "block"
 
+    # memfit methods: what each parameter means and the values it takes
+    param_help = {
+        "bits": ("bits per key and value code", "1 | 2 | 4 | 8"),
+        "group_size": ("tokens per key group (per channel) and channels per value group (per token)", "integer >= 1"),
+        "residual": ("newest tokens kept in full precision (R)", "positive multiple of group_size"),
+        "key_bits": ("bits for keys, overriding bits", "none | 1 | 2 | 4 | 8"),
+        "value_bits": ("bits for values, overriding bits", "none | 1 | 2 | 4 | 8"),
+        "key_residual": ("block: keys quantized R at a time (official); sliding: the R newest keys always stay in "
+                         "full precision", "block | sliding"),
+    }
+
     def validate(self) -> None:
         for what, b in (("bits", self.bits), ("key_bits", self.key_bits), ("value_bits", self.value_bits)):
             if b is not None and b not in BITS:

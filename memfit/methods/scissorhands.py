@@ -111,6 +111,21 @@ class Scissorhands(Method):
     percentile: float = 0.9  # released mode: "important" = strictly above this quantile of the row
     reduce: str = "mean"
 
+    # memfit methods: what each parameter means and the values it takes
+    param_help = {
+        "mode": ("paper: the paper's history-window counts; released: the authors' top-10 % rule as a score",
+                 "paper | released"),
+        "history": ("paper mode: history window w, as a fraction of the budget", "number > 0"),
+        "recent": ("paper mode: most recent tokens always kept, as a fraction of the budget", "number in [0, 1]"),
+        "drop": ("paper mode: tokens dropped at once when the budget is exceeded, as a fraction of it",
+                 "number in (0, 1]"),
+        "lru_window": ("released mode: query rows in the history window", "integer >= 1"),
+        "position_window": ("released mode: last tokens always kept", "integer >= 0"),
+        "percentile": ("released mode: a token is important in a row above this quantile of the row",
+                       "number in (0, 1)"),
+        "reduce": ("how the query heads of a GQA group combine before the test", "mean | max"),
+    }
+
     def validate(self) -> None:
         if self.mode not in ("paper", "released"):
             raise ConfigError("scissorhands.mode must be 'paper' or 'released'")

@@ -43,6 +43,14 @@ class SnapKV(Method):
     pooling: str = "max"
     reduce: str = "mean"
 
+    # memfit methods: what each parameter means and the values it takes
+    param_help = {
+        "window": ("observation window: the last N prompt queries whose attention scores the earlier tokens", "integer >= 1"),
+        "kernel": ("pooling kernel over neighbouring tokens' scores (wider keeps longer spans together)", "integer >= 1"),
+        "pooling": ("how scores are smoothed along the tokens", "max | avg"),
+        "reduce": ("how the query heads of a GQA group combine into one score per KV head", "mean | max"),
+    }
+
     def validate(self) -> None:
         if self.window < 1:
             raise ConfigError("snapkv.window must be >= 1")

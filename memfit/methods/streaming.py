@@ -33,6 +33,12 @@ class StreamingLLM(Method):
 
     sinks: int = 4
 
+    # memfit methods: what each parameter means and the values it takes
+    param_help = {
+        "sinks": ("first tokens of the sequence always kept (attention sinks); the rest of the budget is the most "
+                  "recent tokens", "integer >= 0"),
+    }
+
     def validate(self) -> None:
         if self.sinks < 0:
             raise ConfigError("streaming.sinks must be >= 0")

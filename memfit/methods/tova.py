@@ -48,6 +48,12 @@ class TOVA(Method):
 
     heads: str = "layer"  # layer: mean over all query heads (official); kv: mean over each GQA group
 
+    # memfit methods: what each parameter means and the values it takes
+    param_help = {
+        "heads": ("layer: one selection per layer from the mean over all query heads (official); kv: one per KV "
+                  "head from the mean over its GQA group", "layer | kv"),
+    }
+
     def validate(self) -> None:
         if self.heads not in ("layer", "kv"):
             raise ConfigError("tova.heads must be 'layer' (official: one selection per layer) or 'kv' (per KV head)")

@@ -209,6 +209,18 @@ class VidKV(Method):
     stp: float = 0.2
     stp_window: int = 32
 
+    # memfit methods: what each parameter means and the values it takes
+    param_help = {
+        "anomalous_ratio": ("share of key channels (largest range) quantized at anomalous_bits; the rest at 1 bit "
+                            "in the frequency domain", "number in [0, 1]"),
+        "anomalous_bits": ("bits of the anomalous key channels", "2 | 4 | 8"),
+        "value_bits": ("bits per value: 1.58 is ternary", "1.58 | 2 | 4 | 8"),
+        "group_size": ("tokens per group (one channel)", "positive multiple of 8"),
+        "residual": ("newest tokens kept in full precision", "positive multiple of group_size"),
+        "stp": ("share of tokens protected at 2 bits (semantic token protection)", "number in [0, 1)"),
+        "stp_window": ("last queries whose attention ranks the tokens for stp", "integer >= 1"),
+    }
+
     def validate(self) -> None:
         if not 0.0 <= self.anomalous_ratio <= 1.0:
             raise ConfigError("vidkv.anomalous_ratio must be in [0, 1] (share of key channels kept at 2 bits)")

@@ -136,6 +136,18 @@ class WindowKV(Method):
         # group -> (priority (B, T), the slots' validity it was computed for), for the current forward call
         self._shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    # memfit methods: what each parameter means and the values it takes
+    param_help = {
+        "task": ("task type: qa (max strategy, 32-token suffix) or other (average, 16)", "qa | other"),
+        "strategy": ("window score, overriding the task's (none: from task)", "none | max | average"),
+        "suffix": ("observation suffix: last prompt queries that score (none: from task)", "none | integer >= 1"),
+        "window_size": ("tokens per window; windows are kept or dropped whole", "integer >= 1"),
+        "shared_layers": ("layers per group sharing one selection", "integer >= 1"),
+        "layer_budgets": ("uniform: every layer keeps the budget; decay: the official decay over layer groups",
+                          "uniform | decay"),
+        "beta": ("decay parameter of layer_budgets=decay", "integer >= 1"),
+    }
+
     def validate(self) -> None:
         if self.task not in TASKS:
             raise ConfigError("windowkv.task must be 'qa' or 'other'")
