@@ -28,7 +28,7 @@ import torch
 from memfit.errors import ConfigError
 from memfit.offload.streamer import OffloadStats, WeightStreamer, make_hook
 
-__all__ = ["POLICIES", "Layout", "Offload", "layout", "OffloadStats", "attach_offload", "format_bytes", "parse_bytes"]
+__all__ = ["POLICIES", "Layout", "Offload", "attach_to_run", "layout", "OffloadStats", "attach_offload", "format_bytes", "parse_bytes"]
 
 POLICIES = ("auto", "superpipeline", "tpi", "pregated", "ondemand")
 
@@ -78,6 +78,15 @@ class Offload:
         d = self.stats.to_dict()
         d.update(weights_memory=self.budget, window_bytes=self.window_bytes)
         return d
+
+    def reset_counters(self) -> None:
+        """Zero what a run measures (loads, bytes moved, stalls, steps); keep what describes the placement."""
+        st = self.stats
+        for name in ("loads", "prefetch_loads", "on_demand_loads", "bytes_moved", "bytes_read_disk", "stall_seconds",
+                     "expert_hits", "expert_misses", "steps", "decode_steps", "decode_bytes_moved",
+                     "decode_stall_seconds"):
+            setattr(st, name, type(getattr(st, name))())
+        st.peak_streamed_device_bytes = self.streamer._held
 
     def close(self) -> None:
         self.streamer.close()
@@ -159,6 +168,10 @@ def attach_offload(
     other_bytes = lay.other_bytes
     window_bytes = lay.window_bytes
     streamer.stats.window_units = lay.window if lay.resident < len(lay.unit_sizes) else 0
+    if dev.type == "cpu":  # the checkpoint's memory map would keep every touched weight page resident
+        from memfit.offload.streamer import drop_checkpoint_pages
+
+        drop_checkpoint_pages(keep=folder)
     streamer.stats.bytes_resident_device += other_bytes
     streamer.stats.extra["tier"] = tier
     handle = model.register_forward_pre_hook(_step_counter(streamer), with_kwargs=True)
@@ -299,3 +312,22 @@ def _step_counter(streamer: WeightStreamer) -> Any:
         streamer.begin_step(int(x.shape[1]) if x is not None and x.dim() >= 2 else 0)
 
     return hook
+
+
+def attach_to_run(
+    model: torch.nn.Module, weights_memory: int | str, device: str | torch.device, policy: str = "auto",
+    offload_dir: str | Path | None = None, backend: str = "auto",
+) -> tuple[Offload, str]:
+    """What `memfit.engine.run` calls for `--weights-memory`: attach (or reuse) an offload and pick the portable
+    backend (CUDA graphs would replay stale weight addresses). Returns (offload, backend). Counters start at 0."""
+    from memfit.models import resolve_device
+
+    if backend == "fast":
+        raise ConfigError("--weights-memory streams weights between forward calls, which the fast backend's CUDA "
+                          "graphs cannot follow: use --backend auto or portable")
+    off = getattr(model, "_memfit_offload", None)
+    if off is None:
+        off = attach_offload(model, weights_memory, resolve_device(device), policy, offload_dir)
+        model._memfit_offload = off  # type: ignore[assignment]
+    off.reset_counters()
+    return off, "portable"

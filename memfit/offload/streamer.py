@@ -295,3 +295,34 @@ def make_hook(pre: Callable[[torch.nn.Module, tuple, dict], None] | None = None,
             return output
 
     return _Hook()
+
+
+def drop_checkpoint_pages(keep: Path | None = None) -> int:
+    """Linux, CPU device: un-map the pages of memory-mapped ``.safetensors`` checkpoints that this process touched.
+
+    transformers loads a checkpoint through a memory map and keeps the map open after loading; once the offload has
+    copied the resident weights into their own memory and moved the others to their tier, the checkpoint pages the
+    placement touched would stay in the process's resident set (they are file-backed and clean: the kernel reads
+    them again from the file if anything still touches them). ``madvise(MADV_DONTNEED)`` drops them. Files under
+    `keep` (the offload folder) are left alone. Returns the bytes of the mappings advised (0 elsewhere)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return 0
+    total = 0
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or not parts[5].endswith(".safetensors") or "w" in parts[1][:2] and "s" in parts[1]:
+            continue
+        if keep is not None and parts[5].startswith(str(keep)):
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4) == 0:  # 4 = MADV_DONTNEED
+            total += end - start
+    return total
