@@ -1,4 +1,4 @@
-"""`memfit` command line: run | methods | bench."""
+"""`memfit` command line: run | compress | methods | bench."""
 
 from __future__ import annotations
 
@@ -159,8 +159,16 @@ def run(
         help="A prompt longer than the model's context window is refused; --truncate left drops its beginning, "
         "right its end, until it fits.",
     ),
+    kv: Path = typer.Option(
+        None, "--kv", help="Answer from a compressed context made by `memfit compress` (the prompt is the question)."
+    ),
 ) -> None:
     """Generate an answer with a compressed KV cache and report what it held."""
+    if kv is not None:  # the document is already compressed: the prompt is a question about it
+        _reject_with_kv(method=method != "full", budget=budget is not None, param=bool(param),
+                        allocation=allocation != "uniform", prefill_chunk=prefill_chunk is not None)
+        return _answer_from_context(kv, model, read_prompt(prompt, prompt_file), max_new_tokens, device, dtype,
+                                    as_json)
     from memfit.core.budget import Budget
     from memfit.core.method import build_policy
     from memfit.window import TRUNCATE_SIDES
@@ -213,6 +221,107 @@ def run(
         f"KV {format_bytes(result.kv_bytes_full)} full → {format_bytes(result.kv_bytes_held)} held "
         f"({result.compression_ratio:.2f}x) · peak {format_bytes(result.peak_memory_bytes)} · "
         f"prefill {result.prefill_seconds:.2f} s · decode {result.decode_tokens_per_second:.1f} tok/s",
+        highlight=False,
+    )
+
+
+def _reject_with_kv(**given: bool) -> None:
+    """Options that describe how to compress do not apply to an already compressed context."""
+    bad = [f"--{k.replace('_', '-')}" for k, v in given.items() if v]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)} cannot be used with --kv: the context file fixes the method, budget and "
+                          "parameters (make another one with `memfit compress`)")
+
+
+def _answer_from_context(path: Path, model: str, question: str, max_new_tokens: int, device: str, dtype: str,
+                         as_json: bool) -> None:
+    from memfit.contexts import CompressedContext
+    from memfit.engine import run as run_engine
+    from memfit.models import load_model
+
+    check_range("--max-new-tokens", max_new_tokens, 0)
+    _check_device(device, dtype)
+    try:
+        pair = load_model(model, device=device, dtype=dtype)
+        ctx = CompressedContext.load(path, pair)
+        result = run_engine(question, max_new_tokens=max_new_tokens, kv=ctx)
+    except KeyboardInterrupt:
+        _interrupted("nothing was written")
+    result.model = model
+    if as_json:
+        print(json.dumps({**result.to_dict(), "kv_file": str(path), "context_tokens": ctx.seen}))
+        return
+    print(result.text)
+    out.print(
+        f"[dim]memfit[/] {result.method} budget={result.budget} · context {ctx.seen} tok from {path} · question "
+        f"{result.prompt_tokens} tok · KV {format_bytes(result.kv_bytes_full)} full → "
+        f"{format_bytes(result.kv_bytes_held)} held ({result.compression_ratio:.2f}x) · prefill "
+        f"{result.prefill_seconds:.2f} s · decode {result.decode_tokens_per_second:.1f} tok/s",
+        highlight=False,
+    )
+
+
+@app.command()
+def compress(
+    model: str = typer.Option("default", "--model", help="HF folder, hub id, .gguf file, or 'default'."),
+    method: str = typer.Option(
+        "kvzip", "--method", help="Compression method (see `memfit methods`), or <eviction>+<quantizer>."
+    ),
+    budget: str = typer.Option(None, "--budget", help="Fraction of the document in (0, 1] or tokens per layer (> 1)."),
+    param: list[str] = typer.Option(None, "--param", help="Method parameter KEY=VALUE (repeatable)."),
+    prompt: str = typer.Option(None, "--prompt", help="Document text."),
+    prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the document from a file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Context file to write (e.g. doc.mfkv)."),
+    chat: bool = typer.Option(
+        True, "--chat/--no-chat", help="Open a chat-template user turn before the document (questions close it)."
+    ),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk", help="Prefill in chunks of N tokens, evicting after each."),
+    allocation: str = typer.Option(
+        "uniform", "--allocation", help="Share the budget: uniform | pyramid (layers) | adakv (heads) | pyramid+adakv."
+    ),
+    device: str = _device_option(),
+    dtype: str = _dtype_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Compress a document once into a context file; answer questions from it with `memfit run --kv FILE`."""
+    from memfit.core.allocation import parse_allocation
+    from memfit.core.budget import Budget
+    from memfit.core.method import build_policy
+
+    text = read_prompt(prompt, prompt_file)
+    params = parse_params(param)
+    build_policy(method, Budget.parse(budget), params)  # validate before loading the model
+    parse_allocation(allocation)
+    if prefill_chunk is not None:
+        check_range("--prefill-chunk", prefill_chunk, 1)
+    if output.is_dir():
+        raise ConfigError(f"-o {output} is a folder: give a file name, e.g. {output / 'doc.mfkv'}")
+    if not output.parent.is_dir():
+        raise ConfigError(f"-o {output}: the folder {output.parent} does not exist")
+    _check_device(device, dtype)
+    from memfit.contexts import compress as compress_document
+    from memfit.models import load_model
+
+    try:
+        pair = load_model(model, device=device, dtype=dtype)
+        ctx = compress_document(text, pair, method, budget, params, allocation=allocation, chat=chat,
+                                prefill_chunk=prefill_chunk)
+        path = ctx.save(output)
+    except KeyboardInterrupt:
+        _interrupted(f"{output} was not written")
+    info = ctx.info
+    full, held = int(info["kv_bytes_full"]), int(info["kv_bytes_held"])
+    summary = {"output": str(path), "file_bytes": path.stat().st_size, "method": method, "budget": info["budget_resolved"],
+               "params": params, "allocation": allocation, "document_tokens": ctx.seen, "kv_bytes_full": full,
+               "kv_bytes_held": held, "compression_ratio": full / held if held else float("inf"),
+               "compress_seconds": info["compress_seconds"], "model": model}
+    if as_json:
+        print(json.dumps(summary))
+        return
+    out.print(
+        f"[dim]memfit compress[/] {method} budget={info['budget_resolved']} · document {ctx.seen} tok · KV "
+        f"{format_bytes(full)} full → {format_bytes(held)} held ({summary['compression_ratio']:.2f}x) · "
+        f"{info['compress_seconds']:.2f} s · wrote {path} ({format_bytes(summary['file_bytes'])})",
         highlight=False,
     )
 

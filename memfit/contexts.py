@@ -260,6 +260,8 @@ class CompressedContext:
             ctx.cache()  # every layer's state loads into this method's stores (or the file does not fit them)
         except ContextFileError:
             raise
+        except ConfigError as e:  # e.g. a method or parameter this memfit does not have
+            raise ContextFileError(f"{path}: its method {info.get('method')!r} cannot be rebuilt here ({e})") from None
         except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as e:
             raise ContextFileError(f"{path} is damaged or does not fit method {info.get('method')!r} ({e}); "
                                    "compress the document again") from None

@@ -1,0 +1,248 @@
+"""KVzip — "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction" (Kim et al., 2025, arXiv
+2505.23416).
+
+Idea: a KV pair matters if the model needs it to *reproduce the context*, whatever question comes later. So after
+the context is prefilled, the model is fed a reconstruction prompt — "Repeat the previous context exactly." then the
+assistant turn's opening and the context itself — on top of the cached context, and each cached pair's importance is
+the largest attention any reconstruction query pays it.
+
+Algorithm (once, after prefill; per row):
+1. The context's slots after the sink (below) are cut into chunks of `chunk` tokens. For chunk i the model runs a
+   forward over  instruction_i + assistant header + the chunk's own token ids,  attending over the whole cached
+   context (its hidden states are the model's real ones); instruction_0 is "\\n\\nRepeat the previous context
+   exactly.", later chunks say "Repeat the part of the previous context exactly, starting with" followed by the
+   last `overlap` tokens of the previous chunk. These forwards never enter the cache.
+2. In every layer, the reconstruction queries' attention is recomputed (fp32 softmax, from the cached post-RoPE keys)
+   over a reduced key set: the sink, the chunk's cached keys and the reconstruction's own keys (causal). A cached
+   pair's score is the max of that attention over the queries and over the query heads of its GQA group.
+3. Each layer keeps, per KV head, the sink plus the best-scoring pairs up to the budget (`Method.evict`); the pairs
+   are physically gathered. During decoding nothing more is evicted (the cache grows by one token per step).
+The sink is what precedes the document (the chat template's system prompt and user-turn opening), found by matching
+the template's prefix at the start of the prompt, as the official code keeps the system prompt; without a match,
+the first `sinks` tokens.
+
+Official defaults (snu-mllab/KVzip): chunk 2000 tokens, overlap 8 tokens, scores max over (group, queries), softmax
+in the model dtype; pruning level "pair" (one threshold over every layer and head, so heads and layers get ragged
+budgets); compression ratio 0.3.
+Deviations:
+- Budget shape: one budget per layer, top-k per KV head (the official "pair-uniform" level); `--allocation adakv`
+  redistributes it over a layer's heads (ragged store), closer to the official "pair" level; the layer-global
+  threshold is not implemented (our budgets are per layer).
+- Scores are computed in fp32 (DESIGN: scores without eager attention), block-wise over the reconstruction queries.
+- The reconstruction prompt needs the tokenizer: `memfit compress`, `memfit run` and `memfit.compress` give it
+  (`bind_tokenizer`). Without one (an engine call made without a tokenizer) the reconstruction is the chunk's tokens
+  alone.
+- `--prefill-chunk N` (bounded memory): the cache never holds more than budget + N tokens, so there is no second
+  pass: after each chunk the pairs are scored by the max attention that chunk's own queries paid them (below).
+- Without the engine (a bare forward with a memfit cache, as in the core test matrix) there is no second pass: at the
+  end of prefill each pair's score is the max attention the prompt's own (causal) queries paid it — the context
+  "reconstructing" itself in one pass. `memfit run` / `compress` / `generate` always use the real two-pass method.
+Cost: the reconstruction forwards read about as many tokens as the context, so compression takes ~2x a plain
+prefill (the official code pays the same); the cache holds the whole context until the scores are in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memfit.core.cache import CompressedCache, KVLayer, StepInfo
+from memfit.core.method import Method, register
+from memfit.errors import ConfigError
+
+FIRST_INSTRUCTION = "\n\nRepeat the previous context exactly."
+NEXT_INSTRUCTION = "\n\nRepeat the part of the previous context exactly, starting with "
+_MARK = "\x00kvzip\x00"
+
+
+def max_attention(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, key_valid: torch.Tensor | None, block: int = 256
+) -> torch.Tensor:
+    """(B, Hkv, T) fp32: for every key, the max causal attention any of the q queries (the last q of the T keys)
+    pays it, over the queries and over each KV head's query group. fp32 softmax, block-wise over queries; each KV
+    head's group of queries is scored against its keys at once (keys are never repeated over the group)."""
+    b, h, q_len, d = queries.shape
+    hkv, t_len = keys.shape[1], keys.shape[2]
+    g = h // hkv
+    k32 = keys.float().transpose(-1, -2)  # (B, Hkv, d, T)
+    best = torch.zeros(b, hkv, t_len, dtype=torch.float32, device=queries.device)
+    kj = torch.arange(t_len, device=queries.device)
+    for start in range(0, q_len, block):
+        stop = min(q_len, start + block)
+        n = stop - start
+        q32 = queries[:, :, start:stop].float().reshape(b, hkv, g * n, d)
+        logits = torch.matmul(q32, k32).mul_(scaling).view(b, hkv, g, n, t_len)
+        qi = torch.arange(start, stop, device=queries.device) + (t_len - q_len)
+        allowed = (kj[None, :] <= qi[:, None])[None, None, None]  # causal: (1, 1, 1, n, T)
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, :, None, None, :]
+        logits.masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # every query sees at least itself: no empty row
+        best = torch.maximum(best, probs.amax(dim=(2, 3)))
+    return best
+
+
+class _ReadThrough(KVLayer):
+    """A scratch layer for one reconstruction forward: reads row `row` of the real layer when the forward reaches
+    it (so only one layer's copy exists at a time) and is emptied right after scoring."""
+
+    def __init__(self, index: int, base: KVLayer, row: int) -> None:
+        super().__init__(index)
+        self.base, self.row = base, row
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, new_valid: torch.Tensor | None) -> None:
+        base_k, base_v, valid = self.base.keys, self.base.values, self.base.valid
+        assert base_k is not None and base_v is not None
+        r = self.row
+        self.keys, self.values = base_k[r : r + 1], base_v[r : r + 1]
+        self.valid = None if valid is None else valid[r : r + 1]
+        self.seen = self.base.seen
+        super().append(keys, values, new_valid)
+
+
+class _Reconstruction(Method):
+    """Not registered: the policy of the scratch cache — scores one chunk in every layer, then frees the layer."""
+
+    def __init__(self, scores: list[torch.Tensor], row: int, sink: torch.Tensor, chunk: torch.Tensor) -> None:
+        super().__init__()
+        self.scores, self.row, self.sink, self.chunk = scores, row, sink, chunk
+
+    def after_attention(
+        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> None:
+        assert layer.keys is not None
+        t_len, q_len = layer.keys.shape[2], queries.shape[2]
+        own = torch.arange(t_len - q_len, t_len, device=layer.keys.device)
+        sel = torch.cat([self.sink, self.chunk, own])
+        valid = None if layer.valid is None else layer.valid[:, :, sel]
+        best = max_attention(queries, layer.keys[:, :, sel], scaling, valid)  # (1, Hkv, len(sel))
+        n_sink = self.sink.numel()
+        self.scores[info.layer_idx][self.row, :, self.chunk] = best[0, :, n_sink : n_sink + self.chunk.numel()]
+        layer.keys = layer.values = layer.valid = None  # this forward never decodes: free the copy at once
+
+
+@register
+@dataclass
+class KVzip(Method):
+    name = "kvzip"
+    paper = "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction"
+    arxiv = "2505.23416"
+    family = "eviction"
+    acts = "prefill"
+    summary = "Question-agnostic: keeps the pairs the model attends to most while repeating the context."
+
+    chunk: int = 2000
+    overlap: int = 8
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._prompts: dict[str, list[int]] | None = None  # token ids of the instructions (bind_tokenizer)
+        self._engine = False  # the engine will call after_prefill (set by select_prompt)
+        self._chunked = False  # the prompt came in chunks (--prefill-chunk): one-pass scores after each chunk
+
+    def validate(self) -> None:
+        if self.chunk < 1:
+            raise ConfigError("kvzip.chunk must be >= 1 token")
+        if self.overlap < 0:
+            raise ConfigError("kvzip.overlap must be >= 0")
+        if self.sinks < 0:
+            raise ConfigError("kvzip.sinks must be >= 0")
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Word the reconstruction prompt with the model's tokenizer (and its chat template, if any)."""
+        def enc(text: str) -> list[int]:
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+        before = after = ""
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], add_generation_prompt=True,
+                                                 tokenize=False)
+            if isinstance(text, str) and text.count(_MARK) == 1:
+                before, after = text.split(_MARK)
+                # the reconstruction request closes the user turn that holds the document, then the assistant
+                # starts repeating; `after` is that closing + the assistant header
+        self._prompts = {"first": enc(FIRST_INSTRUCTION), "next": enc(NEXT_INSTRUCTION), "postfix": enc(after),
+                         "prefix": enc(before)}
+
+    # -- engine path: two passes -----------------------------------------------------------------------------------
+    def select_prompt(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: CompressedCache
+    ) -> None:
+        self._engine = True  # the engine calls after_prefill: defer eviction to the reconstruction scores
+        return None
+
+    def after_prefill(
+        self, model: torch.nn.Module, cache: CompressedCache, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> None:
+        chunked, self._engine, self._chunked = self._chunked, False, False
+        keep = cache.keep_rows
+        if chunked:
+            return  # evicted chunk by chunk already (bounded memory)
+        lens = attention_mask.sum(-1).cpu().long()
+        if keep is None or bool((keep >= lens).all()):
+            return  # everything fits: the full cache (exact)
+        from memfit.adapters.transformers import MemfitCache, forward
+
+        layers = cache.layers
+        first = layers[0]
+        slots = first.num_slots
+        device = input_ids.device
+        scores = [torch.full((input_ids.shape[0], layer.held_per_row().shape[1], slots), float("-inf"),
+                             device=device) for layer in layers]
+        protect = torch.zeros(input_ids.shape[0], slots, dtype=torch.bool, device=device)
+        prompts = self._prompts or {"first": [], "next": [], "postfix": [], "prefix": []}
+        for row in range(input_ids.shape[0]):
+            real = attention_mask[row].bool().nonzero().flatten()  # this row's slots (left padding first)
+            if real.numel() == 0:
+                continue
+            ids = input_ids[row, real]
+            n_sink = self._sink_len(ids.tolist(), prompts["prefix"])
+            sink = real[:n_sink]
+            protect[row, sink] = True
+            rest = real[n_sink:]
+            previous: list[int] = []
+            for start in range(0, rest.numel(), self.chunk):
+                chunk = rest[start : start + self.chunk]
+                chunk_ids = input_ids[row, chunk].tolist()
+                instruction = prompts["first"] if start == 0 else prompts["next"] + previous[-self.overlap :]
+                text = instruction + prompts["postfix"] + chunk_ids
+                previous = chunk_ids
+                scratch = CompressedCache(cache.num_layers, _Reconstruction(scores, row, sink, chunk))
+                scratch.layers = [_ReadThrough(i, layer, row) for i, layer in enumerate(layers)]
+                scratch.prefill_done = True  # a continuation of the cached context, not a prompt
+                step = torch.tensor([text], dtype=torch.long, device=device)
+                positions = torch.arange(real.numel(), real.numel() + len(text), device=device)[None]
+                mask = torch.ones(1, slots + len(text), dtype=torch.long, device=device)
+                forward(model, step, mask, MemfitCache(scratch), positions, logits_to_keep=1)
+        for layer, score in zip(layers, scores, strict=True):
+            head_protect = protect[:, None, :].expand_as(score)
+            self.evict(cache, layer, score, head_protect)
+
+    def _sink_len(self, ids: list[int], prefix: list[int]) -> int:
+        if prefix and len(ids) > len(prefix) and ids[: len(prefix)] == prefix:
+            return len(prefix)
+        return min(self.sinks, len(ids))
+
+    # -- bare-forward fallback: one pass -------------------------------------------------------------------------
+    def after_attention(
+        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> None:
+        keep = cache.layer_keep(info.layer_idx)
+        if not info.is_prefill or keep is None:
+            return
+        if not info.prefill_done:
+            self._chunked = True  # a chunked prefill bounds the cache: score each chunk now, no second pass
+        elif self._engine and not self._chunked:
+            return  # the engine calls after_prefill: the reconstruction scores decide
+        if layer.num_slots <= int(keep.min()):
+            return
+        scores = max_attention(queries, layer.keys, scaling, layer.valid)
+        valid = layer.valid_mask()
+        order = valid.long().cumsum(-1)
+        self.evict(cache, layer, scores, valid & (order <= self.sinks))
+
+    def reset(self) -> None:
+        self._engine = self._chunked = False
