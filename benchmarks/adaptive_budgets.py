@@ -40,6 +40,7 @@ import torch
 
 from memfit.adapters.transformers import forward
 from memfit.api import make_cache
+from memfit.bench.provenance import provenance
 from memfit.core.allocation import ALLOCATIONS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg19"
@@ -154,7 +155,8 @@ def main() -> None:
                 flush=True,
             )
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "provenance": provenance(),
+                                        "rows": rows}, indent=1))
     print(table(rows, args))
 
 

@@ -24,7 +24,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,6 +294,8 @@ def evaluate(expr: str, scope: Scope, local: dict[str, dict[str, Any]]) -> Value
 
 @dataclass
 class Number:
+    """A number as written: its text, value, decimals (the rounding it claims), unit, line and offsets."""
+
     text: str
     value: float
     decimals: int
@@ -307,7 +309,7 @@ def _blank(text: str) -> str:
     return re.sub(r"[^\n]", " ", text)
 
 
-def numbers(text: str, line_of: Any) -> list[Number]:
+def numbers(text: str, line_of: Callable[[int], int]) -> list[Number]:
     """The numbers of a piece of text, with the unit each is written with (shared along "a/b/c unit" chains)."""
     out: list[Number] = []
     for m in _NUMBER.finditer(text):
@@ -335,6 +337,8 @@ def numbers(text: str, line_of: Any) -> list[Number]:
 
 @dataclass
 class Report:
+    """What a check found: figures checked, figures exempt (paper, setting), and one line per problem."""
+
     checked: int = 0
     exempt: int = 0
     errors: list[str] = field(default_factory=list)
@@ -377,7 +381,7 @@ def _check_one(num: Number, expr: str, scope: Scope, local: dict[str, Any], wher
 
 
 def _blocks(text: str) -> Iterator[tuple[int, str, bool]]:
-    """(offset, text, is_table_row) units: a table row, or a paragraph / list item / heading."""
+    """(offset, text, is_table_row) units: a table row, a paragraph / list item / heading, or "" for a blank line."""
     offset, cur, start = 0, [], 0
     for line in text.splitlines(keepends=True):
         s = line.strip()
@@ -385,7 +389,9 @@ def _blocks(text: str) -> Iterator[tuple[int, str, bool]]:
         if new_block and cur:
             yield start, "".join(cur), False
             cur = []
-        if s.startswith("|"):
+        if not s:
+            yield offset, "", False
+        elif s.startswith("|"):
             yield offset, line, True
         elif s:
             if not cur:
@@ -401,13 +407,13 @@ def _blocks(text: str) -> Iterator[tuple[int, str, bool]]:
 
 def _cells(row: str) -> list[tuple[int, str]]:
     """(offset, text) of each cell of a table row (``\\|`` and pipes inside comments do not split)."""
-    out, start, i, depth = [], None, 0, 0
+    out, start, i = [], None, 0
     while i < len(row):
         if row.startswith("<!--", i):
             j = row.find("-->", i)
             i = len(row) if j < 0 else j + 3
             continue
-        if row[i] == "|" and (i == 0 or row[i - 1] != "\\") and depth == 0:
+        if row[i] == "|" and (i == 0 or row[i - 1] != "\\"):
             if start is not None:
                 out.append((start, row[start:i]))
             start = i + 1
@@ -416,6 +422,7 @@ def _cells(row: str) -> list[tuple[int, str]]:
 
 
 def check_document(path: Path, root: Path = ROOT, name: str | None = None) -> Report:
+    """Check every figure of the Markdown file ``path``; result paths in its markup are relative to ``root``."""
     report = Report()
     where = name or str(path)
     raw = path.read_text(encoding="utf-8")
@@ -456,6 +463,10 @@ def check_document(path: Path, root: Path = ROOT, name: str | None = None) -> Re
     header: list[str] | None = None
     for offset, block, is_row in _blocks(text):
         marks = list(_MARK.finditer(block))
+        if not block.strip():  # a blank line ends a table (and its columns spec)
+            if header is not None:
+                columns, header = None, None
+            continue
         if not is_row:
             spec = [mk for mk in marks if mk.group(1).strip().startswith("columns ")]
             if spec:

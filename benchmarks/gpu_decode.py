@@ -55,6 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from memfit.bench.provenance import stamp  # noqa: E402
 from memfit.core.quant import quantize  # noqa: E402
 from memfit.kernels import reference as REF  # noqa: E402
 
@@ -912,6 +913,7 @@ class Bench:
     def write(self, row: dict):
         row = {**row, **self.env, "compiled": Compiled.enabled, "kivi_variant": getattr(self, "kivi_variant", None),
                "time": datetime.datetime.now().isoformat()}
+        row = stamp(row)  # + provenance: machine, versions, commit (and whether the tree was dirty), command
         self.rows.append(row)
         with open(self.args.out, "a") as f:
             f.write(json.dumps(row) + "\n")

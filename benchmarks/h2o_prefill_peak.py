@@ -4,12 +4,14 @@ sizing its query blocks by bytes and spreading the keys over the query heads onc
 Random bf16 weights (memory and time do not depend on them), Llama-3.1-8B config, batch 1, 32K tokens, h2o at
 budget 0.25; both variants in one process. Prints one JSON line per variant.
 
-    python benchmarks/h2o_prefill_peak.py > benchmarks/results/h2o_prefill_peak.jsonl
+    python benchmarks/h2o_prefill_peak.py --out benchmarks/results/h2o_prefill_peak_h200.jsonl
+
+Each line carries the run's provenance (machine, versions, commit, command).
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import time
 
 import torch
@@ -18,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import memfit.core.scoring as scoring
 import memfit.methods.h2o as h2o_module
 from memfit.api import make_cache
+from memfit.bench.provenance import ResultWriter
 from memfit.engine import generate
 
 CONFIG = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -42,6 +45,14 @@ def previous_column_sums(queries, keys, scaling, key_valid=None, query_valid=Non
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the JSON lines here too (the file is started afresh)")
+    args = ap.parse_args()
+    with ResultWriter(args.out) as out:
+        measure(out)
+
+
+def measure(out: ResultWriter) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="sdpa")).eval().to("cuda", torch.bfloat16)
     ids = torch.randint(0, CONFIG["vocab_size"], (1, TOKENS), generator=torch.Generator().manual_seed(0)).cuda()
@@ -60,10 +71,10 @@ def main() -> None:
             torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             peak = torch.cuda.max_memory_allocated() - base
-        print(json.dumps({"model": "Llama-3.1-8B (random)", "variant": variant, "tokens": TOKENS, "method": "h2o@0.25",
-                          "prefill_peak_above_weights_gib": round(peak / 2**30, 3), "prefill_seconds": round(seconds, 3),
-                          "first_token": int(gen.tokens[0][0]) if gen.tokens[0] else None,
-                          "device": torch.cuda.get_device_name()}), flush=True)
+        out.write({"model": "Llama-3.1-8B (random)", "variant": variant, "tokens": TOKENS, "method": "h2o@0.25",
+                   "prefill_peak_above_weights_gib": round(peak / 2**30, 3), "prefill_seconds": round(seconds, 3),
+                   "first_token": int(gen.tokens[0][0]) if gen.tokens[0] else None,
+                   "device": torch.cuda.get_device_name()})
     h2o_module.column_sums = current
 
 

@@ -1,7 +1,9 @@
 """CPU time of a left-padded batched prefill on the default model: one masked SDPA (before) vs row-by-row causal
 attention (memfit now), and the same four prompts one by one. snapkv@0.25, prompts of 2048/2000/1950/1900 tokens.
 
-    python benchmarks/padded_prefill_cpu.py --threads 2
+    python benchmarks/padded_prefill_cpu.py --threads 2 --out benchmarks/results/padded_prefill_cpu.jsonl
+
+One JSON line per variant, with the run's provenance.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from padded_prefill_peak import masked_attention  # the previous dense_attention
 
 import memfit.core.cache as core_cache
 from memfit.api import make_cache
+from memfit.bench.provenance import ResultWriter
 from memfit.engine import generate, pad_left
 from memfit.models import load_model
 
@@ -27,19 +30,23 @@ def prefill_seconds(model, ids, mask) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="write the JSON lines here too (the file is started afresh)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load_model("default", progress=False)
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, 40000, (n,), generator=g).tolist() for n in (2048, 2000, 1950, 1900)]
     ids, mask = pad_left(rows)
-    current = core_cache.dense_attention
-    core_cache.dense_attention = masked_attention
-    print(f"padded batch of 4, one masked SDPA: {prefill_seconds(model, ids, mask):.2f} s", flush=True)
-    core_cache.dense_attention = current
-    print(f"padded batch of 4, row by row:     {prefill_seconds(model, ids, mask):.2f} s", flush=True)
-    alone = sum(prefill_seconds(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)) for r in rows)
-    print(f"the 4 rows one by one:             {alone:.2f} s", flush=True)
+    common = {"lengths": [len(r) for r in rows], "method": "snapkv@0.25", "threads": args.threads}
+    with ResultWriter(args.out) as out:
+        current = core_cache.dense_attention
+        core_cache.dense_attention = masked_attention
+        out.write({"variant": "padded batch, one masked SDPA", **common,
+                   "prefill_seconds": prefill_seconds(model, ids, mask)})
+        core_cache.dense_attention = current
+        out.write({"variant": "padded batch, row by row", **common, "prefill_seconds": prefill_seconds(model, ids, mask)})
+        alone = sum(prefill_seconds(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)) for r in rows)
+        out.write({"variant": "rows one by one", **common, "prefill_seconds": alone})
 
 
 if __name__ == "__main__":

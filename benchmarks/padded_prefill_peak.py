@@ -5,12 +5,14 @@ Random bf16 weights (memory and time do not depend on them), configs of SmolLM2-
 4 prompts of 8192/7168/6144/5120 tokens, snapkv at budget 0.25 (the prefill attends over the whole prompt before it
 evicts). Both variants run in one process on the same inputs; prints one JSON line per (model, variant).
 
-    python benchmarks/padded_prefill_peak.py > benchmarks/results/padded_prefill_peak.jsonl
+    python benchmarks/padded_prefill_peak.py --out benchmarks/results/padded_prefill_peak_h200.jsonl
+
+Each line carries the run's provenance (machine, versions, commit, command).
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import time
 
 import torch
@@ -19,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import memfit.core.cache as core_cache
 from memfit.api import make_cache
+from memfit.bench.provenance import ResultWriter
 from memfit.engine import generate, pad_left
 
 CONFIGS = {
@@ -51,6 +54,14 @@ def masked_attention(queries, keys, values, valid, scaling):
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the JSON lines here too (the file is started afresh)")
+    args = ap.parse_args()
+    with ResultWriter(args.out) as out:
+        measure(out)
+
+
+def measure(out: ResultWriter) -> None:
     current = core_cache.dense_attention
     for name, cfg in CONFIGS.items():
         torch.manual_seed(0)
@@ -73,14 +84,13 @@ def main() -> None:
                 seconds = time.perf_counter() - t0
                 peak = torch.cuda.max_memory_allocated() - base
             first[variant] = gen.first_logits.float()
-            print(json.dumps({"model": name, "variant": variant, "lengths": LENGTHS, "method": "snapkv@0.25",
-                              "prefill_peak_above_weights_gib": round(peak / 2**30, 3),
-                              "prefill_seconds": round(seconds, 3), "device": torch.cuda.get_device_name()}),
-                  flush=True)
+            out.write({"model": name, "variant": variant, "lengths": LENGTHS, "method": "snapkv@0.25",
+                       "prefill_peak_above_weights_gib": round(peak / 2**30, 3),
+                       "prefill_seconds": round(seconds, 3), "device": torch.cuda.get_device_name()})
         core_cache.dense_attention = current
         a, b = first.values()
-        print(json.dumps({"model": name, "max_abs_logit_diff": float((a - b).abs().max()),
-                          "same_argmax": bool((a.argmax(-1) == b.argmax(-1)).all())}), flush=True)
+        out.write({"model": name, "max_abs_logit_diff": float((a - b).abs().max()),
+                   "same_argmax": bool((a.argmax(-1) == b.argmax(-1)).all())})
         del model
         torch.cuda.empty_cache()
 

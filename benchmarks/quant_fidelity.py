@@ -16,7 +16,6 @@ decode speed (noisy on a shared machine: compare rows of one run only).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from memfit.adapters.transformers import forward
 from memfit.api import make_cache
+from memfit.bench.provenance import ResultWriter
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg19"
 
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--books", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated labels (default: all)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per configuration")
+    ap.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per configuration (with its provenance)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,6 +107,7 @@ def main() -> None:
     labels = [s.strip() for s in args.only.split(",") if s.strip()] or list(CONFIGS)
     refs = {name: run(model, ids, args.prompt_tokens, "full", None, None) for name, ids in data}
     rows = []
+    writer = ResultWriter(args.jsonl, "a")  # rows with their provenance; appended, so runs accumulate
     for label in labels:
         spec, budget, params = CONFIGS[label]
         agree = kl = count = 0.0
@@ -130,14 +131,11 @@ def main() -> None:
             "compression": full_b / held_b, "top1_agreement": agree / count, "mean_kl": kl / count,
             "prefill_s": sum(prefills) / len(prefills), "decode_tok_s": sum(speeds) / len(speeds),
         }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.jsonl:
-            with args.jsonl.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        rows.append(writer.write(row))
     print(f"\nSmolLM2-135M (fp32, CPU), {len(data)} PG-19 prompts x {args.prompt_tokens} tokens, "
           f"{args.continuation} teacher-forced tokens each\n")
-    print("| config | KV held (MB) | compression | top-1 agreement | mean KL | decode tok/s |")
+    writer.close()
+    print("| config | KV held (MiB) | compression | top-1 agreement | mean KL | decode tok/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['kv_bytes_held'] / 2**20:.2f} | {r['compression']:.2f}x | "

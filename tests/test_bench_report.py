@@ -237,3 +237,12 @@ def test_pareto_panels_per_context(tmp_path: Path) -> None:
     assert sum(p["method"] == "full" for p in points) == 2
     write_report(rows, tmp_path)
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+def test_the_full_cache_is_the_reference_not_scored_against_itself(tmp_path: Path) -> None:
+    rows = bench_rows() + [make_row("full", None, "fidelity", None, FULL_BYTES, kl=0.0, top1=1.0, ppl=15.0)]
+    md = write_report(rows, tmp_path / "rep")["report"].read_text(encoding="utf-8")
+    full = [ln for ln in md.splitlines() if ln.startswith("| toy-llama | full | – | 1024 | fidelity |")]
+    assert len(full) == 1 and full[0].endswith("| reference | reference | 15 |"), full
+    # other methods keep their measured KL and top-1
+    assert "| 0.02 | 96.0 |" in md
