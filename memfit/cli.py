@@ -162,6 +162,11 @@ def run(
     kv: Path = typer.Option(
         None, "--kv", help="Answer from a compressed context made by `memfit compress` (the prompt is the question)."
     ),
+    weights: str = typer.Option(
+        None, "--weights",
+        help="Compress the model's linear layers on load: NAME[:BITS][:KEY=VALUE...], e.g. slim-llm:3, rtn:4, "
+        "gqsa:4:sparsity=0.5 (see `memfit methods`).",
+    ),
 ) -> None:
     """Generate an answer with a compressed KV cache and report what it held."""
     if kv is not None:  # the document is already compressed: the prompt is a question about it
@@ -174,6 +179,10 @@ def run(
     from memfit.window import TRUNCATE_SIDES
 
     text = read_prompt(prompt, prompt_file)
+    if weights:
+        from memfit.weights import parse_weight_spec
+
+        parse_weight_spec(weights)  # a bad weight spec is one clear error before any model work
     params = parse_params(param)
     build_policy(method, Budget.parse(budget), params)  # validate (composed names too) before loading the model
     from memfit.core.allocation import parse_allocation
@@ -208,6 +217,7 @@ def run(
             prefill_chunk=prefill_chunk,
             allocation=allocation,
             spans=_on_off(spans, "--spans"),
+            weights=weights,
         )
     except KeyboardInterrupt:
         _interrupted("nothing was written")
@@ -220,7 +230,8 @@ def run(
         f"[dim]memfit[/] {result.method} budget={result.budget} · prompt {result.prompt_tokens} tok · "
         f"KV {format_bytes(result.kv_bytes_full)} full → {format_bytes(result.kv_bytes_held)} held "
         f"({result.compression_ratio:.2f}x) · peak {format_bytes(result.peak_memory_bytes)} · "
-        f"prefill {result.prefill_seconds:.2f} s · decode {result.decode_tokens_per_second:.1f} tok/s",
+        f"prefill {result.prefill_seconds:.2f} s · decode {result.decode_tokens_per_second:.1f} tok/s"
+        + (f" · weights {result.weights} {format_bytes(result.weight_bytes)}" if result.weights != "none" else ""),
         highlight=False,
     )
 
@@ -332,15 +343,19 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 
     Quantizers (family "quantization") also compose as <eviction>+<quantizer>, e.g. snapkv+kivi."""
     from memfit.core.method import all_methods
+    from memfit.weights import weight_methods
 
     described = [describe_method(cls) for cls in all_methods().values()]
+    described += [describe_method(cls) for cls in weight_methods().values()]  # family "weights: ..." (--weights)
     if as_json:
         print(json.dumps(described, indent=2, default=str))
         return
     # plain text, one block per method: reads the same in a narrow terminal, a pipe or a file
     print(
         "memfit methods: --method NAME, --param KEY=VALUE. Quantizers (family quantization) compose after an "
-        "eviction method: --method <eviction>+<quantizer> (e.g. snapkv+kivi), parameters as --param kivi.bits=2."
+        "eviction method: --method <eviction>+<quantizer> (e.g. snapkv+kivi), parameters as --param kivi.bits=2. "
+        "Weight methods (family weights: ...) compress the model's linear layers: --weights NAME:BITS on run and "
+        "bench, or `memfit quantize`."
     )
     for d in described:
         print(f"\n{d['name']} · {d['family']} · acts: {d['acts']}")
@@ -363,6 +378,60 @@ def describe_method(cls: type) -> dict[str, Any]:
         meaning, allowed = docs.get(name, ("", ""))
         entry["help"], entry["allowed"] = meaning, allowed
     return d
+
+
+@app.command()
+def quantize(
+    model: str = typer.Option("default", "--model", help="HF folder, hub id, .gguf file, or 'default'."),
+    method: str = typer.Option(..., "--method", help="Weight method: rtn | slim-llm | gqsa | svdquant | flash-llm."),
+    bits: int = typer.Option(None, "--bits", help="Bits per weight (1-8; the method's default if omitted)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder to write (safetensors + memfit-weights.json)."),
+    param: list[str] = typer.Option(None, "--param", help="Method parameter KEY=VALUE (repeatable), e.g. group_size=64."),
+    calib_file: Path = typer.Option(
+        None, "--calib-file", help="Calibration text (calibrated methods; default: the standard library's pydoc prose)."
+    ),
+    calib_tokens: int = typer.Option(512, "--calib-tokens", help="Calibration tokens (calibrated methods)."),
+    dtype: str = _dtype_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Compress a model's linear layers and save the result; load it with `memfit run --model DIR`."""
+    import time
+
+    from memfit.weights import model_weight_bytes, parse_weight_spec, quantize_model
+    from memfit.weights.io import save_quantized
+
+    spec = method if bits is None else f"{method}:{bits}"
+    weight_method = parse_weight_spec(spec, parse_params(param))
+    if weight_method is None:
+        raise ConfigError("--method none compresses nothing: pick a weight method (see `memfit methods`)")
+    check_range("--calib-tokens", calib_tokens, 256)
+    if calib_file is not None:
+        read_text_file(calib_file, "calibration file")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"--out {out_dir} exists and is not an empty folder: pick a new folder")
+    _check_device("cpu", dtype)
+    from rich.progress import Progress
+
+    from memfit.models import load_model
+
+    mdl, tok = load_model(model, dtype=dtype)
+    before = model_weight_bytes(mdl)
+    t0 = time.perf_counter()
+    with Progress(console=Console(stderr=True), transient=True, disable=as_json) as bar:
+        task = bar.add_task(f"quantizing with {weight_method.spec()}", total=None)
+        quantize_model(mdl, weight_method, tokenizer=tok, calib_file=calib_file, calib_tokens=calib_tokens,
+                       progress=lambda msg: bar.update(task, description=f"{weight_method.spec()}: {msg}"))
+    seconds = time.perf_counter() - t0
+    save_quantized(mdl, tok, out_dir, weight_method.spec())
+    after = model_weight_bytes(mdl)
+    info = {"out": str(out_dir), "weights": weight_method.spec(), "weight_bytes_before": before,
+            "weight_bytes": after, "quantize_seconds": round(seconds, 2)}
+    if as_json:
+        print(json.dumps(info))
+        return
+    out.print(f"[dim]memfit[/] quantized {model} with {info['weights']} in {seconds:.1f} s · weights "
+              f"{format_bytes(before)} → {format_bytes(after)} · saved to {out_dir} (memfit run --model {out_dir})",
+              highlight=False)
 
 
 BENCH_TASKS_HELP = (
@@ -427,6 +496,11 @@ def bench(
         "component, a plain key every method that has it. Rows record their parameters, so runs with different "
         "values share one --out.",
     ),
+    weights: str = typer.Option(
+        None, "--weights",
+        help="Compress the model's linear layers on load: NAME[:BITS][:KEY=VALUE...], e.g. slim-llm:3, rtn:4, "
+        "gqsa:4:sparsity=0.5 (see `memfit methods`).",
+    ),
 ) -> None:
     """Memory, speed and quality of every method against the full cache, on the same generated prompts.
 
@@ -473,6 +547,7 @@ def bench(
             spans=parse_list(spans, "spans"),
             device=device,
             dtype=dtype,
+            weights=weights,
         )
     except MemfitError:
         for d in created:  # a bad option found later: leave no empty folder behind

@@ -252,6 +252,8 @@ class RunResult:
     decode_tokens_per_second: float
     device: str
     versions: dict[str, str] = field(default_factory=dict)
+    weights: str = "none"  # the weight method the model's linear layers carry (memfit.weights), or none
+    weight_bytes: int = 0  # bytes of every parameter and buffer of the model (packed codes as stored)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -290,6 +292,7 @@ def run(
     dtype: str = "auto",
     kv: Any = None,
     spans: bool = False,
+    weights: str | None = None,
 ) -> RunResult:
     """Load (or take) a model, compress its KV cache with `method` at `budget`, generate, and measure.
 
@@ -297,7 +300,9 @@ def run(
     ``"auto"`` dtype = bfloat16 on CUDA, float32 on CPU).
     `kv`: a `memfit.contexts.CompressedContext` (a compressed document): the prompts are questions about it,
     answered from a copy of its cache with its model and method (`model`, `method`, `budget`... are ignored).
-    `spans`: when a token is kept, keep the rest of its word or number within the same budget (memfit.core.spans)."""
+    `spans`: when a token is kept, keep the rest of its word or number within the same budget (memfit.core.spans).
+    `weights`: a weight spec such as ``"slim-llm:3"`` (memfit.weights): the model's linear layers are compressed in
+    place before generating."""
     from memfit.api import make_cache
 
     if kv is not None:
@@ -311,6 +316,10 @@ def run(
     else:
         mdl, tok = model
         model_name = getattr(mdl.config, "_name_or_path", "") or type(mdl).__name__
+    if weights and kv is None:
+        from memfit.weights import quantize_model
+
+        quantize_model(mdl, weights, tokenizer=tok)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if kv is not None:
         ids, mask = kv.encode_questions(prompts)
@@ -349,4 +358,12 @@ def run(
         decode_tokens_per_second=gen.decode_tokens_per_second,
         device=device_name(device),
         versions=versions(),
+        weights=getattr(mdl, "memfit_weights", "") or "none",
+        weight_bytes=_weight_bytes(mdl),
     )
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    from memfit.weights import model_weight_bytes
+
+    return model_weight_bytes(model)

@@ -215,7 +215,11 @@ def _dispatch(text: str, torch_dtype: torch.dtype, progress: bool) -> tuple[Any,
                 )
             model, tok = _load_gguf(path, torch_dtype)
         elif path.is_dir():
-            if (path / "config.json").is_file():
+            if (path / "memfit-weights.json").is_file():  # written by `memfit quantize`: compressed linear layers
+                from memfit.weights.io import load_quantized
+
+                model, tok = load_quantized(path, torch_dtype)
+            elif (path / "config.json").is_file():
                 model, tok = _load_hf(path, torch_dtype, what=f"the model folder {text!r}")
             else:
                 ggufs = sorted(path.glob("*.gguf"))

@@ -318,6 +318,7 @@ def run_bench(
     note: str | None = None,
     device: str = "cpu",
     dtype: str = "auto",
+    weights: str | None = None,
 ) -> BenchResult:
     """Bench ``methods`` × ``budgets`` against the full cache on ``tasks`` and write the report into ``out``.
 
@@ -334,6 +335,8 @@ def run_bench(
     and/or ``on`` (keep whole words/numbers, memfit.core.spans); ``on`` rows carry ``"spans": "on"``. ``task_options``: task -> generator options (e.g. ``{"ppl": {"continuation_tokens": 128}}``).
     ``device``/``dtype``: where and in what precision a model spec is loaded (``"auto"``: CUDA if present;
     bfloat16 on CUDA, float32 on CPU); rows record the device and the KV bytes follow the dtype.
+    ``weights``: a weight spec (``"slim-llm:3"``, memfit.weights): the model's linear layers are compressed on
+    load and every row's ``model`` names the spec, so rows with and without it share one results file.
     Returns a :class:`BenchResult`; raises ``ConfigError`` on bad input before loading anything.
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -369,6 +372,11 @@ def run_bench(
     out_dir = Path(out)
     results_path = out_dir / "results.jsonl"
     name = _model_name(model, model_name)
+    from memfit.weights import parse_weight_spec
+
+    weight_method = parse_weight_spec(weights) if weights else None
+    if weight_method is not None:
+        name = f"{name} [weights {weight_method.spec()}]"
     filler_label = filler_description(filler, corpus)  # type: ignore[arg-type]
     given = {m: _given_params((params or {}).get(m), resolved[m]) for m in method_list}
     from memfit.core.method import evicts
@@ -422,6 +430,10 @@ def run_bench(
     new_rows: list[dict[str, Any]] = []
     if plan:
         mdl, tok = _load(model, progress, device, dtype)
+        if weight_method is not None:
+            from memfit.weights import quantize_model
+
+            quantize_model(mdl, weight_method, tokenizer=tok)
         device = next(mdl.parameters()).device
         pad = (device.type != "cpu") if pad_batches is None else bool(pad_batches)
         runs = [
