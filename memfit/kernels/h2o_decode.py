@@ -12,6 +12,10 @@ slots, a per-slot fp32 accumulated score `acc` and the token position `pos` of e
    slot (slot >= lengths[b]) if any, else the unprotected slot with the smallest score, where the ``recent`` newest
    tokens (pos > cur_pos - recent) are protected;
 4. a tiny reduction over the chunks writes the victim (B, Hkv), which receives the next token.
+Ties go to the lowest slot index at every level (argmin within a tile, strict `<` across tiles, argmin across
+chunks), as `torch.argmin` in the reference does: given the same inputs, kernel and reference evict the same slot.
+Scores differ from the reference's only by fp32 rounding (summation order), so two candidates whose scores are
+closer than that can still swap (tests/test_kernels.py allows that only on CUDA with random scores).
 The buffer never grows or moves: shapes are static and the step is CUDA-graph safe. H2O's rule is the same: keep
 the heavy hitters + the recent window, drop the rest (here one token per step, as the cache is always full).
 

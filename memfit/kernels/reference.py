@@ -1,5 +1,6 @@
 """Plain-PyTorch references for the Triton decode kernels (any device, fp32 math). CI tests these on CPU against
-simple dense math; the `gpu` tests check each kernel against its reference on CUDA.
+simple dense math, and each kernel against its reference in Triton's CPU interpreter; the `gpu` tests do the same on
+CUDA at larger shapes.
 
 Layouts (the bit-packed KIVI layout of `memfit.core.quant`, restricted to what the kernels read):
 bits in {2, 4, 8}, group size G a multiple of the codes per byte (cpb = 8 // bits), head dim d a multiple of G.
