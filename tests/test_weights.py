@@ -296,3 +296,24 @@ def test_methods_lists_weight_methods(monkeypatch, capsys):
     families = {d["name"]: d["family"] for d in json.loads(out)}
     for name in ("rtn", "slim-llm", "gqsa", "svdquant", "flash-llm"):
         assert families[name].startswith("weights")
+
+
+def test_cli_quantize_then_run_the_saved_folder(monkeypatch, capsys, tmp_path):
+    src = tmp_path / "tiny"
+    model = tiny_llama()
+    model.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    code, out, err = _cli(monkeypatch, capsys, "quantize", "--model", str(src), "--method", "gqsa", "--bits", "3",
+                          "--calib-tokens", "256", "--out", str(tmp_path / "q"), "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["weights"] == "gqsa:3" and info["weight_bytes"] < info["weight_bytes_before"]
+    prompt = " ".join(f"w{3 + i % 100}" for i in range(40))
+    code, out, err = _cli(monkeypatch, capsys, "run", "--model", str(tmp_path / "q"), "--method", "snapkv",
+                          "--budget", "0.5", "--no-chat", "--max-new-tokens", "2", "--prompt", prompt, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["weights"] == "gqsa:3" and res["weight_bytes"] == info["weight_bytes"]
+    code, _, err = _cli(monkeypatch, capsys, "quantize", "--model", str(src), "--method", "rtn",
+                        "--out", str(tmp_path / "q"))
+    assert code == 2 and "not an empty folder" in err
