@@ -1,0 +1,111 @@
+"""`memfit serve`: an OpenAI-compatible server whose running batch is sized by compressed KV bytes.
+
+- `admission.py`: predict a request's compressed KV bytes (prompt length, method, budget, max_tokens) and keep the
+  pool's books;
+- `scheduler.py`: continuous batching in one thread (chunked prefill, per-request stores, FIFO admission,
+  preemption when memory runs over);
+- `app.py`: the HTTP API (Starlette + uvicorn), OpenAI-style errors, SSE streaming, Prometheus /metrics;
+- `loadtest.py`: `memfit loadtest`, a client for any OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Any
+
+import torch
+
+from memfit.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "tb": 1000**4}
+
+
+def parse_bytes(text: str) -> int:
+    """'20GiB', '512MiB', '2GB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"--kv-memory {text!r} is not a size: write e.g. 20GiB, 512MiB or a number of bytes")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ConfigError("--kv-memory must be more than 0 bytes")
+    return value
+
+
+def default_kv_memory(model: torch.nn.Module) -> int:
+    """No --kv-memory: 90 % of the GPU memory left after the weights, or a quarter of the RAM available on CPU."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except OSError:
+        pass
+    return 2 << 30
+
+
+def build_server(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    model_name: str,
+    method: str = "full",
+    budget: str | None = None,
+    params: dict[str, Any] | None = None,
+    kv_memory: int | None = None,
+    max_batch: int = 64,
+    prefill_chunk: int = 512,
+    default_max_tokens: int = 256,
+) -> Any:
+    """The ASGI app for a loaded model (its scheduler starts with the app)."""
+    from memfit.core.budget import Budget
+    from memfit.core.method import build_policy
+    from memfit.serve.app import ServerConfig, create_app
+    from memfit.serve.scheduler import Scheduler
+
+    build_policy(method, Budget.parse(budget), params or {})  # a bad default is a start-up error, not a 400 later
+    if prefill_chunk < 1 or max_batch < 1:
+        raise ConfigError("--prefill-chunk and --max-batch must be at least 1")
+    scheduler = Scheduler(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk)
+    scheduler.predictor.byte_model(method, params or {})  # calibrate the default method now, not on a request
+    config = ServerConfig(model_name, method, budget, params or {}, default_max_tokens)
+    return create_app(model, tokenizer, scheduler, config)
+
+
+def free_port(host: str = "127.0.0.1") -> socket.socket:
+    """A bound listening socket on a free port (uvicorn serves on it; no race for the port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    model_spec: str = "default",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "cpu",
+    dtype: str = "auto",
+    load_format: str | None = None,
+    log_level: str = "info",
+    **kwargs: Any,
+) -> None:
+    """Load the model and serve until interrupted (what `memfit serve` runs)."""
+    import uvicorn
+
+    from memfit.models import DEFAULT_MODEL_NAME, load_model
+
+    load_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
+    if load_format is not None:
+        load_kwargs["load_format"] = load_format
+    model, tok = load_model(model_spec, **load_kwargs)
+    name = DEFAULT_MODEL_NAME if model_spec == "default" else os.path.basename(model_spec.rstrip("/")) or model_spec
+    app = build_server(model, tok, name, **kwargs)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

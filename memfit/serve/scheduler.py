@@ -1,0 +1,301 @@
+"""Continuous batching over compressed caches: requests join and leave at token granularity.
+
+One scheduler thread owns the model. Each tick it
+1. drops cancelled requests (a client that went away) and frees their stores at once;
+2. admits waiting requests in FIFO order while their byte reservation (`admission.BytePredictor`) fits what is left
+   of `kv_memory` (and `max_batch` allows): the head of the queue is never overtaken, so nobody starves;
+3. runs ONE prefill chunk of the oldest admitted request that is still reading its prompt, so a long prompt never
+   stalls the running requests for more than a chunk;
+4. runs one greedy decode step for every request whose prompt is in;
+5. if the stores together hold more than `kv_memory` (a prediction was low), preempts the newest running request:
+   its store is freed and it goes back to the front of the queue; greedy decoding regenerates the same tokens, and
+   the ones already streamed are not sent twice.
+
+Every request has its own `MemfitCache` (its own method, budget and parameters), so each decode step is one forward
+call of batch 1 per request. Batching the rows of different caches into one forward needs a runtime primitive
+that stacks per-row stores of different lengths; this module keeps to the public per-cache calls instead.
+
+Each prefill/decode call mirrors `memfit.engine` exactly (prompt selection, `begin_prompt` only when chunking,
+`after_prefill`, mask growing by one column per step, positions continuing), so greedy text equals `memfit run`
+with the same settings and the same `--prefill-chunk`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memfit.adapters.transformers import forward
+from memfit.api import make_cache
+from memfit.core.budget import Budget
+from memfit.engine import positions_from_mask
+from memfit.serve.admission import BytePredictor, ModelShape
+
+Event = tuple[str, Any]  # ("tokens", [ids]) | ("done", finish_reason) | ("error", message)
+_ids = itertools.count(1)
+
+
+@dataclass
+class Request:
+    """One generation request and its runtime state (owned by the scheduler thread once submitted)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    method: str
+    budget: Budget
+    params: dict[str, Any]
+    sink: Callable[[Event], None]
+    eos: frozenset[int] = frozenset()
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.perf_counter)
+    reserve_bytes: int = 0  # set aside while the prompt is read
+    predicted_bytes: int = 0  # set aside once decoding
+    emitted: int = 0  # tokens already sent to the client (survives preemption)
+    preemptions: int = 0
+    # runtime (reset on preemption)
+    cache: Any = None
+    tokens: list[int] = field(default_factory=list)
+    _prefill: Any = None  # (ids, mask, positions, next_start, chunk) while the prompt is being read
+    _mask: torch.Tensor | None = None
+    _pos: torch.Tensor | None = None
+    _next: torch.Tensor | None = None  # next input token (1, 1)
+    finished: str | None = None
+    kv_bytes_held: int = 0
+    kv_bytes_full: int = 0
+
+    @property
+    def prefilled(self) -> bool:
+        return self.cache is not None and self._prefill is None
+
+    def reserved(self) -> int:
+        """Bytes this running request counts against the pool: its reservation or what it holds, if more."""
+        want = self.predicted_bytes if self.prefilled else self.reserve_bytes
+        held = self.cache.nbytes() if self.cache is not None else 0
+        return max(want, held)
+
+    def reset(self) -> None:
+        self.cache = None
+        self.tokens = []
+        self._prefill = self._mask = self._pos = self._next = None
+
+
+class Scheduler:
+    """Owns the model; runs prefill chunks and decode steps for every admitted request (see module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_memory: int,
+        max_batch: int = 64,
+        prefill_chunk: int = 512,
+    ) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.kv_memory = int(kv_memory)
+        self.max_batch = int(max_batch)
+        self.prefill_chunk = int(prefill_chunk)
+        self.predictor = BytePredictor(ModelShape.of(model))
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # admission order (oldest first)
+        self._inbox: list[Request] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.stats = collections.Counter()  # requests_total, preemptions_total, tokens_generated_total, ...
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) for tokens/s
+        self.last_error: str | None = None
+        self._snapshot: dict[str, int] = {"kv_bytes_held": 0, "kv_bytes_full": 0, "kv_bytes_reserved": 0}
+
+    # -- called from the server's threads ------------------------------------------------------------------------
+    def reserve_for(self, method: str, budget: Budget, params: dict[str, Any], prompt: int, max_tokens: int) -> int:
+        return self.predictor.reserve(method, budget, params, prompt, max_tokens, self.prefill_chunk)
+
+    def submit(self, req: Request) -> None:
+        req.reserve_bytes = self.reserve_for(req.method, req.budget, req.params, len(req.prompt_ids), req.max_tokens)
+        req.predicted_bytes = self.predictor.predict(
+            req.method, req.budget, req.params, len(req.prompt_ids), req.max_tokens
+        )
+        with self._cv:
+            self._inbox.append(req)
+            self._cv.notify()
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="memfit-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Numbers for /metrics (read without stopping the scheduler; they are a tick old at most)."""
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= 10.0]
+        span = (now - recent[0][0]) if recent else 0.0
+        tps = sum(n for _, n in recent) / max(span, 1.0) if recent else 0.0
+        return {
+            **self._snapshot,
+            "running": len(self.running),
+            "waiting": len(self.waiting) + len(self._inbox),
+            "kv_memory": self.kv_memory,
+            "tokens_per_second": tps,
+            **dict(self.stats),
+        }
+
+    # -- the scheduler thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stop and not self._inbox and not self.running and not self.waiting:
+                        self._cv.wait(timeout=0.5)
+                    if self._stop:
+                        break
+                    self.waiting.extend(self._inbox)
+                    self._inbox.clear()
+                try:
+                    self._tick()
+                except Exception as exc:  # a bug must not take the server down: fail the requests in flight
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.stats["scheduler_errors_total"] += 1
+                    for req in self.running:
+                        self._finish(req, None, error=f"internal error: {self.last_error}")
+                    self.running.clear()
+        for req in list(self.running) + list(self.waiting) + self._inbox:
+            self._finish(req, None, error="the server is shutting down")
+
+    def _tick(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        reading = next((r for r in self.running if not r.prefilled), None)
+        decoding = [r for r in self.running if r.prefilled]  # before the chunk: a request just prefilled waits a tick
+        if reading is not None:
+            self._prefill_chunk(reading)
+        for req in decoding:
+            if not req.cancelled and req.finished is None:
+                self._decode(req)
+        self.running = [r for r in self.running if r.finished is None]
+        self._enforce_memory()
+        self._publish()
+
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self.running if r.cancelled]:
+            self.running.remove(req)
+            req.reset()  # the store goes now: its bytes return to the pool this tick
+            self.stats["cancelled_total"] += 1
+        if any(r.cancelled for r in self.waiting):
+            self.stats["cancelled_total"] += sum(r.cancelled for r in self.waiting)
+            self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+
+    def _admit(self) -> None:
+        used = sum(r.reserved() for r in self.running)
+        while self.waiting and len(self.running) < self.max_batch:
+            head = self.waiting[0]
+            need = head.reserve_bytes
+            if used + need > self.kv_memory and self.running:
+                break  # FIFO: nobody overtakes the head; it goes in once enough bytes come back
+            self.waiting.popleft()
+            if head.preemptions == 0:
+                self.stats["requests_total"] += 1
+            self.running.append(head)
+            used += need
+
+    def _prefill_chunk(self, req: Request) -> None:
+        model = self.model
+        if req.cache is None:
+            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+            mask = torch.ones_like(ids)
+            req.cache = make_cache(model, req.method, req.budget, req.params)
+            core = req.cache.core
+            prompt_lens = mask.sum(-1)
+            chosen = core.method.select_prompt(model, ids, mask, core)
+            if chosen is not None:  # GemFilter: prefill only the chosen tokens; the budget still uses the prompt
+                core.skipped_prompt_tokens = int(ids.shape[1] - chosen[0].shape[1])
+                ids, mask = chosen
+            total = ids.shape[1]
+            chunk = total if self.prefill_chunk >= total else self.prefill_chunk
+            if chunk < total or chosen is not None:
+                core.begin_prompt(prompt_lens, total)
+            req._prefill = (ids, mask, positions_from_mask(mask), 0, chunk)
+        ids, mask, positions, start, chunk = req._prefill
+        total = ids.shape[1]
+        stop = min(total, start + chunk)
+        logits = forward(model, ids[:, start:stop], mask[:, :stop], req.cache, positions[:, start:stop], logits_to_keep=1)
+        self.stats["prompt_tokens_total"] += stop - start
+        if stop < total:
+            req._prefill = (ids, mask, positions, stop, chunk)
+            return
+        req.cache.core.method.after_prefill(model, req.cache.core, ids, mask)
+        req._prefill = None
+        req._mask, req._pos = mask, positions[:, -1:]
+        self._take(req, logits[:, -1])
+
+    def _decode(self, req: Request) -> None:
+        assert req._mask is not None and req._pos is not None and req._next is not None
+        req._mask = torch.cat([req._mask, req._mask.new_ones(1, 1)], dim=1)
+        req._pos = req._pos + 1
+        logits = forward(self.model, req._next, req._mask, req.cache, req._pos, logits_to_keep=1)[:, -1]
+        self._take(req, logits)
+
+    def _take(self, req: Request, logits: torch.Tensor) -> None:
+        """Greedy choice, exactly as the engine: EOS ends the request, else the token counts and is emitted."""
+        tok = int(logits.argmax(-1)[0])
+        if tok in req.eos:
+            self._finish(req, "stop")
+            return
+        req.tokens.append(tok)
+        self.stats["tokens_generated_total"] += 1
+        self._recent.append((time.perf_counter(), 1))
+        while self._recent and time.perf_counter() - self._recent[0][0] > 10.0:
+            self._recent.popleft()
+        if len(req.tokens) > req.emitted:  # after a preemption, the regenerated tokens were already sent
+            req.sink(("tokens", req.tokens[req.emitted :]))
+            req.emitted = len(req.tokens)
+        if len(req.tokens) >= req.max_tokens:
+            self._finish(req, "length")
+            return
+        req._next = torch.tensor([[tok]], dtype=torch.long, device=self.device)
+
+    def _finish(self, req: Request, reason: str | None, error: str | None = None) -> None:
+        if req.cache is not None:
+            req.kv_bytes_held, req.kv_bytes_full = req.cache.nbytes(), req.cache.full_nbytes()
+        req.finished = reason or "error"
+        req.reset()
+        try:
+            req.sink(("error", error) if error else ("done", reason))
+        except Exception:  # the client's event loop is gone; nothing to tell
+            pass
+
+    def _enforce_memory(self) -> None:
+        held = sum(r.cache.nbytes() for r in self.running if r.cache is not None)
+        while held > self.kv_memory and len(self.running) > 1:
+            victim = self.running.pop()  # the newest
+            held -= victim.cache.nbytes() if victim.cache is not None else 0
+            victim.reset()
+            victim.preemptions += 1
+            self.stats["preemptions_total"] += 1
+            self.waiting.appendleft(victim)  # it was admitted before everyone still waiting
+
+    def _publish(self) -> None:
+        caches = [r.cache for r in self.running if r.cache is not None]
+        self._snapshot = {
+            "kv_bytes_held": sum(c.nbytes() for c in caches),
+            "kv_bytes_full": sum(c.full_nbytes() for c in caches),
+            "kv_bytes_reserved": sum(r.reserved() for r in self.running),
+        }

@@ -1,0 +1,240 @@
+"""`memfit serve` on the default model through the official `openai` client, on a loopback port.
+
+Every server here runs uvicorn in a thread on a socket bound to 127.0.0.1:0 and is stopped by its fixture; every
+wait is bounded."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx2
+import pytest
+import uvicorn
+from openai import OpenAI
+
+from memfit.core.budget import Budget
+from memfit.engine import run as memfit_run
+from memfit.serve import build_server, free_port, parse_bytes
+from memfit.serve.app import parse_metrics
+
+pytestmark = pytest.mark.model
+
+METHOD, BUDGET, CHUNK = "snapkv", "0.5", 32  # chunk < prompt: chunked prefill interleaves with decoding
+PROMPTS = [
+    "Explain in two sentences why the sky looks blue during the day.",
+    "Write a short list of three fruits and their colours, one per line.",
+    "What is the capital of France? Answer and then add one fact about it.",
+]
+
+
+@contextlib.contextmanager
+def running_server(model_and_tok, **kwargs):
+    model, tok = model_and_tok
+    app = build_server(model, tok, "SmolLM2-135M-Instruct", **kwargs)
+    sock = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def client(url: str) -> OpenAI:
+    return OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def metrics(url: str) -> dict[str, float]:
+    return parse_metrics(httpx2.get(url + "/metrics", timeout=10).text)
+
+
+def wait_for(cond, seconds: float = 30.0) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def server(default_model):
+    with running_server(default_model, method=METHOD, budget=BUDGET, kv_memory=parse_bytes("1GiB"),
+                        prefill_chunk=CHUNK) as (url, _):
+        yield url
+
+
+def test_concurrent_streamed_and_plain_requests_match_memfit_run(server, default_model):
+    """Greedy text through the server equals `memfit run` with the same settings, for concurrent streamed and
+    non-streamed completions and chat completions."""
+    c = client(server)
+    n = 12
+
+    def plain_completion(p):
+        r = c.completions.create(model="SmolLM2-135M-Instruct", prompt=p, max_tokens=n, temperature=0)
+        return r.choices[0].text, r.usage
+
+    def streamed_completion(p):
+        s = c.completions.create(model="SmolLM2-135M-Instruct", prompt=p, max_tokens=n, stream=True,
+                                 stream_options={"include_usage": True})
+        parts, usage = [], None
+        for chunk in s:
+            usage = chunk.usage or usage
+            parts += [ch.text for ch in chunk.choices]
+        return "".join(parts), usage
+
+    def streamed_chat(p):
+        s = c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": p}],
+                                      max_tokens=n, stream=True)
+        return "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices), None
+
+    def plain_chat(p):
+        r = c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": p}],
+                                      max_tokens=n)
+        return r.choices[0].message.content, r.usage
+
+    jobs = [(plain_completion, PROMPTS[0], False), (streamed_completion, PROMPTS[1], False),
+            (streamed_chat, PROMPTS[2], True), (plain_chat, PROMPTS[0], True)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda j: j[0](j[1]), jobs))
+    for (_, prompt, chat), (text, usage) in zip(jobs, results, strict=True):
+        ref = memfit_run(prompt, model=default_model, method=METHOD, budget=BUDGET, max_new_tokens=n, chat=chat,
+                         prefill_chunk=CHUNK)
+        assert text == ref.text, (prompt, chat)
+        if usage is not None:
+            assert usage.prompt_tokens == ref.prompt_tokens
+            assert usage.model_extra["kv_bytes_held"] == ref.kv_bytes_held
+            assert usage.model_extra["kv_bytes_full"] == ref.kv_bytes_full
+            assert 0 < usage.model_extra["kv_bytes_held"] < usage.model_extra["kv_bytes_full"]
+    m = metrics(server)
+    assert m["requests_total"] >= len(jobs) and m["kv_bytes_held"] == 0 and m["requests_running"] == 0
+
+
+def test_per_request_compression_and_byte_prediction(server, default_model):
+    """The memfit body field picks the method per request; the admission prediction is close to the real bytes."""
+    c = client(server)
+    prompt = " ".join(PROMPTS * 3)
+    for spec, budget in (("snapkv+kivi", 0.25), ("streaming", 48)):
+        r = c.completions.create(model="default", prompt=prompt, max_tokens=6,
+                                 extra_body={"memfit": {"method": spec, "budget": budget}})
+        held, full = r.usage.model_extra["kv_bytes_held"], r.usage.model_extra["kv_bytes_full"]
+        ref = memfit_run(prompt, model=default_model, method=spec, budget=budget, max_new_tokens=6, chat=False,
+                         prefill_chunk=CHUNK)
+        assert r.choices[0].text == ref.text and held == ref.kv_bytes_held
+        from memfit.serve.admission import BytePredictor, ModelShape
+
+        predicted = BytePredictor(ModelShape.of(default_model[0])).predict(
+            spec, Budget.parse(budget), {}, r.usage.prompt_tokens, r.usage.completion_tokens)
+        # an upper estimate, loose by at most one full-precision residual window (128 tokens) for a quantizer
+        window = 128 * ModelShape.of(default_model[0]).full_bytes_per_token
+        assert held <= predicted <= max(1.1 * held, held + window), (spec, predicted, held)
+        assert (held < full) == (spec != "full")
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ("{not json", 400, None),
+        ({"prompt": "hi", "max_tokens": 4, "memfit": {"method": "nosuch"}}, 400, "memfit"),
+        ({"prompt": "hi", "max_tokens": 4, "memfit": {"method": "snapkv", "budget": 1.5}}, 400, "memfit"),
+        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"prompt": "word " * 9000, "max_tokens": 4}, 400, "prompt"),
+        ({"prompt": "", "max_tokens": 4}, 400, "prompt"),
+        ({"prompt": "hi", "temperature": 0.7}, 400, "temperature"),
+        ({"model": "gpt-9", "prompt": "hi"}, 404, "model"),
+    ],
+)
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, body, status, param):
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx2.post(server + "/v1/completions", content=data, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["param"] == param
+    assert httpx2.get(server + "/health", timeout=10).json() == {"status": "ok"}
+    assert [m.id for m in client(server).models.list().data] == ["SmolLM2-135M-Instruct"]
+
+
+def test_client_disconnect_mid_stream_frees_its_store(server):
+    before = metrics(server)
+    with httpx2.stream("POST", server + "/v1/completions", timeout=60, json={
+            "prompt": PROMPTS[0], "max_tokens": 400, "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        got = 0
+        for line in lines:
+            got += line.startswith("data: ")
+            if got >= 3:
+                break
+        assert metrics(server)["kv_bytes_held"] > 0  # the request holds a store while it streams
+    # the connection is closed: the store is dropped on the next scheduler tick and its bytes return to the pool
+    assert wait_for(lambda: metrics(server)["kv_bytes_held"] == 0 and metrics(server)["requests_running"] == 0, 20)
+    after = metrics(server)
+    assert after["cancelled_total"] == before.get("cancelled_total", 0) + 1
+    assert after["generated_tokens_total"] - before["generated_tokens_total"] < 400
+
+
+def test_admission_queues_a_request_that_does_not_fit_and_serves_it_once_memory_frees(default_model):
+    """A pool sized for one request: the second waits in the queue and runs once the first finishes."""
+    from memfit.serve.admission import BytePredictor, ModelShape
+
+    prompt, n = PROMPTS[1], 10
+    ref = memfit_run(prompt, model=default_model, method="full", max_new_tokens=n, chat=False, prefill_chunk=CHUNK)
+    one = BytePredictor(ModelShape.of(default_model[0])).reserve("full", Budget(), {}, ref.prompt_tokens, n, CHUNK)
+    with running_server(default_model, method="full", kv_memory=int(one * 1.5), prefill_chunk=CHUNK) as (url, _):
+        c = client(url)
+        waiting = []
+
+        def watch():
+            for _ in range(2000):
+                m = metrics(url)
+                waiting.append(m["requests_waiting"])
+                if m["requests_total"] >= 2 and m["requests_running"] == 0:
+                    return
+                time.sleep(0.01)
+
+        with ThreadPoolExecutor(3) as pool:
+            w = pool.submit(watch)
+            futs = [pool.submit(c.completions.create, prompt=prompt, model="default", max_tokens=n) for _ in range(2)]
+            texts = [f.result(timeout=120).choices[0].text for f in futs]
+            w.result(timeout=60)
+        assert texts == [ref.text, ref.text]
+        assert max(waiting) >= 1  # the second request queued while the first held the pool
+        m = metrics(url)
+        assert m["preemptions_total"] == 0 and m["requests_total"] == 2 and m["kv_bytes_held"] == 0
+
+
+def test_a_low_prediction_preempts_the_newest_request_and_its_text_is_unchanged(default_model):
+    """Force predictions to 1 byte so two requests are admitted into a pool smaller than one of them: the newest is
+    preempted (re-queued, counted in /metrics) until the oldest finishes — a lone request is never preempted — then
+    regenerated, and both stream the same text as `memfit run`."""
+    prompt, n = PROMPTS[2], 10
+    ref = memfit_run(prompt, model=default_model, method="full", max_new_tokens=n, chat=False, prefill_chunk=CHUNK)
+    with running_server(default_model, method="full", kv_memory=int(ref.kv_bytes_full * 0.6),
+                        prefill_chunk=CHUNK) as (url, app):
+        predictor = app.state.scheduler.predictor
+        predictor.reserve = lambda *a, **k: 1
+        predictor.predict = lambda *a, **k: 1
+        c = client(url)
+
+        def streamed():
+            s = c.completions.create(model="default", prompt=prompt, max_tokens=n, stream=True)
+            return "".join(ch.choices[0].text for ch in s if ch.choices)
+
+        with ThreadPoolExecutor(2) as pool:
+            texts = list(pool.map(lambda _: streamed(), range(2)))
+        assert texts == [ref.text, ref.text]
+        m = metrics(url)
+        assert m["preemptions_total"] >= 1 and m["kv_bytes_held"] == 0
