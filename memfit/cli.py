@@ -584,6 +584,71 @@ def bench(
     )
 
 
+@app.command()
+def serve(
+    model: str = typer.Option("default", "--model", help="HF folder, hub id, .gguf file, 'default', or a dummy config."),
+    method: str = typer.Option("full", "--method", help="Default compression method (requests may override it)."),
+    budget: str = typer.Option(None, "--budget", help="Default budget: fraction of the prompt or tokens per layer."),
+    param: list[str] = typer.Option(None, "--param", help="Default method parameter KEY=VALUE (repeatable)."),
+    kv_memory: str = typer.Option(
+        None, "--kv-memory", help="KV bytes shared by running requests, e.g. 20GiB (default: 90% of free GPU memory "
+        "after the weights, or a quarter of available RAM on CPU)."),
+    max_batch: int = typer.Option(64, "--max-batch", help="At most this many requests running at once."),
+    prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens read per scheduler tick."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Default max_tokens of chat requests."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    load_format: str = typer.Option(None, "--load-format", help="'dummy': random weights from a config (speed runs)."),
+    device: str = _device_option(),
+    dtype: str = _dtype_option(),
+) -> None:
+    """Serve an OpenAI-compatible API whose running batch is sized by compressed KV bytes."""
+    from memfit.core.budget import Budget
+    from memfit.core.method import build_policy
+    from memfit.serve import parse_bytes, serve as run_server
+
+    params = parse_params(param)
+    build_policy(method, Budget.parse(budget), params)  # a bad default fails before the model loads
+    _check_device(device, dtype)
+    run_server(model, host=host, port=port, device=device, dtype=dtype, load_format=load_format, method=method,
+               budget=budget, params=params, kv_memory=parse_bytes(kv_memory) if kv_memory else None,
+               max_batch=max_batch, prefill_chunk=prefill_chunk, default_max_tokens=max_tokens)
+
+
+@app.command()
+def loadtest(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Base URL of any OpenAI-compatible server."),
+    concurrency: int = typer.Option(16, "--concurrency", help="Clients sending at once."),
+    requests: int = typer.Option(64, "--requests", help="Requests in all."),
+    prompt_tokens: int = typer.Option(1024, "--prompt-tokens", help="Prompt length in tokens."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens to generate per request."),
+    model: str = typer.Option(None, "--model", help="Model name to send (default: the server's first model)."),
+    chat: bool = typer.Option(False, "--chat/--completions", help="Use /v1/chat/completions."),
+    tokenizer: str = typer.Option("default", "--tokenizer", help="Cut prompts with this tokenizer: default | "
+                                  "HF folder or hub id | none (about 4 characters per token)."),
+    memfit_field: str = typer.Option(None, "--memfit", help='JSON for the request\'s memfit field, e.g. '
+                                     '\'{"method": "snapkv+kivi", "budget": 0.25}\'.'),
+    ignore_eos: bool = typer.Option(True, "--ignore-eos/--stop-at-eos", help="Ask for exactly max_tokens tokens."),
+    server_pid: int = typer.Option(None, "--server-pid", help="Sample this local process's peak RSS."),
+    out_dir: Path = typer.Option(None, "--out", help="Folder for requests.jsonl, summary.jsonl and report.md."),
+) -> None:
+    """Drive an OpenAI-compatible server: throughput, time to first token and inter-token latency percentiles."""
+    from memfit.serve.loadtest import loadtest as run_loadtest
+
+    extra = None
+    if memfit_field:
+        try:
+            extra = json.loads(memfit_field)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--memfit is not valid JSON: {exc}") from None
+    row = run_loadtest(url, concurrency, requests, prompt_tokens, max_tokens, out=out_dir, model=model, chat=chat,
+                       tokenizer=tokenizer, memfit=extra, ignore_eos=ignore_eos, server_pid=server_pid,
+                       command="memfit loadtest " + " ".join(sys.argv[2:]))
+    from memfit.serve.loadtest import markdown
+
+    print(markdown(row))
+
+
 def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Columns padded to their widest cell, first column left-aligned, the rest right-aligned.
 
