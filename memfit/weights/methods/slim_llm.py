@@ -61,9 +61,9 @@ def allocate_bits(salience: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return out
 
 
-def output_kl(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    """Mean KL(softmax(x w^T) || softmax(x w_hat^T)) over the rows of x."""
-    p = torch.log_softmax(x @ w.T, dim=-1)
+def output_kl(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor, p: torch.Tensor | None = None) -> float:
+    """Mean KL(softmax(x w^T) || softmax(x w_hat^T)) over the rows of x (``p``: ``log_softmax(x w^T)`` if known)."""
+    p = torch.log_softmax(x @ w.T, dim=-1) if p is None else p
     q = torch.log_softmax(x @ w_hat.T, dim=-1)
     return float((p.exp() * (p - q)).sum(-1).mean())
 
@@ -98,12 +98,13 @@ class SliMLLM(WeightMethod):
         ks = range(n_g // 2) if 1 < self.bits < 8 else range(1)
         x = x.float()
         w_real = w[:, : x.shape[1]]
+        p = torch.log_softmax(x @ w_real.T, dim=-1)  # the full-precision side is the same for every candidate
         best, best_kl = None, float("inf")
         for k in ks:
             bits = allocate_bits(sal, self.bits, k)
             codes, s, o = rtn_quantize(w, bits, self.group_size)
             w_hat = (codes.float() * s[..., None] + o[..., None]).view_as(w)[:, : x.shape[1]]
-            kl = output_kl(x, w_real, w_hat)
+            kl = output_kl(x, w_real, w_hat, p)
             if kl < best_kl:
                 best, best_kl = bits, kl
         return best
