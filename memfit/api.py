@@ -6,10 +6,12 @@ from typing import Any
 
 import torch
 
-from memfit.adapters.transformers import MemfitCache, install, num_attention_layers
+from memfit.adapters.transformers import MemfitCache, install, num_attention_layers, sliding_windows
+from memfit.backend import Backend, choose_backend
 from memfit.core.budget import Budget
-from memfit.core.cache import CompressedCache
+from memfit.core.cache import CompressedCache, KVLayer
 from memfit.core.method import build_policy
+from memfit.errors import ConfigError
 
 
 def make_cache(
@@ -18,21 +20,44 @@ def make_cache(
     budget: float | int | str | Budget | None = None,
     params: dict[str, Any] | None = None,
     allocation: str = "uniform",
+    backend: str = "auto",
+    reserve: int | None = None,
 ) -> MemfitCache:
-    """A fresh compressed cache for one generation: pass it as `past_key_values=` to `model.generate` or forward.
+    """A fresh compressed cache for one generation: pass it to `model.generate` or forward as the model's cache
+    (`past_key_values=`), or to `memfit.engine.generate`.
 
     `method`: a method name, or `<eviction>+<quantizer>` (e.g. "snapkv+kivi"); `params` may address a component
     as "kivi.bits". `budget`: a fraction of the prompt in (0, 1], a token count per layer (> 1), or None for
     unlimited (a quantizer alone keeps every token).
     `allocation`: how the average budget is shared out — "uniform", "pyramid" (over layers, PyramidKV), "adakv"
     (over KV heads, ragged store) or "pyramid+adakv" (see memfit.core.allocation).
+    `backend`: "auto" | "fast" | "portable" (see memfit.backend); the choice is `cache.backend`. `reserve`: tokens
+    the fast stores leave room for after the prompt (the decode length; they grow if exceeded).
     Switches the model's attention implementation to memfit's (SDPA underneath), which the cache needs.
+    Sliding-window layers (Gemma 3's local layers) keep their window; the method acts on the global layers.
     """
     policy, layer_factory = build_policy(method, budget, params)
+    windows = sliding_windows(model)
+    sliding = any(w is not None for w in windows)
+    if sliding and "adakv" in allocation:
+        raise ConfigError("--allocation adakv does not support models with sliding-window layers yet: use uniform "
+                          "or pyramid")
+    dense = type(layer_factory(0)) is KVLayer and "adakv" not in allocation
+    chosen: Backend = choose_backend(backend, model, dense_store=dense,
+                                     decode_free=policy.acts in ("prefill", "never"), sliding=sliding)
+    if chosen.name == "fast":
+        from memfit.core.static_store import DEFAULT_RESERVE, StaticKVLayer
+
+        room = DEFAULT_RESERVE if reserve is None else max(1, int(reserve))
+        layer_factory = lambda index: StaticKVLayer(index, room)  # noqa: E731
     install(model)
     core = CompressedCache(num_attention_layers(model), policy, layer_factory)
+    for layer, window in zip(core.layers, windows, strict=True):
+        layer.window = window
     if allocation != "uniform":
         from memfit.core.allocation import configure_allocation
 
         configure_allocation(core, allocation)
-    return MemfitCache(core)
+    cache = MemfitCache(core)
+    cache.backend = chosen
+    return cache

@@ -159,6 +159,19 @@ def run(
         help="A prompt longer than the model's context window is refused; --truncate left drops its beginning, "
         "right its end, until it fits.",
     ),
+    backend: str = typer.Option(
+        "auto", "--backend",
+        help="auto (fast on CUDA for supported architectures, else portable) | fast (static stores, Triton decode "
+        "kernels, CUDA graphs) | portable (any transformers model, any device). --json names the one that ran.",
+    ),
+    load_format: str = typer.Option(
+        "auto", "--load-format",
+        help="auto (the model's weights) | dummy (random weights from a config: --model llama-3.1-8b, qwen2.5-7b, "
+        "gemma-3-1b, smollm2-135m or a config.json; for speed and memory runs).",
+    ),
+    context: int = typer.Option(
+        None, "--context", help="Without a prompt: feed an N-token prompt of natural text (speed and memory runs)."
+    ),
     kv: Path = typer.Option(
         None, "--kv", help="Answer from a compressed context made by `memfit compress` (the prompt is the question)."
     ),
@@ -167,6 +180,16 @@ def run(
         help="Compress the model's linear layers on load: NAME[:BITS][:KEY=VALUE...], e.g. slim-llm:3, rtn:4, "
         "gqsa:4:sparsity=0.5 (see `memfit methods`).",
     ),
+    weights_memory: str = typer.Option(
+        None, "--weights-memory",
+        help="Device memory for weights (e.g. 4GiB): what does not fit streams from CPU memory or --offload-dir.",
+    ),
+    offload_dir: Path = typer.Option(None, "--offload-dir", help="Disk tier for streamed weights (safetensors files)."),
+    offload_policy: str = typer.Option(
+        "auto", "--offload-policy",
+        help="auto | superpipeline (layers, pinned CPU) | tpi (attention/MLP blocks from disk) | pregated (MoE "
+        "experts, next-layer prefetch) | ondemand (MoE experts, no prefetch).",
+    ),
 ) -> None:
     """Generate an answer with a compressed KV cache and report what it held."""
     if kv is not None:  # the document is already compressed: the prompt is a question about it
@@ -174,11 +197,26 @@ def run(
                         allocation=allocation != "uniform", prefill_chunk=prefill_chunk is not None)
         return _answer_from_context(kv, model, read_prompt(prompt, prompt_file), max_new_tokens, device, dtype,
                                     as_json)
+    from memfit.backend import check_backend
     from memfit.core.budget import Budget
     from memfit.core.method import build_policy
+    from memfit.models import check_load_format
     from memfit.window import TRUNCATE_SIDES
 
-    text = read_prompt(prompt, prompt_file)
+    check_backend(backend)
+    check_load_format(load_format)
+    if context is not None:
+        check_range("--context", context, 1)
+        if prompt is not None or prompt_file is not None:
+            raise ConfigError("give either --context N (a generated N-token prompt) or a prompt, not both")
+    if backend == "fast":  # before any model work: a CPU run cannot use the fast backend
+        from memfit.backend import fast_on_cpu
+        from memfit.models import resolve_device
+
+        if resolve_device(device).type != "cuda" and not fast_on_cpu():
+            raise ConfigError("--backend fast needs a CUDA device (its kernels and CUDA graphs are GPU-only): use "
+                              "--device cuda on a machine with a GPU, or --backend portable")
+    text = read_prompt(prompt, prompt_file) if context is None else ""
     if weights:
         from memfit.weights import parse_weight_spec
 
@@ -194,13 +232,26 @@ def run(
     if truncate is not None and truncate not in TRUNCATE_SIDES:
         raise ConfigError(f"--truncate must be 'left' (drop the beginning) or 'right' (drop the end), got {truncate!r}")
     _check_device(device, dtype)
+    if weights_memory is not None:
+        from memfit.offload import POLICIES, parse_bytes
+
+        parse_bytes(weights_memory)
+        if offload_policy not in POLICIES:
+            raise ConfigError(f"--offload-policy must be one of {', '.join(POLICIES)}, got {offload_policy!r}")
+    elif offload_dir is not None or offload_policy != "auto":
+        raise ConfigError("--offload-dir and --offload-policy need --weights-memory (the device memory for weights)")
     from memfit.engine import run as run_engine
     from memfit.models import load_model
     from memfit.window import context_window, fit_prompts
 
     try:
-        pair = load_model(model, device=device, dtype=dtype)
-        fitted = fit_prompts(
+        pair = load_model(model, device="cpu" if weights_memory else device, load_format=load_format,
+                          dtype=dtype if weights_memory is None or dtype != "auto" or device == "cpu" else "bfloat16")
+        window = context_window(pair[0])
+        if context is not None and window is not None and context + max_new_tokens > window:
+            raise ConfigError(f"--context {context} + --max-new-tokens {max_new_tokens} is more than the model's "
+                              f"context window ({window} positions): use a smaller --context")
+        fitted = text if context is not None else fit_prompts(
             pair[1], [text], chat=chat, window=context_window(pair[0]), new_tokens=max_new_tokens,
             truncate=truncate, method=method, budget=budget, prefill_chunk=prefill_chunk,
         )[0]
@@ -217,7 +268,13 @@ def run(
             prefill_chunk=prefill_chunk,
             allocation=allocation,
             spans=_on_off(spans, "--spans"),
+            backend=backend,
+            context=context,
             weights=weights,
+            device=device,
+            weights_memory=weights_memory,
+            offload_dir=None if offload_dir is None else str(offload_dir),
+            offload_policy=offload_policy,
         )
     except KeyboardInterrupt:
         _interrupted("nothing was written")
@@ -678,6 +735,55 @@ def make_out_dir(path: Path) -> list[Path]:
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {path}: the folder is not writable; give a writable folder")
     return missing
+
+
+@app.command()
+def plan(
+    model: str = typer.Option(
+        "default", "--model", help="'default', a built-in config (llama-3.1-8b, qwen2.5-7b, ...), a folder or config.json."
+    ),
+    memory: str = typer.Option(..., "--memory", help="Memory to fit in, e.g. 24GiB (GPU memory, or RAM on CPU)."),
+    context: int = typer.Option(4096, "--context", help="Prompt tokens."),
+    batch: int = typer.Option(1, "--batch", help="Rows decoded together (commands are for one row)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda (what the memory is)."),
+    dtype: str = _dtype_option(),
+    offload_dir: Path = typer.Option(None, "--offload-dir", help="Streamed weights may live on this disk."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """What fits in --memory, predicted from the model's config alone (no weights loaded), fastest first.
+
+    Predicts bytes of weights (per bit width too), of the KV cache under each method and budget, of activations at
+    the prefill chunk, and of the weight-streaming window; prints each configuration that fits as a ready
+    `memfit run` command. `memfit run --json` reports its own prediction beside the measured peak."""
+    from memfit.offload import parse_bytes
+    from memfit.plan import plan as make_plan
+
+    check_range("--context", context, 1)
+    check_range("--batch", batch, 1)
+    check_range("--max-new-tokens", max_new_tokens, 1)
+    result = make_plan(model, parse_bytes(memory, "--memory"), context, batch, device, dtype, max_new_tokens,
+                       offload_dir=offload_dir is not None)
+    if offload_dir is not None:
+        for p in result.fits:
+            p.command = p.command.replace("--offload-dir /tmp/memfit-offload", f"--offload-dir {offload_dir}")
+    if as_json:
+        print(json.dumps(result.to_dict(), default=str))
+        return
+    table = Table(title=f"memfit plan · {result.model} · {format_bytes(result.memory)} · {context} tokens x {batch} "
+                        f"· {result.dtype} on {result.device}")
+    for col in ("#", "peak", "weights", "KV", "act.", "ms/token*", "command"):
+        table.add_column(col, justify="left" if col == "command" else "right", overflow="fold")
+    for i, p in enumerate(result.fits, 1):
+        table.add_row(str(i), format_bytes(p.peak_bytes), format_bytes(p.weight_device_bytes + p.weight_host_bytes),
+                      format_bytes(p.kv_bytes) + ("" if p.kv_exact else " ~"), format_bytes(p.activation_bytes),
+                      f"{1000 * p.decode_seconds_per_token:.2f}", p.command)
+    out.print(table)
+    bits = " · ".join(f"{b}-bit {format_bytes(n)}" for b, n in result.weights_by_bits.items())
+    out.print(f"[dim]weights[/] {format_bytes(result.weights_bytes)} as {result.dtype}; by bit width: {bits}",
+              highlight=False)
+    out.print("[dim]* rough decode time per token (bytes read / bandwidth) for ranking only; ~ = KV bytes estimated, "
+              "not an exact store formula.[/]", highlight=False)
 
 
 def main() -> None:

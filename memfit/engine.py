@@ -93,6 +93,20 @@ def pad_left(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tens
     return ids, mask
 
 
+def synthetic_prompt(tokenizer: Any, tokens: int, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` identical prompts of exactly `tokens` tokens of natural text (the standard library's pydoc topics,
+    repeated if needed): `--context N` for speed and memory runs."""
+    if tokens < 1:
+        raise ConfigError("--context must be a positive number of tokens")
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))[: 8 * tokens + 1000]  # >= 1 character per token
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    while len(ids) < tokens:
+        ids = ids + ids
+    return pad_left([ids[:tokens]] * rows, pad_id=_pad_id(tokenizer))
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -106,6 +120,7 @@ class Generation:
     decode_steps: int
     peak_memory_bytes: int
     first_logits: torch.Tensor | None = None  # (B, V) next-token logits after the prompt
+    graph_replays: int = 0  # decode steps replayed from a CUDA graph (fast backend)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -212,6 +227,9 @@ def generate(
     mask = attention_mask
     last_pos = positions_from_mask(attention_mask)[:, -1:]
     steps = 0
+    from memfit.graphs import DecodeSteps
+
+    step = DecodeSteps(model, cache)
     t1 = time.perf_counter()
     for i in range(max_new_tokens):
         next_tok = logits.argmax(-1)
@@ -225,11 +243,12 @@ def generate(
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         last_pos = last_pos + 1
-        logits = forward(model, next_tok[:, None], mask, cache, last_pos, logits_to_keep=1)[:, -1]
+        logits = step(next_tok, mask, last_pos)
         steps += 1
     _sync(device)
     decode_seconds = time.perf_counter() - t1
-    return Generation(out, prefill_seconds, decode_seconds, steps, peak_memory(device), first_logits)
+    return Generation(out, prefill_seconds, decode_seconds, steps, peak_memory(device), first_logits,
+                      graph_replays=step.replays)
 
 
 # -- one call that does what `memfit run` does ---------------------------------------------------------------------
@@ -252,8 +271,15 @@ class RunResult:
     decode_tokens_per_second: float
     device: str
     versions: dict[str, str] = field(default_factory=dict)
+    backend: str = "portable"  # which runtime backend ran (memfit.backend)
+    backend_reason: str = ""
+    cuda_graphs: bool = False
+    decode_graph_replays: int = 0
     weights: str = "none"  # the weight method the model's linear layers carry (memfit.weights), or none
     weight_bytes: int = 0  # bytes of every parameter and buffer of the model (packed codes as stored)
+    offload: dict[str, Any] | None = None  # weight streaming counters (memfit.offload) with --weights-memory
+    predicted_peak_memory_bytes: int | None = None  # memfit.plan's prediction for this run (beside the measured)
+    predicted: dict[str, Any] | None = None  # its parts: weights, KV, activations, runtime
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -291,8 +317,14 @@ def run(
     device: str = "cpu",
     dtype: str = "auto",
     kv: Any = None,
+    backend: str = "auto",
+    load_format: str = "auto",
+    context: int | None = None,
     spans: bool = False,
     weights: str | None = None,
+    weights_memory: int | str | None = None,
+    offload_dir: str | None = None,
+    offload_policy: str = "auto",
 ) -> RunResult:
     """Load (or take) a model, compress its KV cache with `method` at `budget`, generate, and measure.
 
@@ -300,10 +332,15 @@ def run(
     ``"auto"`` dtype = bfloat16 on CUDA, float32 on CPU).
     `kv`: a `memfit.contexts.CompressedContext` (a compressed document): the prompts are questions about it,
     answered from a copy of its cache with its model and method (`model`, `method`, `budget`... are ignored).
-    `spans`: when a token is kept, keep the rest of its word or number within the same budget (memfit.core.spans).
-    `weights`: a weight spec such as ``"slim-llm:3"`` (memfit.weights): the model's linear layers are compressed in
-    place before generating."""
+    `backend`: auto | fast | portable (memfit.backend). `load_format="dummy"`: random weights from a config (a
+    built-in name such as ``llama-3.1-8b``). `context`: ignore `prompt` and feed a `context`-token prompt of natural
+    text (speed and memory runs at a chosen length). `spans`: when a token is kept, keep the rest of its word or
+    number within the same budget (memfit.core.spans). `weights`: a weight spec such as ``"slim-llm:3"``
+    (memfit.weights): the model's linear layers are compressed in place before generating."""
     from memfit.api import make_cache
+    from memfit.backend import check_backend
+
+    check_backend(backend)
 
     if kv is not None:
         model = (kv.model, kv.tokenizer)
@@ -312,7 +349,9 @@ def run(
         from memfit.models import load_model
 
         model_name = model
-        mdl, tok = load_model(model, device=device, dtype=dtype)
+        load_on = "cpu" if weights_memory is not None else device  # offload places the weights itself
+        mdl, tok = load_model(model, device=load_on, dtype=dtype if weights_memory is None or dtype != "auto" else
+                              ("bfloat16" if str(device).startswith("cuda") else "auto"), load_format=load_format)
     else:
         mdl, tok = model
         model_name = getattr(mdl.config, "_name_or_path", "") or type(mdl).__name__
@@ -320,12 +359,18 @@ def run(
         from memfit.weights import quantize_model
 
         quantize_model(mdl, weights, tokenizer=tok)
+    offload = None
+    if weights_memory is not None and kv is None:  # stream what does not fit (memfit.offload); load it on the CPU
+        from memfit.offload import attach_to_run
+
+        offload, backend = attach_to_run(mdl, weights_memory, device, offload_policy, offload_dir, backend)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if kv is not None:
         ids, mask = kv.encode_questions(prompts)
         cache = kv.cache(batch=len(prompts))
     else:
-        cache = make_cache(mdl, method, budget, params, allocation=allocation)
+        cache = make_cache(mdl, method, budget, params, allocation=allocation, backend=backend,
+                           reserve=max_new_tokens)
         if spans:  # keep whole words/numbers (memfit.core.spans)
             from memfit.core.spans import enable_spans
 
@@ -333,13 +378,14 @@ def run(
         bind = getattr(cache.method, "bind_tokenizer", None)
         if bind is not None:
             bind(tok)  # KVzip words its reconstruction prompt with the tokenizer
-        ids, mask = encode_prompts(tok, prompts, chat)
+        ids, mask = synthetic_prompt(tok, context, len(prompts)) if context else encode_prompts(tok, prompts, chat)
     eos = getattr(mdl.generation_config, "eos_token_id", None) or tok.eos_token_id
     eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     gen = generate(mdl, ids, mask, cache, max_new_tokens, eos_ids, prefill_chunk)
     texts = [tok.decode(t, skip_special_tokens=True) for t in gen.tokens]
     full, held = cache.full_nbytes(), cache.nbytes()
     device = next(mdl.parameters()).device
+    predicted = _predict(mdl, method, budget, params, mask, gen.decode_steps, prefill_chunk, offload, kv, weights)
     return RunResult(
         text=texts[0],
         texts=texts,
@@ -358,9 +404,30 @@ def run(
         decode_tokens_per_second=gen.decode_tokens_per_second,
         device=device_name(device),
         versions=versions(),
+        **(cache.backend.to_dict() if getattr(cache, "backend", None) else {}),
+        decode_graph_replays=gen.graph_replays,
         weights=getattr(mdl, "memfit_weights", "") or "none",
         weight_bytes=_weight_bytes(mdl),
+        offload=None if offload is None else offload.report(),
+        predicted_peak_memory_bytes=None if predicted is None else predicted["peak_bytes"],
+        predicted=predicted,
     )
+
+
+def _predict(mdl: torch.nn.Module, method: str, budget: Any, params: Any, mask: torch.Tensor, steps: int,
+             prefill_chunk: int | None, offload: Any, kv: Any, weights: str | None) -> dict[str, Any] | None:
+    """memfit.plan's prediction of this run's peak; None where it has no formula (a compressed context, compressed
+    weights, a padded batch) or fails: a prediction never fails a run."""
+    if kv is not None or weights or not bool(mask.all()):
+        return None
+    try:
+        from memfit.plan import predict_run
+
+        return predict_run(mdl, method=method, budget=budget, params=params, prompt_tokens=int(mask.shape[1]),
+                           new_tokens=steps, batch=int(mask.shape[0]), prefill_chunk=prefill_chunk,
+                           offload=offload).to_dict()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:

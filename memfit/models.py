@@ -175,24 +175,63 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     return dev
 
 
+_RUNTIME_BASELINE: int | None = None
+
+
+def _note_runtime_baseline() -> None:
+    """Remember the process's RSS before the first model load (memfit.plan adds it to CPU peak predictions)."""
+    global _RUNTIME_BASELINE
+    if _RUNTIME_BASELINE is None:
+        from memfit.plan import runtime_bytes
+
+        _RUNTIME_BASELINE = runtime_bytes("cpu")
+
+
+def runtime_baseline() -> int:
+    """RSS before the first model load of this process (the current RSS if no model was loaded here)."""
+    if _RUNTIME_BASELINE is None:
+        from memfit.plan import runtime_bytes
+
+        return runtime_bytes("cpu")
+    return _RUNTIME_BASELINE
+
+
 def load_model(
     spec: str | os.PathLike[str] = "default",
     *,
     dtype: torch.dtype | str = "auto",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    load_format: str = "auto",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from ``spec``: ``"default"``, a local HF folder, a ``.gguf`` path or a hub id.
 
+    ``load_format="dummy"``: random weights from a config instead (``spec`` = a built-in name such as
+    ``llama-3.1-8b``, or a config.json; see :mod:`memfit.dummy`) — for speed and memory runs.
     The model is in eval mode on ``device`` with SDPA attention; the tokenizer pads on the left and has a pad
     token. Any failure is a :class:`ModelLoadError` with one message that says what went wrong and what to do.
     """
+    _note_runtime_baseline()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     text = os.fspath(spec).strip() if spec is not None else "default"
+    check_load_format(load_format)
+    if load_format == "dummy":
+        from memfit.dummy import load_dummy
+
+        return load_dummy("smollm2-135m" if text in ("", "default") else text, torch_dtype, dev)
     with _transformers_progress_bars(progress):
         model, tok = _dispatch(text, torch_dtype, progress)
     return _finish(model, tok, dev)
+
+
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def check_load_format(load_format: str) -> None:
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"unknown --load-format {load_format!r}: use auto (real weights) or dummy (random weights "
+                             "from a config, for speed and memory runs)")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -160,6 +160,7 @@ class MemfitCache(Cache):
     def __init__(self, core: CompressedCache) -> None:
         self.core = core
         super().__init__(layers=[_LayerView(self, i) for i in range(core.num_layers)])
+        self.backend: Any = None  # memfit.backend.Backend, set by memfit.make_cache
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         # Park the new K/V; memfit_attention appends, attends and compresses in one place.
@@ -282,3 +283,22 @@ def run_first_layers(
     if probe.captured is None:
         raise RuntimeError(f"the forward ended before attention layer {upto} ran")
     return probe.captured
+
+
+def sliding_windows(model: torch.nn.Module) -> list[int | None]:
+    """Per attention layer: the sliding window (tokens a query may see) of local-attention layers, else None.
+
+    Read from the config's `layer_types` ("sliding_attention" / "full_attention") and `sliding_window`, the fields
+    transformers uses for Gemma 3, Mistral, Qwen2 (use_sliding_window) and others."""
+    config = getattr(model.config, "text_config", model.config)
+    layers = int(config.num_hidden_layers)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or not types:
+        return [None] * layers
+    return [int(window) if kind == "sliding_attention" else None for kind in types]
+
+
+def model_type(model: torch.nn.Module) -> str:
+    config = getattr(model.config, "text_config", model.config)
+    return str(getattr(config, "model_type", "") or "")

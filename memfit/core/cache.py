@@ -54,6 +54,9 @@ class KVLayer:
         self.valid: torch.Tensor | None = None
         self.extras: dict[str, torch.Tensor] = {}
         self.seen = 0  # logical tokens ever appended (padding included), i.e. what a full cache would hold
+        # A sliding-window attention layer (Gemma 3's local layers): each query sees only the last `window` tokens,
+        # so the store keeps the newest window - 1 and the method does not act here. None = global attention.
+        self.window: int | None = None
 
     # -- shape helpers -------------------------------------------------------------------------------------------
     @property
@@ -119,10 +122,21 @@ class KVLayer:
         self.extras = {k: v.index_select(0, rows) for k, v in self.extras.items()}
 
     # -- attention -----------------------------------------------------------------------------------------------
-    def attend(self, queries: torch.Tensor, scaling: float) -> torch.Tensor:
-        """SDPA of `queries` (B, H, q, d) — the last q appended tokens — over the held keys: (B, H, q, d)."""
+    def attend(self, queries: torch.Tensor, scaling: float, window: int | None = None) -> torch.Tensor:
+        """SDPA of `queries` (B, H, q, d) — the last q appended tokens — over the held keys: (B, H, q, d).
+        `window`: each query sees only keys less than `window` slots behind it (sliding-window layers)."""
         assert self.keys is not None and self.values is not None
-        return dense_attention(queries, self.keys, self.values, self.valid, scaling)
+        return dense_attention(queries, self.keys, self.values, self.valid, scaling, window)
+
+    def trim_to_window(self) -> None:
+        """Sliding-window layers: free everything but the newest window - 1 slots (all a later query can see)."""
+        assert self.window is not None and self.keys is not None
+        keep = self.window - 1
+        if self.num_slots <= keep:
+            return
+        b, h, t, _ = self.keys.shape
+        idx = torch.arange(t - keep, t, device=self.keys.device).expand(b, h, keep)
+        self.keep(idx)
 
     def finalize_step(self, info: StepInfo) -> None:
         """Hook for stores that transform tokens after the policy acted (e.g. quantization). Dense: nothing."""
@@ -147,7 +161,8 @@ class KVLayer:
         if self.keys is None:
             return 0
         b, h, _, d = self.keys.shape
-        return 2 * b * h * self.seen * d * self.keys.element_size()
+        tokens = self.seen if self.window is None else min(self.seen, self.window - 1)  # a full sliding layer too
+        return 2 * b * h * tokens * d * self.keys.element_size()
 
 
 def dense_attention(
@@ -156,14 +171,27 @@ def dense_attention(
     values: torch.Tensor,
     valid: torch.Tensor | None,
     scaling: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal SDPA where the q queries are the last q of the T keys; `valid` (B, Hkv, T) masks slots.
 
     Each new token may always see itself, so padding queries never produce NaN (their outputs are unused).
+    `window`: a query sees only keys fewer than `window` slots behind it (sliding-window layers, whose slots are
+    contiguous positions).
     """
     b, h, q_len, _ = queries.shape
     hkv, t_len = keys.shape[1], keys.shape[2]
     groups = h // hkv
+    if window is not None and window < t_len:
+        qi = torch.arange(q_len, device=keys.device)[:, None] + (t_len - q_len)
+        kj = torch.arange(t_len, device=keys.device)[None, :]
+        mask = ((kj <= qi) & (qi - kj < window))[None, None]
+        if valid is not None:
+            per_head = valid.repeat_interleave(groups, dim=1) if groups > 1 else valid
+            mask = mask & per_head[:, :, None, :]
+        mask = mask | (kj == qi)[None, None]
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scaling,
+                                              enable_gqa=groups > 1)
     if valid is None and q_len == 1:
         return F.scaled_dot_product_attention(queries, keys, values, scale=scaling, enable_gqa=groups > 1)
     if valid is None and q_len == t_len:
@@ -316,8 +344,12 @@ class CompressedCache:
         layer.append(keys, values, new_valid)
         if self.prompt_spans is not None and info.is_prefill:
             record_spans(layer, self.prompt_spans, keys.shape[2])
-        out = layer.attend(queries, scaling)
-        self.method.after_attention(self, layer, queries, scaling, info)
+        if layer.window is not None:  # a sliding-window layer keeps its window; the method acts on global layers
+            out = layer.attend(queries, scaling, layer.window)
+            layer.trim_to_window()
+        else:
+            out = layer.attend(queries, scaling)
+            self.method.after_attention(self, layer, queries, scaling, info)
         layer.finalize_step(info)
         if layer_idx == self.num_layers - 1 and info.is_prefill and info.prefill_done:
             self.prefill_done = True
@@ -357,7 +389,10 @@ class CompressedCache:
     def reset(self) -> None:
         swapped = bool(self.layers) and type(self.layers[0]) is not type(self.layer_factory(0))
         factory = type(self.layers[0]) if swapped else self.layer_factory  # layers replaced after construction
+        windows = [layer.window for layer in self.layers]
         self.layers = [factory(i) for i in range(len(self.layers))]
+        for layer, window in zip(self.layers, windows, strict=True):
+            layer.window = window
         self.prompt_lens = self.keep_rows = None
         self.prefill_done = False
         self._expected_prompt = None

@@ -186,7 +186,6 @@ class Segment:
     def nbytes(self) -> int:
         return tensor_bytes(*self.tensors())
 
-
     # persistence (memfit.contexts): a segment is plain data (tensors, QuantizedTensors, ints), so its attributes
     # are its state, whatever the subclass (GEAR's low-rank factors, VidKV's parts...)
     def state_dict(self) -> dict[str, Any]:
@@ -697,7 +696,6 @@ class SideStore:
     def nbytes(self) -> int:
         return tensor_bytes(*self.tensors())
 
-
     # -- persistence (memfit.contexts); the codec and flush rule are configuration, rebuilt by the method ----------
     def state_dict(self) -> dict[str, Any]:
         return {"residual": self.residual, "segments": [s.state_dict() for s in self.segments], "lanes": self.lanes,
@@ -811,14 +809,14 @@ class QuantizedKVLayer(KVLayer):
             self.extras[name] = torch.cat([state, pad], dim=2)
         self.seen += q
 
-    def attend(self, queries: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(self, queries: torch.Tensor, scaling: float, window: int | None = None) -> torch.Tensor:
         before = self.dequantized_tokens
         keys, values = self.k.read(), self.v.read()
         self.step_dequantized = self.dequantized_tokens - before
         self._step = (keys, values)
         if self.saliency_window:
             self._probe = (queries[:, :, -self.saliency_window :], scaling)
-        return dense_attention(queries, keys, values, self.valid, scaling)
+        return dense_attention(queries, keys, values, self.valid, scaling, window)
 
     def keep(self, indices: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         ctx = FlushContext("repack", None)

@@ -1,0 +1,124 @@
+"""Decode speed, prefill time and peak memory of the product path (`memfit.run`, what `memfit run` calls) on a GPU,
+fast and portable backends side by side, against transformers' own DynamicCache loop in the same process.
+
+Drives the product only: the model comes from `memfit.models.load_model(..., load_format="dummy")` (random weights
+with a real architecture's config), every memfit row is one `memfit.engine.run(...)` call with `context=N` (the same
+call `memfit run --model llama-3.1-8b --load-format dummy --context N --json` makes). The transformers row is the
+tool a user would pick instead: plain forwards with `DynamicCache`.
+
+Roofline per decode step: (weight bytes + KV bytes held) / measured device-to-device copy bandwidth.
+
+    python benchmarks/runtime_gpu.py --model llama-3.1-8b --context 32768 --new 128 \
+        --methods full,snapkv,h2o,streaming,snapkv+kivi,kivi --budget 0.25 --backends fast,portable \
+        --out benchmarks/results/runtime_h200.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from memfit.bench.provenance import ResultWriter
+from memfit.engine import positions_from_mask, run, synthetic_prompt
+from memfit.models import load_model
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted once each, i.e. 2 x nbytes moved)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    return 2 * nbytes * reps / (time.perf_counter() - t)
+
+
+@torch.no_grad()
+def transformers_baseline(model, tok, context: int, new: int) -> dict:
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids, mask = synthetic_prompt(tok, context)
+    ids, mask = ids.to(device), mask.to(device)
+    model.set_attn_implementation("sdpa")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    cache = DynamicCache(config=model.config)
+    t0 = time.perf_counter()
+    logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    torch.cuda.synchronize(device)
+    prefill = time.perf_counter() - t0
+    pos = positions_from_mask(mask)[:, -1:]
+    t1 = time.perf_counter()
+    for _ in range(new - 1):
+        tok_ = logits.argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(tok_)], dim=1)
+        pos = pos + 1
+        logits = model(input_ids=tok_, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       logits_to_keep=1).logits[:, -1]
+    torch.cuda.synchronize(device)
+    decode = time.perf_counter() - t1
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return {"prefill_seconds": prefill, "decode_ms_per_token": 1000 * decode / (new - 1),
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device), "kv_bytes_held": kv}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--methods", default="full,snapkv,h2o,streaming,snapkv+kivi,kivi")
+    ap.add_argument("--budget", default="0.25")
+    ap.add_argument("--backends", default="fast,portable")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/runtime_gpu.jsonl")
+    args = ap.parse_args()
+
+    device = torch.device("cuda")
+    model, tok = load_model(args.model, device="cuda", dtype="bfloat16", load_format="dummy", progress=False)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth(device)
+    with ResultWriter(args.out) as out:
+        out.write({"kind": "machine", "model": args.model, "weight_bytes": weight_bytes,
+                   "copy_bandwidth_bytes_per_s": bw, "device": torch.cuda.get_device_name(device)})
+        for backend in args.backends.split(","):  # warm-up: Triton compiles, CUDA graph pools
+            run("", model=(model, tok), method="snapkv", budget=0.25, backend=backend, context=1024,
+                max_new_tokens=8)
+        if not args.no_transformers:
+            row = transformers_baseline(model, tok, args.context, args.new)
+            roof = 1000 * (weight_bytes + row["kv_bytes_held"]) / bw
+            out.write({"kind": "transformers", "method": "full (DynamicCache)", "context": args.context,
+                       "new_tokens": args.new, **row, "roofline_ms": roof,
+                       "roofline_fraction": roof / row["decode_ms_per_token"],
+                       "prefill_peak_above_weights_bytes": row["peak_memory_bytes"] - weight_bytes})
+            torch.cuda.empty_cache()
+        for method in args.methods.split(","):
+            keeps_all = method in ("full", "kivi", "gear", "vidkv")
+            budget = None if keeps_all else args.budget
+            for backend in args.backends.split(","):
+                res = run("", model=(model, tok), method=method, budget=budget, backend=backend,
+                          context=args.context, max_new_tokens=args.new)
+                ms = 1000 / res.decode_tokens_per_second if res.decode_tokens_per_second else float("nan")
+                roof = 1000 * (weight_bytes + res.kv_bytes_held) / bw
+                out.write({"kind": "memfit", "method": method, "budget": res.budget, "backend_requested": backend,
+                           "backend": res.backend, "backend_reason": res.backend_reason,
+                           "cuda_graphs": res.cuda_graphs, "decode_graph_replays": res.decode_graph_replays,
+                           "context": res.prompt_tokens, "new_tokens": args.new,
+                           "prefill_seconds": res.prefill_seconds, "decode_ms_per_token": ms,
+                           "kv_bytes_full": res.kv_bytes_full, "kv_bytes_held": res.kv_bytes_held,
+                           "peak_memory_bytes": res.peak_memory_bytes,
+                           "prefill_peak_above_weights_bytes": res.peak_memory_bytes - weight_bytes,
+                           "roofline_ms": roof, "roofline_fraction": roof / ms})
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Which runtime backend serves a run: `fast` or `portable` (`--backend auto|fast|portable`, `backend=` in the API).
+
+- portable: any transformers causal LM, any device. The cache's stores grow and shrink as dense tensors
+  (`memfit.core.cache`), attention is SDPA.
+- fast: CUDA, architectures whose decoder layers we have checked (the Llama family incl. Mistral and SmolLM2, the
+  Qwen2/Qwen3 family, Gemma 3). After the prompt, each layer's tokens live in a preallocated buffer sized to what the
+  method kept plus the tokens to decode (`memfit.core.static_store`), single-token attention runs memfit's split-K
+  Triton kernel, and when the method never acts during decoding (SnapKV, GemFilter, WindowKV, KVzip, the full
+  cache...) the decode step is captured once in a CUDA graph and replayed.
+  Stores that have no static form yet — the quantized stores (KIVI, GEAR, VidKV) and the ragged per-head store
+  (AdaKV allocation) — run on the portable path, and the run says so (`backend_reason` in `--json`).
+
+`auto` picks fast on CUDA for a supported architecture, else portable. `MEMFIT_FAST_ON_CPU=1` lets the fast stores run
+on the CPU in their plain-PyTorch form (tests compare them with the portable path there; no kernels, no graphs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from memfit.errors import ConfigError
+
+BACKENDS = ("auto", "fast", "portable")
+FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "fast" | "portable"
+    reason: str  # why this backend (and why not the other)
+    graphs: bool = False  # decode steps replayed from a CUDA graph
+
+    def to_dict(self) -> dict[str, object]:
+        return {"backend": self.name, "backend_reason": self.reason, "cuda_graphs": self.graphs}
+
+
+def check_backend(requested: str) -> str:
+    if requested not in BACKENDS:
+        raise ConfigError(f"unknown --backend {requested!r}: use auto, fast or portable")
+    return requested
+
+
+def fast_on_cpu() -> bool:
+    return os.environ.get("MEMFIT_FAST_ON_CPU", "0") == "1"
+
+
+def choose_backend(
+    requested: str,
+    model: torch.nn.Module,
+    *,
+    dense_store: bool,
+    decode_free: bool,
+    sliding: bool,
+) -> Backend:
+    """Decide the backend for one cache. `dense_store`: the method's layers are the dense store (not quantized or
+    ragged); `decode_free`: the method never evicts while decoding; `sliding`: the model has sliding-window layers.
+
+    `--backend fast` where it cannot run at all (no CUDA, an architecture we have not checked) is a ConfigError; where
+    only the method's store lacks a static form, the run falls back to portable and says why."""
+    from memfit.adapters.transformers import model_type
+
+    check_backend(requested)
+    if requested == "portable":
+        return Backend("portable", "asked for (--backend portable)")
+    device = next(model.parameters()).device
+    kind = model_type(model)
+    if device.type != "cuda" and not fast_on_cpu():
+        if requested == "fast":
+            raise ConfigError("--backend fast needs a CUDA device (its kernels and CUDA graphs are GPU-only): use "
+                              "--device cuda on a machine with a GPU, or --backend portable")
+        return Backend("portable", "auto: no CUDA device")
+    if kind not in FAST_MODEL_TYPES:
+        if requested == "fast":
+            raise ConfigError(f"--backend fast does not support the {kind or 'unknown'!r} architecture yet (supported: "
+                              f"{', '.join(FAST_MODEL_TYPES)}): use --backend portable or auto")
+        return Backend("portable", f"auto: architecture {kind!r} has no fast path")
+    if not dense_store:
+        return Backend("portable", "fallback: this method's store (quantized or ragged per-head) has no static form "
+                                   "on the fast backend yet")
+    on_gpu = device.type == "cuda"
+    graphs = on_gpu and decode_free and not sliding
+    why = "CUDA, supported architecture" if on_gpu else "MEMFIT_FAST_ON_CPU=1 (plain-PyTorch form of the fast stores)"
+    if on_gpu and not graphs:
+        why += "; no CUDA graph: " + ("sliding-window layers trim every step" if sliding
+                                      else "the method evicts during decoding")
+    return Backend("fast", why, graphs)

@@ -1,0 +1,126 @@
+"""Random-weight models from a config (`--load-format dummy`, the convention vLLM uses).
+
+Speed and memory do not depend on weight values, so anyone can reproduce a GPU figure for a real architecture
+without downloading its weights: `memfit run --device cuda --model llama-3.1-8b --load-format dummy --context 32768`.
+
+A dummy spec is a built-in config name (`llama-3.1-8b`, `qwen2.5-7b`, `gemma-3-1b`, `smollm2-135m`), a local
+`config.json`, or a folder holding one. Weights are initialised directly on the target device (an 8B model in bf16
+takes ~2 s on a GPU; initialising on the CPU and copying would take minutes). The text such a model writes is noise;
+its tokenizer is a byte-level stand-in whose only job is to give `--prompt` text some token ids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memfit.errors import ConfigError
+
+# Architecture fields only (from each model's published config.json); vocabularies are real sizes so the embedding
+# and LM-head bytes are right.
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": {
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
+    },
+    "llama-3.1-70b": {
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
+    },
+    "qwen2.5-7b": {
+        "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
+    },
+    "gemma-3-1b": {
+        "model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144,
+        "max_position_embeddings": 32768, "sliding_window": 512, "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256, "bos_token_id": 2, "eos_token_id": 1,
+    },
+    "smollm2-135m": {
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+    },
+}
+
+
+def dummy_config(spec: str) -> Any:
+    """A transformers config for a built-in name, a config.json path, or a folder holding config.json."""
+    from transformers import AutoConfig
+
+    name = spec.strip().lower()
+    if name in BUILTIN_CONFIGS:
+        fields = dict(BUILTIN_CONFIGS[name])
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            fields = json.loads(path.read_text())
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"{spec!r} is not a usable config.json for --load-format dummy ({e})") from None
+    known = ", ".join(sorted(BUILTIN_CONFIGS))
+    raise ConfigError(f"unknown config {spec!r} for --load-format dummy: use one of {known}, "
+                      "or a path to a config.json (or a folder holding one)")
+
+
+class ByteTokenizer:
+    """The tokenizer of a dummy model: UTF-8 bytes shifted past the special ids (enough to turn text into ids)."""
+
+    chat_template = None
+    padding_side = "left"
+
+    def __init__(self, vocab_size: int, bos: int | None, eos: int | None) -> None:
+        self.vocab_size = vocab_size
+        self.bos_token_id = bos
+        self.eos_token_id = eos
+        self.pad_token_id = eos if eos is not None else 0
+        self.offset = 3
+
+    def __call__(self, text: str, add_special_tokens: bool = True, **_: Any) -> dict[str, list[int]]:
+        ids = [self.offset + b for b in text.encode("utf-8")]
+        if add_special_tokens and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return {"input_ids": ids}
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True, **_: Any) -> str:
+        raw = bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256)
+        return raw.decode("utf-8", errors="replace")
+
+
+def load_dummy(spec: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, ByteTokenizer]:
+    """(model with random weights on `device`, a byte tokenizer) for a dummy spec."""
+    from transformers import AutoModelForCausalLM
+
+    config = dummy_config(spec)
+    config._attn_implementation = "sdpa"
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():  # small random weights keep activations finite in bf16 (the init above may be skipped)
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.config._name_or_path = spec
+    text = getattr(config, "text_config", config)
+    eos = getattr(text, "eos_token_id", None)
+    tok = ByteTokenizer(int(text.vocab_size), getattr(text, "bos_token_id", None),
+                        eos[0] if isinstance(eos, list) else eos)
+    return model.eval(), tok

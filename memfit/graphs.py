@@ -1,0 +1,75 @@
+"""Decode steps for the runtime loop: eager forwards, or one forward captured in a CUDA graph and replayed.
+
+A decode step is one token per row through the whole model. With the fast backend's static stores
+(`memfit.core.static_store`) a step allocates nothing new, reads its write slot and lengths from device counters
+and never syncs with the host — so it can be recorded once and replayed: the ~hundreds of kernel launches of a
+transformers forward then cost one launch. The first step runs eagerly (it moves the prompt's tokens into the static
+buffers and compiles the kernels), the second is captured, every later one is a replay. The host-side mirrors of the
+stores (used slots, logical length) are advanced after each replay.
+
+Used only when `cache.backend.graphs` (CUDA, a store with a static form, a method that never evicts while decoding)
+and every layer holds rectangular rows (no placeholder slots); otherwise the steps stay eager and `reason` says why.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memfit.adapters.transformers import MemfitCache, forward
+from memfit.core.static_store import StaticKVLayer
+
+
+class DecodeSteps:
+    """callable(next_tokens (B,), mask (B, T), positions (B, 1)) -> logits (B, V) of the next position."""
+
+    def __init__(self, model: torch.nn.Module, cache: MemfitCache) -> None:
+        self.model, self.cache = model, cache
+        backend = getattr(cache, "backend", None)
+        self.use_graphs = bool(backend is not None and backend.graphs)
+        self.reason = "" if self.use_graphs else "not requested by the backend"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+        self.replays = 0
+        self._ids: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
+
+    def _capturable(self) -> bool:
+        layers = self.cache.core.layers
+        if not all(isinstance(layer, StaticKVLayer) and layer.frozen for layer in layers):
+            self.reason = "a layer has no static buffer"
+            return False
+        if any(layer.valid is not None or layer.extras for layer in layers):
+            self.reason = "rows hold placeholder slots (a padded batch) or per-token policy state"
+            return False
+        return True
+
+    def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            assert self._ids is not None and self._pos is not None and self._out is not None
+            self._ids.copy_(tokens[:, None])
+            self._pos.copy_(positions)
+            for layer in self.cache.core.layers:
+                layer.advance(1)  # type: ignore[attr-defined]
+            self.graph.replay()
+            self.replays += 1
+            return self._out[:, -1]
+        if self.use_graphs and self.eager_steps >= 1:
+            if self._capturable():
+                return self._capture(tokens, positions)
+            self.use_graphs = False
+        self.eager_steps += 1
+        return forward(self.model, tokens[:, None], mask, self.cache, positions, logits_to_keep=1)[:, -1]
+
+    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._ids = tokens[:, None].clone()
+        self._pos = positions.clone()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        # Recording runs the Python once: the stores' host mirrors advance here, for the replay just below.
+        with torch.cuda.graph(graph):
+            self._out = forward(self.model, self._ids, None, self.cache, self._pos, logits_to_keep=1)
+        self.graph = graph
+        graph.replay()
+        self.replays += 1
+        return self._out[:, -1]
