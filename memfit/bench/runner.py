@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from memfit.bench.provenance import provenance
 from memfit.bench.report import (
     FULL_METHOD,
     TEXT_TASKS,
@@ -766,6 +767,7 @@ def _finish_row(run: _TaskRun, cfg: _Config, st: _Stats) -> dict[str, Any]:
         "sample_scores": st.scores if answers else None,
         "depths": [s.depth for s in run.samples] if answers else None,
         "predictions": st.predictions if answers else None,
+        "provenance": provenance(),  # machine, versions, commit and the command that wrote this row
     }
     append_row(run.results_path, row)
     return row
