@@ -558,6 +558,12 @@ def bench(
         help="Compress the model's linear layers on load: NAME[:BITS][:KEY=VALUE...], e.g. slim-llm:3, rtn:4, "
         "gqsa:4:sparsity=0.5 (see `memfit methods`).",
     ),
+    backend: str = typer.Option(
+        "auto", "--backend", help="auto | fast | portable (as on `memfit run`; rows record the backend that ran)."
+    ),
+    load_format: str = typer.Option(
+        "auto", "--load-format", help="auto | dummy (random weights from a config such as llama-3.1-8b)."
+    ),
 ) -> None:
     """Memory, speed and quality of every method against the full cache, on the same generated prompts.
 
@@ -583,6 +589,11 @@ def bench(
     if corpus is not None:
         read_text_file(corpus, "corpus file")
     _check_device(device, dtype)
+    from memfit.backend import check_backend
+    from memfit.models import check_load_format
+
+    check_backend(backend)
+    check_load_format(load_format)
     created = make_out_dir(out_dir)  # last check: a folder we cannot write is refused before any model work
     try:
         result = run_bench(
@@ -605,6 +616,8 @@ def bench(
             device=device,
             dtype=dtype,
             weights=weights,
+            backend=backend,
+            load_format=load_format,
         )
     except MemfitError:
         for d in created:  # a bad option found later: leave no empty folder behind
@@ -655,6 +668,7 @@ def serve(
     max_tokens: int = typer.Option(256, "--max-tokens", help="Default max_tokens of chat requests."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: debug | info | warning | error."),
     load_format: str = typer.Option(None, "--load-format", help="'dummy': random weights from a config (speed runs)."),
     device: str = _device_option(),
     dtype: str = _dtype_option(),
@@ -662,12 +676,14 @@ def serve(
     """Serve an OpenAI-compatible API whose running batch is sized by compressed KV bytes."""
     from memfit.core.budget import Budget
     from memfit.core.method import build_policy
-    from memfit.serve import parse_bytes, serve as run_server
+    from memfit.serve import parse_bytes
+    from memfit.serve import serve as run_server
 
     params = parse_params(param)
     build_policy(method, Budget.parse(budget), params)  # a bad default fails before the model loads
     _check_device(device, dtype)
-    run_server(model, host=host, port=port, device=device, dtype=dtype, load_format=load_format, method=method,
+    run_server(model, host=host, port=port, device=device, dtype=dtype, load_format=load_format, log_level=log_level,
+               method=method,
                budget=budget, params=params, kv_memory=parse_bytes(kv_memory) if kv_memory else None,
                max_batch=max_batch, prefill_chunk=prefill_chunk, default_max_tokens=max_tokens)
 

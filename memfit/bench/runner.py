@@ -256,6 +256,7 @@ class _Stats:
     kl_count: int = 0
     kv_full: int = 0
     kv_held: int = 0
+    backend: str = ""
     rows: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -320,6 +321,8 @@ def run_bench(
     device: str = "cpu",
     dtype: str = "auto",
     weights: str | None = None,
+    backend: str = "auto",
+    load_format: str = "auto",
 ) -> BenchResult:
     """Bench ``methods`` × ``budgets`` against the full cache on ``tasks`` and write the report into ``out``.
 
@@ -338,8 +341,15 @@ def run_bench(
     bfloat16 on CUDA, float32 on CPU); rows record the device and the KV bytes follow the dtype.
     ``weights``: a weight spec (``"slim-llm:3"``, memfit.weights): the model's linear layers are compressed on
     load and every row's ``model`` names the spec, so rows with and without it share one results file.
+    ``backend``: auto | fast | portable (memfit.backend; rows record the one that ran); ``load_format="dummy"``:
+    random weights from a config (memfit.dummy), for speed and memory rows.
     Returns a :class:`BenchResult`; raises ``ConfigError`` on bad input before loading anything.
     """
+    from memfit.backend import check_backend
+    from memfit.models import check_load_format
+
+    check_backend(backend)
+    check_load_format(load_format)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     method_list = parse_list(list(methods), "methods")
     if FULL_METHOD in method_list:
@@ -430,7 +440,7 @@ def run_bench(
 
     new_rows: list[dict[str, Any]] = []
     if plan:
-        mdl, tok = _load(model, progress, device, dtype)
+        mdl, tok = _load(model, progress, device, dtype, load_format)
         if weight_method is not None:
             from memfit.weights import quantize_model
 
@@ -456,6 +466,7 @@ def run_bench(
                 chat=chat,
                 options=dict((task_options or {}).get(task) or {}),
                 results_path=results_path,
+                backend=backend,
             )
             for task, sample_set, _ in plan
         ]
@@ -503,6 +514,7 @@ class _TaskRun:
     device: str
     versions: dict[str, str]
     results_path: Path
+    backend: str = "auto"
 
     @property
     def text_task(self) -> bool:
@@ -528,6 +540,7 @@ def _prepare_task(
     chat: bool,
     options: dict[str, Any],
     results_path: Path,
+    backend: str = "auto",
 ) -> _TaskRun:
     """Generate the task's samples and cut them into batches of token ids (shared by every configuration)."""
     from memfit.engine import device_name, versions
@@ -552,6 +565,7 @@ def _prepare_task(
         device=device_name(next(model.parameters()).device),
         versions=versions(),
         results_path=results_path,
+        backend=backend,
     )
 
 
@@ -621,7 +635,9 @@ def _run_batch(
 
     method_params = {k: v for k, v in cfg.params.items() if k not in (ALLOCATION_PARAM, SPANS_PARAM)}
     allocation = str(cfg.params.get(ALLOCATION_PARAM, "uniform"))
-    cache = make_cache(model, cfg.method, cfg.budget, method_params or None, allocation=allocation)
+    cache = make_cache(model, cfg.method, cfg.budget, method_params or None, allocation=allocation,
+                       backend=run.backend, reserve=run.new_tokens if cont is None else cont.shape[1])
+    stats.backend = cache.backend.name
     if cfg.params.get(SPANS_PARAM) == "on":
         from memfit.core.spans import enable_spans
 
@@ -752,6 +768,7 @@ def _finish_row(run: _TaskRun, cfg: _Config, st: _Stats) -> dict[str, Any]:
         "decode_tokens_per_second": st.decode_tokens / st.decode_seconds if st.decode_seconds > 0 else None,
         "seed": run.seed,
         "device": run.device,
+        "backend": st.backend,
         "versions": run.versions,
         "kl": st.kl_sum / st.kl_count if st.kl_count else None,
         "top1": st.top1_hits / st.top1_count if st.top1_count else None,
@@ -830,12 +847,13 @@ def _model_name(model: str | tuple[torch.nn.Module, Any], given: str | None) -> 
 
 
 def _load(
-    model: str | tuple[torch.nn.Module, Any], progress: bool, device: str = "cpu", dtype: str = "auto"
+    model: str | tuple[torch.nn.Module, Any], progress: bool, device: str = "cpu", dtype: str = "auto",
+    load_format: str = "auto",
 ) -> tuple[torch.nn.Module, Any]:
     if isinstance(model, str):
         from memfit.models import load_model
 
-        return load_model(model, progress=progress, device=device, dtype=dtype)
+        return load_model(model, progress=progress, device=device, dtype=dtype, load_format=load_format)
     return model
 
 

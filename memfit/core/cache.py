@@ -344,7 +344,8 @@ class CompressedCache:
         layer.append(keys, values, new_valid)
         if self.prompt_spans is not None and info.is_prefill:
             record_spans(layer, self.prompt_spans, keys.shape[2])
-        if layer.window is not None:  # a sliding-window layer keeps its window; the method acts on global layers
+        if getattr(layer, "window", None) is not None:  # a sliding-window layer keeps its window; the method acts
+            # on the global layers
             out = layer.attend(queries, scaling, layer.window)
             layer.trim_to_window()
         else:
@@ -389,7 +390,7 @@ class CompressedCache:
     def reset(self) -> None:
         swapped = bool(self.layers) and type(self.layers[0]) is not type(self.layer_factory(0))
         factory = type(self.layers[0]) if swapped else self.layer_factory  # layers replaced after construction
-        windows = [layer.window for layer in self.layers]
+        windows = [getattr(layer, "window", None) for layer in self.layers]
         self.layers = [factory(i) for i in range(len(self.layers))]
         for layer, window in zip(self.layers, windows, strict=True):
             layer.window = window

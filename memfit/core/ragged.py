@@ -100,6 +100,7 @@ class RaggedKVLayer(KVLayer):
     def __init__(self, index: int = 0) -> None:  # no super().__init__: keys/values/valid/extras are views here
         self.index = index
         self.seen = 0
+        self.window = None  # sliding-window layers are not supported by the ragged store (make_cache refuses)
         self._k: torch.Tensor | None = None  # (N, d) packed keys
         self._v: torch.Tensor | None = None  # (N, dv) packed values
         self._x: dict[str, torch.Tensor] = {}  # packed policy state (N, ...)
