@@ -276,8 +276,7 @@ def layout(
             f"--weights-memory {format_bytes(budget)} is below the minimum for this model with --offload-policy "
             f"{policy}: {format_bytes(need)} (embeddings, norms and head stay on the device: "
             f"{format_bytes(other_bytes)}; plus a window of {k} units of {format_bytes(largest)}). Pass "
-            f"--weights-memory {format_bytes(need)} or more"
-            + (", or --offload-window 1 (no prefetch: every unit stalls)" if k > 1 else "") + "."
+            f"--weights-memory {format_bytes(need)} or more."
         )
     if budget >= other_bytes + total:
         resident = len(modules)
