@@ -277,3 +277,35 @@ def test_methods_json_describes_every_parameter(monkeypatch, capsys) -> None:
     assert listed["snapkv"]["params"]["pooling"]["allowed"] == "max | avg"
     code, text, _ = invoke(monkeypatch, capsys, "methods")
     assert code == 0 and "pooling=max" in text and "max | avg" in text and "<eviction>+<quantizer>" in text
+
+
+# -- the README's commands --------------------------------------------------------------------------------------------
+def readme_commands() -> list[list[str]]:
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", readme, flags=re.S | re.M):
+        for line in block.splitlines():
+            line = line.split("&&")[-1].strip()
+            if line.startswith("memfit "):
+                args = shlex.split(line, comments=True)[1:]
+                commands.append(args[: args.index("<")] if "<" in args else args)
+    return commands
+
+
+def test_readme_commands_parse(monkeypatch, capsys) -> None:
+    """Every `memfit ...` line of the README names options that exist (parsed up to --help: nothing runs)."""
+    commands = readme_commands()
+    assert len(commands) >= 10
+    for args in commands:
+        code, out, err = invoke(monkeypatch, capsys, *args, "--help")
+        assert code == 0 and "Usage: memfit" in out, (args, err)
+
+
+def test_example_document_ships_with_the_package() -> None:
+    from memfit.data import example_path, example_text
+
+    text = example_text()
+    assert example_path().is_file() and text.rstrip().endswith("?") and "Samuel Okoro" in text
