@@ -182,10 +182,11 @@ def quantize_model(
         quantize_blockwise(model, ids, lambda _n, lin, st: m.compress(lin, st), progress)
         # linears outside the decoder blocks (rare) get no statistics: compress them uncalibrated
         targets = {n: mod for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n in targets}
-    for i, (name, lin) in enumerate(targets.items()):
-        set_module(model, name, m.compress(lin, None))
+    names = list(targets)
+    for i, name in enumerate(names):
+        set_module(model, name, m.compress(targets.pop(name), None))  # drop our reference: the dense weight is freed
         if progress is not None:
-            progress(f"layer {i + 1}/{len(targets)}")
+            progress(f"layer {i + 1}/{len(names)}")
     model.memfit_weights = m.spec()  # type: ignore[assignment]
     return model
 

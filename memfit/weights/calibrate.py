@@ -149,7 +149,7 @@ def quantize_blockwise(
             for h in hooks:
                 h.remove()
         for n in names:
-            set_module(model, n, replace(n, targets[n], stats[n]))
+            set_module(model, n, replace(n, targets.pop(n), stats[n]))  # the dense weight is freed here
             stats[n] = None  # type: ignore[assignment]  # free the Hessian before the next layer
         out = block(hidden, *rest, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
