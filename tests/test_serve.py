@@ -217,24 +217,32 @@ def test_admission_queues_a_request_that_does_not_fit_and_serves_it_once_memory_
 
 
 def test_a_low_prediction_preempts_the_newest_request_and_its_text_is_unchanged(default_model):
-    """Force predictions to 1 byte so two requests are admitted into a pool smaller than one of them: the newest is
-    preempted (re-queued, counted in /metrics) until the oldest finishes — a lone request is never preempted — then
-    regenerated, and both stream the same text as `memfit run`."""
-    prompt, n = PROMPTS[2], 10
-    ref = memfit_run(prompt, model=default_model, method="full", max_new_tokens=n, chat=False, prefill_chunk=CHUNK)
-    with running_server(default_model, method="full", kv_memory=int(ref.kv_bytes_full * 0.6),
+    """Force predictions to 1 byte so a second request is admitted into a pool smaller than the two together: the
+    newest is preempted (re-queued, counted in /metrics, and reserving what it held), waits until the oldest
+    finishes, is regenerated, and both stream the same text as `memfit run`."""
+    prompt, n = PROMPTS[0], 16
+    ref = memfit_run(prompt, model=default_model, method="full", max_new_tokens=n, chat=True, prefill_chunk=CHUNK)
+    assert ref.generated_tokens > 12
+    with running_server(default_model, method="full", kv_memory=int(ref.kv_bytes_full * 0.75),
                         prefill_chunk=CHUNK) as (url, app):
         predictor = app.state.scheduler.predictor
         predictor.reserve = lambda *a, **k: 1
         predictor.predict = lambda *a, **k: 1
         c = client(url)
+        started = threading.Event()
 
-        def streamed():
-            s = c.completions.create(model="default", prompt=prompt, max_tokens=n, stream=True)
-            return "".join(ch.choices[0].text for ch in s if ch.choices)
+        def streamed(first: bool):
+            if not first:
+                assert started.wait(60)  # the second request arrives while the first is decoding
+            parts = []
+            for ch in c.chat.completions.create(model="default", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=n, stream=True):
+                parts += [x.delta.content or "" for x in ch.choices]
+                started.set()
+            return "".join(parts)
 
         with ThreadPoolExecutor(2) as pool:
-            texts = list(pool.map(lambda _: streamed(), range(2)))
+            texts = list(pool.map(streamed, [True, False]))
         assert texts == [ref.text, ref.text]
         m = metrics(url)
-        assert m["preemptions_total"] >= 1 and m["kv_bytes_held"] == 0
+        assert m["preemptions_total"] == 1 and m["kv_bytes_held"] == 0 and m["requests_total"] == 2

@@ -413,6 +413,7 @@ _METRICS = [
     ("kv_bytes_full", "gauge", "kv_bytes_full", "Bytes full caches would hold for the same tokens."),
     ("kv_bytes_reserved", "gauge", "kv_bytes_reserved", "Bytes counted against --kv-memory (reservations)."),
     ("kv_memory_bytes", "gauge", "kv_memory", "The KV memory pool (--kv-memory)."),
+    ("model_weight_bytes", "gauge", "weight_bytes", "Bytes of the model's parameters and buffers."),
     ("tokens_per_second", "gauge", "tokens_per_second", "Generated tokens per second over the last 10 s."),
     ("requests_total", "counter", "requests_total", "Requests admitted."),
     ("preemptions_total", "counter", "preemptions_total", "Requests re-queued because memory ran over."),

@@ -255,6 +255,10 @@ def markdown(row: dict[str, Any]) -> str:
     if final:
         lines.append(f"| server preemptions / cancelled | {final.get('preemptions_total', 0):g} / "
                      f"{final.get('cancelled_total', 0):g} |")
+        if srv["peak_rss_bytes"] and final.get("kv_memory_bytes") and final.get("model_weight_bytes"):
+            bound = final["kv_memory_bytes"] + final["model_weight_bytes"] + 300 * 2**20
+            lines.append(f"| peak RSS vs --kv-memory + weights + 300 MiB | {srv['peak_rss_bytes'] * mib:.0f} MiB vs "
+                         f"{bound * mib:.0f} MiB: {'within' if srv['peak_rss_bytes'] <= bound else 'OVER'} |")
     if row["errors"]:
         lines += ["", "Errors (first five kinds):", *(f"- {e}" for e in row["errors"])]
     return "\n".join(lines) + "\n"

@@ -7,9 +7,10 @@ One scheduler thread owns the model. Each tick it
 3. runs ONE prefill chunk of the oldest admitted request that is still reading its prompt, so a long prompt never
    stalls the running requests for more than a chunk;
 4. runs one greedy decode step for every request whose prompt is in;
-5. if the stores together hold more than `kv_memory` (a prediction was low), preempts the newest running request:
-   its store is freed and it goes back to the front of the queue; greedy decoding regenerates the same tokens, and
-   the ones already streamed are not sent twice.
+5. if the stores together hold more than `kv_memory` (a prediction was low), preempts the newest running request
+   that holds bytes: its store is freed and it goes back to the front of the queue, reserving at least what it
+   held; greedy decoding regenerates the same tokens, and the ones already streamed are not sent twice. A request
+   running alone is never preempted.
 
 Every request has its own `MemfitCache` (its own method, budget and parameters), so each decode step is one forward
 call of batch 1 per request. Batching the rows of different caches into one forward needs a runtime primitive
@@ -103,6 +104,7 @@ class Scheduler:
         self.max_batch = int(max_batch)
         self.prefill_chunk = int(prefill_chunk)
         self.predictor = BytePredictor(ModelShape.of(model))
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order (oldest first)
         self._inbox: list[Request] = []
@@ -154,6 +156,7 @@ class Scheduler:
             "running": len(self.running),
             "waiting": len(self.waiting) + len(self._inbox),
             "kv_memory": self.kv_memory,
+            "weight_bytes": self.weight_bytes,
             "tokens_per_second": tps,
             **dict(self.stats),
         }
@@ -285,8 +288,16 @@ class Scheduler:
     def _enforce_memory(self) -> None:
         held = sum(r.cache.nbytes() for r in self.running if r.cache is not None)
         while held > self.kv_memory and len(self.running) > 1:
-            victim = self.running.pop()  # the newest
-            held -= victim.cache.nbytes() if victim.cache is not None else 0
+            # the newest request that holds bytes (an admitted one that holds nothing yet frees nothing)
+            victim = next((r for r in reversed(self.running[1:]) if r.cache is not None), None)
+            if victim is None:
+                break
+            self.running.remove(victim)
+            freed = victim.cache.nbytes()
+            held -= freed
+            # it comes back only when what it really held fits (no admit-preempt ping-pong on a low prediction)
+            victim.reserve_bytes = max(victim.reserve_bytes, freed)
+            victim.predicted_bytes = max(victim.predicted_bytes, freed)
             victim.reset()
             victim.preemptions += 1
             self.stats["preemptions_total"] += 1
