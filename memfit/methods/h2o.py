@@ -12,6 +12,16 @@ Official defaults (FMInference/H2O): heavy_ratio = recent_ratio = 0.1 of the pro
 budget recent -> `recent_fraction=0.5`.
 Deviations: the official real-drop code sums scores over the batch (batch 1 only) and keeps per-query-head scores
 (MHA only); we keep one score per row and KV head (GQA: sum over the group, `reduce`).
+
+Audit (2026-11-29) against FMInference/H2O `h2o_hf/utils_real_drop/modify_llama.py` (`H2OKVCache_LayerWise`): the
+prompt's score is the column sum of its full causal attention over every query row (`attn.sum(0).sum(1)`), each
+decode row is added to it, the last `recent_size` tokens are kept and the top `hh_size` of the rest — the same as
+ours. Not reproduced: the `utils_hh` *simulation* used for the paper's lm-eval tables masks attention token by
+token inside the prompt (each row sees only the heavy hitters and recent tokens chosen so far, and its
+renormalised probabilities feed the score); the real-drop code, which frees memory, does not. A raw column sum
+favours early tokens (they are seen by more queries) and is blind to the question, so a needle in the middle of a
+long prompt is often dropped: the needle scores below StreamingLLM's in `benchmarks/vs_kvpress` are a property of
+the method, not of this port.
 """
 
 from __future__ import annotations
@@ -51,7 +61,15 @@ class H2O(Method):
         if self.reduce not in ("sum", "mean", "max"):
             raise ConfigError("h2o.reduce must be sum, mean or max")
 
+    def static_decode_rule(self) -> dict | None:
+        # the fused decode kernel sums each GQA group's probabilities: only the default reduce maps onto it
+        if self.reduce != "sum":
+            return None
+        return {"rule": "accumulated", "score_key": SCORE, "recent_fraction": self.recent_fraction}
+
     def after_attention(self, cache, layer, queries, scaling, info) -> None:
+        if not info.is_prefill and getattr(layer, "fused", False):
+            return  # the fast backend's store ran this step's accumulate-and-evict itself (static_decode_rule)
         keep = cache.layer_keep(info.layer_idx)
         if keep is None:
             return  # unlimited: no need to even score

@@ -28,6 +28,15 @@ Deviations and why:
   run, different seeds give different selections, and a row in a left-padded batch draws exactly the noise it draws
   alone. (Noise differs between CPU and CUDA generators, and a different prefill chunking changes it.)
 - The temperature is held at tau_end beyond max_new_tokens (the official run stops there).
+
+Audit (2026-11-29, `models/gptj-keyformer-lib/modeling_gptj.py` at f327831): the Gumbel softmax is taken over the
+scaled, causally masked logits (`raw_attn`), summed over batch and query rows into `score_fn`, accumulated over
+steps, and the mask keeps the last int(recent% of the budget) tokens plus the top-scoring others — as ours (we
+floor the same way). Discarded tokens there stay in memory behind a -inf mask and their scores are zeroed; here they
+are freed, which selects the same tokens. Like H2O the score is question-agnostic and grows with the number of
+queries that saw a token, so needles in mid-prompt are dropped; the Gumbel noise (tau 1 at the prompt) adds
+randomness on top. The near-zero needle scores at 1/4 are a property of the method on retrieval prompts (the paper
+evaluates summarisation and conversation at 50-70 % of the cache), not of this port.
 """
 
 from __future__ import annotations

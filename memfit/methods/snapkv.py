@@ -15,6 +15,11 @@ digit its own token): with kernel 7 the answers keep only the needle's first 3-4
 (max pooling carries a peak only 3 tokens to each side, and the later digits get little window attention of their
 own); `--param kernel=15` finds 4/4 at both budgets, kernel 31 3/4 at 0.25; `reduce=max` and `window=64` do not
 help. We keep the official kernel 7 as the default; raise it for long multi-token answers.
+Audit against FasterDecoding/SnapKV (`snapkv/monkeypatch/snapkv_utils.py`, `SnapKVCluster.update_kv`): softmax over
+all keys with the window causal, sum over the window's queries of the *prefix* columns, pooling of the prefix only,
+top (capacity - window) prefix tokens + the window. We pooled across the window boundary until 2026-11-29, so a max
+pool spread the window's own scores over the 3 prefix tokens before it (they were kept "for free"); fixed — the
+window's scores are zeroed before pooling, which equals the official prefix-only pooling.
 Deviation: the official code selects per *query* head after `repeat_kv` (storing g copies of each KV head); we
 select once per KV head, reducing scores over the group (`reduce`, mean by default) — DESIGN §3, g times less memory.
 """
@@ -72,6 +77,10 @@ class SnapKV(Method):
         if info.new_valid is not None:  # padding queries (rows shorter than the window) do not vote
             probs = probs * info.new_valid[:, None, -window:, None].to(probs.dtype)
         scores = reduce_groups(probs.sum(dim=2), layer.keys.shape[1], self.reduce)
+        # Pool the prefix only, as the official code (`attn_weights_sum[..., :-window]`): the window's own (large)
+        # scores must not spill into the kernel // 2 prefix tokens before it. Zeros act as the official padding
+        # (probabilities are >= 0, so a zero never wins a max pool; avg pooling pads with zeros there too).
+        scores[..., -window:] = 0.0
         scores = pool_scores(scores, self.kernel, self.pooling)
         # The window is kept whole, unless a row's budget is smaller than the window: then its most recent tokens.
         recent = keep.clamp(max=window)
