@@ -50,7 +50,7 @@ class OffloadStats:
     window_units: int = 0  # streamed units the policy may hold on the device at once
     loads: int = 0
     prefetch_loads: int = 0
-    on_demand_loads: int = 0  # the unit was needed and not loaded or in flight (a stall by construction)
+    on_demand_loads: int = 0  # loads not issued by a prediction (the unit was needed now, or next in the call)
     bytes_moved: int = 0  # bytes copied into the device tier (0 for cpu-tier units on a CPU device)
     bytes_read_disk: int = 0
     stall_seconds: float = 0.0  # host time blocked waiting for loads
@@ -180,6 +180,8 @@ class WeightStreamer:
         self.stats.loads += 1
         if prefetch:
             self.stats.prefetch_loads += 1
+        else:
+            self.stats.on_demand_loads += 1
         self._held += unit.nbytes
         self.stats.peak_streamed_device_bytes = max(self.stats.peak_streamed_device_bytes, self._held)
         if unit.home == "disk" or self.cuda:  # counted when issued, so prefetches during prefill count as prefill
@@ -226,7 +228,6 @@ class WeightStreamer:
         if unit.state == "loaded":
             return
         if unit.state == "offloaded":
-            self.stats.on_demand_loads += 1
             self.load(unit, prefetch=False)
         assert unit.pending is not None
         t0 = time.perf_counter()
