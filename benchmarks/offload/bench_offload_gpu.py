@@ -197,6 +197,7 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.25, help="--weights-memory as a fraction of the weights")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (a CPU smoke run of this script)")
     ap.add_argument("--skip-moe", action="store_true")
+    ap.add_argument("--only-moe", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import transformers
@@ -211,7 +212,8 @@ def main() -> None:
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    dense(args, dev, emit)
+    if not args.only_moe:
+        dense(args, dev, emit)
     if not args.skip_moe:
         moe(args, dev, emit)
 

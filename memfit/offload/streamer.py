@@ -66,6 +66,9 @@ class OffloadStats:
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "extra"}
         d.update(self.extra)
+        # peak weight bytes per tier: device (resident + the most streamed units held at once), CPU tier, disk
+        d["peak_bytes_per_tier"] = {"device": self.bytes_resident_device + self.peak_streamed_device_bytes,
+                                    "cpu": self.bytes_cpu_tier, "disk": self.bytes_disk_tier}
         d["bytes_moved_per_token"] = self.decode_bytes_moved / self.decode_steps if self.decode_steps else 0.0
         d["stall_seconds_per_token"] = self.decode_stall_seconds / self.decode_steps if self.decode_steps else 0.0
         hits = self.expert_hits + self.expert_misses
