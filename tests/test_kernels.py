@@ -275,8 +275,9 @@ def _report(name, **fields):
 
 
 def _kivi_lengths(s: Setup, g: int):
-    """Per row: (all quantized, no residual), (half quantized, partial residual), (one group, full residual)."""
-    lens_q = [s.cq, s.cq // 2, g][: s.b]
+    """Per row: (all quantized, no residual), (one group quantized: half a tile, partial residual), (no quantized
+    token, full residual)."""
+    lens_q = [s.cq, g, 0][: s.b]
     lens_r = [0, s.r // 2 + 3, s.r][: s.b]
     return (torch.tensor(lens_q, dtype=torch.int32, device=s.dev), torch.tensor(lens_r, dtype=torch.int32, device=s.dev))
 
