@@ -340,7 +340,9 @@ def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, config: ServerC
                     if detok.stopped:
                         scheduler.cancel(req)
                         finish = "stop"
-                    if delta:
+                    if delta or not detok.stopped:
+                        # one chunk per step, even when the new token adds no text yet (a partial character, a
+                        # held-back stop prefix, a dummy model's non-text id): clients time tokens by chunks
                         yield sse({**base, "object": obj, "choices": [choice(job, delta, None, first)]})
                         first = False
                 else:

@@ -2,9 +2,8 @@
 
 C client tasks share N requests; each streams one completion of a prompt cut to exactly P tokens (with the
 tokenizer given, else about 4 characters per token) and records when it was sent, when the first text arrived
-(time to first token) and when every later chunk arrived (inter-token latency = gaps between chunks that carry
-text, divided by the tokens they carry when the server reports usage per chunk — otherwise one chunk = one token,
-which is what memfit serve and vLLM send). Output token counts come from the final `usage` (stream_options).
+(time to first token) and when every later chunk arrived (inter-token latency = gaps between token chunks; one
+chunk per decode step is what memfit serve and vLLM send, an empty one when the token adds no text yet). Output token counts come from the final `usage` (stream_options).
 
 While it runs it samples the server's /metrics (memfit's, if present) every half second, and, with --server-pid,
 the server process's RSS from /proc — so a run on the same machine reports the server's peak RSS.
@@ -71,6 +70,10 @@ def make_prompts(n: int, tokens: int, tokenizer: Any | None) -> list[str]:
 def load_tokenizer(spec: str) -> Any | None:
     if spec == "none":
         return None
+    if spec == "bytes":  # `--load-format dummy` models: one token per UTF-8 byte
+        from memfit.dummy import ByteTokenizer
+
+        return ByteTokenizer(1 << 20, None, None)
     from transformers import AutoTokenizer
 
     if spec == "default":
@@ -155,7 +158,9 @@ async def _run(
                     continue
                 c = chunk.choices[0]
                 text = c.delta.content if chat else c.text
-                if text:
+                # a token event: a chunk with text, or an empty one mid-stream (a token with no text of its own);
+                # not the chat role header, not the closing chunk
+                if text or (c.finish_reason is None and (not chat or c.delta.role is None)):
                     chunks += 1
                     if first is None:
                         first = now
