@@ -698,7 +698,7 @@ def loadtest(
     model: str = typer.Option(None, "--model", help="Model name to send (default: the server's first model)."),
     chat: bool = typer.Option(False, "--chat/--completions", help="Use /v1/chat/completions."),
     tokenizer: str = typer.Option("default", "--tokenizer", help="Cut prompts with this tokenizer: default | "
-                                  "HF folder or hub id | none (about 4 characters per token)."),
+                                  "HF folder or hub id | bytes (dummy models) | none (about 4 characters per token)."),
     memfit_field: str = typer.Option(None, "--memfit", help='JSON for the request\'s memfit field, e.g. '
                                      '\'{"method": "snapkv+kivi", "budget": 0.25}\'.'),
     ignore_eos: bool = typer.Option(True, "--ignore-eos/--stop-at-eos", help="Ask for exactly max_tokens tokens."),
