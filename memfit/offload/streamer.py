@@ -26,6 +26,7 @@ unit is loaded (and lets the policy prefetch), `post_forward` lets the policy re
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class OffloadStats:
     decode_steps: int = 0  # forward calls with one new token per row
     decode_bytes_moved: int = 0
     decode_stall_seconds: float = 0.0
+    throttle_seconds: float = 0.0  # CUDA: host time waiting for the GPU to finish with released weights
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +126,7 @@ class WeightStreamer:
         self.stats = OffloadStats(policy=policy_name)
         self._held = 0  # streamed bytes loaded or in flight on the device
         self._decode = False
+        self._frees: deque[Any] = deque()  # CUDA: events after the last use of released units
         self.hooks: list[tuple[torch.nn.Module, Any]] = []
 
     # -- tiers ---------------------------------------------------------------------------------------------------
@@ -180,6 +183,11 @@ class WeightStreamer:
         """Start loading `unit` to the device (no-op if loaded or in flight)."""
         if unit.state != "offloaded":
             return
+        if self._frees:  # CUDA: reuse released memory only once the GPU is done with it (see `release`)
+            t0 = time.perf_counter()
+            while self._frees:
+                self._frees.popleft().synchronize()
+            self.stats.throttle_seconds += time.perf_counter() - t0
         self.stats.loads += 1
         if prefetch:
             self.stats.prefetch_loads += 1
@@ -259,6 +267,14 @@ class WeightStreamer:
         self._offload(unit)
         unit.finished = False
         self._held -= unit.nbytes
+        if self.cuda:
+            # The host runs ahead of the GPU: without this, every later load would get fresh memory while the
+            # kernels that read this unit are still queued (record_stream defers reuse, it does not bound it), and
+            # the window would bound nothing. The next load waits for this event, so the host stays about one
+            # unit ahead and the device holds the window's bytes.
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self._frees.append(ev)
 
     # -- hooks and steps -----------------------------------------------------------------------------------------
     def begin_step(self, new_tokens: int) -> None:
