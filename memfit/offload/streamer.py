@@ -243,8 +243,9 @@ class WeightStreamer:
         assert unit.pending is not None
         t0 = time.perf_counter()
         tensors = unit.pending.result()
-        if unit.pending.event is not None:
-            torch.cuda.current_stream(self.device).wait_event(unit.pending.event)
+        if self.cuda:  # allocated on the side stream, read by the compute stream
+            if unit.pending.event is not None:
+                torch.cuda.current_stream(self.device).wait_event(unit.pending.event)
             for t in tensors.values():
                 t.record_stream(torch.cuda.current_stream(self.device))
         dt = time.perf_counter() - t0
