@@ -317,3 +317,14 @@ def test_cli_quantize_then_run_the_saved_folder(monkeypatch, capsys, tmp_path):
     code, _, err = _cli(monkeypatch, capsys, "quantize", "--model", str(src), "--method", "rtn",
                         "--out", str(tmp_path / "q"))
     assert code == 2 and "not an empty folder" in err
+
+
+def test_bench_rows_name_the_weights(tmp_path):
+    from memfit.bench.runner import run_bench
+
+    res = run_bench((tiny_llama(), tiny_tokenizer()), methods=["snapkv"], budgets=[0.5], tasks=["fidelity"],
+                    context=128, samples=1, out=tmp_path, weights="rtn:4:group_size=32", progress=False,
+                    model_name="tiny")
+    assert {r["model"] for r in res.rows} == {"tiny [weights rtn:4:group_size=32]"}
+    with pytest.raises(ConfigError, match="unknown weight method"):
+        run_bench((tiny_llama(), tiny_tokenizer()), methods=["snapkv"], out=tmp_path / "b", weights="nope:3")
