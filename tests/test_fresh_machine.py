@@ -309,3 +309,10 @@ def test_example_document_ships_with_the_package() -> None:
 
     text = example_text()
     assert example_path().is_file() and text.rstrip().endswith("?") and "Samuel Okoro" in text
+
+
+def test_bench_context_past_the_window_is_refused(monkeypatch, capsys, tmp_path, tiny_loaded) -> None:
+    args = ["bench", "--methods", "streaming", "--budgets", "0.5", "--tasks", "fidelity", "--samples", "1"]
+    code, out, err = invoke(monkeypatch, capsys, *args, "--context", str(WINDOW + 1), "--out", str(tmp_path / "o"))
+    assert code == 2 and f"context window ({WINDOW:,} positions)" in one_error_line(err)
+    assert not (tmp_path / "o").exists()

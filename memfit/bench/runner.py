@@ -441,6 +441,14 @@ def run_bench(
     new_rows: list[dict[str, Any]] = []
     if plan:
         mdl, tok = _load(model, progress, device, dtype, load_format)
+        from memfit.window import context_window
+
+        window = context_window(mdl)  # refuse before generating: past the window the rows would be noise
+        if window is not None and int(context) + int(max_new_tokens or 0) > window:
+            raise ConfigError(
+                f"--context {context}{f' + --max-new-tokens {max_new_tokens}' if max_new_tokens else ''} is more "
+                f"than the model's context window ({window:,} positions): use a smaller --context"
+            )
         if weight_method is not None:
             from memfit.weights import quantize_model
 
