@@ -16,6 +16,7 @@ Roofline per decode step: (weight bytes + KV bytes held) / measured device-to-de
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
@@ -45,6 +46,7 @@ def transformers_baseline(model, tok, context: int, new: int) -> dict:
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
+    resident = torch.cuda.memory_allocated(device)
     ids, mask = synthetic_prompt(tok, context)
     ids, mask = ids.to(device), mask.to(device)
     model.set_attn_implementation("sdpa")
@@ -67,7 +69,14 @@ def transformers_baseline(model, tok, context: int, new: int) -> dict:
     decode = time.perf_counter() - t1
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return {"prefill_seconds": prefill, "decode_ms_per_token": 1000 * decode / (new - 1),
-            "peak_memory_bytes": torch.cuda.max_memory_allocated(device), "kv_bytes_held": kv}
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device), "kv_bytes_held": kv,
+            "peak_above_resident_bytes": torch.cuda.max_memory_allocated(device) - resident}
+
+
+def _release() -> None:
+    """Free what the previous row left (its cache, a captured graph's pool) so each row's peak is its own."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -79,6 +88,7 @@ def main() -> None:
     ap.add_argument("--budget", default="0.25")
     ap.add_argument("--backends", default="fast,portable")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--prefill-chunk", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/runtime_gpu.jsonl")
     args = ap.parse_args()
 
@@ -97,15 +107,15 @@ def main() -> None:
             roof = 1000 * (weight_bytes + row["kv_bytes_held"]) / bw
             out.write({"kind": "transformers", "method": "full (DynamicCache)", "context": args.context,
                        "new_tokens": args.new, **row, "roofline_ms": roof,
-                       "roofline_fraction": roof / row["decode_ms_per_token"],
-                       "prefill_peak_above_weights_bytes": row["peak_memory_bytes"] - weight_bytes})
-            torch.cuda.empty_cache()
+                       "roofline_fraction": roof / row["decode_ms_per_token"]})
+            _release()
         for method in args.methods.split(","):
             keeps_all = method in ("full", "kivi", "gear", "vidkv")
             budget = None if keeps_all else args.budget
             for backend in args.backends.split(","):
+                resident = torch.cuda.memory_allocated(device)  # weights (+ nothing left from earlier rows)
                 res = run("", model=(model, tok), method=method, budget=budget, backend=backend,
-                          context=args.context, max_new_tokens=args.new)
+                          context=args.context, max_new_tokens=args.new, prefill_chunk=args.prefill_chunk)
                 ms = 1000 / res.decode_tokens_per_second if res.decode_tokens_per_second else float("nan")
                 roof = 1000 * (weight_bytes + res.kv_bytes_held) / bw
                 out.write({"kind": "memfit", "method": method, "budget": res.budget, "backend_requested": backend,
@@ -114,10 +124,10 @@ def main() -> None:
                            "context": res.prompt_tokens, "new_tokens": args.new,
                            "prefill_seconds": res.prefill_seconds, "decode_ms_per_token": ms,
                            "kv_bytes_full": res.kv_bytes_full, "kv_bytes_held": res.kv_bytes_held,
-                           "peak_memory_bytes": res.peak_memory_bytes,
-                           "prefill_peak_above_weights_bytes": res.peak_memory_bytes - weight_bytes,
-                           "roofline_ms": roof, "roofline_fraction": roof / ms})
-                torch.cuda.empty_cache()
+                           "peak_memory_bytes": res.peak_memory_bytes, "resident_bytes_before": resident,
+                           "peak_above_resident_bytes": res.peak_memory_bytes - resident,
+                           "prefill_chunk": args.prefill_chunk, "roofline_ms": roof, "roofline_fraction": roof / ms})
+                _release()
 
 
 if __name__ == "__main__":

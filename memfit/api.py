@@ -43,13 +43,21 @@ def make_cache(
         raise ConfigError("--allocation adakv does not support models with sliding-window layers yet: use uniform "
                           "or pyramid")
     dense = type(layer_factory(0)) is KVLayer and "adakv" not in allocation
+    rule = policy.static_decode_rule() if dense else None
+    fused = rule is not None and rule.get("rule") == "accumulated"
     chosen: Backend = choose_backend(backend, model, dense_store=dense,
-                                     decode_free=policy.acts in ("prefill", "never"), sliding=sliding)
+                                     decode_free=policy.acts in ("prefill", "never") or fused, sliding=sliding)
     if chosen.name == "fast":
-        from memfit.core.static_store import DEFAULT_RESERVE, StaticKVLayer
+        from memfit.core.static_store import DEFAULT_RESERVE, AccumulatedStaticLayer, StaticKVLayer
 
         room = DEFAULT_RESERVE if reserve is None else max(1, int(reserve))
-        layer_factory = lambda index: StaticKVLayer(index, room)  # noqa: E731
+        if fused:
+            assert rule is not None
+            score_key, fraction = str(rule["score_key"]), float(rule["recent_fraction"])
+            layer_factory = lambda index: AccumulatedStaticLayer(  # noqa: E731
+                index, score_key=score_key, recent_fraction=fraction)
+        else:
+            layer_factory = lambda index: StaticKVLayer(index, room)  # noqa: E731
     install(model)
     core = CompressedCache(num_attention_layers(model), policy, layer_factory)
     for layer, window in zip(core.layers, windows, strict=True):

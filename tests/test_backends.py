@@ -84,12 +84,48 @@ def test_fast_stores_equal_the_portable_path(model, spec, monkeypatch):
     torch.testing.assert_close(fast.first_logits, port.first_logits, rtol=1e-5, atol=1e-5)
     for a, b in zip(fast_cache.core.layers, port_cache.core.layers, strict=True):
         assert a.seen == b.seen
+        if getattr(a, "fused", False):  # H2O's fused rule: same tokens, in buffer order, + the victim to overwrite
+            _assert_same_token_sets(a, b)
+            continue
         torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=0)
         torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
         assert (a.valid is None) == (b.valid is None)
         if a.valid is not None:
             assert torch.equal(a.valid, b.valid)
     assert fast_cache.full_nbytes() == port_cache.full_nbytes()
+
+
+def _assert_same_token_sets(fast, port) -> None:
+    """Per (row, KV head): the fused buffer's live slots (all used slots but the next victim when full) hold exactly
+    the portable store's tokens (keys and values), in any order."""
+    n = fast.length
+    for r in range(port.keys.shape[0]):
+        for h in range(port.keys.shape[1]):
+            live = torch.ones(n, dtype=torch.bool)
+            if n == fast.capacity:
+                live[int(fast.slot_hk[r, h])] = False
+            fk, fv = fast.keys[r, h][live], fast.values[r, h][live]
+            pk, pv = port.keys[r, h], port.values[r, h]
+            assert fk.shape == pk.shape
+            match = torch.cdist(fk.float(), pk.float()).argmin(dim=1)
+            assert sorted(match.tolist()) == list(range(pk.shape[0]))
+            # decode-step keys differ by fp32 rounding: the fused step's attention is the reference, not SDPA
+            torch.testing.assert_close(fk, pk[match], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fv, pv[match], rtol=1e-5, atol=1e-5)
+
+
+def test_h2o_fused_rule_is_the_portable_rule(monkeypatch):
+    """H2O on the fast backend runs its decode rule inside the store (one pass: write, attend, accumulate, pick the
+    victim) and keeps exactly the tokens the portable H2O keeps, step after step."""
+    model = tiny_llama()
+    monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
+    ids, mask = _prompts(1)
+    caches = {b: make_cache(model, "h2o", 12, backend=b) for b in ("fast", "portable")}
+    gens = {b: generate(model, ids, mask, caches[b], max_new_tokens=15) for b in caches}
+    assert gens["fast"].tokens == gens["portable"].tokens
+    for a, b in zip(caches["fast"].core.layers, caches["portable"].core.layers, strict=True):
+        assert a.fused and a.capacity == 12 + 1 and b.num_slots == 12
+        _assert_same_token_sets(a, b)
 
 
 def test_static_store_holds_its_buffers_and_no_more(monkeypatch):
@@ -229,7 +265,7 @@ def test_fast_backend_on_cuda_matches_portable(spec):
     fast_cache, fast = runs["fast"]
     port_cache, port = runs["portable"]
     assert fast_cache.backend.name == "fast"
-    assert fast_cache.backend.graphs == (spec in ("full", "snapkv", "gemfilter"))
+    assert fast_cache.backend.graphs == (spec in ("full", "snapkv", "gemfilter", "h2o"))
     if fast_cache.backend.graphs:
         assert fast.graph_replays == 12 - 2  # step 1 eager, step 2 captured + replayed, the rest replayed
     torch.testing.assert_close(fast.first_logits, port.first_logits, rtol=2e-2, atol=2e-2)

@@ -351,6 +351,9 @@ class CompressedCache:
         else:
             out = layer.attend(queries, scaling)
             self.method.after_attention(self, layer, queries, scaling, info)
+            if info.is_prefill and info.prefill_done and hasattr(layer, "budget_tokens"):
+                keep = self.layer_keep(layer_idx)  # static stores size their buffers from it
+                layer.budget_tokens = None if keep is None else int(keep.max())
         layer.finalize_step(info)
         if layer_idx == self.num_layers - 1 and info.is_prefill and info.prefill_done:
             self.prefill_done = True

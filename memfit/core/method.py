@@ -106,6 +106,13 @@ class Method:
         """Called by the engine once the whole prompt is in the cache (the ids and mask it prefilled): a method
         that scores with extra forward passes over the prompt (KVzip) evicts here. Default: nothing."""
 
+    def static_decode_rule(self) -> dict[str, Any] | None:
+        """The rule this method applies at every decode step, as data a static store can run itself (the fast
+        backend fuses it into one kernel pass and a CUDA graph), or None. Known rules: {"rule": "accumulated",
+        "score_key": ..., "recent_fraction": ...} (H2O: evict the lowest accumulated-attention token outside the
+        recent window). A store that runs the rule marks itself `fused`; `after_attention` then skips decode steps."""
+        return None
+
     def reset(self) -> None:
         """Forget per-sequence state (a new prompt starts)."""
 

@@ -35,6 +35,7 @@ class StaticKVLayer(KVLayer):
         self.slot: torch.Tensor | None = None  # (1,) long on the device: where the next token goes
         self.lengths: torch.Tensor | None = None  # (B,) int32 on the device: used slots, for the kernels
         self.reserve = reserve
+        self.budget_tokens: int | None = None  # this layer's token budget, told by the cache when the prompt is in
         super().__init__(index)
 
     # -- the dense view ------------------------------------------------------------------------------------------
@@ -182,3 +183,104 @@ def _kernels_ok(queries: torch.Tensor) -> bool:
 
     d = queries.shape[-1]
     return available() and d >= 16 and d & (d - 1) == 0 and queries.dtype in (torch.bfloat16, torch.float16)
+
+
+class AccumulatedStaticLayer(StaticKVLayer):
+    """H2O's decode rule on a fixed buffer: capacity = the tokens kept after the prompt + 1, one eviction per step.
+
+    Each decode step (one fused Triton kernel pass on CUDA, `memfit.kernels.h2o_decode`; its plain-PyTorch reference
+    elsewhere) writes the new token into the slot the previous step freed, attends over every slot, adds the step's
+    attention (summed over the GQA group) to each slot's accumulated score and picks the next victim: the
+    unprotected slot with the smallest score, the `recent` newest positions being protected. That is exactly the
+    portable H2O step (append, attend, accumulate, evict the lowest unprotected), with the victim overwritten by the
+    next token instead of gathered away — static shapes, no host sync, so the step is captured in a CUDA graph.
+    The buffer holds budget + 1 slots (the victim until it is overwritten); `nbytes()` counts them. A layer whose
+    prompt was shorter than its budget fills its empty slots first (the kernel's victim is then the first empty slot).
+    """
+
+    def __init__(self, index: int = 0, reserve: int = 1, *, score_key: str, recent_fraction: float) -> None:
+        super().__init__(index, reserve)
+        self.score_key = score_key
+        self.recent_fraction = recent_fraction
+        self.acc: torch.Tensor | None = None  # (B, Hkv, C) fp32 accumulated attention
+        self.pos: torch.Tensor | None = None  # (B, Hkv, C) int32 token positions (relative order is what counts)
+        self.cur_pos: torch.Tensor | None = None  # (B,) int32 position of the token being decoded
+        self.recent = 0
+        self._new: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.acc is not None
+
+    def freeze(self, reserve: int | None = None) -> None:
+        if self._kbuf is not None or self._keys is None:
+            return
+        score = self.extras.get(self.score_key)
+        if score is None or self.valid is not None:  # nothing to carry over, or padded rows: the plain static store
+            return super().freeze(reserve)
+        n = self._keys.shape[2]
+        budget = max(n, self.budget_tokens or n)
+        cap = budget + 1
+        super().freeze(cap - n)
+        b, h = score.shape[:2]
+        dev = score.device
+        self.acc = torch.zeros(b, h, cap, dtype=torch.float32, device=dev)
+        self.acc[:, :, :n].copy_(score)
+        base = self.seen - n  # positions of the kept slots; only the newest `recent` (contiguous) need be exact
+        self.pos = (torch.arange(cap, device=dev, dtype=torch.int32) + base).expand(b, h, cap).contiguous()
+        self.cur_pos = torch.full((b,), self.seen, dtype=torch.int32, device=dev)
+        self.slot_hk = torch.full((b, h), n, dtype=torch.int32, device=dev)  # where the next token goes
+        # portable H2O protects round(budget x fraction) newest tokens; the kernel needs one unprotected slot
+        self.recent = min(int(round(budget * self.recent_fraction)), budget)
+        del self.extras[self.score_key]  # the score now lives in `acc`
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, new_valid: torch.Tensor | None) -> None:
+        if self._kbuf is None and self._keys is not None and keys.shape[2] == 1:
+            self.freeze()
+        if not self.fused or keys.shape[2] != 1:
+            return super().append(keys, values, new_valid)
+        self._new = (keys[:, :, 0], values[:, :, 0])  # written by the fused step in `attend`
+        self.seen += 1
+        self.length = min(self.length + 1, self.capacity)
+
+    def advance(self, steps: int = 1) -> None:
+        if not self.fused:
+            return super().advance(steps)
+        self.seen += steps
+        self.length = min(self.length + steps, self.capacity)
+
+    def attend(self, queries: torch.Tensor, scaling: float, window: int | None = None) -> torch.Tensor:
+        if not self.fused or self._new is None or queries.shape[2] != 1:
+            return super().attend(queries, scaling, window)
+        k_new, v_new = self._new
+        self._new = None
+        assert self._kbuf is not None and self._vbuf is not None and self.acc is not None
+        assert self.pos is not None and self.cur_pos is not None and self.lengths is not None
+        q = queries[:, :, 0]
+        self.lengths.add_(1).clamp_(max=self.capacity)  # the new token counts (until the buffer is full)
+        if queries.is_cuda and _kernels_ok(queries):
+            from memfit.kernels.h2o_decode import h2o_decode
+
+            out, _ = h2o_decode(q, self._kbuf, self._vbuf, self.lengths, self.acc, self.pos, self.cur_pos,
+                                self.recent, scale=scaling, k_new=k_new.contiguous(), v_new=v_new.contiguous(),
+                                slot=self.slot_hk, victim=self.slot_hk)
+        else:
+            from memfit.kernels.reference import h2o_decode_ref
+
+            idx = self.slot_hk.long()[..., None]
+            d = self._kbuf.shape[-1]
+            self._kbuf.scatter_(2, idx[..., None].expand(*idx.shape, d), k_new[:, :, None].to(self._kbuf.dtype))
+            self._vbuf.scatter_(2, idx[..., None].expand(*idx.shape, self._vbuf.shape[-1]),
+                                v_new[:, :, None].to(self._vbuf.dtype))
+            self.pos.scatter_(2, idx, self.cur_pos[:, None, None].expand_as(idx).to(self.pos.dtype))
+            self.acc.scatter_(2, idx, 0.0)
+            out, new_acc, victim = h2o_decode_ref(q, self._kbuf, self._vbuf, self.lengths, self.acc, self.pos,
+                                                  self.cur_pos, self.recent, scale=scaling)
+            self.acc.copy_(new_acc)
+            self.slot_hk.copy_(victim)
+        self.cur_pos.add_(1)
+        return out[:, :, None]
+
+    def nbytes(self) -> int:
+        base = super().nbytes()
+        return base + tensor_bytes(self.acc, self.pos, self.cur_pos, getattr(self, "slot_hk", None))
