@@ -1,0 +1,282 @@
+"""memfit beside NVIDIA kvpress on the same prompts, the same model and the same ratios (issue #12, part 5).
+
+What it does
+- Generates needle prompts (`niah_single_number`: a 7-digit "special magic number" in natural prose) with memfit's
+  bench generator, from a PG-19 book (`--corpus`, default ../shared/data/pg19/2021.txt; the book text stays out of
+  the repository: only token counts, answers and predictions are written), plain text (no chat template: the full
+  cache is strongest that way on this model), question *inside* the compressed prompt.
+- memfit side (this interpreter): each method at each ratio keeps 1/n of the prompt's tokens per layer
+  (`budget = 1/n`), optionally with `spans` on (`name+spans`); greedy answer of 16 tokens; the samples of a
+  configuration run as one left-padded batch (exact).
+- kvpress side (its own virtual environment, its pinned transformers): the same token ids through
+  `press(model)` around the prefill (compression_ratio = 1 - 1/n, the whole prompt is compressed, as on the memfit
+  side), then greedy decoding with explicit positions exactly like kvpress's pipeline `generate_answer`.
+- Both sides load the same safetensors folder (memfit's cached copy of SmolLM2-135M-Instruct), fp32 on CPU, and
+  measure the KV bytes they hold after the prompt (memfit: `cache.nbytes()`; kvpress: the DynamicCache's tensors).
+- Writes `<out>/results.jsonl` (one row per sample × configuration) and `<out>/report.md` (mean needle score per
+  ratio, full cache beside each row).
+
+CPU-feasible by default (512 tokens, 4 samples: a small sample, each row is 0.25 of a score); the lead can re-run larger on a GPU
+(`--device cuda --context 4096 --samples 36`).
+
+Set-up of the kvpress environment (once; the CPU torch wheel is on this machine's disk):
+    python -m venv /tmp/kvpress-venv && /tmp/kvpress-venv/bin/pip install torch==2.13.0 \
+        && /tmp/kvpress-venv/bin/pip install kvpress==0.5.5
+Run:
+    python benchmarks/vs_kvpress.py --out benchmarks/vs_kvpress
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg19" / "2021.txt"
+ANSWER_TOKENS = 16
+MEMFIT_METHODS = ["snapkv", "snapkv+spans", "tova", "tova+spans", "h2o", "h2o+spans"]
+KVPRESS_PRESSES = ["SnapKVPress", "TOVAPress", "StreamingLLMPress"]
+
+
+# ----------------------------------------------------------------------------------------------- kvpress worker
+def kvpress_worker(prompts_path: str, out_path: str, presses: list[str], ratios: list[int], device: str) -> None:
+    """Runs inside the kvpress venv: no memfit import here."""
+    import kvpress
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    spec = json.loads(Path(prompts_path).read_text())
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).to(device).eval()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    versions = {"kvpress": getattr(kvpress, "__version__", "?"), "transformers": transformers.__version__,
+                "torch": torch.__version__}
+    try:
+        from importlib.metadata import version
+
+        versions["kvpress"] = version("kvpress")
+    except Exception:  # noqa: BLE001 - version is informational only
+        pass
+    configs: list[tuple[str, int | None]] = [("none", None)] + [(p, n) for p in presses for n in ratios]
+    with open(out_path, "w") as out, torch.no_grad():
+        for press_name, n in configs:
+            press = None if n is None else getattr(kvpress, press_name)(compression_ratio=1.0 - 1.0 / n)
+            for s in spec["samples"]:
+                ids = torch.tensor([s["ids"]], device=device)
+                t_len = ids.shape[1]
+                cache = DynamicCache()
+                t0 = time.perf_counter()
+                if press is None:
+                    logits = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits
+                else:
+                    with press(model):
+                        logits = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits
+                prefill = time.perf_counter() - t0
+                kept = int(cache.layers[0].keys.shape[2])
+                # greedy decoding, positions continuing the *uncompressed* prompt (kvpress pipeline's generate_answer)
+                generated: list[int] = []
+                nxt = int(logits[0, -1].argmax())
+                for i in range(ANSWER_TOKENS):
+                    if nxt in eos:
+                        break
+                    generated.append(nxt)
+                    if i == ANSWER_TOKENS - 1:
+                        break
+                    pos = torch.tensor([[t_len + i]], device=device)
+                    logits = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache,
+                                   position_ids=pos).logits
+                    nxt = int(logits[0, -1].argmax())
+                # bytes held at the end, answer tokens included (as memfit's cache.nbytes() after generate)
+                held = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel()
+                           * layer.values.element_size() for layer in cache.layers)
+                row = {"side": "kvpress", "method": "full" if n is None else press_name, "ratio": n,
+                       "sample": s["index"], "generated_ids": generated, "kv_bytes_held": held,
+                       "kept_tokens_layer0": kept, "prompt_tokens": t_len, "prefill_seconds": round(prefill, 3),
+                       "versions": versions}
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+            print(f"kvpress {press_name} 1/{n}: done", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- memfit driver
+def _memfit_config(name: str) -> tuple[str, dict[str, str], bool]:
+    """'snapkv+spans' -> ('snapkv', {}, True); 'snapkv(kernel=15)' -> ('snapkv', {'kernel': '15'}, False)."""
+    spans = name.endswith("+spans")
+    base = name.removesuffix("+spans")
+    params: dict[str, str] = {}
+    if "(" in base:
+        base, _, inner = base.partition("(")
+        params = dict(kv.split("=", 1) for kv in inner.rstrip(")").split(","))
+    return base, params, spans
+
+
+def run_memfit(model, tok, samples, methods, ratios, rows_out, device) -> None:  # noqa: ANN001
+    """All samples of a configuration as one left-padded batch (exact: each row keeps what it would alone)."""
+    from memfit.api import make_cache
+    from memfit.bench import metrics
+    from memfit.core.spans import enable_spans
+    from memfit.engine import generate, pad_left
+
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    ids, mask = pad_left([s["ids"] for s in samples], tok.pad_token_id or 0)
+    configs: list[tuple[str, int | None]] = [("full", None)] + [(m, n) for m in methods for n in ratios]
+    for name, n in configs:
+        base, params, spans = _memfit_config(name)
+        cache = make_cache(model, base, None if n is None else 1.0 / n, params or None)
+        if spans:
+            enable_spans(cache, tok)
+        gen = generate(model, ids.to(device), mask.to(device), cache, ANSWER_TOKENS, eos)
+        held, full = cache.nbytes(), cache.full_nbytes()
+        for s, toks in zip(samples, gen.tokens, strict=True):
+            pred = tok.decode(toks, skip_special_tokens=True)
+            rows_out.append({
+                "side": "memfit", "method": name, "ratio": n, "sample": s["index"], "prediction": pred,
+                "answer": s["answers"], "score": metrics.score_prediction("niah_single_number", pred, s["answers"]),
+                # bytes of the batch's cache, per row (rows are the same length here: one prompt length ±2 %)
+                "kv_bytes_held": held / len(samples), "kv_bytes_full": full / len(samples),
+                "prompt_tokens": len(s["ids"]), "prefill_seconds": round(gen.prefill_seconds / len(samples), 3),
+            })
+        done = [r for r in rows_out if r["method"] == name and r["ratio"] == n]
+        print(f"memfit {name} 1/{n}: {sum(r['score'] for r in done) / len(done):.2f}", file=sys.stderr, flush=True)
+
+
+def report(rows: list[dict], out: Path, args: argparse.Namespace, versions: dict) -> str:
+    def mean_score(side: str, method: str, n: int | None) -> float | None:
+        sel = [r["score"] for r in rows if r["side"] == side and r["method"] == method and r["ratio"] == n]
+        return sum(sel) / len(sel) if sel else None
+
+    def mean_bytes(side: str, method: str, n: int | None) -> float | None:
+        sel = [r["kv_bytes_held"] for r in rows if r["side"] == side and r["method"] == method and r["ratio"] == n]
+        return sum(sel) / len(sel) if sel else None
+
+    full_m, full_k = mean_score("memfit", "full", None), mean_score("kvpress", "full", None)
+    full_bytes = mean_bytes("memfit", "full", None) or 1.0
+    ms = sorted({r["method"] for r in rows if r["side"] == "memfit" and r["ratio"]}, key=args.methods.index)
+    ks = sorted({r["method"] for r in rows if r["side"] == "kvpress" and r["ratio"]}, key=args.presses.index)
+    lines = [
+        "# memfit vs kvpress: needle score at equal KV ratios (question inside the compressed prompt)",
+        "",
+        f"Model: SmolLM2-135M-Instruct (memfit's safetensors copy), fp32, {args.device}. Prompts: "
+        f"{args.samples} × niah_single_number (7-digit value), {args.context} tokens of natural prose from PG-19 "
+        f"book {Path(args.corpus).stem}, seed {args.seed}, depths spread evenly, plain text (no chat template), "
+        f"{ANSWER_TOKENS} answer tokens, greedy. Same token ids on both sides. Score = exact value found in the "
+        "answer (memfit.bench.metrics). Machine: the shared 2-core CPU box (loaded), so times are indicative only.",
+        f"Versions: memfit side torch {versions.get('memfit_torch')} / transformers {versions.get('memfit_tf')}; "
+        f"kvpress side kvpress {versions.get('kvpress')} / transformers {versions.get('transformers')} / torch "
+        f"{versions.get('torch')}.",
+        f"Command: `python benchmarks/vs_kvpress.py --context {args.context} --samples {args.samples} --ratios "
+        f"{','.join(map(str, args.ratios))} --out {args.out}`",
+        "",
+        f"Full cache: memfit {full_m:.2f} · kvpress {full_k:.2f} (mean KV held {full_bytes / 2**20:.1f} MiB).",
+        "",
+        "| KV kept | " + " | ".join(f"memfit {m}" for m in ms) + " | " + " | ".join(f"kvpress {k}" for k in ks)
+        + " | best memfit | best kvpress | full |",
+        "|---" * (len(ms) + len(ks) + 4) + "|",
+    ]
+    for n in args.ratios:
+        mvals = [mean_score("memfit", m, n) for m in ms]
+        kvals = [mean_score("kvpress", k, n) for k in ks]
+
+        def cell(v: float | None, side: str, name: str, n: int = n) -> str:
+            if v is None:
+                return "–"
+            b = mean_bytes(side, name, n)
+            return f"{v:.2f}" + (f" ({full_bytes / b:.1f}×)" if b else "")
+
+        bm = max((v for v in mvals if v is not None), default=None)
+        bk = max((v for v in kvals if v is not None), default=None)
+        lines.append(
+            f"| 1/{n} | " + " | ".join(cell(v, "memfit", m) for v, m in zip(mvals, ms, strict=True)) + " | "
+            + " | ".join(cell(v, "kvpress", k) for v, k in zip(kvals, ks, strict=True))
+            + f" | {bm:.2f} | {bk:.2f} | {full_m:.2f} / {full_k:.2f} |"
+        )
+    lines += [
+        "",
+        "(×) = the full cache's mean KV bytes over the configuration's mean bytes held after answering (both sides "
+        "count the answer tokens). memfit's "
+        "bytes include its per-token policy state (e.g. span ids, 2 bytes per token and KV head).",
+        "Not measured here: the question *outside* the compressed context (compress a document once, then ask); "
+        "that needs memfit's reusable contexts (issue #12 part 4).",
+    ]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", nargs=2, metavar=("PROMPTS", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ratios", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8, 16, 32])
+    ap.add_argument("--methods", type=lambda s: s.split(";"), default=MEMFIT_METHODS,
+                    help="memfit configurations separated by ';' (name, name+spans, name(k=v,...))")
+    ap.add_argument("--presses", type=lambda s: s.split(","), default=KVPRESS_PRESSES)
+    ap.add_argument("--corpus", default=str(DEFAULT_CORPUS))
+    ap.add_argument("--kvpress-python", default="/tmp/kvpress-venv/bin/python")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="benchmarks/vs_kvpress")
+    ap.add_argument("--tmp", default="/tmp/memfit-vs-kvpress", help="where the prompts (book text) go: not committed")
+    args = ap.parse_args()
+    if args.worker:
+        kvpress_worker(args.worker[0], args.worker[1], args.presses, args.ratios, args.device)
+        return
+
+    import torch
+    import transformers
+
+    from memfit.bench.tasks import generate_samples
+    from memfit.engine import encode_prompts
+    from memfit.models import HF_DIR_NAME, cache_dir, load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model("default", device=args.device, dtype="float32")
+    model_dir = cache_dir() / HF_DIR_NAME
+    out, tmp = Path(args.out), Path(args.tmp)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i, s in enumerate(generate_samples("niah_single_number", tok, args.context, args.samples, args.seed,
+                                           filler="natural", corpus=args.corpus)):
+        ids, _ = encode_prompts(tok, [s.prompt], chat=False)
+        samples.append({"index": i, "ids": ids[0].tolist(), "answers": s.answers, "depth": s.depth})
+    prompts_path = tmp / "prompts.json"
+    prompts_path.write_text(json.dumps({"model_dir": str(model_dir), "samples": samples}))
+
+    # kvpress first, in its own interpreter (runs while nothing else of ours holds the CPU)
+    kv_out = tmp / "kvpress_rows.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    subprocess.run([args.kvpress_python, __file__, "--worker", str(prompts_path), str(kv_out), "--presses",
+                    ",".join(args.presses), "--ratios", ",".join(map(str, args.ratios)), "--device", args.device],
+                   check=True, env=env)
+    from memfit.bench import metrics
+
+    rows: list[dict] = []
+    kv_versions: dict = {}
+    by_index = {s["index"]: s for s in samples}
+    for line in kv_out.read_text().splitlines():
+        r = json.loads(line)
+        kv_versions = r.pop("versions")
+        s = by_index[r["sample"]]
+        pred = tok.decode(r.pop("generated_ids"), skip_special_tokens=True)
+        r.update(prediction=pred, answer=s["answers"],
+                 score=metrics.score_prediction("niah_single_number", pred, s["answers"]))
+        rows.append(r)
+    run_memfit(model, tok, samples, args.methods, args.ratios, rows, args.device)
+    with open(out / "results.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({**r, "context": args.context, "corpus": Path(args.corpus).name, "seed": args.seed})
+                    + "\n")
+    versions = {**kv_versions, "memfit_torch": torch.__version__, "memfit_tf": transformers.__version__}
+    print(report(rows, out, args, versions))
+
+
+if __name__ == "__main__":
+    main()
