@@ -91,6 +91,7 @@ class _ReadThrough(KVLayer):
     def __init__(self, index: int, base: KVLayer, row: int) -> None:
         super().__init__(index)
         self.base, self.row = base, row
+        self.window = getattr(base, "window", None)  # a sliding-window layer attends (and trims) as the real one
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, new_valid: torch.Tensor | None) -> None:
         base_k, base_v, valid = self.base.keys, self.base.values, self.base.valid
@@ -187,8 +188,7 @@ class KVzip(Method):
         from memfit.adapters.transformers import MemfitCache, forward
 
         layers = cache.layers
-        first = layers[0]
-        slots = first.num_slots
+        slots = input_ids.shape[1]  # a global layer holds every prompt slot until we evict
         device = input_ids.device
         scores = [torch.full((input_ids.shape[0], layer.held_per_row().shape[1], slots), float("-inf"),
                              device=device) for layer in layers]
@@ -218,6 +218,8 @@ class KVzip(Method):
                 mask = torch.ones(1, slots + len(text), dtype=torch.long, device=device)
                 forward(model, step, mask, MemfitCache(scratch), positions, logits_to_keep=1)
         for layer, score in zip(layers, scores, strict=True):
+            if getattr(layer, "window", None) is not None:
+                continue  # a sliding-window layer keeps its own window; methods act on global layers
             head_protect = protect[:, None, :].expand_as(score)
             self.evict(cache, layer, score, head_protect)
 
