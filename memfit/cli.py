@@ -772,6 +772,8 @@ def plan(
     Predicts bytes of weights (per bit width too), of the KV cache under each method and budget, of activations at
     the prefill chunk, and of the weight-streaming window; prints each configuration that fits as a ready
     `memfit run` command. `memfit run --json` reports its own prediction beside the measured peak."""
+    from rich.table import Table
+
     from memfit.offload import parse_bytes
     from memfit.plan import plan as make_plan
 
@@ -788,10 +790,10 @@ def plan(
         return
     table = Table(title=f"memfit plan · {result.model} · {format_bytes(result.memory)} · {context} tokens x {batch} "
                         f"· {result.dtype} on {result.device}")
-    for col in ("#", "peak", "weights", "KV", "act.", "ms/token*", "command"):
+    for col in ("#", "peak", "weights on device", "KV", "act.", "ms/token*", "command"):
         table.add_column(col, justify="left" if col == "command" else "right", overflow="fold")
     for i, p in enumerate(result.fits, 1):
-        table.add_row(str(i), format_bytes(p.peak_bytes), format_bytes(p.weight_device_bytes + p.weight_host_bytes),
+        table.add_row(str(i), format_bytes(p.peak_bytes), format_bytes(p.weight_device_bytes),
                       format_bytes(p.kv_bytes) + ("" if p.kv_exact else " ~"), format_bytes(p.activation_bytes),
                       f"{1000 * p.decode_seconds_per_token:.2f}", p.command)
     out.print(table)
