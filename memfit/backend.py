@@ -81,6 +81,11 @@ def choose_backend(
         return Backend("portable", "fallback: this method's store (quantized or ragged per-head) has no static form "
                                    "on the fast backend yet")
     on_gpu = device.type == "cuda"
+    if requested == "auto" and on_gpu and not decode_free:
+        # measured (benchmarks/results/runtime_h200.jsonl): eager static stores that evict every step (compaction
+        # copies, no graph) decode slower than the portable path, so auto keeps those methods portable
+        return Backend("portable", "auto: the method evicts during decoding and has no fused static rule (the fast "
+                                   "backend would run it eagerly, slower than portable)")
     graphs = on_gpu and decode_free and not sliding
     why = "CUDA, supported architecture" if on_gpu else "MEMFIT_FAST_ON_CPU=1 (plain-PyTorch form of the fast stores)"
     if on_gpu and not graphs:

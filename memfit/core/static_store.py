@@ -281,6 +281,12 @@ class AccumulatedStaticLayer(StaticKVLayer):
         self.cur_pos.add_(1)
         return out[:, :, None]
 
+    def held_per_row(self) -> torch.Tensor:
+        """Live tokens per (row, KV head): a full buffer's next victim is already evicted (it is only waiting to be
+        overwritten), so it is not counted here — its bytes are, in `nbytes()`."""
+        held = super().held_per_row()
+        return held - 1 if self.fused and self.length == self.capacity else held
+
     def nbytes(self) -> int:
         base = super().nbytes()
         return base + tensor_bytes(self.acc, self.pos, self.cur_pos, getattr(self, "slot_hk", None))
