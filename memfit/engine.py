@@ -136,10 +136,10 @@ def prefill(
     prefill_chunk: int | None = None,
 ) -> torch.Tensor:
     """Feed the prompt (in chunks of `prefill_chunk` tokens if given); returns the last position's logits (B, V)."""
-    return _prefill(model, input_ids, attention_mask, cache, prefill_chunk)[0]
+    return prefill_prompt(model, input_ids, attention_mask, cache, prefill_chunk)[0]
 
 
-def _prefill(
+def prefill_prompt(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -215,7 +215,7 @@ def generate(
     reset_peak_memory(device)
     _sync(device)
     t0 = time.perf_counter()
-    logits, attention_mask = _prefill(model, input_ids, attention_mask, cache, prefill_chunk)
+    logits, attention_mask = prefill_prompt(model, input_ids, attention_mask, cache, prefill_chunk)
     _sync(device)
     prefill_seconds = time.perf_counter() - t0
     first_logits = logits.float().cpu()

@@ -720,7 +720,7 @@ def _teacher_force(
     engine.reset_peak_memory(device)
     _sync(device)
     t0 = time.perf_counter()
-    logits, mask = engine._prefill(model, ids, mask, cache)  # and the mask decoding continues from (GemFilter)
+    logits, mask = engine.prefill_prompt(model, ids, mask, cache)  # and the mask decoding continues from (GemFilter)
     _sync(device)
     prefill_seconds = time.perf_counter() - t0
     b, c = cont.shape

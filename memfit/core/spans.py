@@ -90,7 +90,7 @@ class SpanRule:
 
 def enable_spans(cache: Any, tokenizer: Any) -> None:
     """Make a cache (MemfitCache or CompressedCache) keep whole spans: the engine computes the prompt's span ids
-    with `tokenizer` before prefill (memfit.engine._prefill) and each layer stores them as it fills."""
+    with `tokenizer` before prefill (memfit.engine.prefill_prompt) and each layer stores them as it fills."""
     core = getattr(cache, "core", cache)
     core.span_rule = SpanRule(tokenizer)
 
