@@ -134,12 +134,14 @@ def test_available_is_a_bool():
 _ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 
 
-def _tolerance(dtype: torch.dtype) -> float:
+def _tolerance(dtype: torch.dtype, units: int = 4) -> float:
     """Relative tolerance of a decode output vector: 4 units of roundoff of the dtype the kernel feeds its dots
     (1.6e-2 in bf16). The kernels round dequantized tiles, probabilities and the output to that dtype (relative
-    errors of about one unit each, measured 2e-3 to 1e-2 in bf16); one token more or less in a cache of the test
-    shapes moves an output vector by 3e-2 or more (test_one_token_off_fails_the_check)."""
-    return 4 * _ROUNDOFF[dtype]
+    errors of about one unit each; measured 2e-3 to 9e-3 in bf16, up to 2K tokens); one token more or less in a
+    cache of the test shapes moves an output vector by 6e-2 or more (test_one_token_off_fails_the_check). KIVI's
+    "fold" path also rounds q x key scale to bf16 (measured 1.3e-2 at 2K tokens): 6 units there. Measurements:
+    benchmarks/results/kernel_tests_cpu_interpreter.jsonl (test shapes), kernel_error_interpreter.jsonl (2K)."""
+    return units * _ROUNDOFF[dtype]
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -148,12 +150,12 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
 
 
-def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """Every output vector within `_tolerance(dtype)` of the fp32 reference (relative); returns the worst error."""
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, units: int = 4) -> float:
+    """Every output vector within `_tolerance(dtype, units)` of the fp32 reference (relative); returns the worst."""
     assert torch.isfinite(out).all()
     err = _rel_err(out, ref)
-    worst = err.max().item()
-    assert worst <= _tolerance(dtype), f"relative error {worst:.3g} > {_tolerance(dtype):.3g} at {err.argmax().item()}"
+    worst, tol = err.max().item(), _tolerance(dtype, units)
+    assert worst <= tol, f"relative error {worst:.3g} > {tol:.3g} at (row, head) {divmod(err.argmax().item(), err.shape[1])}"
     return worst
 
 
@@ -294,6 +296,7 @@ def test_kivi_kernel_matches_reference(device, bits, packed, request):
 
     s = _setup(device, request)
     g, scale = 32, s.d**-0.5
+    units = 6 if packed == "fold" else 4  # see _tolerance
     worst = 0.0
     for seed in range(s.seeds):
         q, qk, qv, kr, vr = _kivi_case(s.b, s.hq, s.hkv, s.d, s.cq, s.r, bits, g, s.dtype, s.dev, seed=seed + 10 * bits)
@@ -302,9 +305,9 @@ def test_kivi_kernel_matches_reference(device, bits, packed, request):
         ref = R.kivi_decode_attention_ref(q.float(), *args[1:], bits=bits, group_size=g, scale=scale)
         out = torch.full_like(q, float("nan"))
         kivi_decode_attention(*args, bits=bits, group_size=g, scale=scale, block_t=s.block_t, out=out, packed=packed)
-        worst = max(worst, _assert_close(out, ref, s.dtype))
+        worst = max(worst, _assert_close(out, ref, s.dtype, units))
     _report("kivi_decode_attention", device=device, bits=bits, packed=packed, dtype=str(s.dtype),
-            shape=[s.b, s.hq, s.hkv, s.d, s.cq, s.r], max_rel_err=worst, tol=_tolerance(s.dtype))
+            shape=[s.b, s.hq, s.hkv, s.d, s.cq, s.r], max_rel_err=worst, tol=_tolerance(s.dtype, units))
 
 
 @pytest.mark.parametrize("device", _DEVICES)
