@@ -19,6 +19,7 @@ def test_max_attention_matches_a_dense_softmax(block):
     q, k = torch.randn(2, 6, 37, 8), torch.randn(2, 3, 50, 8)
     valid = torch.rand(2, 3, 50) > 0.2
     valid[..., -37:] = True
+    valid[1, :, 13:17] = False  # a padding query (sees no valid key) must not poison the max with NaN
     ref = reduce_groups(attention_probs(q, k, 0.3, valid).amax(2), 3, "max")
     torch.testing.assert_close(max_attention(q, k, 0.3, valid, block=block), ref, atol=1e-6, rtol=1e-6)
 

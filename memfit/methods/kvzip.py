@@ -79,7 +79,9 @@ def max_attention(
         if key_valid is not None:
             allowed = allowed & key_valid[:, :, None, None, :]
         logits.masked_fill_(~allowed, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)  # every query sees at least itself: no empty row
+        probs = torch.softmax(logits, dim=-1)
+        if key_valid is not None:  # a padding query sees no valid key: its row is NaN; it pays no attention
+            probs = probs.nan_to_num_(0.0)
         best = torch.maximum(best, probs.amax(dim=(2, 3)))
     return best
 
