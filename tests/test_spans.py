@@ -8,7 +8,7 @@ from memfit.adapters.transformers import forward
 from memfit.api import make_cache
 from memfit.core.cache import select_tokens
 from memfit.core.spans import SPAN_KEY, enable_spans, span_scores, token_spans
-from memfit.engine import _prefill, pad_left
+from memfit.engine import pad_left, prefill_prompt
 
 
 def test_token_spans_join_word_pieces_and_digit_runs():
@@ -80,7 +80,7 @@ def test_cache_stores_span_ids_and_keeps_spans_whole(llama):
     cache = make_cache(llama, "snapkv", 0.4, {"window": 4})
     enable_spans(cache, _Pieces())
     with torch.no_grad():
-        _prefill(llama, ids, mask, cache)
+        prefill_prompt(llama, ids, mask, cache)
     spans = cache.core.prompt_spans
     for layer in cache.core.layers:
         assert SPAN_KEY in layer.extras and layer.extras[SPAN_KEY].dtype == torch.int16
@@ -103,7 +103,7 @@ def test_spans_off_by_default_and_exact_when_unlimited(llama):
     enable_spans(cache, _Pieces())
     plain = make_cache(llama, "h2o", None)
     with torch.no_grad():
-        a = _prefill(llama, ids, mask, cache)[0]
-        b = _prefill(llama, ids, mask, plain)[0]
+        a = prefill_prompt(llama, ids, mask, cache)[0]
+        b = prefill_prompt(llama, ids, mask, plain)[0]
     torch.testing.assert_close(a, b)
     assert SPAN_KEY not in plain.core.layers[0].extras
