@@ -229,7 +229,7 @@ def generate(
     steps = 0
     from memfit.graphs import DecodeSteps
 
-    step = DecodeSteps(model, cache)
+    step = DecodeSteps(model, cache, steps=max_new_tokens - 1)
     t1 = time.perf_counter()
     for i in range(max_new_tokens):
         next_tok = logits.argmax(-1)

@@ -7,8 +7,11 @@ transformers forward then cost one launch. The first step runs eagerly (it moves
 buffers and compiles the kernels), the second is captured, every later one is a replay. The host-side mirrors of the
 stores (used slots, logical length) are advanced after each replay.
 
-Used only when `cache.backend.graphs` (CUDA, a store with a static form, a method that never evicts while decoding)
-and every layer holds rectangular rows (no placeholder slots); otherwise the steps stay eager and `reason` says why.
+Used only when `cache.backend.graphs` (CUDA, a store with a static form, a method that never evicts while decoding),
+every layer holds rectangular rows (no placeholder slots) and at least `MIN_GRAPH_STEPS` steps remain — recording a
+graph costs about one eager step plus its instantiation, which short answers (the bench's 12-48 tokens, measured on
+an H200: `benchmarks/results/backend_agreement_h200.jsonl`) do not win back. Otherwise the steps stay eager and
+`reason` says why.
 """
 
 from __future__ import annotations
@@ -18,15 +21,21 @@ import torch
 from memfit.adapters.transformers import MemfitCache, forward
 from memfit.core.static_store import StaticKVLayer
 
+MIN_GRAPH_STEPS = 64
+
 
 class DecodeSteps:
-    """callable(next_tokens (B,), mask (B, T), positions (B, 1)) -> logits (B, V) of the next position."""
+    """callable(next_tokens (B,), mask (B, T), positions (B, 1)) -> logits (B, V) of the next position.
+    `steps`: how many decode steps the caller will run at most."""
 
-    def __init__(self, model: torch.nn.Module, cache: MemfitCache) -> None:
+    def __init__(self, model: torch.nn.Module, cache: MemfitCache, steps: int | None = None) -> None:
         self.model, self.cache = model, cache
         backend = getattr(cache, "backend", None)
         self.use_graphs = bool(backend is not None and backend.graphs)
         self.reason = "" if self.use_graphs else "not requested by the backend"
+        if self.use_graphs and steps is not None and steps < MIN_GRAPH_STEPS:
+            self.use_graphs = False
+            self.reason = f"{steps} decode steps: too few to win back recording a graph"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
         self.replays = 0

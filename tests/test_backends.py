@@ -261,14 +261,15 @@ def test_fast_backend_on_cuda_matches_portable(spec):
     for backend in ("fast", "portable"):
         cache = make_cache(model, spec, None if spec == "full" else 0.5, _budget_params(spec), backend=backend,
                            reserve=16)
-        runs[backend] = (cache, generate(model, ids, mask, cache, max_new_tokens=12))
+        runs[backend] = (cache, generate(model, ids, mask, cache, max_new_tokens=80))
     fast_cache, fast = runs["fast"]
     port_cache, port = runs["portable"]
     assert fast_cache.backend.name == "fast"
     assert fast_cache.backend.graphs == (spec in ("full", "snapkv", "gemfilter", "h2o"))
     if fast_cache.backend.graphs:
-        assert fast.graph_replays == 12 - 2  # step 1 eager, step 2 captured + replayed, the rest replayed
+        assert fast.graph_replays == 80 - 2  # step 1 eager, step 2 captured + replayed, the rest replayed
     torch.testing.assert_close(fast.first_logits, port.first_logits, rtol=2e-2, atol=2e-2)
-    agree = sum(a == b for a, b in zip(fast.tokens[0], port.tokens[0], strict=False)) / len(port.tokens[0])
+    # greedy paths part for good at the first bf16 near-tie: compare the first 12 tokens
+    agree = sum(a == b for a, b in zip(fast.tokens[0][:12], port.tokens[0][:12], strict=True)) / 12
     assert agree >= 0.75, (fast.tokens, port.tokens)
     assert fast_cache.held_tokens() == port_cache.held_tokens()

@@ -14,6 +14,7 @@ The buffer grows (doubles) only if a caller decodes past the reserve.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -178,11 +179,16 @@ class StaticKVLayer(KVLayer):
         return state
 
 
-def _kernels_ok(queries: torch.Tensor) -> bool:
+@functools.cache
+def _triton_here() -> bool:
     from memfit.kernels import available
 
+    return available()
+
+
+def _kernels_ok(queries: torch.Tensor) -> bool:
     d = queries.shape[-1]
-    return available() and d >= 16 and d & (d - 1) == 0 and queries.dtype in (torch.bfloat16, torch.float16)
+    return d >= 16 and d & (d - 1) == 0 and queries.dtype in (torch.bfloat16, torch.float16) and _triton_here()
 
 
 class AccumulatedStaticLayer(StaticKVLayer):
