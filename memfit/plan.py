@@ -53,6 +53,10 @@ KV_CHOICES: tuple[tuple[str, str | None, dict[str, str]], ...] = (
 )
 CHUNKS: tuple[int | None, ...] = (None, 2048, 512)
 _EXACT = {"full", "snapkv", "streaming", "h2o", "windowkv"}
+# CPU peaks are process RSS: what a run allocates besides tensors after the baseline was taken (tokenizer, allocator
+# arenas, thread pools). Calibrated on the default model (2-core box): measured peak minus weights, KV, activations
+# and the pre-load RSS was 28-60 MiB at 512-2048 tokens.
+CPU_OVERHEAD = 64 * 2**20
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -302,6 +306,8 @@ def predict(
             e = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", 1)
             streamed = streamed_bytes * int(getattr(text, "num_experts_per_tok", 1)) // max(1, int(e))
     rt = runtime_bytes(device) if runtime is None else runtime
+    if device == "cpu":
+        rt += CPU_OVERHEAD
     # on CPU the host tier is the same memory as the device
     peak = rt + w_dev + kv.bytes + act + (w_host if device == "cpu" else 0)
     mem_bw, link_bw = _BANDWIDTH["cuda" if device.startswith("cuda") else "cpu"]
@@ -437,9 +443,10 @@ def predict_run(
     dev = "cuda" if any(p.device.type == "cuda" for p in model.parameters()) else "cpu"
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     shape = model_shape(model.config, dtype)
-    from memfit.models import runtime_baseline
+    from memfit import models
 
-    rt = runtime_baseline() if dev == "cpu" else 0
+    baseline = getattr(models, "runtime_baseline", None)
+    rt = (baseline() if baseline is not None else runtime_bytes("cpu")) if dev == "cpu" else 0
     p = predict(shape, method=method, budget=None if budget is None else str(budget), params=params,
                 prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch=batch, prefill_chunk=prefill_chunk,
                 weights_memory=None if offload is None else offload.budget,
