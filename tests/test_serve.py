@@ -122,25 +122,35 @@ def test_concurrent_streamed_and_plain_requests_match_memfit_run(server, default
     assert m["requests_total"] >= len(jobs) and m["kv_bytes_held"] == 0 and m["requests_running"] == 0
 
 
-def test_per_request_compression_and_byte_prediction(server, default_model):
-    """The memfit body field picks the method per request; the admission prediction is close to the real bytes."""
+def test_per_request_compression(server, default_model):
+    """The memfit body field picks the method per request; usage reports the bytes `memfit run` holds."""
     c = client(server)
-    prompt = " ".join(PROMPTS * 3)
-    for spec, budget in (("snapkv+kivi", 0.25), ("streaming", 48)):
-        r = c.completions.create(model="default", prompt=prompt, max_tokens=6,
-                                 extra_body={"memfit": {"method": spec, "budget": budget}})
-        held, full = r.usage.model_extra["kv_bytes_held"], r.usage.model_extra["kv_bytes_full"]
-        ref = memfit_run(prompt, model=default_model, method=spec, budget=budget, max_new_tokens=6, chat=False,
-                         prefill_chunk=CHUNK)
-        assert r.choices[0].text == ref.text and held == ref.kv_bytes_held
-        from memfit.serve.admission import BytePredictor, ModelShape
+    prompt = " ".join(PROMPTS * 2)
+    r = c.completions.create(model="default", prompt=prompt, max_tokens=6,
+                             extra_body={"memfit": {"method": "streaming", "budget": 48}})
+    held, full = r.usage.model_extra["kv_bytes_held"], r.usage.model_extra["kv_bytes_full"]
+    ref = memfit_run(prompt, model=default_model, method="streaming", budget=48, max_new_tokens=6, chat=False,
+                     prefill_chunk=CHUNK)
+    assert r.choices[0].text == ref.text and held == ref.kv_bytes_held and full == ref.kv_bytes_full
+    assert held < full
 
-        predicted = BytePredictor(ModelShape.of(default_model[0])).predict(
-            spec, Budget.parse(budget), {}, r.usage.prompt_tokens, r.usage.completion_tokens)
-        # an upper estimate, loose by at most one full-precision residual window (128 tokens) for a quantizer
-        window = 128 * ModelShape.of(default_model[0]).full_bytes_per_token
-        assert held <= predicted <= max(1.1 * held, held + window), (spec, predicted, held)
-        assert (held < full) == (spec != "full")
+
+def test_byte_prediction_bounds_what_the_cache_holds(default_model, spec="snapkv+kivi", budget="0.25"):
+    """Admission's prediction against `nbytes()` after a real generation: never below it, and above it by at most
+    10 % or one full-precision residual window (128 tokens) for a quantizer."""
+    from memfit.api import make_cache
+    from memfit.engine import encode_prompts, generate
+    from memfit.serve.admission import BytePredictor, ModelShape
+
+    model, tok = default_model
+    ids, mask = encode_prompts(tok, [" ".join(PROMPTS * 8)], chat=False)
+    cache = make_cache(model, spec, budget)
+    gen = generate(model, ids, mask, cache, 4, [])
+    held = cache.nbytes()
+    shape = ModelShape.of(model)
+    predicted = BytePredictor(shape).predict(spec, Budget.parse(budget), {}, ids.shape[1], len(gen.tokens[0]))
+    window = 128 * shape.full_bytes_per_token
+    assert held <= predicted <= max(1.1 * held, held + window), (spec, predicted, held)
 
 
 @pytest.mark.parametrize(
