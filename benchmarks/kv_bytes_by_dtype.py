@@ -6,7 +6,10 @@ against a bf16 cache (what a GPU user holds) the ratios are lower. This script m
 needle prompt of the bench (seed 0) and writes one JSON line per (dtype, configuration), with its provenance
 (machine, versions, commit, command), to ``--out`` (and stdout):
 
-    python benchmarks/kv_bytes_by_dtype.py --out benchmarks/results/kv_bytes_by_dtype.jsonl
+    python benchmarks/kv_bytes_by_dtype.py --dtypes bfloat16 --out benchmarks/results/kv_bytes_bf16.jsonl
+    python benchmarks/kv_bytes_by_dtype.py --dtypes float32 --out benchmarks/results/kv_bytes_fp32.jsonl
+
+(one dtype per command, so the two can run side by side: bf16 matmuls are slow on CPUs without bf16 units).
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ CONFIGS: list[tuple[str, float | None, dict[str, object]]] = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated model dtypes to measure")
     ap.add_argument("--out", default=None, help="write the JSON lines here too (the file is started afresh)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with ResultWriter(args.out) as out:
-        for dtype in ("bfloat16", "float32"):
+        for dtype in (d.strip() for d in args.dtypes.split(",") if d.strip()):
             measure(dtype, out)
 
 
