@@ -8,6 +8,7 @@ import torch
 
 from memfit.adapters.transformers import MemfitCache, install, num_attention_layers, sliding_windows
 from memfit.backend import Backend, choose_backend
+from memfit.core import tp
 from memfit.core.budget import Budget
 from memfit.core.cache import CompressedCache, KVLayer
 from memfit.core.method import build_policy
@@ -60,6 +61,7 @@ def make_cache(
             layer_factory = lambda index: StaticKVLayer(index, room)  # noqa: E731
     install(model)
     core = CompressedCache(num_attention_layers(model), policy, layer_factory)
+    core.tensor_parallel = tp.is_sharded(model)
     for layer, window in zip(core.layers, windows, strict=True):
         layer.window = window
     if allocation != "uniform":

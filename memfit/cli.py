@@ -190,6 +190,11 @@ def run(
         help="auto | superpipeline (layers, pinned CPU) | tpi (attention/MLP blocks from disk) | pregated (MoE "
         "experts, next-layer prefetch) | ondemand (MoE experts, no prefetch).",
     ),
+    tp: int = typer.Option(
+        None, "--tp",
+        help="Tensor parallelism over N processes (torchrun; NCCL on GPUs, gloo on CPUs): each rank holds and "
+        "compresses its own KV heads. --json reports per-rank and total KV bytes.",
+    ),
 ) -> None:
     """Generate an answer with a compressed KV cache and report what it held."""
     if kv is not None:  # the document is already compressed: the prompt is a question about it
@@ -232,6 +237,20 @@ def run(
     if truncate is not None and truncate not in TRUNCATE_SIDES:
         raise ConfigError(f"--truncate must be 'left' (drop the beginning) or 'right' (drop the end), got {truncate!r}")
     _check_device(device, dtype)
+    from memfit import distributed
+
+    ranks = distributed.in_torchrun()
+    if tp is not None or ranks:
+        if tp is not None and tp < 2:
+            raise ConfigError("--tp must be at least 2 (or leave it out for one process)")
+        if weights or weights_memory or load_format != "auto":
+            raise ConfigError("--tp does not combine with --weights, --weights-memory or --load-format dummy yet")
+        if backend == "fast":
+            raise ConfigError("--tp runs on the portable backend for now: drop --backend fast")
+        if not ranks:  # launch the ranks; each re-enters here under torchrun
+            raise SystemExit(distributed.launch(int(tp), distributed.strip_tp(sys.argv[1:])))
+        distributed.init(device)
+        backend = "portable"
     if weights_memory is not None:
         from memfit.offload import POLICIES, parse_bytes
 
@@ -246,7 +265,8 @@ def run(
 
     try:
         pair = load_model(model, device="cpu" if weights_memory else device, load_format=load_format,
-                          dtype=dtype if weights_memory is None or dtype != "auto" or device == "cpu" else "bfloat16")
+                          dtype=dtype if weights_memory is None or dtype != "auto" or device == "cpu" else "bfloat16",
+                          tp=ranks, progress=not ranks or distributed.rank() == 0)
         window = context_window(pair[0])
         if context is not None and window is not None and context + max_new_tokens > window:
             raise ConfigError(f"--context {context} + --max-new-tokens {max_new_tokens} is more than the model's "
@@ -279,6 +299,14 @@ def run(
     except KeyboardInterrupt:
         _interrupted("nothing was written")
     result.model = model  # the spec the user gave ("default"), not the cache folder it resolved to
+    if ranks:  # every rank holds its own KV heads: report the per-rank bytes and their sum, from rank 0 only
+        held, full = distributed.gather_ints(result.kv_bytes_held), distributed.gather_ints(result.kv_bytes_full)
+        result.tp = len(held)
+        result.kv_bytes_held_per_rank = held
+        result.kv_bytes_held, result.kv_bytes_full = sum(held), sum(full)
+        result.compression_ratio = result.kv_bytes_full / result.kv_bytes_held if result.kv_bytes_held else 0.0
+        if distributed.rank() != 0:
+            return
     if as_json:
         print(json.dumps(result.to_dict()))
         return

@@ -153,7 +153,10 @@ def prefill_prompt(
     if past:  # the cache already holds a context (memfit.contexts): these tokens continue it
         return _continue(model, input_ids, attention_mask, cache, past)
     prompt_lens = attention_mask.sum(-1)
-    chosen = cache.core.method.select_prompt(model, input_ids, attention_mask, cache.core)
+    from memfit.core import tp
+
+    with tp.scope(cache.core.tensor_parallel):  # GemFilter's filter score sums every rank's heads
+        chosen = cache.core.method.select_prompt(model, input_ids, attention_mask, cache.core)
     if chosen is not None:  # the method shortened the prompt (GemFilter); budgets still resolve from the original
         # a full cache would have held the original prompt: count it in full_nbytes()
         cache.core.skipped_prompt_tokens = int(input_ids.shape[1] - chosen[0].shape[1])
@@ -178,7 +181,8 @@ def prefill_prompt(
         )
     assert logits is not None
     # methods that score with extra forward passes over the whole prompt (KVzip's context reconstruction) act here
-    cache.core.method.after_prefill(model, cache.core, input_ids, attention_mask)
+    with tp.scope(cache.core.tensor_parallel):
+        cache.core.method.after_prefill(model, cache.core, input_ids, attention_mask)
     return logits[:, -1], attention_mask
 
 
@@ -271,6 +275,8 @@ class RunResult:
     decode_tokens_per_second: float
     device: str
     versions: dict[str, str] = field(default_factory=dict)
+    tp: int = 1  # tensor-parallel ranks (memfit.distributed); KV bytes are then the sum over ranks
+    kv_bytes_held_per_rank: list[int] | None = None
     backend: str = "portable"  # which runtime backend ran (memfit.backend)
     backend_reason: str = ""
     cuda_graphs: bool = False

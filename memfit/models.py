@@ -203,6 +203,7 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     load_format: str = "auto",
+    tp: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from ``spec``: ``"default"``, a local HF folder, a ``.gguf`` path or a hub id.
 
@@ -216,6 +217,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     text = os.fspath(spec).strip() if spec is not None else "default"
     check_load_format(load_format)
+    if tp:  # one rank of a tensor-parallel run (memfit.distributed): transformers shards the weights as it loads
+        return _load_tp(text, torch_dtype)
     if load_format == "dummy":
         from memfit.dummy import load_dummy
 
@@ -317,6 +320,31 @@ def _load_hf(source: Path | str, dtype: torch.dtype, *, what: str) -> tuple[Any,
         if str(source) == str(default_model_path()):
             hint = f" The cached copy may be damaged: delete {source} and run again to rebuild it."
         raise ModelLoadError(f"Could not load {what} ({_first_line(e)}).{hint}") from e
+    return model, tok
+
+
+def _load_tp(text: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """This rank's shard of a model folder (or the default model), split by transformers' tensor-parallel plan."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from memfit.distributed import check_divisible
+
+    source = ensure_default_model(progress=False) if text in ("", "default") else Path(text).expanduser()
+    if not (Path(source) / "config.json").is_file():
+        raise ModelLoadError(f"--tp needs a Hugging Face model folder (with config.json) or the default model; "
+                             f"got {text!r}")
+    import torch.distributed as dist
+
+    check_divisible(AutoConfig.from_pretrained(source), dist.get_world_size() if dist.is_initialized() else 1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", tp_plan="auto")
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise ModelLoadError(f"Could not load {text!r} tensor-parallel ({_first_line(e)}).") from e
+    model.eval()
+    tok.padding_side = "left"
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
     return model, tok
 
 

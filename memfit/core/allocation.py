@@ -36,6 +36,7 @@ from fractions import Fraction
 
 import torch
 
+from memfit.core import tp
 from memfit.core.cache import CompressedCache, KVLayer
 from memfit.errors import ConfigError
 
@@ -132,7 +133,22 @@ def adakv_keep_mask(
     """Which slots each (row, KV head) keeps: (B, Hkv, T) bool, at most Hkv * keep_rows[b] per row in total.
 
     scores (B, Hkv, T) comparable across heads; keep_rows (B,) per-head average budget; valid / protect (B, Hkv, T)
-    bool (protected valid slots are kept first, invalid slots never)."""
+    bool (protected valid slots are kept first, invalid slots never). Under tensor parallelism the inputs are this
+    rank's heads: the choice is made over every rank's heads (one all-gather) and this rank's slice returned."""
+    local_heads = scores.shape[1]
+    scores = tp.all_heads(scores)
+    valid = None if valid is None else tp.all_heads(valid)
+    protect = None if protect is None else tp.all_heads(protect)
+    return tp.own_heads(_adakv_keep_mask(scores, keep_rows, valid, protect, alpha), local_heads)
+
+
+def _adakv_keep_mask(
+    scores: torch.Tensor,
+    keep_rows: torch.Tensor,
+    valid: torch.Tensor | None,
+    protect: torch.Tensor | None,
+    alpha: float,
+) -> torch.Tensor:
     b, h, t = scores.shape
     device = scores.device
     s = scores.float()
@@ -177,7 +193,9 @@ class HeadAllocation:
         if not hasattr(layer, "keep_mask"):
             raise ConfigError("per-head allocation needs a ragged store (make_cache(..., allocation='adakv'))")
         held = layer.held_per_row()  # (B, H)
-        if bool((held.sum(-1) <= held.shape[1] * keep_rows.to(held.device)).all()):
+        # the layer's budget covers every head (all ranks under tensor parallelism): decide on the layer's total
+        total = tp.sum_over_heads(held.sum(-1))
+        if bool((total <= held.shape[1] * tp.world()[1] * keep_rows.to(held.device)).all()):
             return  # every row is within its layer budget: nothing to free
         mask = adakv_keep_mask(scores, keep_rows, layer.valid, protect, self.alpha)
         layer.keep_mask(mask)  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from memfit.core import tp
 from memfit.core.budget import Budget
 from memfit.core.spans import record_spans
 
@@ -287,6 +288,7 @@ class CompressedCache:
         self._expected_prompt: torch.Tensor | None = None  # set by the engine for chunked prefill
         self._padded_prompt_len = 0
         self.skipped_prompt_tokens = 0  # prompt tokens removed before prefill (counted as held by a full cache)
+        self.tensor_parallel = False  # the model is split over ranks: this cache holds this rank's KV heads
         # Keep whole words/numbers (memfit.core.spans): `span_rule` (set by enable_spans) maps the prompt's ids to
         # span ids before prefill; each layer stores them for its prompt tokens as they are appended.
         self.span_rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -350,7 +352,8 @@ class CompressedCache:
             layer.trim_to_window()
         else:
             out = layer.attend(queries, scaling)
-            self.method.after_attention(self, layer, queries, scaling, info)
+            with tp.scope(self.tensor_parallel):  # cross-head decisions talk to the other ranks only for a split model
+                self.method.after_attention(self, layer, queries, scaling, info)
             if info.is_prefill and info.prefill_done and hasattr(layer, "budget_tokens"):
                 keep = self.layer_keep(layer_idx)  # static stores size their buffers from it
                 layer.budget_tokens = None if keep is None else int(keep.max())

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memfit.core import tp
 from memfit.core.cache import CompressedCache, KVLayer, StepInfo
 from memfit.core.method import Method, register
 from memfit.core.scoring import pool_scores
@@ -64,7 +65,7 @@ def filter_scores(
     hkv = keys.shape[1]
     # sum_h q_h . k_kv(h) == sum_kv (sum of the group's queries) . k_kv: no repeated keys needed
     q_sum = last_queries.float().reshape(b, hkv, h // hkv, d).sum(2)
-    scores = torch.einsum("bkd,bktd->bt", q_sum, keys.float())
+    scores = tp.sum_over_heads(torch.einsum("bkd,bktd->bt", q_sum, keys.float()))  # every rank's heads
     row_valid = None if valid is None else valid[:, 0]
     if row_valid is not None:
         scores = scores.masked_fill(~row_valid, 0.0)

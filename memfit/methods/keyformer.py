@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memfit.core import tp
 from memfit.core.cache import CompressedCache, KVLayer, StepInfo
 from memfit.core.method import Method, recent_valid, register
 from memfit.core.scoring import attention_logits, reduce_groups
@@ -165,9 +166,11 @@ class Keyformer(Method):
                 stop = min(n_new, start + _CHUNK)
                 visible = n - n_new + stop  # the block's queries are the last of these keys
                 logits = attention_logits(row_queries[:, :, start:stop], row_keys[:, :, :visible], scaling)[0]
-                noise = gumbel_noise(
-                    self.seed, layer_idx, int(positions[r]) + start, (h, stop - start, visible), keys.device
-                )
+                # drawn for every head of the layer, so a tensor-parallel rank takes the noise its heads get alone
+                noise = tp.own_heads(gumbel_noise(
+                    self.seed, layer_idx, int(positions[r]) + start, (h * tp.world()[1], stop - start, visible),
+                    keys.device,
+                ), h, dim=0)
                 probs = torch.softmax((logits + noise) / row_taus[start:stop, None], dim=-1)
                 total[r].scatter_add_(1, head_slots[:, :visible], probs.sum(dim=1))
         return total

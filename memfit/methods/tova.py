@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memfit.core import tp
 from memfit.core.cache import CompressedCache, KVLayer, StepInfo
 from memfit.core.method import Method, register
 from memfit.core.scoring import attention_probs, reduce_groups
@@ -67,8 +68,9 @@ class TOVA(Method):
         # Only the last query row votes (left padding: it is a real token in every row).
         probs = attention_probs(queries[:, :, -1:], layer.keys, scaling, layer.valid)[:, :, 0]  # (B, H, T)
         hkv = layer.keys.shape[1]
-        if self.heads == "layer":
-            scores = probs.mean(dim=1, keepdim=True).expand(-1, hkv, -1)
+        if self.heads == "layer":  # the mean over every head of the layer (all ranks under tensor parallelism)
+            heads = probs.shape[1] * tp.world()[1]
+            scores = (tp.sum_over_heads(probs.sum(dim=1, keepdim=True)) / heads).expand(-1, hkv, -1)
         else:
             scores = reduce_groups(probs, hkv, "mean")
         self.evict(cache, layer, scores)

@@ -1,0 +1,89 @@
+"""Tensor-parallel runs: `memfit run --tp N` launches N ranks with torchrun; under torchrun each rank joins the group.
+
+The model is split by transformers' own tensor-parallel plan (`from_pretrained(..., tp_plan="auto")`: attention and
+KV heads, MLP columns/rows, one all-reduce per block) over torch.distributed — NCCL on GPUs, gloo on CPUs. Each
+rank's memfit cache holds and compresses only its own KV heads (`memfit.core.tp` for the few cross-head
+decisions), so the KV bytes per rank fall with N. Rank 0 prints; `--json` gives per-rank and total KV bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from memfit.errors import ConfigError
+
+
+def in_torchrun() -> bool:
+    """True inside a rank started by torchrun with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init(device: str) -> tuple[int, int]:
+    """Join the process group (NCCL for CUDA, gloo for the CPU) and mark the process tensor-parallel."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def check_divisible(config: object, ranks: int) -> None:
+    """Heads and KV heads must split evenly over the ranks (a clear error instead of a failed shard)."""
+    text = getattr(config, "text_config", config)
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    kv = int(getattr(text, "num_key_value_heads", heads) or heads)
+    if heads % ranks or kv % ranks:
+        raise ConfigError(f"--tp {ranks}: the model's {heads} attention heads and {kv} KV heads must both divide by "
+                          f"{ranks}; pick a --tp that divides {kv}")
+
+
+def launch(ranks: int, argv: Sequence[str]) -> int:
+    """Run `memfit <argv>` as `ranks` processes under torchrun (argv without --tp); returns the exit code."""
+    if ranks < 2:
+        raise ConfigError("--tp must be at least 2 (or leave it out for one process)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+           "-m", "memfit.cli", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(cmd, env=env)
+
+
+def strip_tp(argv: Sequence[str]) -> list[str]:
+    """argv without its `--tp N` / `--tp=N`."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--tp":
+            skip = True
+            continue
+        if arg.startswith("--tp="):
+            continue
+        out.append(arg)
+    return out
+
+
+def gather_ints(value: int) -> list[int]:
+    """Every rank's `value`, in rank order (one small all-gather)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [int(value)]
+    parts: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, int(value))
+    return [int(p) for p in parts]  # type: ignore[arg-type]
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

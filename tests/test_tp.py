@@ -1,0 +1,127 @@
+"""Tensor parallelism on the CPU: 2 gloo ranks under torchrun, a tiny random Llama split by transformers' plan.
+
+Every method (and a composition, an allocation) must give the single-process logits and tokens, and each rank must
+keep exactly the single-process tokens of its own KV heads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from memfit.core.method import all_methods
+
+EVICTING = sorted(n for n, c in all_methods().items() if c.family not in ("quantization", "reference"))
+CASES = [("full", None, ""), *((m, 0.4, "") for m in EVICTING), ("snapkv+kivi", 0.4, ""), ("snapkv", 0.4, "adakv")]
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, torch, torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from memfit import distributed
+    from memfit.api import make_cache
+    from memfit.engine import generate, pad_left
+    from memfit.models import load_model
+
+    path, cases = sys.argv[1], json.loads(sys.argv[2])
+    rank, world = distributed.init("cpu")
+    model, _ = load_model(path, tp=True, progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(1)
+    ids, mask = pad_left([torch.randint(3, 120, (n,), generator=g).tolist() for n in (40, 31)])
+    out = []
+    for spec, budget, allocation in cases:
+        params = {}
+        if spec.startswith("snapkv"):
+            params["snapkv.window" if "+" in spec else "window"] = 4
+        if "kivi" in spec:
+            params.update({"kivi.group_size": 8, "kivi.residual": 8})
+        rows = []
+        for mdl in (model, ref):
+            cache = make_cache(mdl, spec, budget, params, allocation=allocation or "uniform")
+            gen = generate(mdl, ids, mask, cache, max_new_tokens=5)
+            rows.append((cache, gen))
+        (tc, tg), (rc, rg) = rows
+        keys_equal = True
+        for a, b in zip(tc.core.layers, rc.core.layers):
+            if a.keys is None or allocation:  # quantized / ragged stores: compare bytes and logits only
+                continue
+            per = b.keys.shape[1] // world
+            mine = b.keys[:, rank * per:(rank + 1) * per]
+            keys_equal &= a.keys.shape == mine.shape and torch.allclose(a.keys, mine, atol=1e-5)
+        out.append({"spec": spec, "allocation": allocation, "logit_diff": (tg.first_logits - rg.first_logits).abs().max().item(),
+                    "same_tokens": tg.tokens == rg.tokens, "keys_equal": bool(keys_equal),
+                    "bytes": tc.nbytes(), "ref_bytes": rc.nbytes()})
+    if rank == 0:
+        print("RESULT " + json.dumps(out))
+    else:
+        print("RANK1 " + json.dumps(out))
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memfit.bench.testing import toy_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-tp")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    toy_tokenizer().save_pretrained(path)
+    return path
+
+
+def _torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_every_method_tensor_parallel_equals_one_process(tiny_folder, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    proc = _torchrun([str(script), str(tiny_folder), json.dumps(CASES)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for tag in ("RESULT ", "RANK1 "):
+        line = next(line for line in proc.stdout.splitlines() if line.startswith(tag))
+        rows = json.loads(line[len(tag):])
+        bad = [r for r in rows if not (r["logit_diff"] < 1e-4 and r["same_tokens"] and r["keys_equal"])]
+        assert not bad, [(r["spec"], r["allocation"], r["same_tokens"], r["keys_equal"]) for r in bad]
+        for row in rows:  # half the heads per rank: half the bytes (the ragged store's index tables aside)
+            assert row["bytes"] * 2 == pytest.approx(row["ref_bytes"], rel=0.05), row
+
+
+def test_cli_tp_reports_per_rank_bytes(tiny_folder):
+    proc = subprocess.run(
+        [sys.executable, "-m", "memfit.cli", "run", "--tp", "2", "--model", str(tiny_folder), "--method", "snapkv",
+         "--budget", "0.5", "--prompt", "The grass is green. " * 20, "--max-new-tokens", "4", "--no-chat", "--json"],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1  # rank 0 prints
+    r = rows[0]
+    assert r["tp"] == 2 and len(r["kv_bytes_held_per_rank"]) == 2
+    assert sum(r["kv_bytes_held_per_rank"]) == r["kv_bytes_held"] < r["kv_bytes_full"]
+
+
+def test_tp_bad_inputs(capsys, monkeypatch):
+    from memfit.cli import main
+
+    for args, msg in ((["--tp", "1"], "at least 2"), (["--tp", "2", "--load-format", "dummy"], "does not combine")):
+        monkeypatch.setattr(sys, "argv", ["memfit", "run", "--prompt", "hi", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error:") and msg in err, err
