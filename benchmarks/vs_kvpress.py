@@ -63,10 +63,17 @@ def kvpress_worker(prompts_path: str, out_path: str, presses: list[str], ratios:
     except Exception:  # noqa: BLE001 - version is informational only
         pass
     configs: list[tuple[str, int | None]] = [("none", None)] + [(p, n) for p in presses for n in ratios]
-    with open(out_path, "w") as out, torch.no_grad():
+    done = set()  # rows already written by an interrupted run of the same prompts: resume
+    if Path(out_path).exists():
+        for line in Path(out_path).read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["method"], r["ratio"], r["sample"]))
+    with open(out_path, "a") as out, torch.no_grad():
         for press_name, n in configs:
             press = None if n is None else getattr(kvpress, press_name)(compression_ratio=1.0 - 1.0 / n)
             for s in spec["samples"]:
+                if ("full" if n is None else press_name, n, s["index"]) in done:
+                    continue
                 ids = torch.tensor([s["ids"]], device=device)
                 t_len = ids.shape[1]
                 cache = DynamicCache()
@@ -115,8 +122,9 @@ def _memfit_config(name: str) -> tuple[str, dict[str, str], bool]:
     return base, params, spans
 
 
-def run_memfit(model, tok, samples, methods, ratios, rows_out, device) -> None:  # noqa: ANN001
-    """All samples of a configuration as one left-padded batch (exact: each row keeps what it would alone)."""
+def run_memfit(model, tok, samples, methods, ratios, rows_path, device, full=True) -> None:  # noqa: ANN001
+    """All samples of a configuration as one left-padded batch (exact: each row keeps what it would alone). Rows are
+    appended to `rows_path` as each configuration finishes; configurations already there are skipped (resume)."""
     from memfit.api import make_cache
     from memfit.bench import metrics
     from memfit.core.spans import enable_spans
@@ -125,8 +133,15 @@ def run_memfit(model, tok, samples, methods, ratios, rows_out, device) -> None: 
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]
     ids, mask = pad_left([s["ids"] for s in samples], tok.pad_token_id or 0)
-    configs: list[tuple[str, int | None]] = [("full", None)] + [(m, n) for m in methods for n in ratios]
+    configs: list[tuple[str, int | None]] = [("full", None)] * full + [(m, n) for m in methods for n in ratios]
+    rows_path = Path(rows_path)
+    done = set()
+    if rows_path.exists():
+        done = {(r["method"], r["ratio"]) for r in map(json.loads, rows_path.read_text().splitlines())}
     for name, n in configs:
+        if (name, n) in done:
+            continue
+        rows_out: list[dict] = []
         base, params, spans = _memfit_config(name)
         cache = make_cache(model, base, None if n is None else 1.0 / n, params or None)
         if spans:
@@ -142,8 +157,10 @@ def run_memfit(model, tok, samples, methods, ratios, rows_out, device) -> None: 
                 "kv_bytes_held": held / len(samples), "kv_bytes_full": full / len(samples),
                 "prompt_tokens": len(s["ids"]), "prefill_seconds": round(gen.prefill_seconds / len(samples), 3),
             })
-        done = [r for r in rows_out if r["method"] == name and r["ratio"] == n]
-        print(f"memfit {name} 1/{n}: {sum(r['score'] for r in done) / len(done):.2f}", file=sys.stderr, flush=True)
+        with open(rows_path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows_out)
+        mean = sum(r["score"] for r in rows_out) / len(rows_out)
+        print(f"memfit {name} 1/{n}: {mean:.2f}", file=sys.stderr, flush=True)
 
 
 def report(rows: list[dict], out: Path, args: argparse.Namespace, versions: dict) -> str:
@@ -155,8 +172,12 @@ def report(rows: list[dict], out: Path, args: argparse.Namespace, versions: dict
         sel = [r["kv_bytes_held"] for r in rows if r["side"] == side and r["method"] == method and r["ratio"] == n]
         return sum(sel) / len(sel) if sel else None
 
+    def fmt(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
     full_m, full_k = mean_score("memfit", "full", None), mean_score("kvpress", "full", None)
-    full_bytes = mean_bytes("memfit", "full", None) or 1.0
+    fulls = [r["kv_bytes_full"] for r in rows if r["side"] == "memfit"]  # what a full cache holds (any memfit row)
+    full_bytes = sum(fulls) / len(fulls) if fulls else 1.0
     ms = sorted({r["method"] for r in rows if r["side"] == "memfit" and r["ratio"]}, key=args.methods.index)
     ks = sorted({r["method"] for r in rows if r["side"] == "kvpress" and r["ratio"]}, key=args.presses.index)
     lines = [
@@ -170,10 +191,11 @@ def report(rows: list[dict], out: Path, args: argparse.Namespace, versions: dict
         f"Versions: memfit side torch {versions.get('memfit_torch')} / transformers {versions.get('memfit_tf')}; "
         f"kvpress side kvpress {versions.get('kvpress')} / transformers {versions.get('transformers')} / torch "
         f"{versions.get('torch')}.",
-        f"Command: `python benchmarks/vs_kvpress.py --context {args.context} --samples {args.samples} --ratios "
-        f"{','.join(map(str, args.ratios))} --out {args.out}`",
+        "Command: `python benchmarks/vs_kvpress.py " + " ".join(
+            f"'{a}'" if ";" in a else a for a in sys.argv[1:] if a != "--report-only") + "`",
         "",
-        f"Full cache: memfit {full_m:.2f} · kvpress {full_k:.2f} (mean KV held {full_bytes / 2**20:.1f} MiB).",
+        f"Full cache: memfit {fmt(full_m)} · kvpress {fmt(full_k)} (mean KV of a full cache {full_bytes / 2**20:.1f} "
+        "MiB; memfit's full row is '–' when run with --skip-full: same model, same ids as kvpress's).",
         "",
         "| KV kept | " + " | ".join(f"memfit {m}" for m in ms) + " | " + " | ".join(f"kvpress {k}" for k in ks)
         + " | best memfit | best kvpress | full |",
@@ -194,7 +216,7 @@ def report(rows: list[dict], out: Path, args: argparse.Namespace, versions: dict
         lines.append(
             f"| 1/{n} | " + " | ".join(cell(v, "memfit", m) for v, m in zip(mvals, ms, strict=True)) + " | "
             + " | ".join(cell(v, "kvpress", k) for v, k in zip(kvals, ks, strict=True))
-            + f" | {bm:.2f} | {bk:.2f} | {full_m:.2f} / {full_k:.2f} |"
+            + f" | {fmt(bm)} | {fmt(bk)} | {fmt(full_m)} / {fmt(full_k)} |"
         )
     lines += [
         "",
@@ -224,6 +246,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="benchmarks/vs_kvpress")
     ap.add_argument("--tmp", default="/tmp/memfit-vs-kvpress", help="where the prompts (book text) go: not committed")
+    ap.add_argument("--skip-full", action="store_true",
+                    help="no memfit full-cache run (the kvpress side's full cache is the same model on the same ids)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write results.jsonl and report.md from the rows finished so far in --tmp")
     args = ap.parse_args()
     if args.worker:
         kvpress_worker(args.worker[0], args.worker[1], args.presses, args.ratios, args.device)
@@ -243,22 +269,35 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp.mkdir(parents=True, exist_ok=True)
     samples = []
-    for i, s in enumerate(generate_samples("niah_single_number", tok, args.context, args.samples, args.seed,
+    prompts_path = tmp / "prompts.json"
+    if args.report_only:  # the prompts of the run being reported
+        samples = json.loads(prompts_path.read_text())["samples"]
+    for i, s in enumerate([] if args.report_only else generate_samples("niah_single_number", tok, args.context, args.samples, args.seed,
                                            filler="natural", corpus=args.corpus)):
         ids, _ = encode_prompts(tok, [s.prompt], chat=False)
         samples.append({"index": i, "ids": ids[0].tolist(), "answers": s.answers, "depth": s.depth})
-    prompts_path = tmp / "prompts.json"
-    prompts_path.write_text(json.dumps({"model_dir": str(model_dir), "samples": samples}))
-
-    # kvpress first, in its own interpreter (runs while nothing else of ours holds the CPU)
+    spec = json.dumps({"model_dir": str(model_dir), "samples": samples})
     kv_out = tmp / "kvpress_rows.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    subprocess.run([args.kvpress_python, __file__, "--worker", str(prompts_path), str(kv_out), "--presses",
-                    ",".join(args.presses), "--ratios", ",".join(map(str, args.ratios)), "--device", args.device],
-                   check=True, env=env)
+    if not args.report_only and (not prompts_path.exists() or prompts_path.read_text() != spec):
+        prompts_path.write_text(spec)
+        kv_out.unlink(missing_ok=True)  # other prompts: the kvpress rows of an earlier run do not apply
+
+    mf_out = tmp / "memfit_rows.jsonl"
+    if not args.report_only:
+        # kvpress in its own interpreter, in parallel with the memfit side (on CUDA, run them one after the other)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+        worker = subprocess.Popen([args.kvpress_python, __file__, "--worker", str(prompts_path), str(kv_out),
+                                   "--presses", ",".join(args.presses), "--ratios", ",".join(map(str, args.ratios)),
+                                   "--device", args.device], env=env)
+        if args.device != "cpu":
+            worker.wait()
+        run_memfit(model, tok, samples, args.methods, args.ratios, mf_out, args.device, full=not args.skip_full)
+        if worker.wait() != 0:
+            raise SystemExit(f"the kvpress worker failed (exit {worker.returncode})")
     from memfit.bench import metrics
 
-    rows: list[dict] = []
+    rows: list[dict] = [json.loads(line) for line in mf_out.read_text().splitlines()] if mf_out.exists() else []
+
     kv_versions: dict = {}
     by_index = {s["index"]: s for s in samples}
     for line in kv_out.read_text().splitlines():
@@ -269,7 +308,6 @@ def main() -> None:
         r.update(prediction=pred, answer=s["answers"],
                  score=metrics.score_prediction("niah_single_number", pred, s["answers"]))
         rows.append(r)
-    run_memfit(model, tok, samples, args.methods, args.ratios, rows, args.device)
     with open(out / "results.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps({**r, "context": args.context, "corpus": Path(args.corpus).name, "seed": args.seed})
