@@ -47,7 +47,8 @@ def make_cache(
     rule = policy.static_decode_rule() if dense else None
     fused = rule is not None and rule.get("rule") == "accumulated"
     chosen: Backend = choose_backend(backend, model, dense_store=dense,
-                                     decode_free=policy.acts in ("prefill", "never") or fused, sliding=sliding)
+                                     decode_free=policy.acts in ("prefill", "never") or fused, sliding=sliding,
+                                     decode_steps=reserve)
     if chosen.name == "fast":
         from memfit.core.static_store import DEFAULT_RESERVE, AccumulatedStaticLayer, StaticKVLayer
 

@@ -23,6 +23,8 @@ import torch
 
 from memfit.errors import ConfigError
 
+MIN_GRAPH_STEPS = 64  # decode steps below which recording a CUDA graph does not pay (memfit.graphs)
+
 BACKENDS = ("auto", "fast", "portable")
 FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
 
@@ -54,6 +56,7 @@ def choose_backend(
     dense_store: bool,
     decode_free: bool,
     sliding: bool,
+    decode_steps: int | None = None,
 ) -> Backend:
     """Decide the backend for one cache. `dense_store`: the method's layers are the dense store (not quantized or
     ragged); `decode_free`: the method never evicts while decoding; `sliding`: the model has sliding-window layers.
@@ -86,6 +89,11 @@ def choose_backend(
         # copies, no graph) decode slower than the portable path, so auto keeps those methods portable
         return Backend("portable", "auto: the method evicts during decoding and has no fused static rule (the fast "
                                    "backend would run it eagerly, slower than portable)")
+    if requested == "auto" and on_gpu and decode_steps is not None and decode_steps <= MIN_GRAPH_STEPS:
+        # measured on an H200 (benchmarks/results/backend_agreement_h200.jsonl, the bench's 12-48-token answers):
+        # without a graph the static stores decode slower than the portable path
+        return Backend("portable", f"auto: {decode_steps} decode steps are too few for a CUDA graph, and without "
+                                   "one the portable path is faster")
     graphs = on_gpu and decode_free and not sliding
     why = "CUDA, supported architecture" if on_gpu else "MEMFIT_FAST_ON_CPU=1 (plain-PyTorch form of the fast stores)"
     if on_gpu and not graphs:

@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 
 from memfit.adapters.transformers import MemfitCache, forward
+from memfit.backend import MIN_GRAPH_STEPS
 from memfit.core.static_store import StaticKVLayer
-
-MIN_GRAPH_STEPS = 64
 
 
 class DecodeSteps:
@@ -30,12 +29,16 @@ class DecodeSteps:
 
     def __init__(self, model: torch.nn.Module, cache: MemfitCache, steps: int | None = None) -> None:
         self.model, self.cache = model, cache
+        self.steps = steps
         backend = getattr(cache, "backend", None)
         self.use_graphs = bool(backend is not None and backend.graphs)
         self.reason = "" if self.use_graphs else "not requested by the backend"
         if self.use_graphs and steps is not None and steps < MIN_GRAPH_STEPS:
             self.use_graphs = False
             self.reason = f"{steps} decode steps: too few to win back recording a graph"
+        for layer in cache.core.layers:  # the kernels only where the graph amortises their compilation
+            if isinstance(layer, StaticKVLayer):
+                layer.kernel_attention = self.use_graphs
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
         self.replays = 0
@@ -47,6 +50,11 @@ class DecodeSteps:
         layers = self.cache.core.layers
         if not all(isinstance(layer, StaticKVLayer) and layer.frozen for layer in layers):
             self.reason = "a layer has no static buffer"
+            return False
+        left = None if self.steps is None else self.steps - self.eager_steps
+        if left is None or any(not getattr(layer, "fused", False) and layer.length + left > layer.capacity
+                               for layer in layers):  # a replayed step cannot grow a buffer
+            self.reason = "the static buffers have no room for every remaining step"
             return False
         if any(layer.valid is not None or layer.extras for layer in layers):
             self.reason = "rows hold placeholder slots (a padded batch) or per-token policy state"

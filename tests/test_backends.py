@@ -260,7 +260,7 @@ def test_fast_backend_on_cuda_matches_portable(spec):
     runs = {}
     for backend in ("fast", "portable"):
         cache = make_cache(model, spec, None if spec == "full" else 0.5, _budget_params(spec), backend=backend,
-                           reserve=16)
+                           reserve=80)
         runs[backend] = (cache, generate(model, ids, mask, cache, max_new_tokens=80))
     fast_cache, fast = runs["fast"]
     port_cache, port = runs["portable"]

@@ -37,6 +37,10 @@ class StaticKVLayer(KVLayer):
         self.lengths: torch.Tensor | None = None  # (B,) int32 on the device: used slots, for the kernels
         self.reserve = reserve
         self.budget_tokens: int | None = None  # this layer's token budget, told by the cache when the prompt is in
+        # single-token attention in memfit's Triton kernel: set by the runtime when it will record a CUDA graph (a
+        # long decode). Short eager decodes use SDPA: the kernels' first-use compilation (seconds) would cost more
+        # than they save (measured: benchmarks/results/backend_agreement_h200.jsonl).
+        self.kernel_attention = False
         super().__init__(index)
 
     # -- the dense view ------------------------------------------------------------------------------------------
@@ -162,7 +166,7 @@ class StaticKVLayer(KVLayer):
         if self._kbuf is None or queries.shape[2] != 1 or self.valid is not None or window is not None:
             return super().attend(queries, scaling, window)
         assert self._vbuf is not None and self.lengths is not None
-        if queries.is_cuda and _kernels_ok(queries):
+        if self.kernel_attention and queries.is_cuda and _kernels_ok(queries):
             from memfit.kernels.kivi_attention import decode_attention
 
             return decode_attention(queries[:, :, 0], self._kbuf, self._vbuf, self.lengths, scale=scaling)[:, :, None]
@@ -264,7 +268,7 @@ class AccumulatedStaticLayer(StaticKVLayer):
         assert self.pos is not None and self.cur_pos is not None and self.lengths is not None
         q = queries[:, :, 0]
         self.lengths.add_(1).clamp_(max=self.capacity)  # the new token counts (until the buffer is full)
-        if queries.is_cuda and _kernels_ok(queries):
+        if self.kernel_attention and queries.is_cuda and _kernels_ok(queries):
             from memfit.kernels.h2o_decode import h2o_decode
 
             out, _ = h2o_decode(q, self._kbuf, self._vbuf, self.lengths, self.acc, self.pos, self.cur_pos,
