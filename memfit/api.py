@@ -48,7 +48,8 @@ def make_cache(
     fused = rule is not None and rule.get("rule") == "accumulated"
     chosen: Backend = choose_backend(backend, model, dense_store=dense,
                                      decode_free=policy.acts in ("prefill", "never") or fused, sliding=sliding,
-                                     decode_steps=reserve)
+                                     decode_steps=reserve,
+                                     graph_safe=all(getattr(m, "cuda_graph_safe", True) for m in model.modules()))
     if chosen.name == "fast":
         from memfit.core.static_store import DEFAULT_RESERVE, AccumulatedStaticLayer, StaticKVLayer
 

@@ -57,6 +57,7 @@ def choose_backend(
     decode_free: bool,
     sliding: bool,
     decode_steps: int | None = None,
+    graph_safe: bool = True,
 ) -> Backend:
     """Decide the backend for one cache. `dense_store`: the method's layers are the dense store (not quantized or
     ragged); `decode_free`: the method never evicts while decoding; `sliding`: the model has sliding-window layers.
@@ -89,6 +90,11 @@ def choose_backend(
         # copies, no graph) decode slower than the portable path, so auto keeps those methods portable
         return Backend("portable", "auto: the method evicts during decoding and has no fused static rule (the fast "
                                    "backend would run it eagerly, slower than portable)")
+    if on_gpu and not graph_safe:  # e.g. compressed linear layers (memfit.weights) that sync with the host
+        if requested == "auto":
+            return Backend("portable", "auto: a module of the model cannot run inside a CUDA graph (compressed "
+                                       "weights), and without one the portable path is faster")
+        return Backend("fast", "asked for; no CUDA graph: a module of the model cannot run inside one")
     if requested == "auto" and on_gpu and decode_steps is not None and decode_steps <= MIN_GRAPH_STEPS:
         # measured on an H200 (benchmarks/results/backend_agreement_h200.jsonl, the bench's 12-48-token answers):
         # without a graph the static stores decode slower than the portable path

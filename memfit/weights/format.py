@@ -108,6 +108,10 @@ class CompressedLinear(nn.Module):
     Build it with `from_group`, `from_group_sparse` or `from_tiled_csl`; `add_lowrank` attaches a side branch.
     ``meta`` holds the JSON-able shape information saved in a quantized folder's manifest."""
 
+    # the reference matmul reads group widths on the host every forward: a decode step through it cannot be recorded
+    # in a CUDA graph (memfit.backend keeps such models off the graph path)
+    cuda_graph_safe = False
+
     def __init__(self, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__()
         if fmt not in FORMATS:
