@@ -85,6 +85,10 @@ class KVLayer:
         else:
             self.keys = torch.cat([self.keys, keys], dim=2)
             self.values = torch.cat([self.values, values], dim=2)
+        self._append_state(new_valid, b, h, q)
+
+    def _append_state(self, new_valid: torch.Tensor | None, b: int, h: int, q: int) -> None:
+        """Validity and per-token policy state for the q tokens the slots just received (shared by the stores)."""
         if new_valid is not None and not bool(new_valid.all()):
             step_valid = new_valid[:, None, :].expand(b, h, q)
             self.valid = torch.cat([self.valid_mask()[:, :, : self.num_slots - q], step_valid], dim=2)
@@ -102,6 +106,10 @@ class KVLayer:
         idx = indices.unsqueeze(-1).expand(*indices.shape, d)
         self.keys = self.keys.gather(2, idx).contiguous()
         self.values = self.values.gather(2, idx).contiguous()
+        self._keep_state(indices, valid)
+
+    def _keep_state(self, indices: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Validity and per-token policy state of the kept slots `indices` (shared by the stores)."""
         old_valid = None if self.valid is None else self.valid.gather(2, indices)
         if valid is not None:
             old_valid = valid if old_valid is None else old_valid & valid

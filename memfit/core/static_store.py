@@ -118,16 +118,7 @@ class StaticKVLayer(KVLayer):
             self.slot.fill_(self.length + q)
             self.lengths.fill_(self.length + q)
         self.length += q
-        b, h = keys.shape[:2]
-        if new_valid is not None and not bool(new_valid.all()):
-            step_valid = new_valid[:, None, :].expand(b, h, q)
-            self.valid = torch.cat([self.valid_mask()[:, :, : self.length - q], step_valid], dim=2)
-        elif self.valid is not None:
-            self.valid = torch.cat([self.valid, self.valid.new_ones(b, h, q)], dim=2)
-        for name, state in self.extras.items():
-            pad = state.new_zeros(*state.shape[:2], q, *state.shape[3:])
-            self.extras[name] = torch.cat([state, pad], dim=2)
-        self.seen += q
+        self._append_state(new_valid, keys.shape[0], keys.shape[1], q)
 
     def advance(self, steps: int = 1) -> None:
         """Host-side bookkeeping of `steps` single-token appends that ran inside a replayed CUDA graph (the graph
@@ -149,13 +140,7 @@ class StaticKVLayer(KVLayer):
         self.length = n
         self.slot.fill_(n)
         self.lengths.fill_(n)
-        old_valid = None if self.valid is None else self.valid.gather(2, indices)
-        if valid is not None:
-            old_valid = valid if old_valid is None else old_valid & valid
-        self.valid = None if old_valid is None or bool(old_valid.all()) else old_valid.contiguous()
-        for name, state in self.extras.items():
-            sidx = indices.reshape(*indices.shape, *([1] * (state.dim() - 3))).expand(*indices.shape, *state.shape[3:])
-            self.extras[name] = state.gather(2, sidx).contiguous()
+        self._keep_state(indices, valid)
 
     def select_batch(self, rows: torch.Tensor) -> None:
         self._unfreeze()
