@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memfit.errors import ModelLoadError
+from memfit.units import current_rss
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -182,17 +183,13 @@ def _note_runtime_baseline() -> None:
     """Remember the process's RSS before the first model load (memfit.plan adds it to CPU peak predictions)."""
     global _RUNTIME_BASELINE
     if _RUNTIME_BASELINE is None:
-        from memfit.plan import runtime_bytes
-
-        _RUNTIME_BASELINE = runtime_bytes("cpu")
+        _RUNTIME_BASELINE = current_rss()
 
 
 def runtime_baseline() -> int:
     """RSS before the first model load of this process (the current RSS if no model was loaded here)."""
     if _RUNTIME_BASELINE is None:
-        from memfit.plan import runtime_bytes
-
-        return runtime_bytes("cpu")
+        return current_rss()
     return _RUNTIME_BASELINE
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from memfit.errors import ConfigError
+from memfit.units import current_rss
 
 __all__ = ["ModelShape", "Prediction", "kv_bytes", "model_shape", "plan", "predict"]
 
@@ -240,16 +241,7 @@ def activation_bytes(shape: ModelShape, chunk: int, context: int, batch: int, de
 
 def runtime_bytes(device: str) -> int:
     """What the process holds besides tensors, as peak memory counts it: the current RSS on CPU, 0 on CUDA."""
-    if device != "cpu":
-        return 0
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return current_rss() if device == "cpu" else 0
 
 
 # ------------------------------------------------------------------------------------------------ one prediction

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from memfit import units
 from memfit.errors import ConfigError
 from memfit.offload.streamer import OffloadStats, WeightStreamer, make_hook
 
@@ -52,11 +53,7 @@ def parse_bytes(text: str | int | float, what: str = "--weights-memory") -> int:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+    return units.format_bytes(n, digits=2)
 
 
 @dataclass
