@@ -84,7 +84,7 @@ class ModelShape:
 
     @property
     def is_moe(self) -> bool:
-        from memfit.adapters.transformers_offload import moe_blocks
+        from memfit.adapters.transformers import moe_blocks
 
         return bool(moe_blocks(self.model))
 
@@ -131,7 +131,7 @@ def model_shape(spec: str | Any, dtype: torch.dtype = torch.bfloat16) -> ModelSh
 def weight_bytes_by_bits(shape: ModelShape) -> dict[int, int]:
     """Weight bytes per bit width: decoder linear weights (2D/3D inside the layers) at b bits plus an fp16 scale and
     zero point per group of 128 values; everything else at 16 bits."""
-    from memfit.adapters.transformers_offload import decoder_layers
+    from memfit.adapters.transformers import decoder_layers
 
     in_layers = {id(p) for layer in decoder_layers(shape.model) for p in layer.parameters() if p.dim() >= 2}
     linear = sum(p.numel() for p in shape.model.parameters() if id(p) in in_layers)

@@ -16,7 +16,7 @@ from transformers import (
     Qwen2MoeForCausalLM,
 )
 
-from memfit.adapters.transformers_offload import set_experts_eager
+from memfit.adapters.transformers import set_experts_eager
 from memfit.api import make_cache
 from memfit.engine import generate
 from memfit.errors import ConfigError

@@ -159,7 +159,7 @@ def dense(args: argparse.Namespace, dev: torch.device, emit: Any) -> None:
 def moe(args: argparse.Namespace, dev: torch.device, emit: Any) -> None:
     from transformers import MixtralConfig
 
-    from memfit.adapters.transformers_offload import set_experts_eager
+    from memfit.adapters.transformers import set_experts_eager
     from memfit.offload import attach_offload
 
     if args.tiny:

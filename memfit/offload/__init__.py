@@ -98,7 +98,7 @@ def _param_bytes(params: dict[str, torch.nn.Parameter]) -> int:
 
 
 def resolve_policy(model: torch.nn.Module, policy: str, offload_dir: str | Path | None) -> str:
-    from memfit.adapters.transformers_offload import moe_blocks
+    from memfit.adapters.transformers import moe_blocks
 
     if policy not in POLICIES:
         raise ConfigError(f"unknown offload policy {policy!r}: use one of {', '.join(POLICIES)}")
@@ -143,7 +143,7 @@ def attach_offload(
     lay = layout(model, name, budget, window, prefetch)
     _place_resident(model, lay.other, dev)
     if lay.moe_blocks:
-        from memfit.adapters.transformers_offload import set_experts_eager
+        from memfit.adapters.transformers import set_experts_eager
         from memfit.offload.pregated_moe import install_experts
 
         set_experts_eager(model)
@@ -214,7 +214,7 @@ def layout(
 ) -> Layout:
     """Split `model`'s weights for `policy` ('superpipeline', 'tpi', 'pregated'/'ondemand') under `budget` bytes.
     Raises ConfigError, saying the minimum, when the budget is below it."""
-    from memfit.adapters.transformers_offload import moe_blocks
+    from memfit.adapters.transformers import moe_blocks
 
     all_params = dict(model.named_parameters(remove_duplicate=False))
     buffers_bytes = sum(b.numel() * b.element_size() for b in model.buffers())

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from memfit.adapters.transformers_offload import MoEBlock, run_experts
+from memfit.adapters.transformers import MoEBlock, run_experts
 from memfit.offload.streamer import Unit, WeightStreamer
 
 

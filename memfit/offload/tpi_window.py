@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memfit.adapters.transformers_offload import decoder_layers, layer_parts
+from memfit.adapters.transformers import decoder_layers, layer_parts
 
 
 @dataclass
