@@ -2,8 +2,8 @@
 
 - `admission.py`: predict a request's compressed KV bytes (prompt length, method, budget, max_tokens) and keep the
   pool's books;
-- `scheduler.py`: continuous batching in one thread (chunked prefill, per-request stores, FIFO admission,
-  preemption when memory runs over);
+- `scheduler.py`: continuous batching in one thread (chunked prefill, per-request stores decoded together in one
+  forward per step through `memfit.core.batch_view`, FIFO admission, preemption when memory runs over);
 - `app.py`: the HTTP API (Starlette + uvicorn), OpenAI-style errors, SSE streaming, Prometheus /metrics;
 - `loadtest.py`: `memfit loadtest`, a client for any OpenAI-compatible server.
 """
@@ -61,8 +61,10 @@ def build_server(
     max_batch: int = 64,
     prefill_chunk: int = 512,
     default_max_tokens: int = 256,
+    batch_decode: bool = True,
 ) -> Any:
-    """The ASGI app for a loaded model (its scheduler starts with the app)."""
+    """The ASGI app for a loaded model (its scheduler starts with the app). `batch_decode=False`: one decode forward
+    per running request per step instead of one for all (to measure what batching buys)."""
     from memfit.core.budget import Budget
     from memfit.core.method import build_policy
     from memfit.serve.app import ServerConfig, create_app
@@ -71,7 +73,7 @@ def build_server(
     build_policy(method, Budget.parse(budget), params or {})  # a bad default is a start-up error, not a 400 later
     if prefill_chunk < 1 or max_batch < 1:
         raise ConfigError("--prefill-chunk and --max-batch must be at least 1")
-    scheduler = Scheduler(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk)
+    scheduler = Scheduler(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk, batch_decode)
     scheduler.predictor.byte_model(method, params or {})  # calibrate the default method now, not on a request
     config = ServerConfig(model_name, method, budget, params or {}, default_max_tokens)
     return create_app(model, tokenizer, scheduler, config)

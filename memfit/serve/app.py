@@ -8,7 +8,8 @@ non-streamed request (and `memfit run`) returns. Decoding is greedy only: a requ
 
 Extra request field: `memfit: {"method": ..., "budget": ..., "params": {...}}` (server defaults otherwise). Extra
 `usage` fields: `kv_bytes_held` (bytes the request's compressed store held when it finished) and `kv_bytes_full`
-(what a full cache would have held for the same tokens).
+(what a full cache would have held for the same tokens), `decode_steps_batched` (decode steps that shared one
+forward with other requests) and `decode_steps_alone` (steps in a forward of its own).
 """
 
 from __future__ import annotations
@@ -266,6 +267,8 @@ def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, config: ServerC
             "total_tokens": len(job.prompt_ids) + completion_tokens,
             "kv_bytes_held": req.kv_bytes_held,
             "kv_bytes_full": req.kv_bytes_full,
+            "decode_steps_batched": req.decode_steps_batched,
+            "decode_steps_alone": req.decode_steps_alone,
         }
 
     def choice(job: Job, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
@@ -423,6 +426,19 @@ _METRICS = [
     ("generated_tokens_total", "counter", "tokens_generated_total", "Tokens generated."),
     ("prompt_tokens_total", "counter", "prompt_tokens_total", "Prompt tokens prefilled."),
     ("scheduler_errors_total", "counter", "scheduler_errors_total", "Internal errors that failed requests."),
+    ("decode_batch_size", "gauge", "decode_batch_size", "Requests that shared the last decode forward."),
+    ("decode_view_bytes", "gauge", "decode_view_bytes",
+     "Largest per-layer padded attention view of the last batched decode step (a transient, not in kv_bytes)."),
+    ("decode_forwards_total", "counter", "decode_forwards_total", "Decode forward calls (batched or single)."),
+    ("decode_batched_rows_total", "counter", "decode_batched_rows_total",
+     "Tokens decoded in forwards shared by several requests."),
+    ("decode_alone_steps_total", "counter", "decode_alone_steps_total",
+     "Decode steps a request ran in a forward of its own while others were decoding (batching off, or its store "
+     "cannot share a forward)."),
+    ("attention_padded_row_layers_total", "counter", "attention_padded_row_layers_total",
+     "(request, layer) attentions run in a shared padded SDPA."),
+    ("attention_own_row_layers_total", "counter", "attention_own_row_layers_total",
+     "(request, layer) attentions run by the store's own call inside a shared forward (quantized, ragged...)."),
 ]
 
 

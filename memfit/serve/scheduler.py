@@ -6,19 +6,27 @@ One scheduler thread owns the model. Each tick it
    of `kv_memory` (and `max_batch` allows): the head of the queue is never overtaken, so nobody starves;
 3. runs ONE prefill chunk of the oldest admitted request that is still reading its prompt, so a long prompt never
    stalls the running requests for more than a chunk;
-4. runs one greedy decode step for every request whose prompt is in;
+4. runs one greedy decode step for every request whose prompt is in: ONE model forward over all of them
+   (`memfit.core.batch_view.BatchView`: each row is a request's own store, its own method and length, at its own
+   next position; per-step eviction and quantization run per store exactly as alone), or one forward per request
+   with `batch_decode=False`;
 5. if the stores together hold more than `kv_memory` (a prediction was low), preempts the newest running request
    that holds bytes: its store is freed and it goes back to the front of the queue, reserving at least what it
    held; greedy decoding regenerates the same tokens, and the ones already streamed are not sent twice. A request
    running alone is never preempted.
 
-Every request has its own `MemfitCache` (its own method, budget and parameters), so each decode step is one forward
-call of batch 1 per request. Batching the rows of different caches into one forward needs a runtime primitive
-that stacks per-row stores of different lengths; this module keeps to the public per-cache calls instead.
+A request decodes in its own forward only when it runs alone, when batching is off, or when its store cannot share
+a forward (`alone_reason`: today a tensor-parallel store); /metrics counts such steps (`decode_alone_steps_total`)
+and the response's usage says how many of its steps were batched (`decode_steps_batched`, `decode_steps_alone`).
+Inside the shared forward, rows of plain dense stores attend in one padded SDPA and the others (quantized,
+ragged, static, sliding-window) attend by their store's own call (`attention_own_row_layers_total`). The padded view
+is a per-layer transient (`decode_view_bytes`); admission counts only the stores' own bytes.
 
 Each prefill/decode call mirrors `memfit.engine` exactly (prompt selection, `begin_prompt` only when chunking,
 `after_prefill`, mask growing by one column per step, positions continuing), so greedy text equals `memfit run`
-with the same settings and the same `--prefill-chunk`.
+with the same settings and the same `--prefill-chunk`. A batched step computes the same values up to the order of
+floating-point sums (matrix products over n rows, a padded SDPA), so its greedy tokens are those of `memfit run`
+too (tests/test_serve.py checks it for every kind of store).
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from typing import Any
 
 import torch
 
-from memfit.adapters.transformers import forward
+from memfit.adapters.transformers import MemfitCache, forward
 from memfit.api import make_cache
+from memfit.core.batch_view import BatchView
 from memfit.core.budget import Budget
 from memfit.engine import positions_from_mask
 from memfit.serve.admission import BytePredictor, ModelShape
@@ -71,6 +80,8 @@ class Request:
     finished: str | None = None
     kv_bytes_held: int = 0
     kv_bytes_full: int = 0
+    decode_steps_batched: int = 0  # decode steps that shared one forward with other requests
+    decode_steps_alone: int = 0  # decode steps in a forward of its own (running alone, or it cannot share)
 
     @property
     def prefilled(self) -> bool:
@@ -97,8 +108,10 @@ class Scheduler:
         kv_memory: int,
         max_batch: int = 64,
         prefill_chunk: int = 512,
+        batch_decode: bool = True,
     ) -> None:
         self.model = model
+        self.batch_decode = bool(batch_decode)  # False: one forward per request per step (for comparison)
         self.device = next(model.parameters()).device
         self.kv_memory = int(kv_memory)
         self.max_batch = int(max_batch)
@@ -114,7 +127,8 @@ class Scheduler:
         self.stats = collections.Counter()  # requests_total, preemptions_total, tokens_generated_total, ...
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) for tokens/s
         self.last_error: str | None = None
-        self._snapshot: dict[str, int] = {"kv_bytes_held": 0, "kv_bytes_full": 0, "kv_bytes_reserved": 0}
+        self._snapshot: dict[str, int] = {"kv_bytes_held": 0, "kv_bytes_full": 0, "kv_bytes_reserved": 0,
+                                          "decode_batch_size": 0, "decode_view_bytes": 0}
 
     # -- called from the server's threads ------------------------------------------------------------------------
     def reserve_for(self, method: str, budget: Budget, params: dict[str, Any], prompt: int, max_tokens: int) -> int:
@@ -170,10 +184,8 @@ class Scheduler:
                         self._cv.wait(timeout=0.5)
                     if self._stop:
                         break
-                    self.waiting.extend(self._inbox)
-                    self._inbox.clear()
                 try:
-                    self._tick()
+                    self.tick()
                 except Exception as exc:  # a bug must not take the server down: fail the requests in flight
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     self.stats["scheduler_errors_total"] += 1
@@ -183,16 +195,19 @@ class Scheduler:
         for req in list(self.running) + list(self.waiting) + self._inbox:
             self._finish(req, None, error="the server is shutting down")
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
+        """One scheduler tick (see module docstring): what the scheduler thread runs in a loop. Tests may drive a
+        scheduler that was not started by calling it directly."""
+        with self._cv:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
         self._drop_cancelled()
         self._admit()
         reading = next((r for r in self.running if not r.prefilled), None)
         decoding = [r for r in self.running if r.prefilled]  # before the chunk: a request just prefilled waits a tick
         if reading is not None:
             self._prefill_chunk(reading)
-        for req in decoding:
-            if not req.cancelled and req.finished is None:
-                self._decode(req)
+        self._decode_step([r for r in decoding if not r.cancelled and r.finished is None])
         self.running = [r for r in self.running if r.finished is None]
         self._enforce_memory()
         self._publish()
@@ -249,12 +264,59 @@ class Scheduler:
         req._mask, req._pos = mask, positions[:, -1:]
         self._take(req, logits[:, -1])
 
-    def _decode(self, req: Request) -> None:
+    @staticmethod
+    def alone_reason(req: Request) -> str | None:
+        """Why this request's store cannot share a batched decode forward, or None."""
+        if req.cache.core.tensor_parallel:
+            return "tensor-parallel store (its collectives run per forward)"
+        return None
+
+    def _decode_step(self, reqs: list[Request]) -> None:
+        """One decode step for `reqs`: one shared forward for all that can share it, one forward for each other."""
+        shared = [r for r in reqs if self.batch_decode and self.alone_reason(r) is None]
+        alone = [r for r in reqs if r not in shared]
+        if len(shared) == 1:
+            alone, shared = shared + alone, []
+        if reqs:
+            self._snapshot["decode_batch_size"] = max(len(shared), 1)
+            self._snapshot["decode_view_bytes"] = 0
+        if shared:
+            self._decode_batch(shared)
+        for req in alone:
+            self._decode(req)
+            if len(reqs) > 1:  # it ran alone although others were decoding: say so
+                self.stats["decode_alone_steps_total"] += 1
+
+    def _advance(self, req: Request) -> None:
         assert req._mask is not None and req._pos is not None and req._next is not None
         req._mask = torch.cat([req._mask, req._mask.new_ones(1, 1)], dim=1)
         req._pos = req._pos + 1
+
+    def _decode(self, req: Request) -> None:
+        self._advance(req)
         logits = forward(self.model, req._next, req._mask, req.cache, req._pos, logits_to_keep=1)[:, -1]
+        req.decode_steps_alone += 1
+        self.stats["decode_forwards_total"] += 1
         self._take(req, logits)
+
+    def _decode_batch(self, reqs: list[Request]) -> None:
+        """ONE forward for every request of `reqs`: row i is request i's next token at its own next position,
+        attending over its own store (memfit.core.batch_view)."""
+        for req in reqs:
+            self._advance(req)
+        ids = torch.cat([r._next for r in reqs])  # type: ignore[misc]
+        positions = torch.cat([r._pos for r in reqs])  # type: ignore[misc]
+        new = torch.ones(len(reqs), 1, dtype=torch.long, device=self.device)  # every row's new token is real
+        view = BatchView([r.cache.core for r in reqs])
+        logits = forward(self.model, ids, new, MemfitCache(view), positions, logits_to_keep=1)[:, -1]
+        self.stats["decode_forwards_total"] += 1
+        self.stats["decode_batched_rows_total"] += len(reqs)
+        self.stats["attention_padded_row_layers_total"] += view.padded_rows
+        self.stats["attention_own_row_layers_total"] += view.own_rows
+        self._snapshot["decode_view_bytes"] = view.view_bytes
+        for i, req in enumerate(reqs):
+            req.decode_steps_batched += 1
+            self._take(req, logits[i : i + 1])
 
     def _take(self, req: Request, logits: torch.Tensor) -> None:
         """Greedy choice, exactly as the engine: EOS ends the request, else the token counts and is emitted."""
@@ -306,6 +368,7 @@ class Scheduler:
     def _publish(self) -> None:
         caches = [r.cache for r in self.running if r.cache is not None]
         self._snapshot = {
+            **self._snapshot,
             "kv_bytes_held": sum(c.nbytes() for c in caches),
             "kv_bytes_full": sum(c.full_nbytes() for c in caches),
             "kv_bytes_reserved": sum(r.reserved() for r in self.running),

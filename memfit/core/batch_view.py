@@ -1,0 +1,166 @@
+"""One decode forward over many requests' own compressed stores (continuous batching in `memfit serve`).
+
+Each request of the server keeps its own `CompressedCache` (its own method, budget, parameters and length). To
+decode all of them with ONE model forward per step, `BatchView` presents n single-row caches to the model as one
+n-row cache: the adapter's `MemfitCache` wraps it like a `CompressedCache`, so every linear layer, MLP, norm and
+embedding runs once over the n rows, and at each attention layer the view receives the n new keys/values and the
+n query rows and hands each row back to its own cache's public `step`, which appends the token, attends, runs the
+method's per-step policy (H2O, TOVA, Scissorhands...) and lets the store finalize (KIVI's residual flush), exactly
+as in a lone decode. Each row is the request's true next token at its true next position (the scheduler passes
+per-row position ids), so RoPE and the methods see what they would see alone.
+
+Attention, per layer:
+- rows whose store is a plain dense `KVLayer` of a global-attention layer (full, SnapKV, H2O, StreamingLLM, TOVA,
+  ...) join ONE SDPA over a left-padded view: each row's held keys/values and its new token are copied
+  right-aligned into (n', Hkv, T+1, d) tensors, T = the most slots any of these rows holds; padding slots are
+  invalid in the mask, so a row attends over exactly its own tokens. The row's output is then given to its cache's
+  `step` in place of the store's own `attend` (for a dense store `attend` is that same SDPA over the same slots,
+  without side effects, so nothing else changes);
+- rows of any other store (quantized segments of KIVI/GEAR/VidKV, ragged AdaKV heads, static buffers, sliding-
+  window layers, a method's own store subclass) attend through their store's own `attend` inside `step`, on their
+  row only: they still share the forward, only their attention is a call of its own (counted in `own_rows`).
+
+Memory. The padded view is a transient of one layer at a time, freed before the next layer runs: 2 * n' * Hkv *
+(T + 1) * d * element size bytes of keys and values, plus n' * Hkv * (T + 1) bytes of validity and the
+(n', H, 1, T + 1) boolean mask SDPA receives. It is reported (`view_bytes`, the largest of the step) and is not part
+of any store: the stores' own `nbytes()` stay the basis of admission. Rows all of the same length with no padding
+or placeholder slot skip the mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from memfit.core.cache import CompressedCache, KVLayer, dense_attention
+
+
+class _LayerStub:
+    """What the transformers Cache bookkeeping reads of one layer of the view (`keys` is not None once the rows
+    are prefilled; `seen` is the longest row's logical length, used only for mask sizes, which memfit ignores)."""
+
+    def __init__(self, view: BatchView, index: int) -> None:
+        self.view, self.index = view, index
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.view.cores[0].layers[self.index].keys
+
+    @property
+    def seen(self) -> int:
+        return max(core.layers[self.index].seen for core in self.view.cores)
+
+
+@contextlib.contextmanager
+def _attended(layer: KVLayer, out: torch.Tensor) -> Iterator[None]:
+    """For one `step` call, the layer's `attend` returns the row's already computed attention output (an instance
+    attribute shadowing the class method; removed right after)."""
+    layer.attend = lambda queries, scaling, window=None: out  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del layer.attend
+
+
+def joins_padded_attention(layer: KVLayer) -> bool:
+    """A plain dense store of a global-attention layer: its `attend` is SDPA over (keys, values, valid) and
+    nothing else, so it can attend inside the shared padded view."""
+    return type(layer) is KVLayer and layer.window is None and layer.keys is not None
+
+
+class BatchView:
+    """n single-row `CompressedCache`s seen by the model as one n-row cache for one decode forward (see module
+    docstring). Build one per step; it holds no tensors between steps."""
+
+    def __init__(self, cores: Sequence[CompressedCache], padded: bool = True) -> None:
+        if not cores:
+            raise ValueError("a batch view needs at least one cache")
+        layers = {core.num_layers for core in cores}
+        if len(layers) != 1:
+            raise ValueError(f"caches of one batched forward must have the same layer count, got {sorted(layers)}")
+        for core in cores:
+            if core.layers[0].keys is not None and core.layers[0].held_per_row().shape[0] != 1:
+                raise ValueError("each cache of a batch view must hold exactly one row")
+        self.cores = list(cores)
+        self.padded = padded
+        self.layers = [_LayerStub(self, i) for i in range(layers.pop())]
+        self.tensor_parallel = False
+        self.padded_rows = 0  # (row, layer) pairs that attended in the shared padded view
+        self.own_rows = 0  # (row, layer) pairs that attended through their store's own attend
+        self.view_bytes = 0  # the largest padded view (keys, values, validity, SDPA mask) of any layer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def step(
+        self,
+        layer_idx: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor,
+        scaling: float,
+        new_valid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The adapter's per-layer call for the whole batch: keys/values (n, Hkv, 1, d), queries (n, H, 1, d).
+        Returns the attention output (n, H, 1, d)."""
+        n = len(self.cores)
+        if keys.shape[0] != n or keys.shape[2] != 1:
+            raise ValueError(f"a batch view decodes one token for each of its {n} rows, got keys {tuple(keys.shape)}")
+        rows = [i for i, core in enumerate(self.cores) if joins_padded_attention(core.layers[layer_idx])]
+        shared: dict[int, torch.Tensor] = {}
+        if self.padded and len(rows) > 1:
+            shared = dict(zip(rows, self._padded_attention(layer_idx, rows, keys, values, queries, scaling),
+                              strict=True))
+        out = torch.empty_like(queries)
+        for i, core in enumerate(self.cores):
+            # the store keeps what it is given: a copy of this row, not a view that pins the whole batch's tensor
+            k, v = keys[i : i + 1].clone(), values[i : i + 1].clone()
+            nv = None if new_valid is None else new_valid[i : i + 1]
+            if i in shared:
+                with _attended(core.layers[layer_idx], shared[i]):
+                    out[i : i + 1] = core.step(layer_idx, k, v, queries[i : i + 1], scaling, nv)
+                self.padded_rows += 1
+            else:
+                out[i : i + 1] = core.step(layer_idx, k, v, queries[i : i + 1], scaling, nv)
+                self.own_rows += 1
+        return out
+
+    def _padded_attention(
+        self,
+        layer_idx: int,
+        rows: list[int],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        queries: torch.Tensor,
+        scaling: float,
+    ) -> list[torch.Tensor]:
+        """One SDPA for `rows` over their held tokens + the new one, left-padded; one (1, H, 1, d) output per row."""
+        held = [self.cores[i].layers[layer_idx] for i in rows]
+        lens = [layer.num_slots for layer in held]
+        width = max(lens) + 1
+        n, hkv, _, d = len(rows), keys.shape[1], keys.shape[2], keys.shape[3]
+        idx = torch.tensor(rows, device=keys.device)
+        if all(t == lens[0] for t in lens) and all(layer.valid is None for layer in held):
+            k_view = torch.cat([torch.cat([layer.keys for layer in held]), keys[idx]], dim=2)
+            v_view = torch.cat([torch.cat([layer.values for layer in held]), values[idx]], dim=2)
+            valid = None
+        else:
+            k_view = keys.new_zeros(n, hkv, width, d)
+            v_view = values.new_zeros(n, hkv, width, d)
+            valid = torch.zeros(n, hkv, width, dtype=torch.bool, device=keys.device)
+            for j, (layer, t) in enumerate(zip(held, lens, strict=True)):
+                start = width - 1 - t
+                k_view[j, :, start:-1] = layer.keys[0]
+                v_view[j, :, start:-1] = layer.values[0]
+                valid[j, :, start:-1] = True if layer.valid is None else layer.valid[0]
+            k_view[:, :, -1:] = keys[idx]
+            v_view[:, :, -1:] = values[idx]
+            valid[:, :, -1] = True
+        q = queries[idx]
+        mask_bytes = 0 if valid is None else q.shape[1] * n * width + valid.numel()
+        self.view_bytes = max(self.view_bytes, 2 * k_view.numel() * k_view.element_size() + mask_bytes)
+        out = dense_attention(q, k_view, v_view, valid, scaling)
+        return list(out.split(1))
