@@ -1,6 +1,7 @@
 """Group quantizers shared by every weight method: min-max (RTN) parameters, SliM-LLM's salience-weighted search,
-1-bit binarisation, and a GPTQ loop (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
-Pre-trained Transformers", arXiv 2210.17323) that accepts per-group bit widths and a block mask.
+1-bit binarisation, a GPTQ loop (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", arXiv 2210.17323) that accepts per-group bit widths and a block mask, and
+`GroupedLayer`, the pad / Hessian / GPTQ-or-RTN steps the calibrated group methods share.
 
 Conventions: a group is ``group_size`` consecutive input columns of one output row. Parameters are
 ``(scale, offset)`` rounded to fp16 *before* the codes are computed, so the fake-quantized weight used for error
@@ -11,6 +12,7 @@ feedback is bit-for-bit what `CompressedLinear` will decode: ``w_hat = code * sc
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -171,3 +173,44 @@ def gptq_quantize(
             err[:, i] = e
         wq[:, i2:] -= err @ u[i1:i2, i2:]
     return codes, scales, offsets
+
+
+@dataclass
+class GroupedLayer:
+    """One linear layer's weight cut into column groups, plus the GPTQ factor when calibration reached it.
+
+    The step every calibrated group method (SliM-LLM, GQSA) shares: pad the columns to whole groups, pad and damp
+    the Hessian, then quantize by GPTQ with that factor - or by round-to-nearest when the layer got no statistics
+    (a linear outside the decoder blocks). The methods only decide each group's width and which blocks survive."""
+
+    w: torch.Tensor  # (out, in) fp32, as the layer holds it
+    padded: torch.Tensor  # (out, n_groups * group_size): `pad_columns(w)`
+    group_size: int
+    h: torch.Tensor | None  # Hessian padded to whole groups; None without calibration
+    u: torch.Tensor | None  # upper Cholesky factor of its damped inverse (`inverse_hessian_factor`)
+
+    @classmethod
+    def of(cls, w: torch.Tensor, group_size: int, h: torch.Tensor | None, percdamp: float = 0.01) -> GroupedLayer:
+        padded = pad_columns(w, group_size)
+        if h is None:
+            return cls(w, padded, group_size, None, None)
+        h = pad_hessian(h, padded.shape[1])
+        return cls(w, padded, group_size, h, inverse_hessian_factor(h, percdamp))
+
+    @property
+    def n_groups(self) -> int:
+        return self.padded.shape[1] // self.group_size
+
+    def group_sums(self, per_weight: torch.Tensor) -> torch.Tensor:
+        """``(out, n_groups * G)`` per-weight values -> their sums per (row, group) ``(out, n_groups)``."""
+        return per_weight.view(per_weight.shape[0], self.n_groups, self.group_size).sum(-1)
+
+    def quantize(
+        self, group_bits: torch.Tensor, params: ParamsFn = minmax_params, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """GPTQ (`gptq_quantize`) with the calibration factor, else round-to-nearest (`rtn_quantize`, where
+        ``keep`` plays no part: the storage drops pruned blocks). Returns codes ``(out, n_g, G)``, scales,
+        offsets."""
+        if self.u is None:
+            return rtn_quantize(self.w, group_bits, self.group_size, params=params)
+        return gptq_quantize(self.w, self.u, group_bits, self.group_size, params=params, keep=keep)

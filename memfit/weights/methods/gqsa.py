@@ -35,7 +35,7 @@ from memfit.errors import ConfigError
 from memfit.weights.base import WeightMethod, linear_weight, register_weight_method
 from memfit.weights.calibrate import LinearStats
 from memfit.weights.format import CompressedLinear
-from memfit.weights.quantizer import gptq_quantize, inverse_hessian_factor, pad_columns, pad_hessian, rtn_quantize
+from memfit.weights.quantizer import GroupedLayer
 
 
 def group_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -67,18 +67,12 @@ class GQSA(WeightMethod):
 
     def compress(self, linear: nn.Linear, stats: LinearStats | None) -> CompressedLinear:
         w, bias = linear_weight(linear)
-        wp = pad_columns(w, self.group_size)
-        out, n = wp.shape
-        n_g = n // self.group_size
-        bits = torch.full((n_g,), self.bits, dtype=torch.uint8)
-        if stats is None or stats.h is None:
-            score = wp.pow(2).view(out, n_g, self.group_size).sum(-1)
-            keep = group_keep_mask(score, self.sparsity)
-            codes, s, o = rtn_quantize(w, bits, self.group_size)
-        else:
-            h = pad_hessian(stats.h, n)
-            score = (wp.pow(2) * torch.diag(h)[None, :]).view(out, n_g, self.group_size).sum(-1)
-            keep = group_keep_mask(score, self.sparsity)
-            u = inverse_hessian_factor(h, self.percdamp)
-            codes, s, o = gptq_quantize(w, u, bits, self.group_size, keep=keep)
+        layer = GroupedLayer.of(w, self.group_size, None if stats is None else stats.h, self.percdamp)
+        bits = torch.full((layer.n_groups,), self.bits, dtype=torch.uint8)
+        magnitude = layer.padded.pow(2)  # plain magnitude when no calibration reached the layer
+        keep = group_keep_mask(
+            layer.group_sums(magnitude if layer.h is None else magnitude * torch.diag(layer.h)[None, :]),
+            self.sparsity,
+        )
+        codes, s, o = layer.quantize(bits, keep=keep)
         return CompressedLinear.from_group_sparse(codes, s, o, keep, self.bits, w.shape[1], bias)

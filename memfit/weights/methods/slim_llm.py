@@ -40,15 +40,7 @@ from memfit.errors import ConfigError
 from memfit.weights.base import WeightMethod, linear_weight, register_weight_method
 from memfit.weights.calibrate import LinearStats
 from memfit.weights.format import CompressedLinear
-from memfit.weights.quantizer import (
-    gptq_quantize,
-    inverse_hessian_factor,
-    minmax_params,
-    pad_columns,
-    pad_hessian,
-    rtn_quantize,
-    sqc_params,
-)
+from memfit.weights.quantizer import GroupedLayer, decode, minmax_params, rtn_quantize, sqc_params
 
 
 def allocate_bits(salience: torch.Tensor, bits: int, k: int) -> torch.Tensor:
@@ -103,7 +95,7 @@ class SliMLLM(WeightMethod):
         for k in ks:
             bits = allocate_bits(sal, self.bits, k)
             codes, s, o = rtn_quantize(w, bits, self.group_size)
-            w_hat = (codes.float() * s[..., None] + o[..., None]).view_as(w)[:, : x.shape[1]]
+            w_hat = decode(codes, s, o).view_as(w)[:, : x.shape[1]]
             kl = output_kl(x, w_real, w_hat, p)
             if kl < best_kl:
                 best, best_kl = bits, kl
@@ -111,16 +103,13 @@ class SliMLLM(WeightMethod):
 
     def compress(self, linear: nn.Linear, stats: LinearStats | None) -> CompressedLinear:
         w, bias = linear_weight(linear)
-        n_g = -(-w.shape[1] // self.group_size)
+        layer = GroupedLayer.of(w, self.group_size, None if stats is None else stats.h, self.percdamp)
         params = partial(sqc_params, lam=self.lambda_salience, norm=self.norm, grid=self.grid)
-        if stats is None or stats.h is None:  # no calibration reached this layer: uniform width, SQC rounding
-            bits = torch.full((n_g,), self.bits, dtype=torch.uint8)
-            codes, s, o = rtn_quantize(w, bits, self.group_size, params=lambda g, b, _s: params(g, b, None))
-            return CompressedLinear.from_group(codes, s, o, bits, w.shape[1], bias)
-        wp = pad_columns(w, self.group_size)
-        u = inverse_hessian_factor(pad_hessian(stats.h, wp.shape[1]), self.percdamp)
-        bits = self.choose_bits(wp, u, stats.inputs)
-        codes, s, o = gptq_quantize(w, u, bits, self.group_size, params=params)
+        if layer.u is None:  # no calibration reached this layer: uniform width, SQC rounding (no salience)
+            bits = torch.full((layer.n_groups,), self.bits, dtype=torch.uint8)
+        else:
+            bits = self.choose_bits(layer.padded, layer.u, stats.inputs)
+        codes, s, o = layer.quantize(bits, params=params)
         return CompressedLinear.from_group(codes, s, o, bits, w.shape[1], bias)
 
 
