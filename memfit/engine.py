@@ -156,7 +156,7 @@ def prefill_prompt(
     from memfit.core import tp
 
     with tp.scope(cache.core.tensor_parallel):  # GemFilter's filter score sums every rank's heads
-        chosen = cache.core.method.select_prompt(model, input_ids, attention_mask, cache.core)
+        chosen = cache.core.select_prompt(model, input_ids, attention_mask)
     if chosen is not None:  # the method shortened the prompt (GemFilter); budgets still resolve from the original
         # a full cache would have held the original prompt: count it in full_nbytes()
         cache.core.skipped_prompt_tokens = int(input_ids.shape[1] - chosen[0].shape[1])
@@ -182,7 +182,7 @@ def prefill_prompt(
     assert logits is not None
     # methods that score with extra forward passes over the whole prompt (KVzip's context reconstruction) act here
     with tp.scope(cache.core.tensor_parallel):
-        cache.core.method.after_prefill(model, cache.core, input_ids, attention_mask)
+        cache.core.after_prefill(model, input_ids, attention_mask)
     return logits[:, -1], attention_mask
 
 

@@ -166,15 +166,12 @@ def test_selection_is_per_kv_head():
     queries[0, :2] = 1.0  # query heads 0,1 -> KV head 0
     queries[0, 2:] = -1.0  # query heads 2,3 -> KV head 1
 
-    class _Cache:
-        @staticmethod
-        def layer_keep(layer_idx):
-            return torch.tensor([6])
-
     method = get_method("snapkv").create(6, {"window": 4, "kernel": 1})
-    from memfit.core.cache import StepInfo
+    from memfit.core.cache import StepInfo, apply_selection
+    from memfit.core.contract import LayerView
 
-    method.after_attention(_Cache(), layer, queries, 1.0, StepInfo(0, 1, 4, True, None))
+    info = StepInfo(0, 1, 4, True, None, keep=torch.tensor([6]))
+    apply_selection(layer, method.after_attention(LayerView(layer), queries, 1.0, info), info.keep)
     kept0 = set(layer.values[0, 0, :, 0].long().tolist())
     kept1 = set(layer.values[0, 1, :, 0].long().tolist())
     assert layer.keys.shape == (1, 2, 6, d)

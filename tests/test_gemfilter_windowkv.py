@@ -112,7 +112,7 @@ def test_gemfilter_selects_the_planted_token_and_reprefills_it():
     ]
     ids, mask = pad_left(prompts)
     cache = make_cache(m, "gemfilter", 12, {"filter_layer": 0})
-    new_ids, new_mask = cache.method.select_prompt(m, ids, mask, cache.core)
+    new_ids, new_mask = cache.core.select_prompt(m, ids, mask)
     assert new_ids.shape == (2, 12) and bool(new_mask.bool().all())
     for row in range(2):
         kept = new_ids[row].tolist()

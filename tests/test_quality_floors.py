@@ -22,6 +22,7 @@ import torch
 
 from memfit.adapters.transformers import forward
 from memfit.api import make_cache
+from memfit.core.contract import Selection
 from memfit.core.method import REGISTRY, Method, all_methods
 from memfit.engine import pad_left, positions_from_mask, prefill_prompt
 
@@ -98,10 +99,11 @@ class _RandomKeep(Method):
     family = "eviction"
     acts = "prefill"
 
-    def after_attention(self, cache, layer, queries, scaling, info) -> None:
-        if info.is_prefill and cache.layer_keep(info.layer_idx) is not None:
+    def after_attention(self, layer, queries, scaling, info) -> Selection | None:
+        if info.is_prefill and info.keep is not None:
             gen = torch.Generator().manual_seed(info.layer_idx)
-            self.evict(cache, layer, torch.rand(layer.keys.shape[:3], generator=gen))
+            return Selection(torch.rand(layer.keys.shape[:3], generator=gen))
+        return None
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import torch
 
 from memfit.adapters.transformers import forward
 from memfit.api import make_cache
-from memfit.core.cache import KVLayer, StepInfo
+from memfit.core.cache import KVLayer, StepInfo, apply_selection
+from memfit.core.contract import LayerView
 from memfit.core.method import get_method
 from memfit.engine import pad_left, positions_from_mask
 from memfit.errors import ConfigError
@@ -17,14 +18,11 @@ from memfit.methods.keyformer import SCORE, gumbel_noise
 from memfit.methods.scissorhands import HISTORY, event_counts, pack_bits, unpack_bits
 
 
-class FakeCache:
-    """The two things a policy reads from a CompressedCache."""
-
-    def __init__(self, keep: list[int]) -> None:
-        self.keep_rows = torch.tensor(keep)
-
-    def layer_keep(self, layer_idx: int) -> torch.Tensor:
-        return self.keep_rows
+def act(method, keep: list[int], layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo) -> None:
+    """One policy step as the runtime drives it: the method sees a read-only view of `layer` and its budget per row
+    (`keep`), and its answer is applied to the store."""
+    info.keep = torch.tensor(keep)
+    apply_selection(layer, method.after_attention(LayerView(layer), queries, scaling, info), info.keep)
 
 
 def hand_layer(keys: torch.Tensor) -> KVLayer:
@@ -79,7 +77,7 @@ def test_scissorhands_evicts_tokens_repeatedly_below_uniform():
     for row in chosen:
         p = torch.softmax(queries[0, 0, row] @ torch.eye(t)[: row + 1].T, -1)
         expected[: row + 1] += (p < 1.0 / (row + 1)).long()
-    method.after_attention(FakeCache([10]), layer, queries, 1.0, prefill_info(t))
+    act(method, [10], layer, queries, 1.0, prefill_info(t))
     kept = held_ids(layer)
     assert kept == [1, 2, 4, 7, 8, 10, 12, 13, 14, 15]
     # counts: 0 for {1,4,7,8}, 2 for {2,10}, 3 for 13, 4 for 12, 5 for the evicted ones; protected 14, 15
@@ -105,7 +103,7 @@ def _run_decode_steps(method, layer, keep, steps, queries, keys, log=None, windo
             probs = torch.softmax(logits, -1).view(hkv, groups, -1).mean(1)  # (Hkv, T)
             ids = layer.values[0, :, :, 0].long()
             log.append({(h, int(ids[h, j])): bool(probs[h, j] * probs.shape[-1] < 1) for h in range(hkv) for j in range(ids.shape[1])})
-        method.after_attention(FakeCache([keep]), layer, q, 1.0, decode_info())
+        act(method, [keep], layer, q, 1.0, decode_info())
         held.append(int(layer.held_per_row().max()))
         if log is not None:
             counts = event_counts(layer.extras[HISTORY])[0]
@@ -133,7 +131,7 @@ def test_scissorhands_amortised_drops_and_exact_window_counts():
         probs = torch.softmax(logits, -1)
         probs = probs.view(2, 2, -1).mean(1)
         log.append({(h, j): bool(probs[h, j] * (row + 1) < 1) for h in range(2) for j in range(row + 1)})
-    method.after_attention(FakeCache([keep]), layer, queries, 1.0, prefill_info(t))
+    act(method, [keep], layer, queries, 1.0, prefill_info(t))
     assert int(layer.held_per_row().max()) == keep
     steps = 14
     held = _run_decode_steps(method, layer, keep, steps, torch.randn(steps, 4, d), torch.randn(steps, 2, d), log, 6)
@@ -145,7 +143,7 @@ def test_scissorhands_drop_one_evicts_every_step():
     torch.manual_seed(1)
     layer = hand_layer(torch.randn(1, 1, 20, 8))
     method = get_method("scissorhands").create(10, {"drop": 0.01})  # m = 1 (at least one)
-    method.after_attention(FakeCache([10]), layer, torch.randn(1, 1, 20, 8), 1.0, prefill_info(20))
+    act(method, [10], layer, torch.randn(1, 1, 20, 8), 1.0, prefill_info(20))
     held = _run_decode_steps(method, layer, 10, 5, torch.randn(5, 1, 8), torch.randn(5, 1, 8))
     assert held == [10] * 5
 
@@ -160,14 +158,14 @@ def test_scissorhands_released_mode_keeps_top_decile_events():
     for row, (a, b, c) in {27: (3, 7, 11), 28: (5, 3, 11), 29: (3, 9, 11)}.items():
         queries[0, 0, row, [a, b, c]] = torch.tensor([10.0, 9.0, 8.0])
     method = get_method("scissorhands").create(6, {"mode": "released", "lru_window": 3, "position_window": 2})
-    method.after_attention(FakeCache([6]), layer, queries, 1.0, prefill_info(t))
+    act(method, [6], layer, queries, 1.0, prefill_info(t))
     assert held_ids(layer) == [3, 5, 7, 9, 28, 29]  # 11 is well attended but never in the top decile
     counts = dict(zip(held_ids(layer), event_counts(layer.extras[HISTORY])[0, 0].tolist(), strict=True))
     assert counts[3] == 3 and counts[5] == counts[7] == counts[9] == 1
     assert layer.extras[HISTORY].shape[-1] == 1  # 3 bits
     # paper mode on the same rows keeps 11 (it is above uniform in every row)
     paper_layer = hand_layer(torch.eye(t)[None, None])
-    get_method("scissorhands").create(6).after_attention(FakeCache([6]), paper_layer, queries, 1.0, prefill_info(t))
+    act(get_method("scissorhands").create(6), [6], paper_layer, queries, 1.0, prefill_info(t))
     assert 11 in held_ids(paper_layer)
     # decoding in released mode: back to the budget after every token, the last 2 always held
     torch.manual_seed(2)
@@ -228,7 +226,7 @@ def test_keyformer_scores_use_gumbel_softmax_with_the_step_temperature():
     layer = hand_layer(keys)
     method = get_method("keyformer").create(1000, {"tau_end": 3.0, "max_new_tokens": 2, "seed": 11})
     queries = torch.randn(1, 2, t, d)
-    method.after_attention(FakeCache([1000]), layer, queries, 0.5, prefill_info(t))
+    act(method, [1000], layer, queries, 0.5, prefill_info(t))
     logits = (queries[0] @ keys[0, 0].T) * 0.5 + torch.triu(torch.full((t, t), float("-inf")), 1)  # (H, t, t)
     noise = torch.cat([gumbel_noise(11, 0, 0, (2, 128, 128)), torch.zeros(2, 128, t - 128)], -1)
     noise = torch.cat([noise, gumbel_noise(11, 0, 128, (2, t - 128, t))], 1)
@@ -239,7 +237,7 @@ def test_keyformer_scores_use_gumbel_softmax_with_the_step_temperature():
         q = torch.randn(1, 2, 1, d)
         before = layer.extras[SCORE][0, 0].clone()
         assert before[-1] == 0  # the new token's score starts at zero
-        method.after_attention(FakeCache([1000]), layer, q, 0.5, decode_info())
+        act(method, [1000], layer, q, 0.5, decode_info())
         n = layer.num_slots
         logits = (q[0, :, 0] @ layer.keys[0, 0].T) * 0.5  # (H, n)
         g = gumbel_noise(11, 0, n - 1, (2, 1, n))[:, 0]
@@ -255,21 +253,20 @@ def test_keyformer_keeps_its_recent_share():
     keys[0, :, 3] *= 8  # a strong key attracts score
     layer = hand_layer(keys)
     method = get_method("keyformer").create(keep)
-    method.after_attention(FakeCache([keep]), layer, torch.randn(1, 4, t, d), 1.0, prefill_info(t))
+    act(method, [keep], layer, torch.randn(1, 4, t, d), 1.0, prefill_info(t))
     for h in range(2):
         kept = held_ids(layer, head=h)
         assert len(kept) == keep and set(range(t - 6, t)) <= set(kept)  # floor(0.3 * 20) = 6
     for s in range(5):
         append_token(layer, t + s, torch.randn(1, 2, 1, d))
-        method.after_attention(FakeCache([keep]), layer, torch.randn(1, 4, 1, d), 1.0, decode_info())
+        act(method, [keep], layer, torch.randn(1, 4, 1, d), 1.0, decode_info())
         for h in range(2):
             kept = held_ids(layer, head=h)
             assert len(kept) == keep and set(range(t + s - 5, t + s + 1)) <= set(kept)
     # recent_fraction 1: a pure sliding window
     layer = hand_layer(keys)
-    get_method("keyformer").create(keep, {"recent_fraction": 1.0}).after_attention(
-        FakeCache([keep]), layer, torch.randn(1, 4, t, d), 1.0, prefill_info(t)
-    )
+    act(get_method("keyformer").create(keep, {"recent_fraction": 1.0}), [keep], layer, torch.randn(1, 4, t, d), 1.0,
+        prefill_info(t))
     assert held_ids(layer) == list(range(t - keep, t))
 
 

@@ -29,7 +29,8 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from memfit.core.cache import CompressedCache, KVLayer, StepInfo, dense_attention
+from memfit.core.cache import CompressedCache, StepInfo, dense_attention
+from memfit.core.contract import LayerView, Selection
 from memfit.core.method import Method
 from memfit.errors import ConfigError
 
@@ -258,12 +259,11 @@ class _LayerProbe(Method):
         self.captured: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float] | None = None
 
     def after_attention(
-        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
-    ) -> None:
+        self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> Selection | None:
         assert layer.keys is not None
-        if info.layer_idx < self.upto:  # this pass never decodes: drop the layer's K/V at once
-            layer.keep(torch.zeros(*layer.keys.shape[:2], 0, dtype=torch.long, device=layer.keys.device))
-            return
+        if info.layer_idx < self.upto:  # this pass never decodes: drop the layer's K/V at once (keep no slot)
+            return Selection(indices=torch.zeros(*layer.keys.shape[:2], 0, dtype=torch.long, device=layer.keys.device))
         self.captured = (queries, layer.keys, layer.valid, scaling)
         raise _StopForward
 

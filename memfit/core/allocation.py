@@ -1,7 +1,7 @@
 """Adaptive KV budgets: how a row's average budget is shared out over layers (pyramid) and KV heads (AdaKV).
 
 Both allocations keep the user's budget as an *average* and make the bytes really shrink; any eviction method that
-selects through `Method.evict` uses them unchanged.
+returns scores (`Selection(scores=...)`, applied by `memfit.core.cache.apply_selection`) uses them unchanged.
 
 **Per layer — PyramidKV** ("PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling",
 Cai et al., 2024, arXiv 2406.02069). Lower layers attend broadly, upper layers to a few tokens, so the budget
@@ -37,7 +37,8 @@ from fractions import Fraction
 import torch
 
 from memfit.core import tp
-from memfit.core.cache import CompressedCache, KVLayer
+from memfit.core.cache import CompressedCache
+from memfit.core.store import KVLayer
 from memfit.errors import ConfigError
 
 ALLOCATIONS = ("uniform", "pyramid", "adakv", "pyramid+adakv")
@@ -179,7 +180,7 @@ def _adakv_keep_mask(
 
 @dataclass
 class HeadAllocation:
-    """Per-head (AdaKV) selection for `Method.evict`; the layers must be `RaggedKVLayer`s."""
+    """Per-head (AdaKV) selection, applied by `memfit.core.cache.apply_selection`; the layers must be `RaggedKVLayer`s."""
 
     alpha: float = ADAKV_ALPHA
 
@@ -234,5 +235,5 @@ def configure_allocation(
             )
         cache.layers = [RaggedKVLayer(i) for i in range(cache.num_layers)]
         cache.layer_factory = RaggedKVLayer  # type: ignore[attr-defined]  (reset() rebuilds ragged layers)
-        cache.head_allocation = HeadAllocation(alpha)  # type: ignore[attr-defined]
+        cache.head_allocation = HeadAllocation(alpha)
     return cache

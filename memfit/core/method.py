@@ -2,23 +2,25 @@
 
 A method is a small dataclass: its fields are its parameters (with the official defaults), class attributes say
 which paper it implements and when it acts, and `after_attention` is the policy: called for every attention layer
-after the layer attended, it may score tokens and evict them from the layer's store (`evict`). Methods never import
-each other; shared logic (scoring, selection, protection) lives in `memfit.core`.
+after the layer attended, it gets a read-only view of the layer and the layer's budget (`StepInfo.keep`), may score
+tokens, and returns what to keep (`Selection`, memfit.core.contract); the runtime (memfit.core.cache) applies it.
+A method never sees the cache nor changes a store itself. Methods never import each other; shared logic (scoring,
+selection, protection) lives in `memfit.core`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from memfit.core.budget import Budget
-from memfit.core.cache import CompressedCache, KVLayer, StepInfo, select_tokens
-from memfit.core.spans import SPAN_KEY, span_priority, span_scores
+from memfit.core.contract import Decision, LayerView, StepInfo
+from memfit.core.store import KVLayer
 from memfit.errors import ConfigError
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -87,24 +89,35 @@ class Method:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     # -- policy --------------------------------------------------------------------------------------------------
-    def after_attention(
-        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
-    ) -> None:
-        """Called after each attention layer attended; may evict from `layer`. Default: keep everything."""
+    def after_attention(self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo) -> Decision:
+        """Called after each attention layer attended (global layers only): `layer` is what the store holds (this
+        call's tokens are its last `info.q_len` slots), `queries` (B, H, q, d) this call's post-RoPE queries,
+        `info.keep` the layer's budget per row (None = unlimited: keep everything). Return a `Selection` (what to
+        keep, per-token state to store), {layer index: Selection} for a decision over several layers, or None.
+        Default: keep everything."""
+        return None
 
     def select_prompt(
-        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: CompressedCache
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_layers: int
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Called by the engine before prefill: return shorter left-padded (input_ids, attention_mask) to prefill
-        instead of the prompt (GemFilter), or None (default) to prefill the prompt as given. Budgets still resolve
-        from the original prompt."""
+        """Called by the runtime before prefill (`num_layers`: the model's attention layers): return shorter
+        left-padded (input_ids, attention_mask) to prefill instead of the prompt (GemFilter), or None (default) to
+        prefill the prompt as given. Budgets still resolve from the original prompt."""
         return None
 
     def after_prefill(
-        self, model: torch.nn.Module, cache: CompressedCache, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> None:
-        """Called by the engine once the whole prompt is in the cache (the ids and mask it prefilled): a method
-        that scores with extra forward passes over the prompt (KVzip) evicts here. Default: nothing."""
+        self,
+        model: torch.nn.Module,
+        layers: Sequence[LayerView],
+        keep_rows: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> Decision:
+        """Called by the runtime once the whole prompt is cached (the ids and mask it prefilled), with every
+        layer's view and the rows' budgets (B,) before any layer schedule (None = unlimited): a method that scores
+        with extra forward passes over the prompt (KVzip) returns {layer index: Selection} here (each layer's own
+        budget applies). Default: nothing."""
+        return None
 
     def static_decode_rule(self) -> dict[str, Any] | None:
         """The rule this method applies at every decode step, as data a static store can run itself (the fast
@@ -120,37 +133,8 @@ class Method:
         """The empty store for attention layer `index`: dense by default; quantizers return a quantized store."""
         return KVLayer(index)
 
-    # -- shared helpers ------------------------------------------------------------------------------------------
-    @staticmethod
-    def evict(
-        cache: CompressedCache,
-        layer: KVLayer,
-        scores: torch.Tensor,
-        protect: torch.Tensor | None = None,
-        extra_rows: int = 0,
-    ) -> None:
-        """Keep each row's top-budget tokens by `scores` (B, Hkv, T); `protect` slots are kept first.
 
-        `extra_rows` raises every row's budget (used by prefill-only methods that let the cache grow)."""
-        keep_rows = cache.layer_keep(layer.index)
-        if keep_rows is None:
-            return
-        keep_rows = keep_rows + extra_rows
-        span_ids = layer.extras.get(SPAN_KEY)  # the cache keeps whole words/numbers (memfit.core.spans)
-        per_head = getattr(cache, "head_allocation", None)  # AdaKV-style budgets per KV head (core/allocation.py)
-        if per_head is not None:
-            if span_ids is not None:  # values stay comparable across heads for the allocation
-                scores = span_scores(scores, span_ids, layer.valid)
-            return per_head.evict(layer, scores, keep_rows, protect)
-        if span_ids is not None and layer.num_slots > int(keep_rows.min()):
-            scores = span_priority(scores, span_ids, layer.valid)
-        if layer.num_slots <= int(keep_rows.min()):
-            return  # every row is within its budget: nothing to free
-        indices, valid = select_tokens(scores, keep_rows, layer.valid, protect)
-        layer.keep(indices, valid)
-
-
-def protect_mask(layer: KVLayer, sinks: int = 0, recent: int | torch.Tensor = 0) -> torch.Tensor | None:
+def protect_mask(layer: LayerView | KVLayer, sinks: int = 0, recent: int | torch.Tensor = 0) -> torch.Tensor | None:
     """(B, Hkv, T) bool: the first `sinks` real tokens of each row and its last `recent` slots (an int, or a (B,)
     tensor for per-row windows — e.g. a share of each row's own budget)."""
     if isinstance(recent, torch.Tensor):
@@ -231,16 +215,14 @@ class Composed(Method):
             raise AttributeError(attr)
         return getattr(self.evictor, attr)
 
-    def after_attention(
-        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
-    ) -> None:
-        self.evictor.after_attention(cache, layer, queries, scaling, info)
+    def after_attention(self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo) -> Decision:
+        return self.evictor.after_attention(layer, queries, scaling, info)
 
     def select_prompt(self, *args: Any, **kwargs: Any) -> Any:  # GemFilter-style prompt selection: the evictor's
         return self.evictor.select_prompt(*args, **kwargs)
 
-    def after_prefill(self, *args: Any, **kwargs: Any) -> None:  # KVzip-style scoring passes: the evictor's
-        self.evictor.after_prefill(*args, **kwargs)
+    def after_prefill(self, *args: Any, **kwargs: Any) -> Decision:  # KVzip-style scoring passes: the evictor's
+        return self.evictor.after_prefill(*args, **kwargs)
 
     def reset(self) -> None:
         self.evictor.reset()

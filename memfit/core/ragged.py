@@ -32,7 +32,7 @@ Trade-offs we chose (and the alternatives):
   left) — exactly the plain store's layout after a left-padded prompt, so "the q queries are the last q keys"
   holds and every method scores unchanged. A view is a transient copy (cached during one layer's step, dropped
   by `finalize_step`); assigning `extras[name] = view` packs it back. Selection goes through
-  `keep_mask((B, Hkv, T) bool)` (AdaKV, from `Method.evict`) or the plain `keep(indices, valid)`.
+  `keep_mask((B, Hkv, T) bool)` (AdaKV, from `memfit.core.cache.apply_selection`) or the plain `keep(indices, valid)`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memfit.core.cache import KVLayer, StepInfo, dense_attention, tensor_bytes
+from memfit.core.contract import StepInfo
+from memfit.core.store import KVLayer, dense_attention, tensor_bytes
 
 
 class _RaggedExtras(MutableMapping[str, torch.Tensor]):

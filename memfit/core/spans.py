@@ -19,8 +19,8 @@ elsewhere. This module makes any score-based selection span-aware, independently
 
 Spans are contiguous runs of equal ids in slot order (kept tokens stay in prompt order); ids wrap at 2^15, which
 could only merge two spans if 32K spans between them were all evicted — harmless: it re-ranks, never over budget.
-Hooked into `Method.evict` (memfit.core.method), so every method that selects through it is span-aware when the
-cache has span ids; methods with their own selection code (Scissorhands, WindowKV `layer_budgets=decay`,
+Applied by the runtime (`memfit.core.cache.apply_selection`), so every method that returns scores is span-aware when
+the cache has span ids; methods that choose their own indices (Scissorhands, WindowKV `layer_budgets=decay`,
 GemFilter's prompt selection) ignore spans.
 """
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from memfit.core.cache import KVLayer, dense_attention, tensor_bytes
+from memfit.core.store import KVLayer, dense_attention, tensor_bytes
 
 DEFAULT_RESERVE = 256
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from memfit.core import tp
-from memfit.core.cache import CompressedCache, KVLayer, StepInfo
+from memfit.core.contract import LayerView, Selection, StepInfo
 from memfit.core.method import Method, register
 from memfit.core.scoring import pool_scores
 from memfit.errors import ConfigError
@@ -119,7 +119,7 @@ class GemFilter(Method):
 
     # -- two-pass path (the engine) ------------------------------------------------------------------------------
     def select_prompt(
-        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: CompressedCache
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_layers: int
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         lens = attention_mask.sum(-1).cpu().long()
         budgets = self.budget.resolve_rows(lens)
@@ -127,7 +127,7 @@ class GemFilter(Method):
             return None  # everything fits: prefill the prompt as it is (exact)
         from memfit.adapters.transformers import run_first_layers
 
-        queries, keys, valid, _ = run_first_layers(model, input_ids, attention_mask, self.layer_for(cache.num_layers))
+        queries, keys, valid, _ = run_first_layers(model, input_ids, attention_mask, self.layer_for(num_layers))
         scores = filter_scores(queries[:, :, -1], keys, valid, self.kernel)
         keep = torch.minimum(budgets, lens)
         width = int(keep.max())
@@ -141,26 +141,29 @@ class GemFilter(Method):
 
     # -- single-pass fallback (bare forward without the engine's hook) -------------------------------------------
     def after_attention(
-        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
-    ) -> None:
-        if not (info.is_prefill and info.prefill_done) or cache.layer_keep(info.layer_idx) is None:
-            return
+        self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> dict[int, Selection] | None:
+        if not (info.is_prefill and info.prefill_done) or info.keep is None:
+            return None
         if info.layer_idx == 0:
             self._scores = None
         r = self.layer_for(info.num_layers)
         if info.layer_idx < r:
-            return
+            return None
         targets = [layer]
         if info.layer_idx == r:  # one last-query score for every layer (cheap: one query row)
             self._scores = filter_scores(queries[:, :, -1], layer.keys, layer.valid, self.kernel)
-            targets = cache.layers[: r + 1]
+            targets = list(info.layers[: r + 1])  # the layers below were left whole until this score
+        chosen: dict[int, Selection] = {}
         for target in targets:
-            keep = cache.layer_keep(target.index)
+            keep = info.keep if target.index == info.layer_idx else info.budget_of(target.index)  # type: ignore[misc]
+            assert keep is not None
             if bool((target.held_per_row() <= keep.to(target.keys.device)[:, None]).all()):
                 continue  # every row fits (after the engine's selection: unless a layer schedule gives less)
             if self._scores is None or self._scores.shape[-1] != target.num_slots:
                 continue
-            self.evict(cache, target, self._scores[:, None].expand(-1, target.keys.shape[1], -1))
+            chosen[target.index] = Selection(self._scores[:, None].expand(-1, target.keys.shape[1], -1))
+        return chosen
 
     def reset(self) -> None:
         self._scores = None

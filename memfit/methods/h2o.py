@@ -28,6 +28,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from memfit.core.contract import LayerView, Selection, StepInfo
 from memfit.core.method import Method, protect_mask, register
 from memfit.core.scoring import attention_probs, column_sums, reduce_groups
 from memfit.errors import ConfigError
@@ -67,12 +70,14 @@ class H2O(Method):
             return None
         return {"rule": "accumulated", "score_key": SCORE, "recent_fraction": self.recent_fraction}
 
-    def after_attention(self, cache, layer, queries, scaling, info) -> None:
-        if not info.is_prefill and getattr(layer, "fused", False):
-            return  # the fast backend's store ran this step's accumulate-and-evict itself (static_decode_rule)
-        keep = cache.layer_keep(info.layer_idx)
+    def after_attention(
+        self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> Selection | None:
+        if not info.is_prefill and layer.fused:
+            return None  # the fast backend's store ran this step's accumulate-and-evict itself (static_decode_rule)
+        keep = info.keep
         if keep is None:
-            return  # unlimited: no need to even score
+            return None  # unlimited: no need to even score
         hkv = layer.keys.shape[1]
         if info.q_len > 1:
             qvalid = info.new_valid
@@ -80,9 +85,7 @@ class H2O(Method):
         else:
             probs_sum = attention_probs(queries, layer.keys, scaling, layer.valid).sum(dim=2)
         step = reduce_groups(probs_sum, hkv, self.reduce)
-        if SCORE not in layer.extras:
-            layer.extras[SCORE] = step  # first call: the state starts here (same length as the store)
-        else:
-            layer.extras[SCORE] = layer.extras[SCORE] + step
+        # first call: the state starts here (same length as the store)
+        score = step if SCORE not in layer.extras else layer.extras[SCORE] + step
         recent = (keep.double() * self.recent_fraction).round().long()  # per row: its own budget share
-        self.evict(cache, layer, layer.extras[SCORE], protect_mask(layer, recent=recent))
+        return Selection(score, protect_mask(layer, recent=recent), state={SCORE: score})

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from memfit.core import tp
-from memfit.core.cache import CompressedCache, KVLayer, StepInfo
+from memfit.core.contract import LayerView, Selection, StepInfo
 from memfit.core.method import Method, recent_valid, register
 from memfit.core.scoring import attention_logits, reduce_groups
 from memfit.errors import ConfigError
@@ -131,7 +131,7 @@ class Keyformer(Method):
 
     def _gumbel_sums(
         self,
-        layer: KVLayer,
+        layer: LayerView,
         queries: torch.Tensor,
         scaling: float,
         taus: torch.Tensor,
@@ -176,11 +176,11 @@ class Keyformer(Method):
         return total
 
     def after_attention(
-        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
-    ) -> None:
-        keep = cache.layer_keep(info.layer_idx)
+        self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> Selection | None:
+        keep = info.keep
         if keep is None:
-            return  # unlimited: no need to even score
+            return None  # unlimited: no need to even score
         dev = layer.keys.device
         b, q_len = queries.shape[0], info.q_len
         new_valid = torch.ones(b, q_len, dtype=torch.bool, device=dev) if info.new_valid is None else info.new_valid
@@ -198,8 +198,8 @@ class Keyformer(Method):
             taus = torch.tensor([self.temperature(s) for s in steps], device=dev)
         sums = self._gumbel_sums(layer, queries, scaling, taus, new_valid, before, info.layer_idx)
         step = reduce_groups(sums, layer.keys.shape[1], self.reduce)
-        layer.extras[SCORE] = step if SCORE not in layer.extras else layer.extras[SCORE] + step
+        score = step if SCORE not in layer.extras else layer.extras[SCORE] + step
         # Evict at the end of the prompt (after every chunk of a chunked prefill) and after every generated token.
         recent = (keep.double() * self.recent_fraction).floor().long()
-        self.evict(cache, layer, layer.extras[SCORE], recent_valid(layer.valid_mask(), recent))
+        return Selection(score, recent_valid(layer.valid_mask(), recent), state={SCORE: score})
 

@@ -15,8 +15,8 @@ Algorithm (once, after prefill; per row):
 2. In every layer, the reconstruction queries' attention is recomputed (fp32 softmax, from the cached post-RoPE keys)
    over a reduced key set: the sink, the chunk's cached keys and the reconstruction's own keys (causal). A cached
    pair's score is the max of that attention over the queries and over the query heads of its GQA group.
-3. Each layer keeps, per KV head, the sink plus the best-scoring pairs up to the budget (`Method.evict`); the pairs
-   are physically gathered. During decoding nothing more is evicted (the cache grows by one token per step).
+3. Each layer keeps, per KV head, the sink plus the best-scoring pairs up to the budget (returned as one `Selection`
+   per layer, applied by the runtime); the pairs are physically gathered. During decoding nothing more is evicted (the cache grows by one token per step).
 The sink is what precedes the document (the chat template's system prompt and user-turn opening), found by matching
 the template's prefix at the start of the prompt, as the official code keeps the system prompt; without a match,
 the first `sinks` tokens.
@@ -43,12 +43,14 @@ prefill (the official code pays the same); the cache holds the whole context unt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from memfit.core.cache import CompressedCache, KVLayer, StepInfo
+from memfit.core.cache import CompressedCache, KVLayer
+from memfit.core.contract import Decision, LayerView, Selection, StepInfo
 from memfit.core.method import Method, register
 from memfit.errors import ConfigError
 
@@ -90,7 +92,7 @@ class _ReadThrough(KVLayer):
     """A scratch layer for one reconstruction forward: reads row `row` of the real layer when the forward reaches
     it (so only one layer's copy exists at a time) and is emptied right after scoring."""
 
-    def __init__(self, index: int, base: KVLayer, row: int) -> None:
+    def __init__(self, index: int, base: LayerView, row: int) -> None:
         super().__init__(index)
         self.base, self.row = base, row
         self.window = getattr(base, "window", None)  # a sliding-window layer attends (and trims) as the real one
@@ -104,6 +106,9 @@ class _ReadThrough(KVLayer):
         self.seen = self.base.seen
         super().append(keys, values, new_valid)
 
+    def finalize_step(self, info: StepInfo) -> None:
+        self.keys = self.values = self.valid = None  # this forward never decodes: free the copy at once
+
 
 class _Reconstruction(Method):
     """Not registered: the policy of the scratch cache — scores one chunk in every layer, then frees the layer."""
@@ -112,9 +117,7 @@ class _Reconstruction(Method):
         super().__init__()
         self.scores, self.row, self.sink, self.chunk = scores, row, sink, chunk
 
-    def after_attention(
-        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
-    ) -> None:
+    def after_attention(self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo) -> None:
         assert layer.keys is not None
         t_len, q_len = layer.keys.shape[2], queries.shape[2]
         own = torch.arange(t_len - q_len, t_len, device=layer.keys.device)
@@ -123,7 +126,6 @@ class _Reconstruction(Method):
         best = max_attention(queries, layer.keys[:, :, sel], scaling, valid)  # (1, Hkv, len(sel))
         n_sink = self.sink.numel()
         self.scores[info.layer_idx][self.row, :, self.chunk] = best[0, :, n_sink : n_sink + self.chunk.numel()]
-        layer.keys = layer.values = layer.valid = None  # this forward never decodes: free the copy at once
 
 
 @register
@@ -172,24 +174,28 @@ class KVzip(Method):
 
     # -- engine path: two passes -----------------------------------------------------------------------------------
     def select_prompt(
-        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: CompressedCache
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_layers: int
     ) -> None:
         self._engine = True  # the engine calls after_prefill: defer eviction to the reconstruction scores
         return None
 
     def after_prefill(
-        self, model: torch.nn.Module, cache: CompressedCache, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> None:
+        self,
+        model: torch.nn.Module,
+        layers: Sequence[LayerView],
+        keep_rows: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> Decision:
         chunked, self._engine, self._chunked = self._chunked, False, False
-        keep = cache.keep_rows
+        keep = keep_rows
         if chunked:
-            return  # evicted chunk by chunk already (bounded memory)
+            return None  # evicted chunk by chunk already (bounded memory)
         lens = attention_mask.sum(-1).cpu().long()
         if keep is None or bool((keep >= lens).all()):
-            return  # everything fits: the full cache (exact)
+            return None  # everything fits: the full cache (exact)
         from memfit.adapters.transformers import MemfitCache, forward
 
-        layers = cache.layers
         slots = input_ids.shape[1]  # a global layer holds every prompt slot until we evict
         device = input_ids.device
         scores = [torch.full((input_ids.shape[0], layer.held_per_row().shape[1], slots), float("-inf"),
@@ -212,18 +218,20 @@ class KVzip(Method):
                 instruction = prompts["first"] if start == 0 else prompts["next"] + previous[-self.overlap :]
                 text = instruction + prompts["postfix"] + chunk_ids
                 previous = chunk_ids
-                scratch = CompressedCache(cache.num_layers, _Reconstruction(scores, row, sink, chunk))
+                scratch = CompressedCache(len(layers), _Reconstruction(scores, row, sink, chunk))
                 scratch.layers = [_ReadThrough(i, layer, row) for i, layer in enumerate(layers)]
                 scratch.prefill_done = True  # a continuation of the cached context, not a prompt
                 step = torch.tensor([text], dtype=torch.long, device=device)
                 positions = torch.arange(real.numel(), real.numel() + len(text), device=device)[None]
                 mask = torch.ones(1, slots + len(text), dtype=torch.long, device=device)
                 forward(model, step, mask, MemfitCache(scratch), positions, logits_to_keep=1)
+        chosen: dict[int, Selection] = {}
         for layer, score in zip(layers, scores, strict=True):
-            if getattr(layer, "window", None) is not None:
+            if layer.window is not None:
                 continue  # a sliding-window layer keeps its own window; methods act on global layers
             head_protect = protect[:, None, :].expand_as(score)
-            self.evict(cache, layer, score, head_protect)
+            chosen[layer.index] = Selection(score, head_protect)  # each layer's own budget applies
+        return chosen
 
     def _sink_len(self, ids: list[int], prefix: list[int]) -> int:
         if prefix and len(ids) > len(prefix) and ids[: len(prefix)] == prefix:
@@ -232,21 +240,21 @@ class KVzip(Method):
 
     # -- bare-forward fallback: one pass -------------------------------------------------------------------------
     def after_attention(
-        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
-    ) -> None:
-        keep = cache.layer_keep(info.layer_idx)
+        self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> Selection | None:
+        keep = info.keep
         if not info.is_prefill or keep is None:
-            return
+            return None
         if not info.prefill_done:
             self._chunked = True  # a chunked prefill bounds the cache: score each chunk now, no second pass
         elif self._engine and not self._chunked:
-            return  # the engine calls after_prefill: the reconstruction scores decide
+            return None  # the engine calls after_prefill: the reconstruction scores decide
         if layer.num_slots <= int(keep.min()):
-            return
+            return None
         scores = max_attention(queries, layer.keys, scaling, layer.valid)
         valid = layer.valid_mask()
         order = valid.long().cumsum(-1)
-        self.evict(cache, layer, scores, valid & (order <= self.sinks))
+        return Selection(scores, valid & (order <= self.sinks))
 
     def reset(self) -> None:
         self._engine = self._chunked = False

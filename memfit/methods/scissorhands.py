@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memfit.core.cache import CompressedCache, KVLayer, StepInfo, select_tokens
+from memfit.core.contract import LayerView, Selection, StepInfo, select_tokens
 from memfit.core.method import Method, recent_valid, register
 from memfit.core.scoring import attention_probs, reduce_groups
 from memfit.errors import ConfigError
@@ -172,9 +172,10 @@ class Scissorhands(Method):
         return visible & (probs > ranked.gather(-1, at))
 
     def _record(
-        self, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo, window: torch.Tensor
-    ) -> torch.Tensor:
-        """Write this call's query rows into the history ring; return the last row's group-reduced probs (B,Hkv,T)."""
+        self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo, window: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this call's query rows into the history ring: (the last row's group-reduced probs (B, Hkv, T), the
+        new ring (B, Hkv, T, bytes), to be stored as the layer's HISTORY)."""
         keys = layer.keys
         b, hkv, t_len, _ = keys.shape
         dev = keys.device
@@ -206,8 +207,7 @@ class Scissorhands(Method):
             cur = state.gather(-1, idx)
             new = (cur & ~bit) | (ev.unsqueeze(-1).to(torch.uint8) * bit)
             new = torch.where(include[:, 0].view(b, 1, 1, 1), new, cur)
-            layer.extras[HISTORY] = state.scatter(-1, idx, new)
-            return probs[:, :, 0]
+            return probs[:, :, 0], state.scatter(-1, idx, new)
         bits = torch.nn.functional.pad(unpack_bits(state), (0, 1))  # extra column absorbs excluded rows
         dump = bits.shape[-1] - 1
         for start in range(first, q_len, _CHUNK):
@@ -225,31 +225,31 @@ class Scissorhands(Method):
             col = col[:, None, None, :].expand(b, hkv, visible_len, stop - start)
             bits[:, :, :visible_len].scatter_(-1, col, ev.transpose(-1, -2))
             last = probs[:, :, -1]
-        layer.extras[HISTORY] = pack_bits(bits[..., :dump])
         assert last is not None and last.shape[-1] == t_len
-        return last
+        return last, pack_bits(bits[..., :dump])
 
     # -- policy ----------------------------------------------------------------------------------------------------
     def after_attention(
-        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
-    ) -> None:
-        keep = cache.layer_keep(info.layer_idx)
+        self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> Selection | None:
+        keep = info.keep
         if keep is None:
-            return  # unlimited: keep everything, no need to score
+            return None  # unlimited: keep everything, no need to score
         budget = keep.long().cpu()
-        current = self._record(layer, queries, scaling, info, self.window_rows(budget))
+        current, history = self._record(layer, queries, scaling, info, self.window_rows(budget))
         held = layer.held_per_row().amax(-1).cpu()
         over = held > budget
         if not bool(over.any()):
-            return
+            return Selection(state={HISTORY: history})
         if info.is_prefill:
             target = budget  # the prompt (or each chunk of a chunked prefill) is cut to the budget itself
         else:
             target = (budget + 1 - self.drop_rows(budget)).clamp(min=1)  # drop m at once
         target = torch.where(over, target, held)  # rows within budget keep every valid token
         valid = layer.valid_mask()
-        counts = event_counts(layer.extras[HISTORY])
+        counts = event_counts(history)
         primary = -counts if self.mode == "paper" else counts  # paper: fewest "unimportant" events is best
         scores = keep_ranks(primary, current, recent_valid(valid, self.recent_rows(budget)))
+        # its own per-row targets (m at a time while decoding), so it picks the slots itself
         indices, kept_valid = select_tokens(scores, target, layer.valid)
-        layer.keep(indices, kept_valid)
+        return Selection(indices=indices, valid=kept_valid, state={HISTORY: history})

@@ -28,6 +28,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from memfit.core.contract import LayerView, Selection, StepInfo
 from memfit.core.method import Method, protect_mask, register
 from memfit.core.scoring import attention_probs, pool_scores, reduce_groups
 from memfit.errors import ConfigError
@@ -66,12 +69,14 @@ class SnapKV(Method):
         if self.reduce not in ("mean", "max"):
             raise ConfigError("snapkv.reduce must be 'mean' or 'max'")
 
-    def after_attention(self, cache, layer, queries, scaling, info) -> None:
-        keep = cache.layer_keep(info.layer_idx)
+    def after_attention(
+        self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> Selection | None:
+        keep = info.keep
         # Acts on the prompt only: once after a one-shot prefill, or after every chunk of a chunked prefill
         # (then the chunk's last queries are the observation window — Locret's schedule with SnapKV's scorer).
         if not info.is_prefill or keep is None or layer.num_slots <= int(keep.min()):
-            return
+            return None
         window = min(self.window, queries.shape[2])
         probs = attention_probs(queries[:, :, -window:], layer.keys, scaling, layer.valid)  # (B, H, w, T)
         if info.new_valid is not None:  # padding queries (rows shorter than the window) do not vote
@@ -84,4 +89,4 @@ class SnapKV(Method):
         scores = pool_scores(scores, self.kernel, self.pooling)
         # The window is kept whole, unless a row's budget is smaller than the window: then its most recent tokens.
         recent = keep.clamp(max=window)
-        self.evict(cache, layer, scores, protect_mask(layer, recent=recent))
+        return Selection(scores, protect_mask(layer, recent=recent))

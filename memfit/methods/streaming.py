@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memfit.core.contract import LayerView, Selection, StepInfo
 from memfit.core.method import Method, protect_mask, register
 from memfit.errors import ConfigError
 
@@ -43,11 +44,13 @@ class StreamingLLM(Method):
         if self.sinks < 0:
             raise ConfigError("streaming.sinks must be >= 0")
 
-    def after_attention(self, cache, layer, queries, scaling, info) -> None:
-        keep = cache.layer_keep(info.layer_idx)
+    def after_attention(
+        self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> Selection | None:
+        keep = info.keep
         if keep is None or layer.num_slots <= int(keep.min()):
-            return
+            return None
         # Score = slot index, so the most recent tokens win; sinks are protected.
         t = layer.num_slots
         scores = torch.arange(t, device=layer.keys.device, dtype=torch.float32).expand(*layer.keys.shape[:2], t)
-        self.evict(cache, layer, scores, protect_mask(layer, sinks=self.sinks))
+        return Selection(scores, protect_mask(layer, sinks=self.sinks))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from memfit.core import tp
-from memfit.core.cache import CompressedCache, KVLayer, StepInfo
+from memfit.core.contract import LayerView, Selection, StepInfo
 from memfit.core.method import Method, register
 from memfit.core.scoring import attention_probs, reduce_groups
 from memfit.errors import ConfigError
@@ -60,11 +60,11 @@ class TOVA(Method):
             raise ConfigError("tova.heads must be 'layer' (official: one selection per layer) or 'kv' (per KV head)")
 
     def after_attention(
-        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
-    ) -> None:
-        keep = cache.layer_keep(info.layer_idx)
+        self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> Selection | None:
+        keep = info.keep
         if keep is None or layer.num_slots <= int(keep.min()):
-            return  # unlimited, or every row within its budget: nothing to score
+            return None  # unlimited, or every row within its budget: nothing to score
         # Only the last query row votes (left padding: it is a real token in every row).
         probs = attention_probs(queries[:, :, -1:], layer.keys, scaling, layer.valid)[:, :, 0]  # (B, H, T)
         hkv = layer.keys.shape[1]
@@ -73,4 +73,4 @@ class TOVA(Method):
             scores = (tp.sum_over_heads(probs.sum(dim=1, keepdim=True)) / heads).expand(-1, hkv, -1)
         else:
             scores = reduce_groups(probs, hkv, "mean")
-        self.evict(cache, layer, scores)
+        return Selection(scores)

@@ -13,7 +13,7 @@ decoding):
    per head the top `window_size // 2` token scores of the window, averaged over those and over the heads.
 4. *Selection.* The suffix is always kept; the rest of the row's budget goes to the best windows, whole, in score
    order. One index set serves every KV head of the layer (as the official code, which scores all heads together).
-   Budgets are per layer (`cache.layer_keep`, so allocation schedules apply).
+   Budgets are per layer (`StepInfo.keep`, so allocation schedules apply).
 5. *Index sharing.* Layers form groups of `shared_layers`; only a group's first layer scores, the others reuse its
    selection (stored on the method object for the current prompt, keyed by group).
 6. *Layer budgets.* `uniform`: every layer keeps the row's budget. `decay`: the official arithmetic decay over
@@ -34,9 +34,9 @@ Deviations:
   than C. We take whole windows best-first until the budget is reached and trim the window that crosses it to its
   best tokens (token score summed over heads), so a row keeps exactly its budget.
 - `decay` is rescaled (largest group = C, so the average is ≈ 0.7 C instead of ≈ C): a method never lets a layer
-  hold more than its budget (`cache.layer_keep`), and the official first group gets ≈ 1.43 C. The mean-preserving
+  hold more than its budget (`StepInfo.keep`), and the official first group gets ≈ 1.43 C. The mean-preserving
   official decay would be a layer schedule in `memfit.core.allocation` (like PyramidKV's). Groups are
-  ceil(layers / shared_layers) (the official code assumes the layer count is a multiple); one group means uniform. Default `uniform`, which selects through `Method.evict`
+  ceil(layers / shared_layers) (the official code assumes the layer count is a multiple); one group means uniform. Default `uniform`, which returns scores for the runtime to select
   (so `--allocation` schedules apply); `decay` applies its own group budgets on top of the layer's budget.
 - GQA: the official code repeats K/V per query head before compressing (g copies stored); the selection is shared
   by all heads anyway, so we score with all query heads and store each KV head once.
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memfit.core.cache import CompressedCache, KVLayer, StepInfo, select_tokens
+from memfit.core.contract import LayerView, Selection, StepInfo, select_tokens
 from memfit.core.method import Method, register
 from memfit.core.scoring import attention_probs
 from memfit.errors import ConfigError
@@ -175,20 +175,20 @@ class WindowKV(Method):
         return TASKS["qa" if self.window_strategy == "max" else "other"][1]
 
     def after_attention(
-        self, cache: CompressedCache, layer: KVLayer, queries: torch.Tensor, scaling: float, info: StepInfo
-    ) -> None:
+        self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo
+    ) -> Selection | None:
         # Acts on the prompt only: once after a one-shot prefill, or after every chunk of a chunked prefill.
         if info.layer_idx == 0:
             self._shared = {}
-        keep = cache.layer_keep(info.layer_idx)
+        keep = info.keep
         if not info.is_prefill or keep is None:
-            return
+            return None
         group = info.layer_idx // self.shared_layers
         groups = -(-info.num_layers // self.shared_layers)
         budgets = group_budgets(keep, groups, self.shared_layers, self.beta, self.layer_budgets)[group]
         budgets = budgets.to(layer.keys.device)
         if bool((layer.held_per_row() <= budgets[:, None]).all()):
-            return  # every row fits
+            return None  # every row fits
         valid = layer.valid_mask()[:, 0]
         shared = self._shared.get(group)
         if shared is None or not torch.equal(shared[1], valid):  # the group's first layer scores
@@ -199,11 +199,10 @@ class WindowKV(Method):
             priority = window_priority(probs.sum(2), valid, self.suffix_size, self.window_size, self.window_strategy)
             shared = self._shared[group] = (priority, valid)
         priority = shared[0][:, None].expand(-1, layer.keys.shape[1], -1)
-        if self.layer_budgets == "uniform":  # through the core (per-head allocation, when set, applies)
-            self.evict(cache, layer, priority)
-            return
-        indices, kept_valid = select_tokens(priority, budgets, layer.valid)
-        layer.keep(indices, kept_valid)
+        if self.layer_budgets == "uniform":  # scores: the runtime selects (per-head allocation, when set, applies)
+            return Selection(priority)
+        indices, kept_valid = select_tokens(priority, budgets, layer.valid)  # its own group budgets
+        return Selection(indices=indices, valid=kept_valid)
 
     def reset(self) -> None:
         self._shared = {}

@@ -242,7 +242,7 @@ class Scheduler:
             req.cache = make_cache(model, req.method, req.budget, req.params)
             core = req.cache.core
             prompt_lens = mask.sum(-1)
-            chosen = core.method.select_prompt(model, ids, mask, core)
+            chosen = core.select_prompt(model, ids, mask)
             if chosen is not None:  # GemFilter: prefill only the chosen tokens; the budget still uses the prompt
                 core.skipped_prompt_tokens = int(ids.shape[1] - chosen[0].shape[1])
                 ids, mask = chosen
@@ -259,7 +259,7 @@ class Scheduler:
         if stop < total:
             req._prefill = (ids, mask, positions, stop, chunk)
             return
-        req.cache.core.method.after_prefill(model, req.cache.core, ids, mask)
+        req.cache.core.after_prefill(model, ids, mask)
         req._prefill = None
         req._mask, req._pos = mask, positions[:, -1:]
         self._take(req, logits[:, -1])
