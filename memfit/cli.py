@@ -693,6 +693,9 @@ def serve(
         "after the weights, or a quarter of available RAM on CPU)."),
     max_batch: int = typer.Option(64, "--max-batch", help="At most this many requests running at once."),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens read per scheduler tick."),
+    batch_decode: bool = typer.Option(
+        True, "--batch-decode/--no-batch-decode",
+        help="Decode every running request in one forward per step (default), or one forward per request."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Default max_tokens of chat requests."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
@@ -713,7 +716,8 @@ def serve(
     run_server(model, host=host, port=port, device=device, dtype=dtype, load_format=load_format, log_level=log_level,
                method=method,
                budget=budget, params=params, kv_memory=parse_bytes(kv_memory) if kv_memory else None,
-               max_batch=max_batch, prefill_chunk=prefill_chunk, default_max_tokens=max_tokens)
+               max_batch=max_batch, prefill_chunk=prefill_chunk, default_max_tokens=max_tokens,
+               batch_decode=batch_decode)
 
 
 @app.command()

@@ -256,3 +256,141 @@ def test_a_low_prediction_preempts_the_newest_request_and_its_text_is_unchanged(
         assert texts == [ref.text, ref.text]
         m = metrics(url)
         assert m["preemptions_total"] == 1 and m["kv_bytes_held"] == 0 and m["requests_total"] == 2
+
+
+# -- one batched decode forward over every running request (memfit.core.batch_view) ------------------------------
+def drive(scheduler, reqs, joins, limit=2000):
+    """Run scheduler ticks by hand (no thread): request i is submitted at tick joins[i]; returns each request's
+    streamed tokens."""
+    got = {i: [] for i in range(len(reqs))}
+    for i, req in enumerate(reqs):
+        req.sink = lambda e, i=i: got[i].extend(e[1] if e[0] == "tokens" else [])
+    import torch
+
+    with torch.inference_mode():
+        for t in range(limit):
+            for i, j in enumerate(joins):
+                if j == t:
+                    scheduler.submit(reqs[i])
+            scheduler.tick()
+            if t >= max(joins) and not scheduler.running and not scheduler.waiting:
+                break
+    assert all(r.finished for r in reqs), "the scheduler did not finish every request"
+    return got
+
+
+def alone(model, ids, method, budget, params, n, chunk, eos=()):
+    """What the request produces by itself: `memfit.engine.generate` with its own cache (tokens, bytes held)."""
+    import torch
+
+    from memfit.api import make_cache
+    from memfit.engine import generate
+
+    cache = make_cache(model, method, budget, params)
+    x = torch.tensor([ids])
+    gen = generate(model, x, torch.ones_like(x), cache, n, list(eos), chunk)
+    return gen.tokens[0], cache.nbytes()
+
+
+# every kind of store and per-step policy: dense (padded SDPA), per-step eviction (H2O, TOVA, Scissorhands,
+# StreamingLLM), prefill eviction (SnapKV at two budgets), a quantized store with a residual (KIVI)
+TINY_SPECS = [("full", None, {}), ("snapkv", "0.5", {}), ("h2o", "0.5", {}), ("streaming", "24", {}),
+              ("snapkv+kivi", "0.5", {"kivi.residual": 16, "kivi.group_size": 16}), ("tova", "0.5", {}),
+              ("scissorhands", "0.5", {}), ("snapkv", "0.25", {})]
+
+
+@pytest.mark.parametrize("batch_decode", [True, False])
+def test_batched_decode_gives_each_request_what_it_gets_alone(batch_decode):
+    """Requests of different methods, budgets and prompt lengths join at different ticks (continuous batching):
+    each one's greedy tokens and final store bytes equal a lone `generate`, and one forward decodes them all
+    (batch_decode=False: one forward per request, and /metrics counts those steps as alone)."""
+    import torch
+    from conftest import tiny_llama
+
+    from memfit.serve.scheduler import Request, Scheduler
+
+    model, n, chunk = tiny_llama(), 24, 16
+    gen = torch.Generator().manual_seed(1)
+    lens = (40, 57, 33, 70, 90, 45, 64, 50)
+    joins = [0, 0, 2, 3, 5, 9, 11, 20]
+    specs = TINY_SPECS if batch_decode else TINY_SPECS[:3]  # one forward per request: three show the accounting
+    prompts = [torch.randint(0, 128, (t,), generator=gen).tolist() for t in lens][: len(specs)]
+    refs = [alone(model, ids, m, b, p, n, chunk) for (m, b, p), ids in zip(specs, prompts, strict=True)]
+    scheduler = Scheduler(model, kv_memory=1 << 30, prefill_chunk=chunk, batch_decode=batch_decode)
+    reqs = [Request(ids, n, m, Budget.parse(b), p, sink=None) for (m, b, p), ids in zip(specs, prompts,
+                                                                                          strict=True)]
+    got = drive(scheduler, reqs, joins=joins[: len(specs)])
+    for i, (spec, req, (tokens, held)) in enumerate(zip(specs, reqs, refs, strict=True)):
+        assert got[i] == tokens, spec
+        assert req.kv_bytes_held == held, spec
+    stats = scheduler.stats
+    steps = sum(len(t) - 1 for t, _ in refs)  # the first token of each comes from its prefill
+    if batch_decode:
+        assert stats["decode_forwards_total"] < steps / 3  # 8 requests, mostly running together
+        assert stats["decode_batched_rows_total"] > 0.8 * steps and stats["decode_alone_steps_total"] == 0
+        assert stats["attention_padded_row_layers_total"] > 0  # dense stores share one SDPA
+        assert stats["attention_own_row_layers_total"] > 0  # the KIVI store attends on its own row
+        assert all(r.decode_steps_batched > 0 for r in reqs)
+    else:
+        assert stats["decode_forwards_total"] == steps and stats["decode_batched_rows_total"] == 0
+        assert stats["decode_alone_steps_total"] > steps / 2  # steps while others were decoding too
+        assert all(r.decode_steps_batched == 0 for r in reqs)
+
+
+@pytest.mark.parametrize("max_view_bytes", [None, 1])
+def test_padded_view_attends_each_row_over_its_own_tokens_only(max_view_bytes):
+    """BatchView's shared SDPA against each row's own attention: rows of different lengths, one with placeholder
+    (invalid) slots; the output of each row must not depend on the others' tokens. A view over its byte cap is not
+    built: every row attends on its own, with the same outputs."""
+    import torch
+
+    from memfit.core.batch_view import BatchView
+    from memfit.core.cache import CompressedCache, dense_attention
+    from memfit.core.method import Method
+
+    gen = torch.Generator().manual_seed(0)
+    hkv, h, d = 2, 4, 8
+    cores = []
+    for t in (5, 11, 8):
+        core = CompressedCache(1, Method())
+        core.step(0, *(torch.randn(1, hkv, t, d, generator=gen) for _ in range(2)),
+                  torch.randn(1, h, t, d, generator=gen), d**-0.5, None)
+        cores.append(core)
+    cores[1].layers[0].valid = torch.rand(1, hkv, 11, generator=gen) > 0.3  # placeholders in the middle row
+    held = [(c.layers[0].keys, c.layers[0].values, c.layers[0].valid) for c in cores]
+    k, v, q = (torch.randn(3, x, 1, d, generator=gen) for x in (hkv, hkv, h))
+    view = BatchView(cores, max_view_bytes=max_view_bytes)
+    out = view.step(0, k, v, q, d**-0.5, None)
+    for i, (hk, hv, hvalid) in enumerate(held):
+        valid = None if hvalid is None else torch.cat([hvalid, torch.ones(1, hkv, 1, dtype=torch.bool)], -1)
+        ref = dense_attention(q[i : i + 1], torch.cat([hk, k[i : i + 1]], 2), torch.cat([hv, v[i : i + 1]], 2),
+                              valid, d**-0.5)
+        torch.testing.assert_close(out[i : i + 1], ref)
+        assert cores[i].layers[0].num_slots == held[i][0].shape[2] + 1  # the token went into its own store
+    if max_view_bytes is None:
+        assert view.padded_rows == 3 and view.own_rows == 0 and view.view_bytes > 0
+    else:
+        assert view.padded_rows == 0 and view.own_rows == 3 and view.view_bytes == 0
+
+
+def test_batched_decode_on_the_default_model_matches_memfit_run(default_model):
+    """The correctness bar on the real model: full, snapkv, h2o, streaming and snapkv+kivi requests with prompts of
+    different lengths join one by one and decode together; each one's greedy tokens and bytes equal a lone run."""
+    from memfit.engine import encode_prompts
+    from memfit.serve.scheduler import Request, Scheduler
+
+    model, tok = default_model
+    specs = [("full", None), ("snapkv", "0.5"), ("h2o", "0.5"), ("streaming", "24"), ("snapkv+kivi", "0.5")]
+    texts = [PROMPTS[0], " ".join(PROMPTS), PROMPTS[1], " ".join(PROMPTS[1:]), PROMPTS[2]]
+    prompts = [encode_prompts(tok, [t], chat=False)[0][0].tolist() for t in texts]
+    assert len({len(p) for p in prompts}) == len(prompts)  # every request has its own length
+    n = 8
+    refs = [alone(model, ids, m, b, {}, n, CHUNK) for (m, b), ids in zip(specs, prompts, strict=True)]
+    scheduler = Scheduler(model, kv_memory=1 << 30, prefill_chunk=CHUNK)
+    reqs = [Request(ids, n, m, Budget.parse(b), {}, sink=None) for (m, b), ids in zip(specs, prompts, strict=True)]
+    got = drive(scheduler, reqs, joins=[0, 1, 3, 4, 6])
+    for i, (spec, req, (tokens, held)) in enumerate(zip(specs, reqs, refs, strict=True)):
+        assert got[i] == tokens, spec
+        assert req.kv_bytes_held == held, spec
+    assert scheduler.stats["decode_batched_rows_total"] > scheduler.stats["decode_forwards_total"]
+    assert all(r.decode_steps_batched > 0 for r in reqs)

@@ -24,7 +24,9 @@ Memory. The padded view is a transient of one layer at a time, freed before the 
 (T + 1) * d * element size bytes of keys and values, plus n' * Hkv * (T + 1) bytes of validity and the
 (n', H, 1, T + 1) boolean mask SDPA receives. It is reported (`view_bytes`, the largest of the step) and is not part
 of any store: the stores' own `nbytes()` stay the basis of admission. Rows all of the same length with no padding
-or placeholder slot skip the mask.
+or placeholder slot skip the mask. A layer whose view would exceed `max_view_bytes` (long contexts: the copy then
+costs more than the attention calls it saves, and it is memory no reservation covers) is not copied: its rows attend
+on their own, as non-dense stores do.
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ class BatchView:
     """n single-row `CompressedCache`s seen by the model as one n-row cache for one decode forward (see module
     docstring). Build one per step; it holds no tensors between steps."""
 
-    def __init__(self, cores: Sequence[CompressedCache], padded: bool = True) -> None:
+    def __init__(
+        self, cores: Sequence[CompressedCache], padded: bool = True, max_view_bytes: int | None = 256 << 20
+    ) -> None:
         if not cores:
             raise ValueError("a batch view needs at least one cache")
         layers = {core.num_layers for core in cores}
@@ -85,6 +89,7 @@ class BatchView:
                 raise ValueError("each cache of a batch view must hold exactly one row")
         self.cores = list(cores)
         self.padded = padded
+        self.max_view_bytes = max_view_bytes
         self.layers = [_LayerStub(self, i) for i in range(layers.pop())]
         self.tensor_parallel = False
         self.padded_rows = 0  # (row, layer) pairs that attended in the shared padded view
@@ -111,7 +116,7 @@ class BatchView:
             raise ValueError(f"a batch view decodes one token for each of its {n} rows, got keys {tuple(keys.shape)}")
         rows = [i for i, core in enumerate(self.cores) if joins_padded_attention(core.layers[layer_idx])]
         shared: dict[int, torch.Tensor] = {}
-        if self.padded and len(rows) > 1:
+        if self.padded and len(rows) > 1 and self._fits(layer_idx, rows, queries):
             shared = dict(zip(rows, self._padded_attention(layer_idx, rows, keys, values, queries, scaling),
                               strict=True))
         out = torch.empty_like(queries)
@@ -127,6 +132,17 @@ class BatchView:
                 out[i : i + 1] = core.step(layer_idx, k, v, queries[i : i + 1], scaling, nv)
                 self.own_rows += 1
         return out
+
+    def _fits(self, layer_idx: int, rows: list[int], queries: torch.Tensor) -> bool:
+        """Whether the padded view of `rows` stays within `max_view_bytes` (upper bound: validity and mask counted)."""
+        if self.max_view_bytes is None:
+            return True
+        layer = self.cores[rows[0]].layers[layer_idx]
+        assert layer.keys is not None
+        _, hkv, _, d = layer.keys.shape
+        width = max(self.cores[i].layers[layer_idx].num_slots for i in rows) + 1
+        n, heads = len(rows), queries.shape[1]
+        return 2 * n * hkv * width * d * layer.keys.element_size() + n * (hkv + heads) * width <= self.max_view_bytes
 
     def _padded_attention(
         self,

@@ -260,6 +260,10 @@ def markdown(row: dict[str, Any]) -> str:
     if final:
         lines.append(f"| server preemptions / cancelled | {final.get('preemptions_total', 0):g} / "
                      f"{final.get('cancelled_total', 0):g} |")
+        if final.get("decode_forwards_total"):  # memfit serve: how its decode steps ran
+            rows = final.get("decode_batched_rows_total", 0)
+            lines.append(f"| server decode forwards / tokens decoded in shared forwards / steps alone | "
+                         f"{final['decode_forwards_total']:g} / {rows:g} / {final.get('decode_alone_steps_total', 0):g} |")
         if srv["peak_rss_bytes"] and final.get("kv_memory_bytes") and final.get("model_weight_bytes"):
             bound = final["kv_memory_bytes"] + final["model_weight_bytes"] + 300 * 2**20
             lines.append(f"| peak RSS vs --kv-memory + weights + 300 MiB | {srv['peak_rss_bytes'] * mib:.0f} MiB vs "
@@ -309,6 +313,7 @@ def loadtest(
         "max_tokens": max_tokens, "chat": chat, "memfit": memfit, "ignore_eos": ignore_eos,
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "command": command,
+        "load_average_1m_at_end": os.getloadavg()[0],  # other jobs on the machine (a loaded box runs slower)
     }
     row = summarize(samples, wall, server, setup)
     if out is not None:
