@@ -11,6 +11,11 @@ Roofline per decode step: (weight bytes + KV bytes held) / measured device-to-de
     python benchmarks/runtime_gpu.py --model llama-3.1-8b --context 32768 --new 128 \
         --methods full,snapkv,h2o,streaming,snapkv+kivi,kivi --budget 0.25 --backends fast,portable \
         --out benchmarks/results/runtime_h200.jsonl
+
+KIVI on the fast backend (packed codes + ring in fixed buffers, memfit.core.static_quant_store), beside portable:
+
+    python benchmarks/runtime_gpu.py --model llama-3.1-8b --context 32768 --new 256 --methods kivi,snapkv+kivi \
+        --budget 0.25 --backends fast,portable --no-transformers --out benchmarks/results/runtime_kivi_h200.jsonl
 """
 
 from __future__ import annotations
@@ -99,9 +104,11 @@ def main() -> None:
     with ResultWriter(args.out) as out:
         out.write({"kind": "machine", "model": args.model, "weight_bytes": weight_bytes,
                    "copy_bandwidth_bytes_per_s": bw, "device": torch.cuda.get_device_name(device)})
-        for backend in args.backends.split(","):  # warm-up: Triton compiles, CUDA graph pools
-            run("", model=(model, tok), method="snapkv", budget=0.25, backend=backend, context=1024,
-                max_new_tokens=8)
+        for backend in args.backends.split(","):  # warm-up: Triton compiles (each method's kernels), graph pools
+            for method in dict.fromkeys(["snapkv", *args.methods.split(",")]):
+                warm_budget = None if method in ("full", "kivi", "gear", "vidkv") else 0.25
+                run("", model=(model, tok), method=method, budget=warm_budget, backend=backend, context=1024,
+                    max_new_tokens=8)
         if not args.no_transformers:
             row = transformers_baseline(model, tok, args.context, args.new)
             roof = 1000 * (weight_bytes + row["kv_bytes_held"]) / bw

@@ -12,6 +12,7 @@ from memfit.core import tp
 from memfit.core.budget import Budget
 from memfit.core.cache import CompressedCache, KVLayer
 from memfit.core.method import build_policy
+from memfit.core.static_quant_store import static_quant_form
 from memfit.errors import ConfigError
 
 
@@ -44,17 +45,25 @@ def make_cache(
         raise ConfigError("--allocation adakv does not support models with sliding-window layers yet: use uniform "
                           "or pyramid")
     dense = type(layer_factory(0)) is KVLayer and "adakv" not in allocation
+    # KIVI (alone or behind a prompt-only eviction) has a static form; it quantizes inside the store while decoding
+    quant_form = None if dense or sliding or "adakv" in allocation else static_quant_form(policy)
     rule = policy.static_decode_rule() if dense else None
     fused = rule is not None and rule.get("rule") == "accumulated"
-    chosen: Backend = choose_backend(backend, model, dense_store=dense,
-                                     decode_free=policy.acts in ("prefill", "never") or fused, sliding=sliding,
+    chosen: Backend = choose_backend(backend, model, dense_store=dense, static_quantized=quant_form is not None,
+                                     decode_free=policy.acts in ("prefill", "never") or fused
+                                     or quant_form is not None, sliding=sliding,
                                      decode_steps=reserve,
                                      graph_safe=all(getattr(m, "cuda_graph_safe", True) for m in model.modules()))
     if chosen.name == "fast":
         from memfit.core.static_store import DEFAULT_RESERVE, AccumulatedStaticLayer, StaticKVLayer
 
         room = DEFAULT_RESERVE if reserve is None else max(1, int(reserve))
-        if fused:
+        if quant_form is not None:
+            from memfit.core.static_quant_store import StaticKIVILayer
+
+            form = quant_form
+            layer_factory = lambda index: StaticKIVILayer(index, form, room)  # noqa: E731
+        elif fused:
             assert rule is not None
             score_key, fraction = str(rule["score_key"]), float(rule["recent_fraction"])
             layer_factory = lambda index: AccumulatedStaticLayer(  # noqa: E731

@@ -7,8 +7,11 @@
   method kept plus the tokens to decode (`memfit.core.static_store`), single-token attention runs memfit's split-K
   Triton kernel, and when the method never acts during decoding (SnapKV, GemFilter, WindowKV, KVzip, the full
   cache...) the decode step is captured once in a CUDA graph and replayed.
-  Stores that have no static form yet — the quantized stores (KIVI, GEAR, VidKV) and the ragged per-head store
-  (AdaKV allocation) — run on the portable path, and the run says so (`backend_reason` in `--json`).
+  KIVI (alone or behind an eviction that acts on the prompt only, e.g. snapkv+kivi) keeps packed codes and a
+  full-precision ring in fixed buffers (`memfit.core.static_quant_store`), attends in the Triton KIVI kernel and
+  decodes in a CUDA graph too. Stores that have no static form yet — GEAR, VidKV, KIVI behind an eviction during
+  decoding, and the ragged per-head store (AdaKV allocation) — run on the portable path, and the run says so
+  (`backend_reason` in `--json`).
 
 `auto` picks fast on CUDA for a supported architecture, else portable. `MEMFIT_FAST_ON_CPU=1` lets the fast stores run
 on the CPU in their plain-PyTorch form (tests compare them with the portable path there; no kernels, no graphs).
@@ -55,12 +58,14 @@ def choose_backend(
     *,
     dense_store: bool,
     decode_free: bool,
+    static_quantized: bool = False,
     sliding: bool,
     decode_steps: int | None = None,
     graph_safe: bool = True,
 ) -> Backend:
     """Decide the backend for one cache. `dense_store`: the method's layers are the dense store (not quantized or
-    ragged); `decode_free`: the method never evicts while decoding; `sliding`: the model has sliding-window layers.
+    ragged); `static_quantized`: its quantized store has a static form (KIVI: memfit.core.static_quant_store);
+    `decode_free`: the method never evicts while decoding; `sliding`: the model has sliding-window layers.
 
     `--backend fast` where it cannot run at all (no CUDA, an architecture we have not checked) is a ConfigError; where
     only the method's store lacks a static form, the run falls back to portable and says why."""
@@ -81,9 +86,10 @@ def choose_backend(
             raise ConfigError(f"--backend fast does not support the {kind or 'unknown'!r} architecture yet (supported: "
                               f"{', '.join(FAST_MODEL_TYPES)}): use --backend portable or auto")
         return Backend("portable", f"auto: architecture {kind!r} has no fast path")
-    if not dense_store:
-        return Backend("portable", "fallback: this method's store (quantized or ragged per-head) has no static form "
-                                   "on the fast backend yet")
+    if not dense_store and not static_quantized:
+        return Backend("portable", "fallback: this method's store has no static form on the fast backend yet (GEAR, "
+                                   "VidKV, KIVI behind an eviction during decoding or with 1-bit or mixed key/value "
+                                   "bits, the ragged per-head store)")
     on_gpu = device.type == "cuda"
     if requested == "auto" and on_gpu and not decode_free:
         # measured (benchmarks/results/runtime_h200.jsonl): eager static stores that evict every step (compaction

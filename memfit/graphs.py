@@ -20,7 +20,10 @@ import torch
 
 from memfit.adapters.transformers import MemfitCache, forward
 from memfit.backend import MIN_GRAPH_STEPS
+from memfit.core.static_quant_store import StaticKIVILayer
 from memfit.core.static_store import StaticKVLayer
+
+STATIC_STORES = (StaticKVLayer, StaticKIVILayer)  # stores whose decode step is capturable
 
 
 class DecodeSteps:
@@ -37,7 +40,7 @@ class DecodeSteps:
             self.use_graphs = False
             self.reason = f"{steps} decode steps: too few to win back recording a graph"
         for layer in cache.core.layers:  # the kernels only where the graph amortises their compilation
-            if isinstance(layer, StaticKVLayer):
+            if isinstance(layer, STATIC_STORES):
                 layer.kernel_attention = self.use_graphs
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
@@ -48,7 +51,7 @@ class DecodeSteps:
 
     def _capturable(self) -> bool:
         layers = self.cache.core.layers
-        if not all(isinstance(layer, StaticKVLayer) and layer.frozen for layer in layers):
+        if not all(isinstance(layer, STATIC_STORES) and layer.frozen for layer in layers):
             self.reason = "a layer has no static buffer"
             return False
         left = None if self.steps is None else self.steps - self.eager_steps

@@ -10,7 +10,8 @@ import torch
 from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
 
 from memfit.api import make_cache
-from memfit.core.method import all_methods
+from memfit.core.method import all_methods, build_policy
+from memfit.core.static_quant_store import StaticKIVILayer, static_quant_form
 from memfit.core.static_store import StaticKVLayer
 from memfit.engine import generate, pad_left, positions_from_mask
 from memfit.errors import ConfigError
@@ -68,10 +69,18 @@ def _run(model, spec: str, backend: str, monkeypatch, batch: int = 2):
 def test_fast_stores_equal_the_portable_path(model, spec, monkeypatch):
     """Same kept tokens (keys, values, validity) per layer and head after prefill + decode, and the same tokens and
     logits, for every method and composition; quantized stores say they fall back."""
-    if "+" in spec or spec in QUANTIZERS:  # no static form yet: the fast backend falls back and says why
+    if "+" in spec or spec in QUANTIZERS:
+        # KIVI behind a prompt-only eviction has a static form (tests/test_static_quant.py compares it with the
+        # portable store); the other quantized stores, and every one on a model with sliding-window layers, fall
+        # back and say why
         monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
         cache = make_cache(model, spec, _budget(spec), backend="fast")
-        assert cache.backend.name == "portable" and "fallback" in cache.backend.reason
+        static = static_quant_form(build_policy(spec, _budget(spec))[0]) is not None
+        if static and model.config.model_type != "gemma3_text":
+            assert cache.backend.name == "fast"
+            assert all(isinstance(layer, StaticKIVILayer) for layer in cache.core.layers)
+        else:
+            assert cache.backend.name == "portable" and "fallback" in cache.backend.reason
         return
     fast_cache, fast = _run(model, spec, "fast", monkeypatch)
     port_cache, port = _run(model, spec, "portable", monkeypatch)
@@ -273,3 +282,36 @@ def test_fast_backend_on_cuda_matches_portable(spec):
     agree = sum(a == b for a, b in zip(fast.tokens[0][:12], port.tokens[0][:12], strict=True)) / 12
     assert agree >= 0.75, (fast.tokens, port.tokens)
     assert fast_cache.held_tokens() == port_cache.held_tokens()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["kivi", "snapkv+kivi"])
+def test_fast_kivi_on_cuda_matches_portable(spec):
+    """On a GPU: KIVI's static store (packed codes + full-precision ring, the Triton KIVI kernel, flushes as masked
+    writes) decodes in a CUDA graph and generates what the portable quantized store generates, within bf16 rounding,
+    holding the same tokens (the portable store's bytes = the static store's used bytes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memfit.core.static_quant_store import StaticKIVILayer
+
+    torch.manual_seed(0)  # head dim 64: the kernel's tested shapes (G = 32)
+    model = LlamaForCausalLM(LlamaConfig(**dict(TINY, head_dim=64))).eval().to("cuda", torch.bfloat16)
+    ids, mask = _prompts(1)
+    kivi = {"group_size": 32, "residual": 32}  # 40-token prompt + 80 tokens: key flushes at 64 and 96
+    params = kivi if spec == "kivi" else {"snapkv.window": 4, **{f"kivi.{k}": v for k, v in kivi.items()}}
+    runs = {}
+    for backend in ("fast", "portable"):
+        cache = make_cache(model, spec, None if spec == "kivi" else 0.5, params, backend=backend, reserve=80)
+        runs[backend] = (cache, generate(model, ids, mask, cache, max_new_tokens=80))
+    fast_cache, fast = runs["fast"]
+    port_cache, port = runs["portable"]
+    assert fast_cache.backend.name == "fast" and fast_cache.backend.graphs
+    assert fast.graph_replays == 80 - 2
+    assert all(isinstance(layer, StaticKIVILayer) and layer.frozen for layer in fast_cache.core.layers)
+    torch.testing.assert_close(fast.first_logits, port.first_logits, rtol=2e-2, atol=2e-2)
+    agree = sum(a == b for a, b in zip(fast.tokens[0][:12], port.tokens[0][:12], strict=True)) / 12
+    assert agree >= 0.75, (fast.tokens, port.tokens)
+    assert fast_cache.held_tokens() == port_cache.held_tokens()
+    assert sum(layer.used_nbytes() for layer in fast_cache.core.layers) == port_cache.nbytes()
+    for layer in fast_cache.core.layers:  # the graph's device counters and the host mirrors agree
+        assert (int(layer.t_dev), int(layer.qk_dev), int(layer.qv_dev)) == (layer.length, layer.qk, layer.qv)
