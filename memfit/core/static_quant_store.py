@@ -137,6 +137,7 @@ class StaticKIVILayer(QuantizedKVLayer):
         self.qv_dev: torch.Tensor | None = None  # (1,) long: values quantized
         self.n_q: torch.Tensor | None = None  # (B,) int32: tokens the kernel reads as codes (T + 1 - W at attend)
         self.n_r: torch.Tensor | None = None  # (B,) int32: ring tokens the kernel reads
+        self.freezes = 0  # times the buffers were built (1 for a whole decode; more means something unfroze them)
         self.length = 0  # host mirrors of T, qk, qv (the same rule run in Python: no device reads)
         self.qk = 0
         self.qv = 0
@@ -207,6 +208,7 @@ class StaticKIVILayer(QuantizedKVLayer):
         bufs["kr"].index_copy_(2, slots, _tail(kq, self.k.residual, lo, qk))
         bufs["vr"].index_copy_(2, slots, _tail(vq, self.v.residual, lo, qv))
         self.buffers = bufs
+        self.freezes += 1
         self.length, self.qk, self.qv = t, qk, qv
         self.t_dev = torch.full((1,), t, dtype=torch.long, device=dev)
         self.qk_dev = torch.full((1,), qk, dtype=torch.long, device=dev)
