@@ -321,4 +321,6 @@ def test_bad_allocation_is_a_config_error(llama):
         make_cache(llama, "snapkv", 0.5, allocation="pyramid+nope")
     with pytest.raises(ConfigError, match="unknown allocation"):
         parse_allocation("adakv+adakv")
+    with pytest.raises(ConfigError, match="per-head budgets"):  # its scoring needs equal heads (was a shape crash)
+        make_cache(llama, "keyformer", 0.5, allocation="pyramid+adakv")
     assert parse_allocation("adakv+pyramid") == (True, True)

@@ -228,6 +228,10 @@ def configure_allocation(
     if adakv:
         from memfit.core.ragged import RaggedKVLayer
 
+        if not getattr(cache.method, "ragged_heads", True):
+            raise ConfigError(f"method {cache.method.name!r} scores all KV heads of a layer over the same tokens, so "
+                              f"it cannot run with per-head budgets: use --allocation uniform or pyramid")
+
         odd = {type(layer).__name__ for layer in cache.layers if type(layer) not in (KVLayer, RaggedKVLayer)}
         if odd:
             raise ConfigError(

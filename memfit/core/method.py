@@ -44,6 +44,8 @@ class Method:
     family: ClassVar[str] = ""  # eviction | quantization | reference ...
     acts: ClassVar[str] = ""  # prefill | decode | prefill+decode
     summary: ClassVar[str] = ""
+    # whether `after_attention` can score a layer whose KV heads hold different tokens (AdaKV's ragged store)
+    ragged_heads: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.budget = Budget()

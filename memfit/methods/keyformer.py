@@ -84,6 +84,9 @@ class Keyformer(Method):
     arxiv = "2403.09054"
     family = "eviction"
     acts = "prefill+decode"
+    # the Gumbel scoring lays every KV head's valid tokens out in one (Hkv, n) grid, so heads must hold the same
+    # number of tokens: no per-head (AdaKV) allocation
+    ragged_heads = False
     summary = "Accumulated Gumbel-softmax scores (rising temperature) + recent window, evicting at every step."
 
     recent_fraction: float = 0.3
