@@ -62,7 +62,7 @@ def kvpress_worker(prompts_path: str, out_path: str, presses: list[str], ratios:
         versions["kvpress"] = version("kvpress")
     except Exception:  # noqa: BLE001 - version is informational only
         pass
-    configs: list[tuple[str, int | None]] = [("none", None)] + [(p, n) for p in presses for n in ratios]
+    configs: list[tuple[str, int | None]] = [("none", None)] + [(p, n) for n in ratios for p in presses]
     done = set()  # rows already written by an interrupted run of the same prompts: resume
     if Path(out_path).exists():
         for line in Path(out_path).read_text().splitlines():
@@ -111,15 +111,20 @@ def kvpress_worker(prompts_path: str, out_path: str, presses: list[str], ratios:
 
 
 # ----------------------------------------------------------------------------------------------- memfit driver
-def _memfit_config(name: str) -> tuple[str, dict[str, str], bool]:
-    """'snapkv+spans' -> ('snapkv', {}, True); 'snapkv(kernel=15)' -> ('snapkv', {'kernel': '15'}, False)."""
-    spans = name.endswith("+spans")
-    base = name.removesuffix("+spans")
+def _memfit_config(name: str) -> tuple[str, dict[str, str], bool, int]:
+    """'snapkv+spans' -> ('snapkv', {}, True, 1); 'snapkv(kernel=15)' -> ('snapkv', {'kernel': '15'}, False, 1);
+    'snapkv+kivi+spans(kivi.bits=4)@4x' -> (..., True, 4): keep 4x the tokens of the ratio's row (a composition
+    whose quantizer brings the *bytes* down to that row; the table compares measured bytes, not token counts)."""
+    base, tokens_mult = name, 1
+    if base.endswith("x") and "@" in base:
+        base, _, mult = base.rpartition("@")
+        tokens_mult = int(mult[:-1])
     params: dict[str, str] = {}
     if "(" in base:
         base, _, inner = base.partition("(")
         params = dict(kv.split("=", 1) for kv in inner.rstrip(")").split(","))
-    return base, params, spans
+    spans = base.endswith("+spans")
+    return base.removesuffix("+spans"), params, spans, tokens_mult
 
 
 def run_memfit(model, tok, samples, methods, ratios, rows_path, device, full=True) -> None:  # noqa: ANN001
@@ -133,7 +138,7 @@ def run_memfit(model, tok, samples, methods, ratios, rows_path, device, full=Tru
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]
     ids, mask = pad_left([s["ids"] for s in samples], tok.pad_token_id or 0)
-    configs: list[tuple[str, int | None]] = [("full", None)] * full + [(m, n) for m in methods for n in ratios]
+    configs: list[tuple[str, int | None]] = [("full", None)] * full + [(m, n) for n in ratios for m in methods]
     rows_path = Path(rows_path)
     done = set()
     if rows_path.exists():
@@ -142,8 +147,8 @@ def run_memfit(model, tok, samples, methods, ratios, rows_path, device, full=Tru
         if (name, n) in done:
             continue
         rows_out: list[dict] = []
-        base, params, spans = _memfit_config(name)
-        cache = make_cache(model, base, None if n is None else 1.0 / n, params or None)
+        base, params, spans, mult = _memfit_config(name)
+        cache = make_cache(model, base, None if n is None else min(1.0, mult / n), params or None)
         if spans:
             enable_spans(cache, tok)
         gen = generate(model, ids.to(device), mask.to(device), cache, ANSWER_TOKENS, eos)
@@ -178,8 +183,11 @@ def report(rows: list[dict], out: Path, args: argparse.Namespace, versions: dict
     full_m, full_k = mean_score("memfit", "full", None), mean_score("kvpress", "full", None)
     fulls = [r["kv_bytes_full"] for r in rows if r["side"] == "memfit"]  # what a full cache holds (any memfit row)
     full_bytes = sum(fulls) / len(fulls) if fulls else 1.0
-    ms = sorted({r["method"] for r in rows if r["side"] == "memfit" and r["ratio"]}, key=args.methods.index)
-    ks = sorted({r["method"] for r in rows if r["side"] == "kvpress" and r["ratio"]}, key=args.presses.index)
+    def order(names: list[str]):  # noqa: ANN202 - the order asked for, then any other configuration in the rows
+        return lambda m: (names.index(m) if m in names else len(names), m)
+
+    ms = sorted({r["method"] for r in rows if r["side"] == "memfit" and r["ratio"]}, key=order(args.methods))
+    ks = sorted({r["method"] for r in rows if r["side"] == "kvpress" and r["ratio"]}, key=order(args.presses))
     lines = [
         "# memfit vs kvpress: needle score at equal KV ratios (question inside the compressed prompt)",
         "",
@@ -218,6 +226,37 @@ def report(rows: list[dict], out: Path, args: argparse.Namespace, versions: dict
             + " | ".join(cell(v, "kvpress", k) for v, k in zip(kvals, ks, strict=True))
             + f" | {fmt(bm)} | {fmt(bk)} | {fmt(full_m)} / {fmt(full_k)} |"
         )
+    # Bytes are what count: at each ratio, memfit's best configuration among those holding no more bytes than
+    # kvpress's presses hold at that ratio (any memfit row: a composition at 4x the tokens may hold 1/16 of the bytes)
+    n_samples = {(r["method"], r["ratio"]) for r in rows if r["side"] == "memfit"}
+    lines += [
+        "",
+        "## At equal bytes",
+        "",
+        "Cap = the largest mean KV bytes a kvpress press holds at that ratio (full/n when no kvpress row): every "
+        "memfit configuration (of any row) holding at most the cap competes. n = samples per configuration.",
+        "",
+        "| ratio | cap (×) | best memfit at ≤ cap | best kvpress at the ratio | full | memfit / full |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in args.ratios:
+        kb = [b for k in ks if (b := mean_bytes("kvpress", k, n)) is not None]
+        cap = max(kb) if kb else full_bytes / n
+        cands = [(mean_score("memfit", m, r), m, r) for m, r in n_samples if r and (b := mean_bytes("memfit", m, r))
+                 is not None and b <= cap]
+        bm = max(cands, key=lambda c: (c[0], -(mean_bytes("memfit", c[1], c[2]) or 0)), default=None)
+        kc = [(v, k) for k in ks if (v := mean_score("kvpress", k, n)) is not None]
+        bk = max(kc, default=None)
+        ref = full_k if full_k is not None else full_m
+
+        def cnt(side: str, m: str, r: int) -> int:
+            return sum(1 for x in rows if x["side"] == side and x["method"] == m and x["ratio"] == r)
+
+        mtxt = "–" if bm is None else (f"{bm[0]:.2f} {bm[1]} @1/{bm[2]} "
+                                        f"({full_bytes / mean_bytes('memfit', bm[1], bm[2]):.1f}×, n={cnt('memfit', bm[1], bm[2])})")
+        ktxt = "–" if bk is None else f"{bk[0]:.2f} {bk[1]} ({full_bytes / mean_bytes('kvpress', bk[1], n):.1f}×, n={cnt('kvpress', bk[1], n)})"
+        frac = "–" if bm is None or not ref else f"{bm[0] / ref:.2f}"
+        lines.append(f"| 1/{n} | {full_bytes / cap:.1f}× | {mtxt} | {ktxt} | {fmt(ref)} | {frac} |")
     lines += [
         "",
         "(×) = the full cache's mean KV bytes over the configuration's mean bytes held after answering (both sides "
@@ -248,6 +287,8 @@ def main() -> None:
     ap.add_argument("--tmp", default="/tmp/memfit-vs-kvpress", help="where the prompts (book text) go: not committed")
     ap.add_argument("--skip-full", action="store_true",
                     help="no memfit full-cache run (the kvpress side's full cache is the same model on the same ids)")
+    ap.add_argument("--only", choices=["both", "memfit", "kvpress"], default="both",
+                    help="run one side only (rows of the other side already in --tmp are still reported)")
     ap.add_argument("--report-only", action="store_true",
                     help="write results.jsonl and report.md from the rows finished so far in --tmp")
     args = ap.parse_args()
@@ -286,13 +327,16 @@ def main() -> None:
     if not args.report_only:
         # kvpress in its own interpreter, in parallel with the memfit side (on CUDA, run them one after the other)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-        worker = subprocess.Popen([args.kvpress_python, __file__, "--worker", str(prompts_path), str(kv_out),
-                                   "--presses", ",".join(args.presses), "--ratios", ",".join(map(str, args.ratios)),
-                                   "--device", args.device], env=env)
-        if args.device != "cpu":
-            worker.wait()
-        run_memfit(model, tok, samples, args.methods, args.ratios, mf_out, args.device, full=not args.skip_full)
-        if worker.wait() != 0:
+        worker = None
+        if args.only != "memfit":
+            worker = subprocess.Popen([args.kvpress_python, __file__, "--worker", str(prompts_path), str(kv_out),
+                                       "--presses", ",".join(args.presses), "--ratios",
+                                       ",".join(map(str, args.ratios)), "--device", args.device], env=env)
+            if args.device != "cpu":
+                worker.wait()
+        if args.only != "kvpress":
+            run_memfit(model, tok, samples, args.methods, args.ratios, mf_out, args.device, full=not args.skip_full)
+        if worker is not None and worker.wait() != 0:
             raise SystemExit(f"the kvpress worker failed (exit {worker.returncode})")
     from memfit.bench import metrics
 
@@ -300,7 +344,7 @@ def main() -> None:
 
     kv_versions: dict = {}
     by_index = {s["index"]: s for s in samples}
-    for line in kv_out.read_text().splitlines():
+    for line in kv_out.read_text().splitlines() if kv_out.exists() else []:
         r = json.loads(line)
         kv_versions = r.pop("versions")
         s = by_index[r["sample"]]
