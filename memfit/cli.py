@@ -87,6 +87,17 @@ def _check_device(device: str, dtype: str) -> None:
     resolve_dtype(dtype, resolve_device(device))
 
 
+def _check_tp(tp: int | None, backend: str, unsupported: dict[str, bool]) -> None:
+    """What --tp (or a rank under torchrun) cannot run with: one clear error before any rank is launched."""
+    if tp is not None and tp < 2:
+        raise ConfigError("--tp must be at least 2 (or leave it out for one process)")
+    bad = [option for option, given in unsupported.items() if given]
+    if bad:
+        raise ConfigError(f"--tp does not combine with {', '.join(bad)} yet: run without --tp, or without them")
+    if backend == "fast":
+        raise ConfigError("--tp runs on the portable backend for now: drop --backend fast")
+
+
 def read_text_file(path: Path, what: str = "prompt file") -> str:
     """A UTF-8 text file's contents; a missing, unreadable or binary file is one ConfigError.
 
@@ -241,12 +252,8 @@ def run(
 
     ranks = distributed.in_torchrun()
     if tp is not None or ranks:
-        if tp is not None and tp < 2:
-            raise ConfigError("--tp must be at least 2 (or leave it out for one process)")
-        if weights or weights_memory or load_format != "auto":
-            raise ConfigError("--tp does not combine with --weights, --weights-memory or --load-format dummy yet")
-        if backend == "fast":
-            raise ConfigError("--tp runs on the portable backend for now: drop --backend fast")
+        _check_tp(tp, backend, {"--weights": bool(weights), "--weights-memory": weights_memory is not None,
+                                "--load-format dummy": load_format != "auto"})
         if not ranks:  # launch the ranks; each re-enters here under torchrun
             raise SystemExit(distributed.launch(int(tp), distributed.strip_tp(sys.argv[1:])))
         distributed.init(device)
@@ -592,6 +599,11 @@ def bench(
     load_format: str = typer.Option(
         "auto", "--load-format", help="auto | dummy (random weights from a config such as llama-3.1-8b)."
     ),
+    tp: int = typer.Option(
+        None, "--tp",
+        help="Tensor parallelism over N processes (torchrun, as on `memfit run`): rank 0 writes the rows, which add "
+        "tp and kv_bytes_held_per_rank.",
+    ),
 ) -> None:
     """Memory, speed and quality of every method against the full cache, on the same generated prompts.
 
@@ -622,10 +634,15 @@ def bench(
 
     check_backend(backend)
     check_load_format(load_format)
+    from memfit import distributed
+
+    ranks = distributed.in_torchrun()
+    if tp is not None or ranks:
+        _check_tp(tp, backend, {"--weights": bool(weights), "--load-format dummy": load_format != "auto"})
+        backend = "portable"
     created = make_out_dir(out_dir)  # last check: a folder we cannot write is refused before any model work
     try:
-        result = run_bench(
-            model,
+        bench_args: dict[str, Any] = dict(
             methods=method_list,
             budgets=parse_budgets(budgets),
             tasks=parse_list(tasks, "tasks"),
@@ -647,6 +664,12 @@ def bench(
             backend=backend,
             load_format=load_format,
         )
+        if tp is not None and not ranks:  # every bad input is one error here, not one per rank; then launch
+            run_bench(model, check_only=True, **bench_args)
+            raise SystemExit(distributed.launch(int(tp), distributed.strip_tp(sys.argv[1:])))
+        if ranks:
+            distributed.init(device)
+        result = run_bench(model, **bench_args)
     except MemfitError:
         for d in created:  # a bad option found later: leave no empty folder behind
             with contextlib.suppress(OSError):
@@ -657,6 +680,8 @@ def bench(
             f"every finished row is in {out_dir / 'results.jsonl'}; run the same command again to resume "
             "(summary.csv and report.md are written when a run completes)"
         )
+    if ranks and distributed.rank() != 0:  # rank 0 prints the table
+        return
     headers = ("method", "budget", "context", "KV held", "ratio", "quality %", "loss pts", "KL", "top-1 %")
     rows = [
         (

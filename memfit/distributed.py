@@ -4,6 +4,8 @@ The model is split by transformers' own tensor-parallel plan (`from_pretrained(.
 KV heads, MLP columns/rows, one all-reduce per block) over torch.distributed — NCCL on GPUs, gloo on CPUs. Each
 rank's memfit cache holds and compresses only its own KV heads (`memfit.core.tp` for the few cross-head
 decisions), so the KV bytes per rank fall with N. Rank 0 prints; `--json` gives per-rank and total KV bytes.
+`memfit bench --tp N` works the same way: every rank runs every configuration, rank 0 alone writes the rows
+(with `tp` and `kv_bytes_held_per_rank`) and the report.
 """
 
 from __future__ import annotations
@@ -87,3 +89,10 @@ def rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Ranks in the joined group (1 outside a tensor-parallel run)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

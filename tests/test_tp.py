@@ -125,3 +125,56 @@ def test_tp_bad_inputs(capsys, monkeypatch):
             main()
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error:") and msg in err, err
+
+
+BENCH_ARGS = ["--methods", "snapkv", "--budgets", "0.5", "--tasks", "niah_single_number,fidelity", "--context", "128",
+              "--samples", "2", "--batch-size", "2", "--param", "window=4"]
+
+
+def test_cli_bench_tp_rank0_writes_rows(tiny_folder, tmp_path):
+    from memfit.bench.report import read_rows
+    from memfit.bench.runner import run_bench
+
+    out = tmp_path / "tp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "memfit.cli", "bench", "--tp", "2", "--model", str(tiny_folder), *BENCH_ARGS,
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("memfit bench ·") == 1  # rank 0 prints the table
+    assert (out / "report.md").is_file()
+    rows = read_rows(out / "results.jsonl")
+    assert sorted((r["method"], r["task"]) for r in rows) == [  # one row each: rank 1 wrote none
+        ("full", "fidelity"), ("full", "niah_single_number"), ("snapkv", "fidelity"), ("snapkv", "niah_single_number")]
+    one = {(r["method"], r["task"]): r for r in run_bench(
+        str(tiny_folder), out=tmp_path / "one", progress=False, methods=["snapkv"], budgets=[0.5],
+        tasks=["niah_single_number", "fidelity"], context=128, samples=2, batch_size=2,
+        params={"snapkv": {"window": 4}}).rows}
+    for r in rows:
+        ref = one[(r["method"], r["task"])]
+        assert r["tp"] == 2 and r["model"].endswith("[tp 2]") and not ref.get("tp")
+        per_rank = r["kv_bytes_held_per_rank"]
+        assert len(per_rank) == 2 and per_rank[0] == per_rank[1]  # each rank holds half the KV heads
+        assert abs(sum(per_rank) - r["kv_bytes_held"]) <= 1 and r["kv_bytes_held"] == ref["kv_bytes_held"]
+        assert r["kv_bytes_full"] == ref["kv_bytes_full"]
+        if r["method"] == "snapkv":
+            assert r["kv_bytes_held"] < r["kv_bytes_full"]
+        assert r["predictions"] == ref["predictions"]  # same answers as one process
+        for k in ("kl", "top1", "ppl"):
+            assert (r[k] is None) == (ref[k] is None) and (r[k] is None or r[k] == pytest.approx(ref[k], abs=1e-4))
+
+
+def test_bench_tp_bad_inputs(capsys, monkeypatch, tmp_path):
+    from memfit.cli import main
+
+    out = tmp_path / "never"
+    for args, msg in ((["--tp", "1"], "at least 2"), (["--tp", "2", "--backend", "fast"], "drop --backend fast"),
+                      (["--tp", "2", "--weights", "rtn:4"], "does not combine with --weights"),
+                      (["--tp", "2", "--methods", "nope"], "nope")):  # found before any rank is launched
+        monkeypatch.setattr(sys, "argv", ["memfit", "bench", "--out", str(out), *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error:") and msg in err and err.count("\n") == 1, err
+        assert not out.exists()

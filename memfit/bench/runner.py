@@ -323,6 +323,7 @@ def run_bench(
     weights: str | None = None,
     backend: str = "auto",
     load_format: str = "auto",
+    check_only: bool = False,
 ) -> BenchResult:
     """Bench ``methods`` × ``budgets`` against the full cache on ``tasks`` and write the report into ``out``.
 
@@ -343,13 +344,20 @@ def run_bench(
     load and every row's ``model`` names the spec, so rows with and without it share one results file.
     ``backend``: auto | fast | portable (memfit.backend; rows record the one that ran); ``load_format="dummy"``:
     random weights from a config (memfit.dummy), for speed and memory rows.
+    Under torchrun (``memfit bench --tp N``, memfit.distributed) every rank loads its shard and runs every
+    configuration; rank 0 alone writes the rows, which add ``tp`` and ``kv_bytes_held_per_rank`` (the KV bytes
+    fields are then the sum over the ranks) and whose ``model`` ends in ``[tp N]``.
+    ``check_only``: validate every input, then return an empty result without loading anything.
     Returns a :class:`BenchResult`; raises ``ConfigError`` on bad input before loading anything.
     """
+    from memfit import distributed
     from memfit.backend import check_backend
     from memfit.models import check_load_format
 
     check_backend(backend)
     check_load_format(load_format)
+    world, lead = distributed.world_size(), distributed.rank() == 0
+    progress = progress and lead  # one progress bar, not one per rank
     t_start, cpu_start = time.perf_counter(), time.process_time()
     method_list = parse_list(list(methods), "methods")
     if FULL_METHOD in method_list:
@@ -388,6 +396,10 @@ def run_bench(
     weight_method = parse_weight_spec(weights) if weights else None
     if weight_method is not None:
         name = f"{name} [weights {weight_method.spec()}]"
+    if world > 1:  # a split model's rows are their own: same answers, but bytes per rank
+        if weight_method is not None or load_format != "auto":
+            raise ConfigError("--tp does not combine with --weights or --load-format dummy yet")
+        name = f"{name} [tp {world}]"
     filler_label = filler_description(filler, corpus)  # type: ignore[arg-type]
     given = {m: _given_params((params or {}).get(m), resolved[m]) for m in method_list}
     from memfit.core.method import evicts
@@ -409,6 +421,8 @@ def run_bench(
                     for b in budget_list
                     if not extra or b is not None  # without a budget there is nothing to share out (or to span)
                 ]
+    if check_only:
+        return BenchResult([], [], {"results": results_path}, time.perf_counter() - t_start, 0.0)
 
     # -- what is left to do ----------------------------------------------------------------------------------
     done = load_done_keys(results_path)
@@ -440,7 +454,7 @@ def run_bench(
 
     new_rows: list[dict[str, Any]] = []
     if plan:
-        mdl, tok = _load(model, progress, device, dtype, load_format)
+        mdl, tok = _load(model, progress, device, dtype, load_format, tp=world > 1)
         from memfit.window import context_window
 
         window = context_window(mdl)  # refuse before generating: past the window the rows would be noise
@@ -486,6 +500,9 @@ def run_bench(
         with _progress(progress, total) as advance:
             for run, (_, _, pending) in zip(runs, plan, strict=True):
                 new_rows += _run_task(mdl, tok, run, pending, advance)
+    if not lead:  # the other ranks of a tensor-parallel bench write nothing
+        return BenchResult(new_rows, new_rows, {"results": results_path}, time.perf_counter() - t_start,
+                           time.process_time() - cpu_start, skipped)
     rows = read_rows(results_path)
     files = write_report(rows, out_dir, note=_report_note(rows, note))
     _append_agreement_section(rows, files["report"])
@@ -754,9 +771,13 @@ def _teacher_force(
 
 
 def _finish_row(run: _TaskRun, cfg: _Config, st: _Stats) -> dict[str, Any]:
-    """The result row of one configuration on one task (appended to results.jsonl at once)."""
+    """The result row of one configuration on one task (appended to results.jsonl at once; by rank 0 alone in a
+    tensor-parallel bench, where every rank calls this in the same order)."""
+    from memfit import distributed
+
     n = max(1, st.rows)
-    full_b, held_b = st.kv_full / n, st.kv_held / n
+    held_ranks = distributed.gather_ints(st.kv_held)  # each rank's cache holds only its own KV heads
+    full_b, held_b = sum(distributed.gather_ints(st.kv_full)) / n, sum(held_ranks) / n
     answers = not run.text_task
     row: dict[str, Any] = {
         "model": run.model_name,
@@ -794,7 +815,11 @@ def _finish_row(run: _TaskRun, cfg: _Config, st: _Stats) -> dict[str, Any]:
         "predictions": st.predictions if answers else None,
         "provenance": provenance(),  # machine, versions, commit and the command that wrote this row
     }
-    append_row(run.results_path, row)
+    if len(held_ranks) > 1:
+        row["tp"] = len(held_ranks)
+        row["kv_bytes_held_per_rank"] = [int(round(h / n)) for h in held_ranks]
+    if distributed.rank() == 0:
+        append_row(run.results_path, row)
     return row
 
 
@@ -856,12 +881,12 @@ def _model_name(model: str | tuple[torch.nn.Module, Any], given: str | None) -> 
 
 def _load(
     model: str | tuple[torch.nn.Module, Any], progress: bool, device: str = "cpu", dtype: str = "auto",
-    load_format: str = "auto",
+    load_format: str = "auto", tp: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
     if isinstance(model, str):
         from memfit.models import load_model
 
-        return load_model(model, progress=progress, device=device, dtype=dtype, load_format=load_format)
+        return load_model(model, progress=progress, device=device, dtype=dtype, load_format=load_format, tp=tp)
     return model
 
 
