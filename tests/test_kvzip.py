@@ -10,7 +10,7 @@ from conftest import tiny_llama
 from memfit.api import make_cache
 from memfit.core.scoring import attention_probs, reduce_groups
 from memfit.engine import generate, pad_left
-from memfit.methods.kvzip import max_attention
+from memfit.methods.kvzip import global_budgets, max_attention
 
 
 @pytest.mark.parametrize("block", [1, 5, 256])
@@ -33,7 +33,8 @@ class _Tok:
         return {"input_ids": [ord(c) % 128 for c in text]}
 
 
-def test_two_pass_path_scores_by_reconstruction_and_keeps_the_sink():
+@pytest.mark.parametrize("budgets", ["layer", "global"])
+def test_two_pass_path_scores_by_reconstruction_and_keeps_the_sink(budgets):
     model = tiny_llama()
     torch.manual_seed(7)
     ids, mask = pad_left([torch.randint(0, 128, (n,)).tolist() for n in (80, 50)])
@@ -42,15 +43,19 @@ def test_two_pass_path_scores_by_reconstruction_and_keeps_the_sink():
         generate(model, ids, mask, full, max_new_tokens=1)
     kept = {}
     for bound in (False, True):
-        cache = make_cache(model, "kvzip", 0.25, {"chunk": 24, "sinks": 3})
+        cache = make_cache(model, "kvzip", 0.25, {"chunk": 24, "sinks": 3, "budgets": budgets})
         if bound:
             cache.method.bind_tokenizer(_Tok())
         with torch.no_grad():
             generate(model, ids, mask, cache, max_new_tokens=1)
-        assert cache.core.held_tokens() == [20] * 3  # ceil(0.25 * 80) per layer: evicted after prefill
+        per_row = torch.stack([layer.valid_mask().sum(-1) for layer in cache.core.layers])  # (L, B, Hkv)
+        assert bool((per_row == per_row[..., :1]).all())  # head-uniform within a layer (a rectangular store)
+        if budgets == "layer":  # ceil(0.25 * 80), ceil(0.25 * 50) tokens per layer and head: each row its budget
+            assert per_row[:, 0].eq(20).all() and per_row[:, 1].eq(13).all()
+        else:  # one ranking over every layer: ragged over layers, the same total per row
+            assert per_row[:, :, 0].sum(0).tolist() == [60, 39] and not per_row[:, 0].eq(20).all()
         for layer, ref in zip(cache.core.layers, full.core.layers, strict=True):
             valid = layer.valid_mask()
-            assert int(valid[1].sum(-1).max()) == 13  # ceil(0.25 * 50): each row its own budget
             for row, pad in ((0, 0), (1, 30)):  # the first 3 real tokens (the sink) are held in every head
                 for h in range(layer.keys.shape[1]):
                     held = layer.keys[row, h][valid[row, h]]
@@ -59,3 +64,15 @@ def test_two_pass_path_scores_by_reconstruction_and_keeps_the_sink():
         kept[bound] = torch.cat([layer.keys.flatten() for layer in cache.core.layers])
     # the instruction changes the reconstruction queries, hence the scores
     assert not torch.equal(kept[False], kept[True])
+
+
+def test_global_budgets_follow_one_ranking_and_add_up():
+    # 2 layers x 2 heads x 4 tokens; the 6 best pairs: 4 in layer 0 (2 per head), 2 in layer 1 -> (2, 1) per head
+    s0 = torch.tensor([[[9.0, 8, 1, 0], [7, 6, 0, 0]]])
+    s1 = torch.tensor([[[5.0, 0, 0, 0], [4, 0, 0, -1]]])
+    assert global_budgets([s0, s1], torch.tensor([6]), 2).tolist() == [[2], [1]]
+    # protected pairs (+inf) count first; padding (-inf) is never chosen; remainders go to the largest leftovers
+    s1[0, :, 1] = float("inf")
+    s0[0, :, 3] = float("-inf")
+    got = global_budgets([s0, s1], torch.tensor([10]), 2)
+    assert got.sum().item() == 5 and got[1].item() >= 2

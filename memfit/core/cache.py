@@ -60,6 +60,8 @@ def apply_selection(
         layer.keep(selection.indices, selection.valid)
         return
     scores, protect = selection.scores, selection.protect
+    if selection.keep is not None and keep is not None:  # the method moved budget between layers (same total)
+        keep = selection.keep
     if scores is None or keep is None:
         return
     span_ids = layer.extras.get(SPAN_KEY)

@@ -122,6 +122,9 @@ class Selection:
     indices: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # with `scores`: this layer's budget per row (B,) when the method shares one budget over layers itself (KVzip's
+    # single ranking of every layer's pairs); None = the layer's own budget (`StepInfo.keep`)
+    keep: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.scores is not None and self.indices is not None:

@@ -63,29 +63,64 @@ def max_attention(
     queries: torch.Tensor, keys: torch.Tensor, scaling: float, key_valid: torch.Tensor | None, block: int = 256
 ) -> torch.Tensor:
     """(B, Hkv, T) fp32: for every key, the max causal attention any of the q queries (the last q of the T keys)
-    pays it, over the queries and over each KV head's query group. fp32 softmax, block-wise over queries; each KV
+    pays it, over the queries and over each KV head's query group.
+
+    Computed without materialising the attention probabilities: max_q softmax(l)_k = exp(max_q (l_qk - lse_q)),
+    so each block of queries needs its logits, one logsumexp per query and a max over the block; the causal mask
+    only touches the block's own keys (every query sees all earlier keys). fp32, block-wise over queries; each KV
     head's group of queries is scored against its keys at once (keys are never repeated over the group)."""
     b, h, q_len, d = queries.shape
     hkv, t_len = keys.shape[1], keys.shape[2]
     g = h // hkv
+    n_ctx = t_len - q_len  # keys before the queries: visible to every query
     k32 = keys.float().transpose(-1, -2)  # (B, Hkv, d, T)
-    best = torch.zeros(b, hkv, t_len, dtype=torch.float32, device=queries.device)
-    kj = torch.arange(t_len, device=queries.device)
+    bias = None
+    if key_valid is not None:  # padding keys: -inf logits
+        bias = torch.zeros(b, hkv, 1, t_len, device=keys.device).masked_fill_(~key_valid[:, :, None, :], float("-inf"))
+    best = torch.full((b, hkv, t_len), float("-inf"), device=keys.device)
+    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=keys.device).tril_()
     for start in range(0, q_len, block):
         stop = min(q_len, start + block)
-        n = stop - start
-        q32 = queries[:, :, start:stop].float().reshape(b, hkv, g * n, d)
-        logits = torch.matmul(q32, k32).mul_(scaling).view(b, hkv, g, n, t_len)
-        qi = torch.arange(start, stop, device=queries.device) + (t_len - q_len)
-        allowed = (kj[None, :] <= qi[:, None])[None, None, None]  # causal: (1, 1, 1, n, T)
-        if key_valid is not None:
-            allowed = allowed & key_valid[:, :, None, None, :]
-        logits.masked_fill_(~allowed, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if key_valid is not None:  # a padding query sees no valid key: its row is NaN; it pays no attention
-            probs = probs.nan_to_num_(0.0)
-        best = torch.maximum(best, probs.amax(dim=(2, 3)))
-    return best
+        n, vis = stop - start, n_ctx + stop  # keys at or after `vis` are in every query's future
+        q32 = (queries[:, :, start:stop].float() * scaling).reshape(b, hkv, g * n, d)
+        logits = torch.matmul(q32, k32[..., :vis])  # (B, Hkv, g*n, vis)
+        if bias is not None:
+            logits += bias[..., :vis]
+        logits.view(b, hkv, g, n, vis)[..., n_ctx:].masked_fill_(~causal[start:stop, :stop], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        # a padding query sees no valid key (lse -inf): it pays no attention (+inf makes every l - lse -inf)
+        lse.masked_fill_(lse == float("-inf"), float("inf"))
+        best[..., :vis] = torch.maximum(best[..., :vis], logits.sub_(lse).amax(dim=2))
+    return best.exp_()
+
+
+def global_budgets(scores: list[torch.Tensor], totals: torch.Tensor, heads: int) -> torch.Tensor:
+    """(L, B) tokens per KV head for each of L layers, from ONE ranking of every (layer, KV head, token) pair of a
+    row: the official "pair" level keeps the pairs above a threshold shared by every layer and head, so layers whose
+    attention is concentrated keep few pairs and diffuse ones many. `scores`: L tensors (B, Hkv, T) (protected
+    pairs +inf, padding -inf); `totals` (B,) pairs a row may keep over all L layers. A layer's pairs above the
+    threshold are turned into a per-head count (the store is rectangular per layer; with --allocation adakv the
+    layer's heads then share it by score, which is the official ragged split) by largest remainders, so the counts
+    add up to the row's total exactly."""
+    n_layers = len(scores)
+    out = torch.zeros(n_layers, totals.shape[0], dtype=torch.long, device=totals.device)
+    for row in range(totals.shape[0]):
+        flat = torch.cat([s[row].reshape(-1) for s in scores])
+        real = int((flat > float("-inf")).sum())
+        total = min(int(totals[row]), real)
+        if total <= 0:
+            continue
+        chosen = torch.topk(flat, total, sorted=False).indices
+        sizes = torch.tensor([s[row].numel() for s in scores], device=flat.device)
+        layer_of = torch.bucketize(chosen, sizes.cumsum(0), right=True)
+        per_layer = torch.bincount(layer_of, minlength=n_layers)
+        base = per_layer // heads
+        left = total // heads - int(base.sum())  # whole tokens per head still to hand out
+        if left > 0:
+            order = torch.argsort(per_layer - base * heads, descending=True, stable=True)
+            base[order[:left]] += 1
+        out[:, row] = base
+    return out
 
 
 class _ReadThrough(KVLayer):
@@ -141,6 +176,7 @@ class KVzip(Method):
     chunk: int = 2000
     overlap: int = 8
     sinks: int = 4
+    budgets: str = "global"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,6 +191,8 @@ class KVzip(Method):
             raise ConfigError("kvzip.overlap must be >= 0")
         if self.sinks < 0:
             raise ConfigError("kvzip.sinks must be >= 0")
+        if self.budgets not in ("global", "layer"):
+            raise ConfigError(f"kvzip.budgets must be global or layer, got {self.budgets!r}")
 
     def bind_tokenizer(self, tokenizer: Any) -> None:
         """Word the reconstruction prompt with the model's tokenizer (and its chat template, if any)."""
@@ -225,13 +263,17 @@ class KVzip(Method):
                 positions = torch.arange(real.numel(), real.numel() + len(text), device=device)[None]
                 mask = torch.ones(1, slots + len(text), dtype=torch.long, device=device)
                 forward(model, step, mask, MemfitCache(scratch), positions, logits_to_keep=1)
-        chosen: dict[int, Selection] = {}
-        for layer, score in zip(layers, scores, strict=True):
-            if layer.window is not None:
-                continue  # a sliding-window layer keeps its own window; methods act on global layers
-            head_protect = protect[:, None, :].expand_as(score)
-            chosen[layer.index] = Selection(score, head_protect)  # each layer's own budget applies
-        return chosen
+        # a sliding-window layer keeps its own window; methods act on global layers
+        acting = [layer.index for layer in layers if layer.window is None]
+        budgets: dict[int, torch.Tensor | None] = dict.fromkeys(acting)  # None: the layer's own budget applies
+        if self.budgets == "global" and acting:
+            # one ranking over every acting layer's pairs, the same total as per-layer budgets (pyramid schedules
+            # keep the mean, so the total is theirs too)
+            ranked = [scores[i].masked_fill(protect[:, None, :], float("inf")) for i in acting]
+            heads = ranked[0].shape[1]
+            totals = keep.to(device) * len(acting) * heads
+            budgets.update(zip(acting, global_budgets(ranked, totals, heads), strict=True))
+        return {i: Selection(scores[i], protect[:, None, :].expand_as(scores[i]), keep=budgets[i]) for i in acting}
 
     def _sink_len(self, ids: list[int], prefix: list[int]) -> int:
         if prefix and len(ids) > len(prefix) and ids[: len(prefix)] == prefix:
