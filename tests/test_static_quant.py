@@ -131,7 +131,7 @@ def test_fast_kivi_equals_portable_kivi(arch, case, monkeypatch):
         bpg = bytes_per_group(form.bits, G)
         per_token = b * h * (d // G * bpg + 2 * 2 * d // G) + b * h * d * (bpg + 2 * 2) // G  # codes + fp16 scales
         ring = 2 * b * h * form.ring * d * 4
-        assert a.nbytes() == a.capacity * per_token + ring + 3 * 8 + 2 * 4 * b  # + counters
+        assert a.nbytes() == a.capacity * per_token + ring + 4 * 8 + 2 * 4 * b  # + counters
         assert a.capacity >= a.length
     assert fast.held_tokens() == port.held_tokens()
     assert fast.full_nbytes() == port.full_nbytes()
@@ -237,3 +237,39 @@ def test_kernel_reads_the_store_layout(sliding, interpreter_dtype):
     _assert_close(out, ref, dtype)
     # and it is what the store's own attention computes (the reference path on the CPU)
     torch.testing.assert_close(layer.attend(q[:, :, None], d**-0.5)[:, :, 0].float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="needs triton >= 3.8 (its CPU interpreter) and no CUDA device")
+@pytest.mark.parametrize("sliding", [False, True])
+def test_triton_flush_equals_the_torch_flush(sliding, interpreter_dtype):
+    """The three Triton launches of a step's flush (memfit.kernels.kivi_flush, what CUDA runs) leave every buffer and
+    counter bit-identical to the PyTorch masked writes, step after step, across several flushes of both sides."""
+    import importlib
+
+    import memfit.kernels.kivi_flush as kf
+
+    if type(kf._flush_values_kernel).__name__ != "InterpretedFunction":
+        importlib.reload(kf)  # defined under TRITON_INTERPRET=1 (the fixture set it)
+    assert type(kf._flush_values_kernel).__name__ == "InterpretedFunction"
+    d, dtype = 32, interpreter_dtype
+    form = KIVIForm(2, 8, 16, sliding)
+    layers = [StaticKIVILayer(0, form, reserve=48), StaticKIVILayer(0, form, reserve=48)]
+    gen = torch.Generator().manual_seed(7)
+    kv = lambda n: (torch.randn(2, 2, n, d, generator=gen) * 3 + 1).to(dtype)  # noqa: E731
+    keys, values = kv(37), kv(37)
+    for layer in layers:
+        layer.append(keys, values, None)
+        layer.finalize_step(StepInfo(0, 1, 37, True, None))
+    for i in range(40):
+        k, v, q = kv(1), kv(1), kv(1).repeat(1, 2, 1, 1)  # 4 query heads over 2 KV heads
+        for layer, triton_flush in zip(layers, (True, False), strict=True):
+            layer.append(k, v, None)
+            layer.triton_flush = triton_flush
+            layer.attend(q, d**-0.5)
+            layer.finalize_step(StepInfo(0, 1, 1, False, None))
+        a, b = layers
+        for name in a.buffers:
+            assert torch.equal(a.buffers[name], b.buffers[name]), (i, name)
+        for name in ("t_dev", "qk_dev", "qv_dev", "slot", "n_q", "n_r"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (i, name)
+    assert a.qk >= 3 * form.key_block and a.qv > 30

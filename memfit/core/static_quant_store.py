@@ -23,15 +23,17 @@ both sides, so one attention call reads codes for tokens [0, T - W) and the ring
 multiple of G: the kernel masks tokens, not groups) and n_r = W. The ring is always full once T >= W, so its slot
 order does not matter (attention is a sum over tokens); before that the tokens sit in slots [0, T).
 
-A decode step: (1) write the new token in ring slot T mod W (a device-side counter); (2) attention; (3) flushes with
-device-side predicates instead of host branches: the value at slot qv is quantized (one token, per-token groups) and
-written with a masked write (`torch.where(flush, new, old)` into the same rows) when the window holds R + 1 values;
-the R (block) or G (sliding) oldest ring keys are quantized into the next key groups, masked the same way, when that
-many have accumulated. Each step therefore quantizes one value and one key block whether or not it flushes (a few
-hundred tokens of work next to a cache of thousands; one graph serves every step). The alternative, a second graph
-for the flush steps replayed on a host-known schedule, would need a graph per phase and a runtime that switches
-between them; the masked step keeps `memfit.graphs` unchanged. The host keeps mirrors of T, qk and qv by running
-the same rule in Python (`advance` after each replay), so it never reads a device counter.
+A decode step: (1) write the new token in ring slot T mod W (a device-side counter); (2) attention; (3) flushes
+decided on the device instead of by host branches: the value at slot qv is quantized (one token, per-token groups)
+when the window holds R + 1 values; the R (block) or G (sliding) oldest ring keys are quantized into the next key
+groups when that many have accumulated; then the counters advance and the next step's ring slot and kernel lengths
+are set. On CUDA that is three Triton launches per layer (`memfit.kernels.kivi_flush`: each flush program returns at
+once when its side does not flush); elsewhere the same in PyTorch as masked writes (`torch.where(flush, new, old)`
+into the same rows: every step quantizes one value and one key block and keeps them or not), which is also the
+reference the Triton flush is tested against, bit for bit. One graph serves every step. The alternative, a second
+graph for the flush steps replayed on a host-known schedule, needs a graph per phase and a runtime that switches
+between them; the device-side decision keeps `memfit.graphs` unchanged. The host keeps mirrors of T, qk and qv by
+running the same rule in Python (`advance` after each replay), so it never reads a device counter.
 
 Exactness: codes, scales and zeros are bit-identical to the portable store's (same `quantize` calls on the same
 tokens: per-channel groups never straddle a flush, per-token groups do not depend on when a token is quantized), and
@@ -94,6 +96,11 @@ class KIVIForm:
         """Keys quantized per flush."""
         return self.group_size if self.sliding_keys else self.residual
 
+    @property
+    def key_threshold(self) -> int:
+        """Full-precision keys at which a block is flushed."""
+        return self.residual + self.group_size if self.sliding_keys else self.residual
+
 
 def static_quant_form(policy: Any) -> KIVIForm | None:
     """The static form of a method's quantized store, or None where it has none yet.
@@ -135,8 +142,12 @@ class StaticKIVILayer(QuantizedKVLayer):
         self.t_dev: torch.Tensor | None = None  # (1,) long: tokens held (T)
         self.qk_dev: torch.Tensor | None = None  # (1,) long: keys quantized
         self.qv_dev: torch.Tensor | None = None  # (1,) long: values quantized
-        self.n_q: torch.Tensor | None = None  # (B,) int32: tokens the kernel reads as codes (T + 1 - W at attend)
-        self.n_r: torch.Tensor | None = None  # (B,) int32: ring tokens the kernel reads
+        self.slot: torch.Tensor | None = None  # (1,) long: the ring slot of the next token (T mod W)
+        self.n_q: torch.Tensor | None = None  # (B,) int32: tokens the kernel reads as codes at the next step
+        self.n_r: torch.Tensor | None = None  # (B,) int32: ring tokens it reads (n_q + n_r = T + 1)
+        # the flush and counter updates as three Triton launches (memfit.kernels.kivi_flush) instead of ~80 small
+        # PyTorch ones: on CUDA where the shapes allow (decided at freeze); tests may force it in the interpreter
+        self.triton_flush: bool | None = None
         self.freezes = 0  # times the buffers were built (1 for a whole decode; more means something unfroze them)
         self.length = 0  # host mirrors of T, qk, qv (the same rule run in Python: no device reads)
         self.qk = 0
@@ -213,8 +224,11 @@ class StaticKIVILayer(QuantizedKVLayer):
         self.t_dev = torch.full((1,), t, dtype=torch.long, device=dev)
         self.qk_dev = torch.full((1,), qk, dtype=torch.long, device=dev)
         self.qv_dev = torch.full((1,), qv, dtype=torch.long, device=dev)
-        self.n_q = torch.zeros(b, dtype=torch.int32, device=dev)
-        self.n_r = torch.zeros(b, dtype=torch.int32, device=dev)
+        self.slot = torch.full((1,), t % w, dtype=torch.long, device=dev)
+        self.n_q = torch.full((b,), max(t + 1 - w, 0), dtype=torch.int32, device=dev)
+        self.n_r = torch.full((b,), min(t + 1, w), dtype=torch.int32, device=dev)
+        if self.triton_flush is None:
+            self.triton_flush = dev.type == "cuda" and _kernels_here() and _flush_supported(f, d)
         self.k = SideStore(self.k.codec, self.k.flush_rule)  # the buffers hold everything now
         self.v = SideStore(self.v.codec, self.v.flush_rule)
         self._step = self._probe = None
@@ -270,7 +284,7 @@ class StaticKIVILayer(QuantizedKVLayer):
             side.residual, side.slots, side.q, side.tq = res, t, q, q
         self.k, self.v = keys, values
         self.buffers = None
-        self.t_dev = self.qk_dev = self.qv_dev = self.n_q = self.n_r = None
+        self.t_dev = self.qk_dev = self.qv_dev = self.slot = self.n_q = self.n_r = None
 
     def _ring_tokens(self, ring: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Ring entries of tokens start..end (in order), as an owned tensor."""
@@ -287,10 +301,9 @@ class StaticKIVILayer(QuantizedKVLayer):
         # decode tokens are real tokens (never padding): new_valid is not read, so the step never syncs
         if self.length + 1 > self.capacity:
             self._grow()
-        assert self.buffers is not None and self.t_dev is not None
-        slot = self.t_dev % self.form.ring
-        self.buffers["kr"].index_copy_(2, slot, keys)
-        self.buffers["vr"].index_copy_(2, slot, values)
+        assert self.buffers is not None and self.slot is not None
+        self.buffers["kr"].index_copy_(2, self.slot, keys)
+        self.buffers["vr"].index_copy_(2, self.slot, values)
         self.length += 1
         self.seen += 1
 
@@ -298,11 +311,7 @@ class StaticKIVILayer(QuantizedKVLayer):
         if not self.frozen or queries.shape[2] != 1 or window is not None:
             return super().attend(queries, scaling, window)
         bufs = self.buffers
-        assert bufs is not None and self.t_dev is not None and self.n_q is not None and self.n_r is not None
-        w = self.form.ring
-        t = self.t_dev + 1  # the new token is in the ring; t_dev moves on in finalize_step
-        self.n_q.copy_((t - w).clamp(min=0).to(torch.int32).expand_as(self.n_q))
-        self.n_r.copy_(t.clamp(max=w).to(torch.int32).expand_as(self.n_r))
+        assert bufs is not None and self.n_q is not None and self.n_r is not None
         args = (queries[:, :, 0], bufs["kc"], bufs["ks"], bufs["kz"], bufs["vc"], bufs["vs"], bufs["vz"],
                 bufs["kr"], bufs["vr"], self.n_q, self.n_r)
         if queries.is_cuda and _kernels_here() and queries.dtype in (torch.bfloat16, torch.float16):
@@ -322,6 +331,26 @@ class StaticKIVILayer(QuantizedKVLayer):
             return super().finalize_step(info)
         bufs = self.buffers
         assert bufs is not None and self.t_dev is not None and self.qk_dev is not None and self.qv_dev is not None
+        assert self.slot is not None and self.n_q is not None and self.n_r is not None
+        f = self.form
+        if self.triton_flush:
+            from memfit.kernels import kivi_flush as K
+
+            K.flush_values(bufs["vr"], bufs["vc"], bufs["vs"], bufs["vz"], self.t_dev, self.qv_dev, ring=f.ring,
+                           residual=f.residual, group_size=f.group_size, bits=f.bits)
+            K.flush_keys(bufs["kr"], bufs["kc"], bufs["ks"], bufs["kz"], self.t_dev, self.qk_dev, ring=f.ring,
+                         threshold=f.key_threshold, block=f.key_block, group_size=f.group_size, bits=f.bits)
+            K.advance_counters(self.t_dev, self.qk_dev, self.qv_dev, self.slot, self.n_q, self.n_r, ring=f.ring,
+                               residual=f.residual, threshold=f.key_threshold, block=f.key_block)
+        else:
+            self._flush_torch()
+            self._advance_torch()
+        self._host_flush()
+
+    def _flush_torch(self) -> None:
+        """The flush in plain PyTorch, as masked writes (the reference of memfit.kernels.kivi_flush)."""
+        bufs = self.buffers
+        assert bufs is not None and self.t_dev is not None and self.qk_dev is not None and self.qv_dev is not None
         f = self.form
         w, g, r = f.ring, f.group_size, f.residual
         bpg = bytes_per_group(f.bits, g)
@@ -337,10 +366,9 @@ class StaticKIVILayer(QuantizedKVLayer):
         _masked_rows(bufs["vs"], row, qt.scales, flush_v)
         _masked_rows(bufs["vz"], row, qt.zeros, flush_v)  # type: ignore[arg-type]
         _masked_rows(bufs["vr"], slot, qt.dequantize(torch.float32).to(x.dtype), flush_v)
-        self.qv_dev.add_(flush_v.long())
         # keys: a block of R (block rule) or G (sliding rule) once that many wait beyond the window
         n = f.key_block
-        flush_k = (t - self.qk_dev) >= (n if not f.sliding_keys else r + g)
+        flush_k = (t - self.qk_dev) >= f.key_threshold
         slots = (self.qk_dev + torch.arange(n, device=dev)) % w
         x = bufs["kr"].index_select(2, slots)
         qt = quantize(x, f.bits, "token", g)
@@ -350,16 +378,27 @@ class StaticKIVILayer(QuantizedKVLayer):
         _masked_rows(bufs["ks"], groups, qt.scales, flush_k)
         _masked_rows(bufs["kz"], groups, qt.zeros, flush_k)  # type: ignore[arg-type]
         _masked_rows(bufs["kr"], slots, qt.dequantize(torch.float32).to(x.dtype), flush_k)
-        self.qk_dev.add_(flush_k.long() * n)
+
+    def _advance_torch(self) -> None:
+        """Counters after the step, and the next step's ring slot and kernel lengths (memfit.kernels.kivi_flush)."""
+        assert self.t_dev is not None and self.qk_dev is not None and self.qv_dev is not None
+        assert self.slot is not None and self.n_q is not None and self.n_r is not None
+        f = self.form
+        t = self.t_dev + 1
+        self.qv_dev.add_(((t - self.qv_dev) > f.residual).long())
+        self.qk_dev.add_(((t - self.qk_dev) >= f.key_threshold).long() * f.key_block)
         self.t_dev.add_(1)
-        self._host_flush()
+        self.slot.copy_(self.t_dev % f.ring)
+        nxt = self.t_dev + 1
+        self.n_q.copy_((nxt - f.ring).clamp(min=0).to(torch.int32).expand_as(self.n_q))
+        self.n_r.copy_(nxt.clamp(max=f.ring).to(torch.int32).expand_as(self.n_r))
 
     def _host_flush(self) -> None:
         """The same flush rule on the host mirrors (self.length already counts the new token)."""
         f = self.form
         if self.length - self.qv > f.residual:
             self.qv += 1
-        if self.length - self.qk >= (f.residual + f.group_size if f.sliding_keys else f.residual):
+        if self.length - self.qk >= f.key_threshold:
             self.qk += f.key_block
 
     def advance(self, steps: int = 1) -> None:
@@ -393,7 +432,7 @@ class StaticKIVILayer(QuantizedKVLayer):
         if not self.frozen:
             return super().nbytes()
         assert self.buffers is not None
-        return tensor_bytes(*self.buffers.values(), self.t_dev, self.qk_dev, self.qv_dev, self.n_q, self.n_r,
+        return tensor_bytes(*self.buffers.values(), self.t_dev, self.qk_dev, self.qv_dev, self.slot, self.n_q, self.n_r,
                             self.valid, *self.extras.values())
 
     def used_nbytes(self) -> int:
@@ -438,6 +477,12 @@ def _cat_qt(parts: list[QuantizedTensor]) -> QuantizedTensor | None:
 
 
 _KERNELS: bool | None = None
+
+
+def _flush_supported(form: KIVIForm, head_dim: int) -> bool:
+    from memfit.kernels.kivi_flush import supported
+
+    return supported(form.key_block, form.group_size, form.bits, head_dim)
 
 
 def _kernels_here() -> bool:

@@ -5,6 +5,8 @@
   residual; also serves plain bf16/fp16 slot buffers (`decode_attention`).
 - `h2o_decode`: the same attention pass, fused with H2O's accumulated-attention update and an argmin eviction
   (evict one slot per step in a fixed-size buffer).
+- `kivi_flush`: the static KIVI store's decode-time quantization of its oldest full-precision value and key block,
+  decided on the device (reference: the store's PyTorch path, `memfit.core.static_quant_store`).
 
 Triton is imported lazily (inside the kernel modules, on first launch), so `import memfit.kernels` and the
 references work on CPU-only installs. `available()` says whether the Triton kernels can run here.
