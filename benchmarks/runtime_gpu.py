@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--backends", default="fast,portable")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--prefill-chunk", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together (memfit rows; transformers: 1)")
     ap.add_argument("--out", default="benchmarks/results/runtime_gpu.jsonl")
     args = ap.parse_args()
 
@@ -121,14 +122,14 @@ def main() -> None:
             budget = None if keeps_all else args.budget
             for backend in args.backends.split(","):
                 resident = torch.cuda.memory_allocated(device)  # weights (+ nothing left from earlier rows)
-                res = run("", model=(model, tok), method=method, budget=budget, backend=backend,
+                res = run([""] * args.batch, model=(model, tok), method=method, budget=budget, backend=backend,
                           context=args.context, max_new_tokens=args.new, prefill_chunk=args.prefill_chunk)
                 ms = 1000 / res.decode_tokens_per_second if res.decode_tokens_per_second else float("nan")
                 roof = 1000 * (weight_bytes + res.kv_bytes_held) / bw
                 out.write({"kind": "memfit", "method": method, "budget": res.budget, "backend_requested": backend,
                            "backend": res.backend, "backend_reason": res.backend_reason,
                            "cuda_graphs": res.cuda_graphs, "decode_graph_replays": res.decode_graph_replays,
-                           "context": res.prompt_tokens, "new_tokens": args.new,
+                           "context": res.prompt_tokens, "new_tokens": args.new, "batch": args.batch,
                            "prefill_seconds": res.prefill_seconds, "decode_ms_per_token": ms,
                            "kv_bytes_full": res.kv_bytes_full, "kv_bytes_held": res.kv_bytes_held,
                            "peak_memory_bytes": res.peak_memory_bytes, "resident_bytes_before": resident,
