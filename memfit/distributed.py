@@ -47,6 +47,15 @@ def check_divisible(config: object, ranks: int) -> None:
                           f"{ranks}; pick a --tp that divides {kv}")
 
 
+def check_model(spec: str, ranks: int) -> None:
+    """In the launching process: a model that cannot be split over `ranks` is one error here, not one per rank."""
+    from transformers import AutoConfig
+
+    from memfit.models import tp_source
+
+    check_divisible(AutoConfig.from_pretrained(tp_source(spec, progress=True)), ranks)
+
+
 def launch(ranks: int, argv: Sequence[str]) -> int:
     """Run `memfit <argv>` as `ranks` processes under torchrun (argv without --tp); returns the exit code."""
     if ranks < 2:

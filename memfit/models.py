@@ -320,16 +320,23 @@ def _load_hf(source: Path | str, dtype: torch.dtype, *, what: str) -> tuple[Any,
     return model, tok
 
 
+def tp_source(text: str, progress: bool = False) -> Path:
+    """The folder a tensor-parallel run loads: the default model's or a local Hugging Face folder (else one error)."""
+    text = text.strip()
+    source = ensure_default_model(progress=progress) if text in ("", "default") else Path(text).expanduser()
+    if not (Path(source) / "config.json").is_file():
+        raise ModelLoadError(f"--tp needs a Hugging Face model folder (with config.json) or the default model; "
+                             f"got {text!r}")
+    return Path(source)
+
+
 def _load_tp(text: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """This rank's shard of a model folder (or the default model), split by transformers' tensor-parallel plan."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from memfit.distributed import check_divisible
 
-    source = ensure_default_model(progress=False) if text in ("", "default") else Path(text).expanduser()
-    if not (Path(source) / "config.json").is_file():
-        raise ModelLoadError(f"--tp needs a Hugging Face model folder (with config.json) or the default model; "
-                             f"got {text!r}")
+    source = tp_source(text)
     import torch.distributed as dist
 
     check_divisible(AutoConfig.from_pretrained(source), dist.get_world_size() if dist.is_initialized() else 1)

@@ -116,15 +116,17 @@ def test_cli_tp_reports_per_rank_bytes(tiny_folder):
     assert sum(r["kv_bytes_held_per_rank"]) == r["kv_bytes_held"] < r["kv_bytes_full"]
 
 
-def test_tp_bad_inputs(capsys, monkeypatch):
+def test_tp_bad_inputs(capsys, monkeypatch, tiny_folder, tmp_path):
     from memfit.cli import main
 
-    for args, msg in ((["--tp", "1"], "at least 2"), (["--tp", "2", "--load-format", "dummy"], "does not combine")):
+    for args, msg in ((["--tp", "1"], "at least 2"), (["--tp", "2", "--load-format", "dummy"], "does not combine"),
+                      (["--tp", "3", "--model", str(tiny_folder)], "must both divide by 3"),  # found before launching
+                      (["--tp", "2", "--model", str(tmp_path / "none")], "needs a Hugging Face model folder")):
         monkeypatch.setattr(sys, "argv", ["memfit", "run", "--prompt", "hi", *args])
         with pytest.raises(SystemExit) as e:
             main()
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error:") and msg in err, err
+        assert e.value.code == 2 and err.startswith("error:") and msg in err and err.count("\n") == 1, err
 
 
 BENCH_ARGS = ["--methods", "snapkv", "--budgets", "0.5", "--tasks", "niah_single_number,fidelity", "--context", "128",
@@ -165,13 +167,14 @@ def test_cli_bench_tp_rank0_writes_rows(tiny_folder, tmp_path):
             assert (r[k] is None) == (ref[k] is None) and (r[k] is None or r[k] == pytest.approx(ref[k], abs=1e-4))
 
 
-def test_bench_tp_bad_inputs(capsys, monkeypatch, tmp_path):
+def test_bench_tp_bad_inputs(capsys, monkeypatch, tiny_folder, tmp_path):
     from memfit.cli import main
 
     out = tmp_path / "never"
     for args, msg in ((["--tp", "1"], "at least 2"), (["--tp", "2", "--backend", "fast"], "drop --backend fast"),
                       (["--tp", "2", "--weights", "rtn:4"], "does not combine with --weights"),
-                      (["--tp", "2", "--methods", "nope"], "nope")):  # found before any rank is launched
+                      (["--tp", "2", "--methods", "nope"], "nope"),  # found before any rank is launched
+                      (["--tp", "3", "--model", str(tiny_folder)], "must both divide by 3")):
         monkeypatch.setattr(sys, "argv", ["memfit", "bench", "--out", str(out), *args])
         with pytest.raises(SystemExit) as e:
             main()
