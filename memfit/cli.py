@@ -253,7 +253,6 @@ def run(
     ranks = distributed.in_torchrun()
     if tp is not None or ranks:
         _check_tp(tp, backend, {"--weights": bool(weights), "--weights-memory": weights_memory is not None,
-            distributed.check_model(model, int(tp))
                                 "--load-format dummy": load_format != "auto"})
         if not ranks:  # launch the ranks; each re-enters here under torchrun
             raise SystemExit(distributed.launch(int(tp), distributed.strip_tp(sys.argv[1:])))
@@ -665,7 +664,6 @@ def bench(
             backend=backend,
             load_format=load_format,
         )
-            distributed.check_model(model, int(tp))
         if tp is not None and not ranks:  # every bad input is one error here, not one per rank; then launch
             run_bench(model, check_only=True, **bench_args)
             raise SystemExit(distributed.launch(int(tp), distributed.strip_tp(sys.argv[1:])))
