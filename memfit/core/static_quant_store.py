@@ -228,10 +228,35 @@ class StaticKIVILayer(QuantizedKVLayer):
         self.n_q = torch.full((b,), max(t + 1 - w, 0), dtype=torch.int32, device=dev)
         self.n_r = torch.full((b,), min(t + 1, w), dtype=torch.int32, device=dev)
         if self.triton_flush is None:
-            self.triton_flush = dev.type == "cuda" and _kernels_here() and _flush_supported(f, d)
+            self.triton_flush = dev.type == "cuda" and _kernels_here() and _flush_supported(f, d) and self._dry_flush()
         self.k = SideStore(self.k.codec, self.k.flush_rule)  # the buffers hold everything now
         self.v = SideStore(self.v.codec, self.v.flush_rule)
         self._step = self._probe = None
+
+    def _dry_flush(self) -> bool:
+        """Launch the three flush kernels once on scratch counters that flush nothing (compiling them here, outside
+        any graph, with the buffers' strides); if Triton cannot build them, the PyTorch flush serves instead."""
+        from memfit.kernels import kivi_flush as K
+
+        assert self.buffers is not None and self.n_q is not None
+        f, bufs, dev = self.form, self.buffers, self.n_q.device
+        far = torch.full((1,), 1 << 40, dtype=torch.long, device=dev)  # quantized counts past any token: no flush
+        t, slot = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+        n_q, n_r = torch.zeros_like(self.n_q), torch.zeros_like(self.n_q)
+        try:
+            K.flush_values(bufs["vr"], bufs["vc"], bufs["vs"], bufs["vz"], t, far, ring=f.ring, residual=f.residual,
+                           group_size=f.group_size, bits=f.bits)
+            K.flush_keys(bufs["kr"], bufs["kc"], bufs["ks"], bufs["kz"], t, far, ring=f.ring,
+                         threshold=f.key_threshold, block=f.key_block, group_size=f.group_size, bits=f.bits)
+            K.advance_counters(t, far.clone(), far.clone(), slot, n_q, n_r, ring=f.ring, residual=f.residual,
+                               threshold=f.key_threshold, block=f.key_block)
+        except Exception as exc:  # noqa: BLE001  (a Triton build error of any kind: the PyTorch path is exact)
+            import warnings
+
+            warnings.warn(f"memfit: KIVI's Triton flush is unavailable here ({type(exc).__name__}: {exc}); the fast "
+                          "backend flushes in PyTorch instead (slower per step)", RuntimeWarning, stacklevel=2)
+            return False
+        return True
 
     def _alloc(self, b: int, h: int, d: int, cap: int, dev: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Zeroed buffers (unused rows decode to 0, never NaN: the reference multiplies masked slots by 0)."""
