@@ -255,6 +255,7 @@ def run(
         _check_tp(tp, backend, {"--weights": bool(weights), "--weights-memory": weights_memory is not None,
                                 "--load-format dummy": load_format != "auto"})
         if not ranks:  # launch the ranks; each re-enters here under torchrun
+            distributed.check_model(model, int(tp))
             raise SystemExit(distributed.launch(int(tp), distributed.strip_tp(sys.argv[1:])))
         distributed.init(device)
         backend = "portable"
@@ -666,6 +667,7 @@ def bench(
         )
         if tp is not None and not ranks:  # every bad input is one error here, not one per rank; then launch
             run_bench(model, check_only=True, **bench_args)
+            distributed.check_model(model, int(tp))
             raise SystemExit(distributed.launch(int(tp), distributed.strip_tp(sys.argv[1:])))
         if ranks:
             distributed.init(device)
