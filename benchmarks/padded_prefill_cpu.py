@@ -14,7 +14,7 @@ import time
 import torch
 from padded_prefill_peak import masked_attention  # the previous dense_attention, kept there for the GPU A/B
 
-import memfit.core.cache as core_cache
+import memfit.core.store as core_cache  # the module whose KVLayer.attend looks up dense_attention
 from memfit.api import make_cache
 from memfit.bench.provenance import ResultWriter
 from memfit.engine import generate, pad_left

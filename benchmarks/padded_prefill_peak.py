@@ -1,5 +1,5 @@
 """Peak GPU memory of a left-padded batched prefill: one (B, H, T, T) attention mask (before) vs row-by-row fused
-causal attention over each row's real tokens (memfit.core.cache._left_padded_prefill, after).
+causal attention over each row's real tokens (memfit.core.store._left_padded_prefill, after).
 
 Random bf16 weights (memory and time do not depend on them), configs of SmolLM2-135M and Llama-3.1-8B, a batch of
 4 prompts of 8192/7168/6144/5120 tokens, snapkv at budget 0.25 (the prefill attends over the whole prompt before it
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import memfit.core.cache as core_cache
+import memfit.core.store as core_cache  # the module whose KVLayer.attend looks up dense_attention
 from memfit.api import make_cache
 from memfit.bench.provenance import ResultWriter
 from memfit.engine import generate, pad_left
