@@ -239,28 +239,41 @@ def test_kernel_reads_the_store_layout(sliding, interpreter_dtype):
     torch.testing.assert_close(layer.attend(q[:, :, None], d**-0.5)[:, :, 0].float(), ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.skipif(not _INTERPRET, reason="needs triton >= 3.8 (its CPU interpreter) and no CUDA device")
+_FLUSH_DEVICES = [
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+    pytest.param("interpret", marks=pytest.mark.skipif(
+        not _INTERPRET, reason="needs triton >= 3.8 (the kernels run in its CPU interpreter) and no CUDA device")),
+]
+
+
+@pytest.mark.parametrize("device", _FLUSH_DEVICES)
 @pytest.mark.parametrize("sliding", [False, True])
-def test_triton_flush_equals_the_torch_flush(sliding, interpreter_dtype):
-    """The three Triton launches of a step's flush (memfit.kernels.kivi_flush, what CUDA runs) leave every buffer and
-    counter bit-identical to the PyTorch masked writes, step after step, across several flushes of both sides."""
+def test_triton_flush_equals_the_torch_flush(device, sliding, request):
+    """The three Triton launches of a step's flush (memfit.kernels.kivi_flush, what CUDA runs) leave every code,
+    scale, zero and counter bit-identical to the PyTorch masked writes, step after step, across several flushes of
+    both sides (interpreter: small shapes, the ring bit-identical too; CUDA: KIVI's defaults, G = 32, R = 128 — the
+    ring's dequantized entries may differ by one bf16 unit where the GPU fuses a multiply-add)."""
     import importlib
 
-    import memfit.kernels.kivi_flush as kf
+    if device == "interpret":
+        dtype, dev, (d, g, r, steps) = request.getfixturevalue("interpreter_dtype"), "cpu", (32, 8, 16, 40)
+        import memfit.kernels.kivi_flush as kf
 
-    if type(kf._flush_values_kernel).__name__ != "InterpretedFunction":
-        importlib.reload(kf)  # defined under TRITON_INTERPRET=1 (the fixture set it)
-    assert type(kf._flush_values_kernel).__name__ == "InterpretedFunction"
-    d, dtype = 32, interpreter_dtype
-    form = KIVIForm(2, 8, 16, sliding)
-    layers = [StaticKIVILayer(0, form, reserve=48), StaticKIVILayer(0, form, reserve=48)]
+        if type(kf._flush_values_kernel).__name__ != "InterpretedFunction":
+            importlib.reload(kf)  # defined under TRITON_INTERPRET=1 (the fixture set it)
+        assert type(kf._flush_values_kernel).__name__ == "InterpretedFunction"
+    else:
+        dtype, dev, (d, g, r, steps) = torch.bfloat16, "cuda", (128, 32, 128, 300)
+    form = KIVIForm(2, g, r, sliding)
+    layers = [StaticKIVILayer(0, form, reserve=steps + 8), StaticKIVILayer(0, form, reserve=steps + 8)]
     gen = torch.Generator().manual_seed(7)
-    kv = lambda n: (torch.randn(2, 2, n, d, generator=gen) * 3 + 1).to(dtype)  # noqa: E731
+    kv = lambda n: (torch.randn(2, 2, n, d, generator=gen) * 3 + 1).to(dev, dtype)  # noqa: E731
     keys, values = kv(37), kv(37)
     for layer in layers:
         layer.append(keys, values, None)
         layer.finalize_step(StepInfo(0, 1, 37, True, None))
-    for i in range(40):
+    for i in range(steps):
         k, v, q = kv(1), kv(1), kv(1).repeat(1, 2, 1, 1)  # 4 query heads over 2 KV heads
         for layer, triton_flush in zip(layers, (True, False), strict=True):
             layer.append(k, v, None)
@@ -273,7 +286,10 @@ def test_triton_flush_equals_the_torch_flush(sliding, interpreter_dtype):
             assert a._dry_flush()
             assert all(torch.equal(before[name], a.buffers[name]) for name in before)
         for name in a.buffers:
-            assert torch.equal(a.buffers[name], b.buffers[name]), (i, name)
+            if name in ("kr", "vr") and device == "cuda":
+                torch.testing.assert_close(a.buffers[name], b.buffers[name], rtol=2**-7, atol=0)
+            else:
+                assert torch.equal(a.buffers[name], b.buffers[name]), (i, name)
         for name in ("t_dev", "qk_dev", "qv_dev", "slot", "n_q", "n_r"):
             assert torch.equal(getattr(a, name), getattr(b, name)), (i, name)
-    assert a.qk >= 3 * form.key_block and a.qv > 30
+    assert a.qk >= 2 * form.key_block and a.qv > steps - r
