@@ -43,9 +43,11 @@ attention reads the same values; `unfreeze()` turns the buffers back into the po
 Bytes: `nbytes()` counts every buffer at its capacity (codes and scales for Cq tokens, the 2W ring slots, the
 counters): what the store allocates. `used_nbytes()` counts what the portable store would hold for the same tokens
 (codes for the quantized tokens, full-precision residuals of 0..R-1 keys and R values); the difference is the
-headroom for the tokens still to decode and up to R + 3 ring slots (block rule; R + 2G + 1 sliding) per side that
-hold dequantized copies of the newest quantized tokens, a fixed ring the step writes in place instead of a residual
-that grows and shrinks. No dequantized copy of any other token exists: the kernel dequantizes tiles in registers.
+headroom for the tokens still to decode (code rows up to Cq) plus the ring's surplus: it holds 2W token slots (keys
+and values) where the portable residuals hold R + rk (rk = 0..R-1 full-precision keys; sliding rule: R..R+G-1), i.e.
+3 to R + 2 more slots (sliding: G + 1 to 2G), which hold dequantized copies of the newest quantized tokens — a fixed
+ring the step writes in place instead of residuals that grow and shrink. No dequantized copy of any other token
+exists: the kernel dequantizes tiles in registers.
 
 When the layer does not freeze (and stays the portable store, eagerly): padded rows or evicted placeholders
 (`valid`), per-token policy state, holes left by an eviction on quantized tokens (chunked prefill), or a head dim the
