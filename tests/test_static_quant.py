@@ -293,3 +293,19 @@ def test_triton_flush_equals_the_torch_flush(device, sliding, request):
         for name in ("t_dev", "qk_dev", "qv_dev", "slot", "n_q", "n_r"):
             assert torch.equal(getattr(a, name), getattr(b, name)), (i, name)
     assert a.qk >= 2 * form.key_block and a.qv > steps - r
+
+
+@pytest.mark.parametrize("spec, budget, frozen", [("kivi", None, True), ("snapkv+kivi", 0.5, False)])
+def test_chunked_prefill(spec, budget, frozen, monkeypatch):
+    """Chunked prefill: KIVI alone freezes as usual; an eviction between chunks leaves holes in quantized key groups
+    (memfit.core.quantized_store), which the fixed layout cannot hold, so those layers stay the portable store."""
+    monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
+    model = tiny_llama()
+    ids, mask = _prompt(1)
+    params = CASES["kivi2-block"][2] if spec == "kivi" else CASES["snapkv+kivi2"][2]
+    gens, caches = {}, {}
+    for backend in ("fast", "portable"):
+        caches[backend] = make_cache(model, spec, budget, params, backend=backend, reserve=12)
+        gens[backend] = generate(model, ids, mask, caches[backend], max_new_tokens=12, prefill_chunk=16)
+    assert [layer.frozen for layer in caches["fast"].core.layers] == [frozen] * 3
+    assert gens["fast"].tokens == gens["portable"].tokens
