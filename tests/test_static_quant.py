@@ -257,7 +257,7 @@ def test_triton_flush_equals_the_torch_flush(device, sliding, request):
     import importlib
 
     if device == "interpret":
-        dtype, dev, (d, g, r, steps) = request.getfixturevalue("interpreter_dtype"), "cpu", (32, 8, 16, 40)
+        dtype, dev, (d, g, r, steps) = request.getfixturevalue("interpreter_dtype"), "cpu", (16, 4, 8, 24)
         import memfit.kernels.kivi_flush as kf
 
         if type(kf._flush_values_kernel).__name__ != "InterpretedFunction":
@@ -268,11 +268,13 @@ def test_triton_flush_equals_the_torch_flush(device, sliding, request):
     form = KIVIForm(2, g, r, sliding)
     layers = [StaticKIVILayer(0, form, reserve=steps + 8), StaticKIVILayer(0, form, reserve=steps + 8)]
     gen = torch.Generator().manual_seed(7)
-    kv = lambda n: (torch.randn(2, 2, n, d, generator=gen) * 3 + 1).to(dev, dtype)  # noqa: E731
+    rows = 1 if device == "interpret" else 2  # the interpreter runs every program in Python: keep the grid small
+    kv = lambda n: (torch.randn(rows, 2, n, d, generator=gen) * 3 + 1).to(dev, dtype)  # noqa: E731
     keys, values = kv(37), kv(37)
     for layer in layers:
         layer.append(keys, values, None)
         layer.finalize_step(StepInfo(0, 1, 37, True, None))
+    qk0 = layers[0].k.q  # keys quantized by the prompt
     for i in range(steps):
         k, v, q = kv(1), kv(1), kv(1).repeat(1, 2, 1, 1)  # 4 query heads over 2 KV heads
         for layer, triton_flush in zip(layers, (True, False), strict=True):
@@ -292,7 +294,7 @@ def test_triton_flush_equals_the_torch_flush(device, sliding, request):
                 assert torch.equal(a.buffers[name], b.buffers[name]), (i, name)
         for name in ("t_dev", "qk_dev", "qv_dev", "slot", "n_q", "n_r"):
             assert torch.equal(getattr(a, name), getattr(b, name)), (i, name)
-    assert a.qk >= 2 * form.key_block and a.qv > steps - r
+    assert a.qk - qk0 >= 2 * form.key_block and a.qv > steps - r  # key flushes during the decode
 
 
 @pytest.mark.parametrize("spec, budget, frozen", [("kivi", None, True), ("snapkv+kivi", 0.5, False)])
