@@ -85,7 +85,7 @@ class BatchView:
         if len(layers) != 1:
             raise ValueError(f"caches of one batched forward must have the same layer count, got {sorted(layers)}")
         for core in cores:
-            if core.layers[0].keys is not None and core.layers[0].held_per_row().shape[0] != 1:
+            if core.prompt_lens is not None and len(core.prompt_lens) != 1:
                 raise ValueError("each cache of a batch view must hold exactly one row")
         self.cores = list(cores)
         self.padded = padded
