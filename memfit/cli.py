@@ -136,12 +136,6 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return text
 
 
-def _on_off(value: str, option: str) -> bool:
-    if value not in ("on", "off"):
-        raise ConfigError(f"{option} takes on or off, got {value!r}")
-    return value == "on"
-
-
 @app.command()
 def run(
     model: str = typer.Option("default", "--model", help="HF folder, hub id, .gguf file, or 'default'."),
@@ -159,7 +153,8 @@ def run(
         "uniform", "--allocation", help="Share the budget: uniform | pyramid (layers) | adakv (heads) | pyramid+adakv."
     ),
     spans: str = typer.Option(
-        "off", "--spans", help="on | off: when a token is kept, keep the rest of its word or number (same budget)."
+        "auto", "--spans", help="auto | on | off: when a token is kept, keep the rest of its word or number (same "
+        "budget); auto = on for eviction methods with a budget."
     ),
     device: str = _device_option(),
     dtype: str = _dtype_option(),
@@ -239,6 +234,9 @@ def run(
         parse_weight_spec(weights)  # a bad weight spec is one clear error before any model work
     params = parse_params(param)
     build_policy(method, Budget.parse(budget), params)  # validate (composed names too) before loading the model
+    from memfit.core.spans import resolve_spans
+
+    resolve_spans(spans, method, budget)  # a bad --spans value too
     from memfit.core.allocation import parse_allocation
 
     parse_allocation(allocation)
@@ -295,7 +293,7 @@ def run(
             chat=chat,
             prefill_chunk=prefill_chunk,
             allocation=allocation,
-            spans=_on_off(spans, "--spans"),
+            spans=spans,
             backend=backend,
             context=context,
             weights=weights,
@@ -577,8 +575,8 @@ def bench(
         "adakv (heads) | pyramid+adakv; non-uniform rows record it as the parameter 'allocation'.",
     ),
     spans: str = typer.Option(
-        "off", "--spans", help="off | on | off,on: keep whole words/numbers when one token is selected (rows with "
-        "'on' record the parameter 'spans')."
+        "auto", "--spans", help="auto | off | on | off,on: keep whole words/numbers when one token is selected (rows "
+        "with spans on record the parameter 'spans'); auto = on for eviction methods with a budget."
     ),
     device: str = _device_option(),
     dtype: str = _dtype_option(),

@@ -326,7 +326,7 @@ def run(
     backend: str = "auto",
     load_format: str = "auto",
     context: int | None = None,
-    spans: bool = False,
+    spans: bool | str | None = False,
     weights: str | None = None,
     weights_memory: int | str | None = None,
     offload_dir: str | None = None,
@@ -341,8 +341,10 @@ def run(
     `backend`: auto | fast | portable (memfit.backend). `load_format="dummy"`: random weights from a config (a
     built-in name such as ``llama-3.1-8b``). `context`: ignore `prompt` and feed a `context`-token prompt of natural
     text (speed and memory runs at a chosen length). `spans`: when a token is kept, keep the rest of its word or
-    number within the same budget (memfit.core.spans). `weights`: a weight spec such as ``"slim-llm:3"``
-    (memfit.weights): the model's linear layers are compressed in place before generating."""
+    number within the same budget (memfit.core.spans); ``"auto"`` (the CLI's default) = on for an eviction method with
+    a budget (off here by default: `memfit serve`, which has no spans yet, is checked against this function).
+    `weights`: a weight spec such as ``"slim-llm:3"`` (memfit.weights): the model's linear layers are compressed in
+    place before generating."""
     from memfit.api import make_cache
     from memfit.backend import check_backend
 
@@ -377,9 +379,10 @@ def run(
     else:
         cache = make_cache(mdl, method, budget, params, allocation=allocation, backend=backend,
                            reserve=max_new_tokens)
-        if spans:  # keep whole words/numbers (memfit.core.spans)
-            from memfit.core.spans import enable_spans
+        from memfit.core.spans import enable_spans, resolve_spans
 
+        spans = resolve_spans(spans, method, budget)
+        if spans:  # keep whole words/numbers (memfit.core.spans)
             enable_spans(cache, tok)
         bind = getattr(cache.method, "bind_tokenizer", None)
         if bind is not None:
@@ -391,7 +394,8 @@ def run(
     texts = [tok.decode(t, skip_special_tokens=True) for t in gen.tokens]
     full, held = cache.full_nbytes(), cache.nbytes()
     device = next(mdl.parameters()).device
-    predicted = _predict(mdl, method, budget, params, mask, gen.decode_steps, prefill_chunk, offload, kv, weights)
+    predicted = _predict(mdl, method, budget, params, mask, gen.decode_steps, prefill_chunk, offload, kv, weights,
+                         spans=bool(spans) and kv is None)
     return RunResult(
         text=texts[0],
         texts=texts,
@@ -421,7 +425,8 @@ def run(
 
 
 def _predict(mdl: torch.nn.Module, method: str, budget: Any, params: Any, mask: torch.Tensor, steps: int,
-             prefill_chunk: int | None, offload: Any, kv: Any, weights: str | None) -> dict[str, Any] | None:
+             prefill_chunk: int | None, offload: Any, kv: Any, weights: str | None,
+             spans: bool = False) -> dict[str, Any] | None:
     """memfit.plan's prediction of this run's peak; None where it has no formula (a compressed context, compressed
     weights, a padded batch) or fails: a prediction never fails a run."""
     if kv is not None or weights or not bool(mask.all()):
@@ -431,7 +436,7 @@ def _predict(mdl: torch.nn.Module, method: str, budget: Any, params: Any, mask: 
 
         return predict_run(mdl, method=method, budget=budget, params=params, prompt_tokens=int(mask.shape[1]),
                            new_tokens=steps, batch=int(mask.shape[0]), prefill_chunk=prefill_chunk,
-                           offload=offload).to_dict()
+                           offload=offload, spans=spans).to_dict()
     except Exception:  # noqa: BLE001
         return None
 

@@ -181,10 +181,11 @@ class KVPrediction:
 def kv_bytes(
     shape: ModelShape, method: str = "full", budget: str | float | int | None = None,
     params: dict[str, Any] | None = None, prompt_tokens: int = 1024, new_tokens: int = 0, batch: int = 1,
-    kv_dtype: torch.dtype | None = None,
+    kv_dtype: torch.dtype | None = None, spans: bool = False,
 ) -> KVPrediction:
     """Bytes the cache holds after a prompt of `prompt_tokens` (every row this long: no padding) and `new_tokens`
-    decode steps fed back (a run generating m tokens feeds m - 1)."""
+    decode steps fed back (a run generating m tokens feeds m - 1). `spans`: the cache keeps span ids
+    (memfit.core.spans: int16 per held slot and KV head)."""
     from memfit.core.budget import Budget
     from memfit.core.cache import KVLayer
     from memfit.core.method import build_policy
@@ -211,11 +212,15 @@ def kv_bytes(
         per = 2 * B * H * held * d * elem
         if names[0] == "h2o":
             per += B * H * held * 4  # fp32 accumulated attention per held token
+        if spans:
+            per += B * H * held * 2  # int16 span id per held slot
         exact = exact and len(names) == 1 and names[0] in _EXACT
         return KVPrediction(per * L, held, exact, full)
     if isinstance(layer, QuantizedKVLayer) and isinstance(layer.k.codec, ChannelCodec) \
             and isinstance(layer.v.codec, TokenCodec):
         per = _sidestore_bytes(layer.k, blocks, B, H, d, elem) + _sidestore_bytes(layer.v, blocks, B, H, d, elem)
+        if spans:
+            per += B * H * held * 2  # int16 span id per held slot
         exact = exact and (len(names) == 1 or policy.acts == "prefill" or keep is None)
         return KVPrediction(per * L, held, exact, full)
     # other quantizers: a rough bits-per-value estimate from the method's "bits" parameter
@@ -274,12 +279,15 @@ def predict(
     shape: ModelShape, *, method: str = "full", budget: str | None = None, params: dict[str, Any] | None = None,
     prompt_tokens: int, new_tokens: int = 0, batch: int = 1, prefill_chunk: int | None = None,
     weights_memory: int | None = None, offload_policy: str = "auto", offload_dir: bool = False,
-    device: str = "cpu", runtime: int | None = None,
+    device: str = "cpu", runtime: int | None = None, spans: bool | None = None,
 ) -> Prediction:
-    """Predicted peak memory of one run (weights + KV + activations + runtime) on `device` ('cpu' or 'cuda')."""
+    """Predicted peak memory of one run (weights + KV + activations + runtime) on `device` ('cpu' or 'cuda').
+    `spans`: whether the cache keeps span ids; None = `memfit run`'s default (memfit.core.spans.spans_default)."""
+    from memfit.core.spans import resolve_spans
     from memfit.offload import layout
 
-    kv = kv_bytes(shape, method, budget, params, prompt_tokens, new_tokens, batch)
+    kv = kv_bytes(shape, method, budget, params, prompt_tokens, new_tokens, batch,
+                  spans=resolve_spans(spans, method, budget))
     chunk = min(prompt_tokens, prefill_chunk or prompt_tokens)
     act = activation_bytes(shape, chunk, prompt_tokens, batch, device)
     w_dev, w_host, streamed, policy = shape.weight_bytes, 0, 0, None
@@ -428,7 +436,7 @@ def plan(
 
 def predict_run(
     model: torch.nn.Module, *, method: str, budget: Any, params: dict[str, Any] | None, prompt_tokens: int,
-    new_tokens: int, batch: int, prefill_chunk: int | None, offload: Any = None,
+    new_tokens: int, batch: int, prefill_chunk: int | None, offload: Any = None, spans: bool = False,
 ) -> Prediction:
     """The prediction `memfit run --json` reports beside its measured peak: the same formulas as `memfit plan`,
     from the loaded model's config (built again on the meta device) and the run's own settings."""
@@ -444,5 +452,5 @@ def predict_run(
                 weights_memory=None if offload is None else offload.budget,
                 offload_policy="auto" if offload is None else offload.policy,
                 offload_dir=offload is not None and offload.stats.extra.get("tier") == "disk", device=dev,
-                runtime=rt)
+                runtime=rt, spans=spans)
     return p

@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from memfit.bench.report import OPTIONAL_FIELDS, REQUIRED_FIELDS, read_rows, row_key
 from memfit.bench.runner import run_bench
 from memfit.bench.testing import toy_tokenizer
+from memfit.core.spans import spans_default
 from memfit.errors import ConfigError
 
 METHODS = ["streaming", "snapkv", "h2o"]
@@ -129,7 +130,9 @@ def test_rows_have_every_field(first_run) -> None:
         if r["method"] == "full":
             assert r["budget"] is None
         else:
-            assert r["budget"] in BUDGETS and r["params"] == {}  # no parameter set: the row is named by the method
+            # no parameter set: the row is named by the method (and the default spans, on for eviction methods)
+            spans = {"spans": "on"} if spans_default(r["method"], r["budget"]) else {}
+            assert r["budget"] in BUDGETS and r["params"] == spans
             assert r["method_params"]  # ... and records every effective parameter
     fulls = [r for r in rows if r["method"] == "full"]
     assert sorted(r["task"] for r in fulls) == sorted(TASKS)  # once per task, not once per budget

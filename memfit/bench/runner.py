@@ -313,7 +313,7 @@ def run_bench(
     chat: bool = DEFAULT_CHAT,
     params: Mapping[str, Mapping[str, Any]] | None = None,
     allocations: Sequence[str] = ("uniform",),
-    spans: Sequence[str] = ("off",),
+    spans: Sequence[str] = ("auto",),
     task_options: Mapping[str, Mapping[str, Any]] | None = None,
     model_name: str | None = None,
     progress: bool = True,
@@ -336,8 +336,9 @@ def run_bench(
     answer-task prompts in the tokenizer's chat template (text tasks never are). ``params``: method name ->
     parameters. ``allocations``: how each eviction method shares its budget (``uniform``, ``pyramid``, ``adakv``,
     ``pyramid+adakv``; see ``memfit.core.allocation``); every non-uniform one adds rows whose ``params`` carry
-    ``"allocation"`` (methods without a budget, such as a quantizer alone, run uniform only). ``spans``: ``off``
-    and/or ``on`` (keep whole words/numbers, memfit.core.spans); ``on`` rows carry ``"spans": "on"``. ``task_options``: task -> generator options (e.g. ``{"ppl": {"continuation_tokens": 128}}``).
+    ``"allocation"`` (methods without a budget, such as a quantizer alone, run uniform only). ``spans``: ``auto``
+    (default: on for eviction methods with a budget, memfit.core.spans.spans_default), ``off`` and/or ``on`` (keep
+    whole words/numbers, memfit.core.spans); rows with spans on carry ``"spans": "on"``. ``task_options``: task -> generator options (e.g. ``{"ppl": {"continuation_tokens": 128}}``).
     ``device``/``dtype``: where and in what precision a model spec is loaded (``"auto"``: CUDA if present;
     bfloat16 on CUDA, float32 on CPU); rows record the device and the KV bytes follow the dtype.
     ``weights``: a weight spec (``"slim-llm:3"``, memfit.weights): the model's linear layers are compressed on
@@ -384,9 +385,9 @@ def run_bench(
         raise ConfigError(f"corpus file not found: {corpus}")
     resolved = validate_methods(method_list, budget_list, params)
     alloc_list = _parse_allocations(allocations)
-    span_list = parse_list(spans if spans is not None else ["off"], "spans")
-    if any(s not in ("on", "off") for s in span_list):
-        raise ConfigError(f"--spans takes on and/or off (comma-separated), got {','.join(span_list)}")
+    span_list = parse_list(spans if spans is not None else ["auto"], "spans")
+    if any(s not in ("auto", "on", "off") for s in span_list):
+        raise ConfigError(f"--spans takes auto, on and/or off (comma-separated), got {','.join(span_list)}")
 
     out_dir = Path(out)
     results_path = out_dir / "results.jsonl"
@@ -403,6 +404,7 @@ def run_bench(
     filler_label = filler_description(filler, corpus)  # type: ignore[arg-type]
     given = {m: _given_params((params or {}).get(m), resolved[m]) for m in method_list}
     from memfit.core.method import evicts
+    from memfit.core.spans import spans_default
 
     configs = [_Config(FULL_METHOD, None, given[FULL_METHOD], resolved[FULL_METHOD])]
     for m in method_list[1:]:
@@ -413,14 +415,14 @@ def run_bench(
             for span in span_list:
                 # a non-uniform allocation (spans on) is recorded as the row parameter "allocation" ("spans"), so it
                 # names the row (key, label)
-                extra = {} if alloc == "uniform" else {ALLOCATION_PARAM: alloc}
-                if span == "on":
-                    extra[SPANS_PARAM] = "on"
-                configs += [
-                    _Config(m, b, {**given[m], **extra}, {**resolved[m], **extra})
-                    for b in budget_list
-                    if not extra or b is not None  # without a budget there is nothing to share out (or to span)
-                ]
+                for b in budget_list:
+                    extra = {} if alloc == "uniform" else {ALLOCATION_PARAM: alloc}
+                    if span == "on" or (span == "auto" and spans_default(m, b)):
+                        extra[SPANS_PARAM] = "on"
+                    cfg = _Config(m, b, {**given[m], **extra}, {**resolved[m], **extra})
+                    # without a budget there is nothing to share out (or to span); `auto` may repeat `on`/`off`
+                    if (not extra or b is not None) and cfg not in configs:
+                        configs.append(cfg)
     if check_only:
         return BenchResult([], [], {"results": results_path}, time.perf_counter() - t_start, 0.0)
 

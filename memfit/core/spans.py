@@ -144,3 +144,32 @@ def span_priority(scores: torch.Tensor, span_ids: torch.Tensor, valid: torch.Ten
     ranks = torch.arange(order.shape[-1], device=order.device, dtype=torch.float32).expand(order.shape)
     ranks = torch.empty_like(ranks).scatter_(-1, order, ranks)
     return ranks if valid is None else ranks.masked_fill(~valid.to(ranks.device), float("-inf"))
+
+
+# Methods whose selection does not go through score-based top-k (they choose their own indices): spans would only
+# add 2 bytes per token and KV head there, so the default leaves them off.
+IGNORE_SPANS = ("scissorhands", "gemfilter")
+SPANS_CHOICES = ("auto", "on", "off")
+
+
+def spans_default(method: str, budget: Any) -> bool:
+    """What `spans="auto"` (the default of `memfit run`, `memfit bench` and `memfit plan`'s prediction) means: on for
+    an eviction method with a budget (measured: whole numbers kept at the same bytes, benchmarks/claims.md, issue
+    #12), off for the full cache, a quantizer alone (nothing is selected) and the methods in `IGNORE_SPANS`."""
+    from memfit.core.method import evicts
+
+    first = method.split("+")[0].strip()
+    return budget is not None and first not in IGNORE_SPANS and evicts(method)
+
+
+def resolve_spans(value: str | bool | None, method: str, budget: Any) -> bool:
+    """`on` / `off` / `auto` (or True / False / None = auto) -> whether the cache keeps whole spans."""
+    from memfit.errors import ConfigError
+
+    if value is None or value == "auto":
+        return spans_default(method, budget)
+    if isinstance(value, bool):
+        return value
+    if value not in SPANS_CHOICES:
+        raise ConfigError(f"--spans takes auto, on or off, got {value!r}")
+    return value == "on"
