@@ -357,7 +357,33 @@ def main() -> None:
             f.write(json.dumps({**r, "context": args.context, "corpus": Path(args.corpus).name, "seed": args.seed})
                     + "\n")
     versions = {**kv_versions, "memfit_torch": torch.__version__, "memfit_tf": transformers.__version__}
+    write_summary(rows, out / "summary.jsonl", args)
     print(report(rows, out, args, versions))
+
+
+def write_summary(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
+    """One row per (side, configuration, ratio), computed from results.jsonl: n, mean score, mean bytes held, the
+    compression against the full cache's mean bytes. `key` names the configuration without commas or brackets (the
+    claims checker's selectors split on commas)."""
+    import re
+
+    fulls = [r["kv_bytes_full"] for r in rows if r["side"] == "memfit"]
+    full_kv = [r["kv_bytes_held"] for r in rows if r["side"] == "kvpress" and r["method"] == "full"]
+    full_bytes = sum(fulls) / len(fulls) if fulls else sum(full_kv) / max(len(full_kv), 1)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["side"], r["method"], r["ratio"]), []).append(r)
+    with open(path, "w") as f:
+        for (side, method, n), sel in groups.items():
+            held = sum(r["kv_bytes_held"] for r in sel) / len(sel)
+            mult = _memfit_config(method)[3] if side == "memfit" else 1
+            f.write(json.dumps({
+                "side": side, "method": method, "key": re.sub(r"[^A-Za-z0-9+]+", "_", method).strip("_"),
+                "ratio": n, "tokens_fraction": None if n is None else min(1.0, mult / n), "n": len(sel),
+                "score": sum(r["score"] for r in sel) / len(sel), "kv_bytes_held": held,
+                "kv_bytes_full": full_bytes, "compression": full_bytes / held, "context": args.context,
+                "seed": args.seed, "corpus": Path(args.corpus).name,
+            }) + "\n")
 
 
 if __name__ == "__main__":
