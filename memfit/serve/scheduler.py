@@ -273,8 +273,10 @@ class Scheduler:
 
     def _decode_step(self, reqs: list[Request]) -> None:
         """One decode step for `reqs`: one shared forward for all that can share it, one forward for each other."""
-        shared = [r for r in reqs if self.batch_decode and self.alone_reason(r) is None]
-        alone = [r for r in reqs if r not in shared]
+        shared: list[Request] = []
+        alone: list[Request] = []
+        for req in reqs:
+            (shared if self.batch_decode and self.alone_reason(req) is None else alone).append(req)
         if len(shared) == 1:
             alone, shared = shared + alone, []
         if reqs:
@@ -314,13 +316,15 @@ class Scheduler:
         self.stats["attention_padded_row_layers_total"] += view.padded_rows
         self.stats["attention_own_row_layers_total"] += view.own_rows
         self._snapshot["decode_view_bytes"] = view.view_bytes
-        for i, req in enumerate(reqs):
+        for req, tok in zip(reqs, logits.argmax(-1).tolist(), strict=True):  # one host sync for the batch
             req.decode_steps_batched += 1
-            self._take(req, logits[i : i + 1])
+            self._take_token(req, tok)
 
     def _take(self, req: Request, logits: torch.Tensor) -> None:
         """Greedy choice, exactly as the engine: EOS ends the request, else the token counts and is emitted."""
-        tok = int(logits.argmax(-1)[0])
+        self._take_token(req, int(logits.argmax(-1)[0]))
+
+    def _take_token(self, req: Request, tok: int) -> None:
         if tok in req.eos:
             self._finish(req, "stop")
             return
