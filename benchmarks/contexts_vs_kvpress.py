@@ -9,8 +9,9 @@ What it does
   by the chat template's opening of a user turn (`memfit.contexts.encode_document`), the question closes the turn
   (`CompressedContext.encode_questions`): both sides get exactly these ids.
 - memfit side (this interpreter): `compress_ids` with the full cache (its time is the plain prefill) and with
-  `--memfit-methods` (default `kvzip`) at budget 1/n; then the question is prefilled on top of the context and 16
-  tokens are decoded greedily. Bytes: the context's `nbytes()` (real, evicted pairs are freed).
+  `--memfit-methods` (default `kvzip`; `kvzip@adakv` = per-head budgets on the ragged store) at budget 1/n; then the
+  question is prefilled on top of the context and 32 tokens are decoded greedily (the model first repeats the
+  question's answer stem). Bytes: the context's `nbytes()` (real, evicted pairs are freed).
 - kvpress side (its own virtual environment and pinned transformers, `--kvpress-python`): a plain prefill, then for
   each ratio `KVzipPress(compression_ratio=1-1/n)` around the document's prefill (kvpress compresses by masking:
   its "kept" fraction is the share of unmasked pairs, not bytes), then the question and greedy decoding with
@@ -22,9 +23,11 @@ What it does
   kept indices stay in `--tmp`) and `<out>_summary.md`.
 
     python benchmarks/contexts_vs_kvpress.py --out benchmarks/results/contexts_vs_kvpress_cpu \
-        --corpus ../shared/data/pg19/1684.txt --length 1536 --samples 8 --ratios 2,4,8
+        --corpus ../shared/data/pg19/1684.txt --length 1024 --samples 8 --ratios 4,8,2 --memfit-methods "kvzip@adakv"
 
-Resumable: rows already in --tmp are skipped on a re-run of the same prompts.
+Resumable: rows already in --tmp are skipped on a re-run of the same prompts. On a slow machine run the sides and
+halves of the samples as parallel processes (`--sides kvpress --shard 0/2`, `--sides memfit --shard 1/2`, ...; one
+of them with `--skip-full` per extra memfit method list) and write the report with `--report-only`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import time
 from pathlib import Path
 
 ANSWER_TOKENS = 32  # the model repeats the question's answer stem (~12 tokens) before the 7 digits
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg19" / "1684.txt"  # /work/shared/...
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg19" / "1684.txt"
 
 
 # ----------------------------------------------------------------------------------------------- kvpress worker

@@ -26,6 +26,7 @@ CASES = [
     ("kvzip", 0.3, {"chunk": 16}, "uniform"),  # the two-pass engine path (reconstruction chunks)
     ("snapkv+kivi", 0.5, {"kivi.group_size": 16, "kivi.residual": 16}, "uniform"),  # packed codes + residual
     ("snapkv", 0.3, None, "adakv"),  # ragged store
+    ("kvzip", 0.3, {"chunk": 16}, "adakv"),  # one ranking over layers, heads split by score (ragged store)
 ]
 
 
