@@ -33,9 +33,11 @@ budgets); compression ratio 0.3.
 Deviations:
 - Budget shape: the official threshold is exact per (layer, head); we turn it into one budget per layer (largest
   remainders), so on the dense store every head of a layer keeps as many pairs, and with `--allocation adakv` the
-  heads split the layer's budget by score with a 20 % floor. Measured (benchmarks/claims.md, issue #12 outside):
-  per-layer budgets drop the needle at 1/2 already on the default model; the global ranking keeps 92-96 % of the
-  pairs kvpress's KVzipPress keeps at 1/2-1/4.
+  heads split the layer's budget by score with a 20 % floor. Measured on the default model, question outside
+  (benchmarks/claims.md, issue #12, `benchmarks/contexts_vs_kvpress.py`): per-layer budgets lost the needle's digits
+  at 1/2 already; the global ranking on the ragged store keeps most of the pairs kvpress's KVzipPress keeps and
+  answers at least as often as it at 1/2-1/8 (the full cache's score at 1/2 only); head-uniform layer shares on the
+  dense store answer far less often, so use `--allocation adakv` with kvzip.
 - Scores are computed in fp32 (DESIGN: scores without eager attention), block-wise over the reconstruction queries,
   as exp(max over queries of (logit - logsumexp)): the same values as the max of the softmax, without writing it.
 - The reconstruction prompt needs the tokenizer: `memfit compress`, `memfit run` and `memfit.compress` give it
@@ -46,8 +48,9 @@ Deviations:
 - Without the engine (a bare forward with a memfit cache, as in the core test matrix) there is no second pass: at the
   end of prefill each pair's score is the max attention the prompt's own (causal) queries paid it — the context
   "reconstructing" itself in one pass. `memfit run` / `compress` / `generate` always use the real two-pass method.
-Cost: the reconstruction forwards read about as many tokens as the context, so compression takes ~2x a plain
-prefill (the official code pays the same); the cache holds the whole context until the scores are in.
+Cost: the reconstruction forwards read about as many tokens as the context and attend over twice as many keys, and
+the fp32 scores add about one more attention pass, so compression takes 2-3x a plain prefill (measured on CPU:
+benchmarks/claims.md); the cache holds the whole context until the scores are in.
 """
 
 from __future__ import annotations
