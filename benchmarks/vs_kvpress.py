@@ -14,7 +14,12 @@ What it does
 - Both sides load the same safetensors folder (memfit's cached copy of SmolLM2-135M-Instruct), fp32 on CPU, and
   measure the KV bytes they hold after the prompt (memfit: `cache.nbytes()`; kvpress: the DynamicCache's tensors).
 - Writes `<out>/results.jsonl` (one row per sample × configuration) and `<out>/report.md` (mean needle score per
-  ratio, full cache beside each row).
+  ratio, full cache beside each row), an equal-bytes table (memfit's best configuration holding no more bytes than
+  kvpress's presses hold at a ratio) and `<out>/summary.jsonl` (one row per side, configuration and ratio).
+- Configurations: `name`, `name+spans`, `name(k=v,...)`, and `...@Kx` = keep K times the ratio's tokens (a
+  composition such as `snapkv+kivi+spans(kivi.bits=4,kivi.residual=32)@4x` whose quantizer brings the bytes down).
+  Both sides run ratio by ratio (every configuration at the first ratio first), resume from `--tmp`, and `--only
+  memfit|kvpress` runs one side (e.g. two processes in parallel on a CPU box).
 
 CPU-feasible by default (512 tokens, 4 samples: a small sample, each row is 0.25 of a score); the lead can re-run larger on a GPU
 (`--device cuda --context 4096 --samples 36`).
@@ -24,6 +29,7 @@ Set-up of the kvpress environment (once; the CPU torch wheel is on this machine'
         && /tmp/kvpress-venv/bin/pip install kvpress==0.5.5
 Run:
     python benchmarks/vs_kvpress.py --out benchmarks/vs_kvpress
+The 2K-token table of benchmarks/claims.md (issue #12): benchmarks/vs_kvpress/ctx2048/ (commands in claims.md).
 """
 
 from __future__ import annotations
