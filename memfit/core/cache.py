@@ -135,13 +135,15 @@ class CompressedCache:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Before prefill: the method may return a shorter left-padded prompt to prefill instead (GemFilter), else
         None. Budgets still resolve from the original prompt (the caller declares it with `begin_prompt`)."""
-        return self.method.select_prompt(model, input_ids, attention_mask, self.num_layers)
+        with tp.scope(self.tensor_parallel):
+            return self.method.select_prompt(model, input_ids, attention_mask, self.num_layers)
 
     def after_prefill(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Once the whole prompt is cached (the ids and mask that were prefilled): a method that scores with extra
         forward passes (KVzip) returns its selections for every layer here, and they are applied."""
-        decision = self.method.after_prefill(model, self._views, self.keep_rows, input_ids, attention_mask)
-        self._apply(decision)
+        with tp.scope(self.tensor_parallel):  # a ranking over every head (KVzip's global budgets) spans the ranks
+            decision = self.method.after_prefill(model, self._views, self.keep_rows, input_ids, attention_mask)
+            self._apply(decision)
 
     def _apply(self, decision: Decision, layer_idx: int | None = None, keep: torch.Tensor | None = None) -> None:
         """Apply a method's decision: one Selection for layer `layer_idx` (whose budget is `keep`), or {layer index:

@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 
+from memfit.core import tp
 from memfit.core.cache import CompressedCache, KVLayer
 from memfit.core.contract import Decision, LayerView, Selection, StepInfo
 from memfit.core.method import Method, register
@@ -289,7 +290,9 @@ class KVzip(Method):
         if self.budgets == "global" and acting:
             # one ranking over every acting layer's pairs, the same total as per-layer budgets (pyramid schedules
             # keep the mean, so the total is theirs too)
-            ranked = [scores[i].masked_fill(protect[:, None, :], float("inf")) for i in acting]
+            # Under tensor parallelism every rank ranks every head's pairs (one all-gather per layer), so each rank
+            # gets the single process's per-layer shares and keeps its own heads' part of them.
+            ranked = [tp.all_heads(scores[i].masked_fill(protect[:, None, :], float("inf"))) for i in acting]
             heads = ranked[0].shape[1]
             totals = keep.to(device) * len(acting) * heads
             budgets.update(zip(acting, global_budgets(ranked, totals, heads), strict=True))
