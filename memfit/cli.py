@@ -722,6 +722,9 @@ def serve(
         True, "--batch-decode/--no-batch-decode",
         help="Decode every running request in one forward per step (default), or one forward per request."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Default max_tokens of chat requests."),
+    spans: str = typer.Option(
+        "auto", "--spans", help="auto | on | off: default for requests (their memfit.spans overrides it); auto = keep "
+        "whole words/numbers for an eviction method with a budget, as memfit run."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: debug | info | warning | error."),
@@ -732,17 +735,19 @@ def serve(
     """Serve an OpenAI-compatible API whose running batch is sized by compressed KV bytes."""
     from memfit.core.budget import Budget
     from memfit.core.method import build_policy
+    from memfit.core.spans import resolve_spans
     from memfit.serve import parse_bytes
     from memfit.serve import serve as run_server
 
     params = parse_params(param)
     build_policy(method, Budget.parse(budget), params)  # a bad default fails before the model loads
+    resolve_spans(spans, method, budget)
     _check_device(device, dtype)
     run_server(model, host=host, port=port, device=device, dtype=dtype, load_format=load_format, log_level=log_level,
                method=method,
                budget=budget, params=params, kv_memory=parse_bytes(kv_memory) if kv_memory else None,
                max_batch=max_batch, prefill_chunk=prefill_chunk, default_max_tokens=max_tokens,
-               batch_decode=batch_decode)
+               batch_decode=batch_decode, spans=spans)
 
 
 @app.command()

@@ -100,6 +100,15 @@ class ByteTokenizer:
             ids = [self.bos_token_id, *ids]
         return {"input_ids": ids}
 
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [i for i in (self.bos_token_id, self.eos_token_id) if i is not None]
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        """One character per byte id (what span ids read: spaces start words, digits join digit runs); ids outside
+        the byte range (specials, the rest of a large vocabulary) read as an empty piece."""
+        return [chr(i - self.offset) if self.offset <= i < self.offset + 256 else "" for i in ids]
+
     def decode(self, ids: Any, skip_special_tokens: bool = True, **_: Any) -> str:
         raw = bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256)
         return raw.decode("utf-8", errors="replace")

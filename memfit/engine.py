@@ -326,7 +326,7 @@ def run(
     backend: str = "auto",
     load_format: str = "auto",
     context: int | None = None,
-    spans: bool | str | None = False,
+    spans: bool | str | None = "auto",
     weights: str | None = None,
     weights_memory: int | str | None = None,
     offload_dir: str | None = None,
@@ -341,8 +341,8 @@ def run(
     `backend`: auto | fast | portable (memfit.backend). `load_format="dummy"`: random weights from a config (a
     built-in name such as ``llama-3.1-8b``). `context`: ignore `prompt` and feed a `context`-token prompt of natural
     text (speed and memory runs at a chosen length). `spans`: when a token is kept, keep the rest of its word or
-    number within the same budget (memfit.core.spans); ``"auto"`` (the CLI's default) = on for an eviction method with
-    a budget (off here by default: `memfit serve`, which has no spans yet, is checked against this function).
+    number within the same budget (memfit.core.spans); ``"auto"`` (the default here, in `memfit run` and in `memfit
+    serve`) = on for an eviction method with a budget.
     `weights`: a weight spec such as ``"slim-llm:3"`` (memfit.weights): the model's linear layers are compressed in
     place before generating."""
     from memfit.api import make_cache

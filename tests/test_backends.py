@@ -104,6 +104,44 @@ def test_fast_stores_equal_the_portable_path(model, spec, monkeypatch):
     assert fast_cache.full_nbytes() == port_cache.full_nbytes()
 
 
+class _Pieces:
+    """A tokenizer stand-in for span ids: every 4th id is a digit (digit runs form spans), the others start words."""
+
+    all_special_ids: list[int] = []
+
+    def convert_ids_to_tokens(self, ids):
+        return [str(i % 10) if i % 4 == 1 else f"Ġw{i}" for i in ids]
+
+
+@pytest.mark.parametrize("spec", ["snapkv", "snapkv+kivi"])
+def test_fast_stores_with_spans_freeze_and_equal_the_portable_path(spec, monkeypatch):
+    """Spans on (the default of `memfit run` for eviction methods): the static stores still take over after the
+    prompt (span ids are freed there, so a quantized store is not kept portable by them), and the tokens equal the
+    portable path's with the same spans."""
+    from memfit.core.spans import SPAN_KEY, enable_spans
+
+    monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 120, (1, 48), generator=g)
+    mask = torch.ones_like(ids)
+    params = {"snapkv.window" if "+" in spec else "window": 4}
+    if "kivi" in spec:
+        params.update({"kivi.group_size": 8, "kivi.residual": 8})
+    runs = {}
+    for backend in ("fast", "portable"):
+        cache = make_cache(model, spec, 0.5, params, backend=backend, reserve=32)
+        enable_spans(cache, _Pieces())
+        runs[backend] = (cache, generate(model, ids, mask, cache, max_new_tokens=12))
+    (fast_cache, fast), (port_cache, port) = runs["fast"], runs["portable"]
+    assert fast_cache.backend.name == "fast"
+    assert all(layer.frozen for layer in fast_cache.core.layers)
+    assert all(SPAN_KEY not in layer.extras for layer in fast_cache.core.layers)
+    assert all(SPAN_KEY in layer.extras for layer in port_cache.core.layers)  # the portable store keeps them
+    assert fast.tokens == port.tokens
+    torch.testing.assert_close(fast.first_logits, port.first_logits, rtol=1e-5, atol=1e-5)
+
+
 def _assert_same_token_sets(fast, port) -> None:
     """Per (row, KV head): the fused buffer's live slots (all used slots but the next victim when full) hold exactly
     the portable store's tokens (keys and values), in any order."""

@@ -133,6 +133,12 @@ def test_per_request_compression(server, default_model):
                      prefill_chunk=CHUNK)
     assert r.choices[0].text == ref.text and held == ref.kv_bytes_held and full == ref.kv_bytes_full
     assert held < full
+    # spans default to on for an eviction method (as `memfit run`); a request may turn them off, holding fewer bytes
+    off = c.completions.create(model="default", prompt=prompt, max_tokens=6,
+                               extra_body={"memfit": {"method": "streaming", "budget": 48, "spans": "off"}})
+    ref_off = memfit_run(prompt, model=default_model, method="streaming", budget=48, max_new_tokens=6, chat=False,
+                         prefill_chunk=CHUNK, spans="off")
+    assert off.usage.model_extra["kv_bytes_held"] == ref_off.kv_bytes_held < held
 
 
 def test_byte_prediction_bounds_what_the_cache_holds(default_model, spec="snapkv+kivi", budget="0.25"):
@@ -159,6 +165,8 @@ def test_byte_prediction_bounds_what_the_cache_holds(default_model, spec="snapkv
         ("{not json", 400, None),
         ({"prompt": "hi", "max_tokens": 4, "memfit": {"method": "nosuch"}}, 400, "memfit"),
         ({"prompt": "hi", "max_tokens": 4, "memfit": {"method": "snapkv", "budget": 1.5}}, 400, "memfit"),
+        ({"prompt": "hi", "max_tokens": 4, "memfit": {"method": "snapkv", "budget": 0.5, "spans": "maybe"}}, 400,
+         "memfit.spans"),
         ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
         ({"prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
         ({"prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens"),

@@ -73,6 +73,7 @@ from memfit.core.quantized_store import (
     TokenCodec,
     TokenSegment,
 )
+from memfit.core.spans import SPAN_KEY
 
 __all__ = ["KIVIForm", "StaticKIVILayer", "static_quant_form"]
 
@@ -194,6 +195,8 @@ class StaticKIVILayer(QuantizedKVLayer):
 
     def freeze(self, reserve: int | None = None) -> None:
         """Move the held tokens into fixed buffers with room for `reserve` more (no-op when frozen or not possible)."""
+        if not self.frozen:
+            self.extras.pop(SPAN_KEY, None)  # as StaticKVLayer.freeze: span ids steer no selection after the prompt
         if self.frozen or not self._can_freeze():
             return
         assert self._shape is not None and self.k.residual is not None

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from memfit.core.spans import SPAN_KEY
 from memfit.core.store import KVLayer, dense_attention, tensor_bytes
 
 DEFAULT_RESERVE = 256
@@ -79,6 +80,11 @@ class StaticKVLayer(KVLayer):
         """Move the held tokens into buffers with room for `reserve` more (no-op when already frozen)."""
         if self._kbuf is not None or self._keys is None:
             return
+        # Span ids (memfit.core.spans) steer selections by score over the prompt. From the first decode step on, the
+        # fast backend keeps them no longer: the methods it replays in a graph select nothing more (prompt-only
+        # methods) or run a fused rule that ignores spans (H2O), and a per-step concatenation of them cannot live
+        # inside a CUDA graph. (A per-step method forced onto this store then selects decode tokens without spans.)
+        self.extras.pop(SPAN_KEY, None)
         keys, values = self._keys, self._values
         assert values is not None
         n = keys.shape[2]

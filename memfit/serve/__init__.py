@@ -62,6 +62,7 @@ def build_server(
     prefill_chunk: int = 512,
     default_max_tokens: int = 256,
     batch_decode: bool = True,
+    spans: str = "auto",
 ) -> Any:
     """The ASGI app for a loaded model (its scheduler starts with the app). `batch_decode=False`: one decode forward
     per running request per step instead of one for all (to measure what batching buys)."""
@@ -73,9 +74,13 @@ def build_server(
     build_policy(method, Budget.parse(budget), params or {})  # a bad default is a start-up error, not a 400 later
     if prefill_chunk < 1 or max_batch < 1:
         raise ConfigError("--prefill-chunk and --max-batch must be at least 1")
-    scheduler = Scheduler(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk, batch_decode)
+    from memfit.core.spans import resolve_spans
+
+    resolve_spans(spans, method, budget)  # a bad --spans value is a start-up error too
+    scheduler = Scheduler(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk, batch_decode,
+                          tokenizer)
     scheduler.predictor.byte_model(method, params or {})  # calibrate the default method now, not on a request
-    config = ServerConfig(model_name, method, budget, params or {}, default_max_tokens)
+    config = ServerConfig(model_name, method, budget, params or {}, default_max_tokens, spans)
     return create_app(model, tokenizer, scheduler, config)
 
 

@@ -128,16 +128,24 @@ class BytePredictor:
         keep = prompt if self.byte_model(method, params).keeps_all else min(prompt, budget.resolve(prompt) or prompt)
         return keep + max_tokens
 
-    def predict(self, method: str, budget: Budget, params: dict[str, Any], prompt: int, max_tokens: int) -> int:
+    def span_bytes_per_token(self) -> int:
+        """What keeping whole spans adds per held token (memfit.core.spans: one int16 per layer and KV head)."""
+        return 2 * self.shape.kv_heads * self.shape.layers
+
+    def predict(self, method: str, budget: Budget, params: dict[str, Any], prompt: int, max_tokens: int,
+                spans: bool = False) -> int:
         """Bytes the request's cache will hold after `max_tokens` generated tokens (an upper estimate)."""
         m = self.byte_model(method, params)
-        return int(m.intercept + m.slope * self.kept_tokens(method, budget, params, prompt, max_tokens))
+        slope = m.slope + (self.span_bytes_per_token() if spans else 0)
+        return int(m.intercept + slope * self.kept_tokens(method, budget, params, prompt, max_tokens))
 
     def reserve(
-        self, method: str, budget: Budget, params: dict[str, Any], prompt: int, max_tokens: int, chunk: int
+        self, method: str, budget: Budget, params: dict[str, Any], prompt: int, max_tokens: int, chunk: int,
+        spans: bool = False,
     ) -> int:
         """What to set aside at admission: the final prediction, or the prefill transient if that is larger."""
-        final = self.predict(method, budget, params, prompt, max_tokens)
+        final = self.predict(method, budget, params, prompt, max_tokens, spans)
         keep = self.kept_tokens(method, budget, params, prompt, 0)
-        transient = min(prompt, keep + chunk) * self.shape.full_bytes_per_token
+        per_token = self.shape.full_bytes_per_token + (self.span_bytes_per_token() if spans else 0)
+        transient = min(prompt, keep + chunk) * per_token
         return max(final, transient)

@@ -6,7 +6,9 @@ asyncio queue. Text is decoded here from all tokens so far, so streamed deltas c
 non-streamed request (and `memfit run`) returns. Decoding is greedy only: a request asking for sampling
 (`temperature` > 0, `n` > 1) is refused rather than silently served greedily.
 
-Extra request field: `memfit: {"method": ..., "budget": ..., "params": {...}}` (server defaults otherwise). Extra
+Extra request field: `memfit: {"method": ..., "budget": ..., "params": {...}, "spans": "auto" | "on" | "off"}`
+(server defaults otherwise; spans as `memfit run --spans`: auto = keep whole words/numbers for an eviction method
+with a budget; admission counts their 2 bytes per held token, layer and KV head). Extra
 `usage` fields: `kv_bytes_held` (bytes the request's compressed store held when it finished) and `kv_bytes_full`
 (what a full cache would have held for the same tokens), `decode_steps_batched` (decode steps that shared one
 forward with other requests) and `decode_steps_alone` (steps in a forward of its own).
@@ -30,6 +32,7 @@ from starlette.routing import Route
 
 from memfit.core.budget import Budget
 from memfit.core.method import build_policy
+from memfit.core.spans import resolve_spans
 from memfit.errors import ConfigError
 from memfit.serve.scheduler import Request, Scheduler
 
@@ -56,6 +59,7 @@ class ServerConfig:
     budget: str | None = None
     params: dict[str, Any] | None = None
     default_max_tokens: int = 256
+    spans: str = "auto"  # auto | on | off (memfit.core.spans), as `memfit run --spans`
 
 
 @dataclass
@@ -72,6 +76,7 @@ class Job:
     stop: list[str]
     chat: bool
     ignore_eos: bool = False
+    spans: bool = False  # keep whole words/numbers (memfit.core.spans)
 
 
 def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, config: ServerConfig) -> Starlette:
@@ -105,15 +110,16 @@ def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, config: ServerC
             raise ApiError(400, f"{key} must be at least 1 (got {value})", param=key)
         return value
 
-    def compression(body: dict[str, Any]) -> tuple[str, Budget, dict[str, Any]]:
+    def compression(body: dict[str, Any]) -> tuple[str, Budget, dict[str, Any], bool]:
         extra = body.get("memfit")
         if extra is None:
             extra = {}
         if not isinstance(extra, dict):
             raise ApiError(400, 'memfit must be an object: {"method": ..., "budget": ..., "params": {...}}', "memfit")
-        unknown = set(extra) - {"method", "budget", "params"}
+        unknown = set(extra) - {"method", "budget", "params", "spans"}
         if unknown:
-            raise ApiError(400, f"unknown memfit field(s) {sorted(unknown)}: use method, budget, params", "memfit")
+            raise ApiError(400, f"unknown memfit field(s) {sorted(unknown)}: use method, budget, params, spans",
+                           "memfit")
         method = extra.get("method", config.method)
         if not isinstance(method, str):
             raise ApiError(400, "memfit.method must be a string such as 'snapkv' or 'snapkv+kivi'", "memfit.method")
@@ -127,7 +133,11 @@ def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, config: ServerC
             build_policy(method, budget, params)
         except ConfigError as exc:
             raise ApiError(400, str(exc), param="memfit") from None
-        return method, budget, params
+        try:  # the server's --spans unless the request says; auto = on for an eviction method with a budget
+            spans = resolve_spans(extra.get("spans", config.spans), method, budget_in)
+        except ConfigError as exc:
+            raise ApiError(400, f"memfit.spans: {exc}", param="memfit.spans") from None
+        return method, budget, params, spans
 
     def encode_chat(messages: Any) -> list[int]:
         if not isinstance(messages, list) or not messages:
@@ -188,7 +198,7 @@ def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, config: ServerC
             raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", "stop")
         key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = positive_int(body, key, config.default_max_tokens if chat else 16)
-        method, budget, params = compression(body)
+        method, budget, params, spans = compression(body)
         ids = encode_chat(body.get("messages")) if chat else encode_prompt(body.get("prompt"))
         if len(ids) >= max_context:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context is {max_context}", "prompt",
@@ -197,7 +207,7 @@ def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, config: ServerC
             raise ApiError(400, f"{key}={max_tokens} plus the prompt's {len(ids)} tokens exceeds the model's context "
                            f"of {max_context} tokens: ask for at most {max_context - len(ids)}", key,
                            "context_length_exceeded")
-        need = scheduler.reserve_for(method, budget, params, len(ids), max_tokens)
+        need = scheduler.reserve_for(method, budget, params, len(ids), max_tokens, spans)
         if need > scheduler.kv_memory:
             raise ApiError(400, f"this request needs about {need} bytes of KV cache but the server's --kv-memory is "
                            f"{scheduler.kv_memory}: shorten it, lower max_tokens, or use a smaller budget", None,
@@ -205,7 +215,7 @@ def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, config: ServerC
         ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: generate max_tokens (load tests)
         if not isinstance(ignore_eos, bool):
             raise ApiError(400, "ignore_eos must be true or false", "ignore_eos")
-        return Job(ids, max_tokens, method, budget, params, stream, include_usage, stop, chat, ignore_eos)
+        return Job(ids, max_tokens, method, budget, params, stream, include_usage, stop, chat, ignore_eos, spans)
 
     # -- running a job -------------------------------------------------------------------------------------------
     def submit(job: Job) -> tuple[Request, asyncio.Queue]:
@@ -217,7 +227,7 @@ def create_app(model: Any, tokenizer: Any, scheduler: Scheduler, config: ServerC
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
         req = Request(job.prompt_ids, job.max_tokens, job.method, job.budget, job.params, sink,
-                      eos=frozenset() if job.ignore_eos else eos)
+                      eos=frozenset() if job.ignore_eos else eos, spans=job.spans)
         scheduler.submit(req)
         return req, queue
 

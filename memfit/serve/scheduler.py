@@ -45,7 +45,9 @@ from memfit.adapters.transformers import MemfitCache, forward
 from memfit.api import make_cache
 from memfit.core.batch_view import BatchView
 from memfit.core.budget import Budget
+from memfit.core.spans import enable_spans
 from memfit.engine import positions_from_mask
+from memfit.errors import ConfigError
 from memfit.serve.admission import BytePredictor, ModelShape
 
 Event = tuple[str, Any]  # ("tokens", [ids]) | ("done", finish_reason) | ("error", message)
@@ -82,6 +84,7 @@ class Request:
     kv_bytes_full: int = 0
     decode_steps_batched: int = 0  # decode steps that shared one forward with other requests
     decode_steps_alone: int = 0  # decode steps in a forward of its own (running alone, or it cannot share)
+    spans: bool = False  # the store keeps whole words/numbers (memfit.core.spans; needs the scheduler's tokenizer)
 
     @property
     def prefilled(self) -> bool:
@@ -109,8 +112,10 @@ class Scheduler:
         max_batch: int = 64,
         prefill_chunk: int = 512,
         batch_decode: bool = True,
+        tokenizer: Any = None,
     ) -> None:
         self.model = model
+        self.tokenizer = tokenizer  # span ids of prompts (requests with spans on)
         self.batch_decode = bool(batch_decode)  # False: one forward per request per step (for comparison)
         self.device = next(model.parameters()).device
         self.kv_memory = int(kv_memory)
@@ -131,13 +136,17 @@ class Scheduler:
                                           "decode_batch_size": 0, "decode_view_bytes": 0}
 
     # -- called from the server's threads ------------------------------------------------------------------------
-    def reserve_for(self, method: str, budget: Budget, params: dict[str, Any], prompt: int, max_tokens: int) -> int:
-        return self.predictor.reserve(method, budget, params, prompt, max_tokens, self.prefill_chunk)
+    def reserve_for(self, method: str, budget: Budget, params: dict[str, Any], prompt: int, max_tokens: int,
+                    spans: bool = False) -> int:
+        return self.predictor.reserve(method, budget, params, prompt, max_tokens, self.prefill_chunk, spans)
 
     def submit(self, req: Request) -> None:
-        req.reserve_bytes = self.reserve_for(req.method, req.budget, req.params, len(req.prompt_ids), req.max_tokens)
+        if req.spans and self.tokenizer is None:
+            raise ConfigError("a request with spans on needs the scheduler's tokenizer (Scheduler(tokenizer=...))")
+        req.reserve_bytes = self.reserve_for(req.method, req.budget, req.params, len(req.prompt_ids), req.max_tokens,
+                                             req.spans)
         req.predicted_bytes = self.predictor.predict(
-            req.method, req.budget, req.params, len(req.prompt_ids), req.max_tokens
+            req.method, req.budget, req.params, len(req.prompt_ids), req.max_tokens, req.spans
         )
         with self._cv:
             self._inbox.append(req)
@@ -241,11 +250,15 @@ class Scheduler:
             mask = torch.ones_like(ids)
             req.cache = make_cache(model, req.method, req.budget, req.params)
             core = req.cache.core
+            if req.spans:
+                enable_spans(req.cache, self.tokenizer)
             prompt_lens = mask.sum(-1)
             chosen = core.select_prompt(model, ids, mask)
             if chosen is not None:  # GemFilter: prefill only the chosen tokens; the budget still uses the prompt
                 core.skipped_prompt_tokens = int(ids.shape[1] - chosen[0].shape[1])
                 ids, mask = chosen
+            if core.span_rule is not None:  # span ids of what is prefilled, as memfit.engine.prefill_prompt does
+                core.prompt_spans = core.span_rule(ids, mask)
             total = ids.shape[1]
             chunk = total if self.prefill_chunk >= total else self.prefill_chunk
             if chunk < total or chosen is not None:
