@@ -794,20 +794,9 @@ class QuantizedKVLayer(KVLayer):
             self.v.codec.check(d)
             self._shape, self._dtype = (b, h, d), keys.dtype
         self._step = self._probe = None
-        old = self.num_slots
         self.k.append(keys)
         self.v.append(values)
-        if new_valid is not None and not bool(new_valid.all()):
-            step_valid = new_valid[:, None, :].expand(b, h, q)
-            base = self.valid if self.valid is not None else torch.ones(b, h, old, dtype=torch.bool,
-                                                                         device=keys.device)
-            self.valid = torch.cat([base, step_valid], dim=2)
-        elif self.valid is not None:
-            self.valid = torch.cat([self.valid, self.valid.new_ones(b, h, q)], dim=2)
-        for name, state in self.extras.items():
-            pad = state.new_zeros(*state.shape[:2], q, *state.shape[3:])
-            self.extras[name] = torch.cat([state, pad], dim=2)
-        self.seen += q
+        self._append_state(new_valid, b, h, q)  # validity, per-token policy state, seen (shared with every store)
 
     def attend(self, queries: torch.Tensor, scaling: float, window: int | None = None) -> torch.Tensor:
         before = self.dequantized_tokens
@@ -826,15 +815,7 @@ class QuantizedKVLayer(KVLayer):
             d = self._step[0].shape[-1]
             idx = indices.unsqueeze(-1).expand(*indices.shape, d)
             self._step = (self._step[0].gather(2, idx), self._step[1].gather(2, idx))
-        old_valid = None if self.valid is None else self.valid.gather(2, indices)
-        if valid is not None:
-            old_valid = valid if old_valid is None else old_valid & valid
-        self.valid = None if old_valid is None or bool(old_valid.all()) else old_valid.contiguous()
-        for name, state in self.extras.items():
-            sidx = indices.reshape(*indices.shape, *([1] * (state.dim() - 3))).expand(
-                *indices.shape, *state.shape[3:]
-            )
-            self.extras[name] = state.gather(2, sidx).contiguous()
+        self._keep_state(indices, valid)
 
     def finalize_step(self, info: StepInfo) -> None:
         kind = "prefill" if info.is_prefill else "decode"
