@@ -26,24 +26,12 @@ sys.path.insert(0, str(Path(_memfit.__file__).resolve().parents[1] / "tests"))  
 os.environ["MEMFIT_FAST_ON_CPU"] = "1"
 torch.set_num_threads(1)
 
-from conftest import tiny_llama, tiny_qwen  # noqa: E402
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
+from conftest import tiny_gemma3, tiny_llama, tiny_qwen  # noqa: E402
 
 from memfit.adapters.transformers import forward  # noqa: E402
 from memfit.api import make_cache  # noqa: E402
 from memfit.core.method import all_methods  # noqa: E402
 from memfit.engine import generate, pad_left, positions_from_mask  # noqa: E402
-
-
-def tiny_gemma3(seed=0):
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        attn_implementation="sdpa",
-    )
-    return Gemma3ForCausalLM(cfg).eval()
 
 
 def h(obj, acc):

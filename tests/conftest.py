@@ -6,7 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 TINY = dict(
     vocab_size=128,
@@ -28,6 +35,18 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
 def tiny_qwen(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()
+
+
+def tiny_gemma3(seed: int = 0) -> torch.nn.Module:
+    """A tiny Gemma 3: two sliding-window layers (window 8) between global ones."""
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        attn_implementation="sdpa",
+    )
+    return Gemma3ForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2"])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import DynamicCache
 
 from memfit.api import make_cache
 from memfit.core.method import all_methods, build_policy
@@ -15,23 +15,12 @@ from memfit.core.static_quant_store import StaticKIVILayer, static_quant_form
 from memfit.core.static_store import StaticKVLayer
 from memfit.engine import generate, pad_left, positions_from_mask
 from memfit.errors import ConfigError
-from tests.conftest import TINY, tiny_llama, tiny_qwen
+from tests.conftest import TINY, tiny_gemma3, tiny_llama, tiny_qwen
 
 QUANTIZERS = sorted(n for n, c in all_methods().items() if c.family == "quantization")
 EVICTING = sorted(n for n, c in all_methods().items() if c.family not in ("quantization", "reference"))
 # every registered method, and one composition per quantizer
 SPECS = ["full", *EVICTING, *QUANTIZERS, *(f"snapkv+{q}" for q in QUANTIZERS)]
-
-
-def tiny_gemma3(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        attn_implementation="sdpa",
-    )
-    return Gemma3ForCausalLM(cfg).eval()
 
 
 MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen, "gemma3": tiny_gemma3}
