@@ -94,8 +94,6 @@ def _check_tp(tp: int | None, backend: str, unsupported: dict[str, bool]) -> Non
     bad = [option for option, given in unsupported.items() if given]
     if bad:
         raise ConfigError(f"--tp does not combine with {', '.join(bad)} yet: run without --tp, or without them")
-    if backend == "fast":
-        raise ConfigError("--tp runs on the portable backend for now: drop --backend fast")
 
 
 def read_text_file(path: Path, what: str = "prompt file") -> str:
@@ -250,13 +248,11 @@ def run(
 
     ranks = distributed.in_torchrun()
     if tp is not None or ranks:
-        _check_tp(tp, backend, {"--weights": bool(weights), "--weights-memory": weights_memory is not None,
-                                "--load-format dummy": load_format != "auto"})
+        _check_tp(tp, backend, {"--weights": bool(weights), "--weights-memory": weights_memory is not None})
         if not ranks:  # launch the ranks; each re-enters here under torchrun
-            distributed.check_model(model, int(tp))
+            distributed.check_model(model, int(tp), load_format)
             raise SystemExit(distributed.launch(int(tp), distributed.strip_tp(sys.argv[1:])))
         distributed.init(device)
-        backend = "portable"
     if weights_memory is not None:
         from memfit.offload import POLICIES, parse_bytes
 
@@ -309,6 +305,8 @@ def run(
         held, full = distributed.gather_ints(result.kv_bytes_held), distributed.gather_ints(result.kv_bytes_full)
         result.tp = len(held)
         result.kv_bytes_held_per_rank = held
+        result.weight_bytes_per_rank = distributed.gather_ints(result.weight_bytes)
+        result.peak_memory_bytes_per_rank = distributed.gather_ints(result.peak_memory_bytes)
         result.kv_bytes_held, result.kv_bytes_full = sum(held), sum(full)
         result.compression_ratio = result.kv_bytes_full / result.kv_bytes_held if result.kv_bytes_held else 0.0
         if distributed.rank() != 0:
@@ -637,8 +635,7 @@ def bench(
 
     ranks = distributed.in_torchrun()
     if tp is not None or ranks:
-        _check_tp(tp, backend, {"--weights": bool(weights), "--load-format dummy": load_format != "auto"})
-        backend = "portable"
+        _check_tp(tp, backend, {"--weights": bool(weights)})
     created = make_out_dir(out_dir)  # last check: a folder we cannot write is refused before any model work
     try:
         bench_args: dict[str, Any] = dict(
@@ -665,7 +662,7 @@ def bench(
         )
         if tp is not None and not ranks:  # every bad input is one error here, not one per rank; then launch
             run_bench(model, check_only=True, **bench_args)
-            distributed.check_model(model, int(tp))
+            distributed.check_model(model, int(tp), load_format)
             raise SystemExit(distributed.launch(int(tp), distributed.strip_tp(sys.argv[1:])))
         if ranks:
             distributed.init(device)

@@ -47,8 +47,14 @@ def check_divisible(config: object, ranks: int) -> None:
                           f"{ranks}; pick a --tp that divides {kv}")
 
 
-def check_model(spec: str, ranks: int) -> None:
-    """In the launching process: a model that cannot be split over `ranks` is one error here, not one per rank."""
+def check_model(spec: str, ranks: int, load_format: str = "auto") -> None:
+    """In the launching process: a model that cannot be split over `ranks` is one error here, not one per rank.
+    (A dummy model's random-weight checkpoint is written by rank 0, on its GPU: the launcher takes no device.)"""
+    if load_format == "dummy":
+        from memfit.dummy import dummy_config
+
+        check_divisible(dummy_config("smollm2-135m" if spec.strip() in ("", "default") else spec), ranks)
+        return
     from transformers import AutoConfig
 
     from memfit.models import tp_source

@@ -7,11 +7,20 @@ A dummy spec is a built-in config name (`llama-3.1-8b`, `qwen2.5-7b`, `gemma-3-1
 `config.json`, or a folder holding one. Weights are initialised directly on the target device (an 8B model in bf16
 takes ~2 s on a GPU; initialising on the CPU and copying would take minutes). The text such a model writes is noise;
 its tokenizer is a byte-level stand-in whose only job is to give `--prompt` text some token ids.
+
+Under tensor parallelism (`--tp N`) each rank loads its shard through transformers' own plan, which reads a
+checkpoint: `dummy_checkpoint` writes those same random weights once into the cache folder (safetensors shards
+plus config.json, keyed by the config and dtype) and the ranks load it like any model folder. It is written through
+one device, so the whole model must fit one GPU (or the RAM, much slower) once; an 8B model takes 16 GB of disk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +137,53 @@ def load_dummy(spec: str, dtype: torch.dtype, device: torch.device) -> tuple[Any
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02, generator=gen)
     model.config._name_or_path = spec
+    return model.eval(), byte_tokenizer(config)
+
+
+def byte_tokenizer(config: Any) -> ByteTokenizer:
+    """The byte tokenizer of a dummy model with this config (its vocabulary size and special ids)."""
     text = getattr(config, "text_config", config)
     eos = getattr(text, "eos_token_id", None)
-    tok = ByteTokenizer(int(text.vocab_size), getattr(text, "bos_token_id", None),
-                        eos[0] if isinstance(eos, list) else eos)
-    return model.eval(), tok
+    return ByteTokenizer(int(text.vocab_size), getattr(text, "bos_token_id", None),
+                         eos[0] if isinstance(eos, list) else eos)
+
+
+def _config_key(spec: str, dtype: torch.dtype) -> str:
+    """A folder name for a dummy spec's checkpoint: the built-in name (or config file name) and a hash of the
+    config's fields and dtype, so an edited config.json never reuses stale weights."""
+    config = dummy_config(spec)
+    fields = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    digest = hashlib.sha256(f"{fields}|{dtype}".encode()).hexdigest()[:12]
+    stem = spec.strip().lower() if spec.strip().lower() in BUILTIN_CONFIGS else Path(spec).expanduser().stem
+    return f"{stem}-{str(dtype).removeprefix('torch.')}-{digest}"
+
+
+def dummy_checkpoint(spec: str, dtype: torch.dtype, device: torch.device, *, progress: bool = False) -> Path:
+    """The folder of `spec`'s random-weight checkpoint in the cache (written on first use, through `device`).
+
+    The weights are exactly `load_dummy(spec, dtype, device)`'s; the write goes to a temporary folder renamed at
+    the end, so an interrupted write never leaves a folder that looks complete."""
+    from memfit.models import cache_dir
+
+    folder = cache_dir() / "dummy" / _config_key(spec, dtype)
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    if progress:
+        print(f"memfit: writing random weights for {spec!r} to {folder} (once; tensor-parallel ranks load them)",
+              file=sys.stderr, flush=True)
+    model, _ = load_dummy(spec, dtype, device)
+    try:
+        model.save_pretrained(tmp, max_shard_size="2GB")
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first: its folder holds the same weights
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -277,6 +277,8 @@ class RunResult:
     versions: dict[str, str] = field(default_factory=dict)
     tp: int = 1  # tensor-parallel ranks (memfit.distributed); KV bytes are then the sum over ranks
     kv_bytes_held_per_rank: list[int] | None = None
+    weight_bytes_per_rank: list[int] | None = None  # under tp: each rank's shard (weight_bytes is rank 0's)
+    peak_memory_bytes_per_rank: list[int] | None = None  # under tp: each rank's own peak (peak_memory_bytes: rank 0)
     backend: str = "portable"  # which runtime backend ran (memfit.backend)
     backend_reason: str = ""
     cuda_graphs: bool = False

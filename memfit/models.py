@@ -215,7 +215,7 @@ def load_model(
     text = os.fspath(spec).strip() if spec is not None else "default"
     check_load_format(load_format)
     if tp:  # one rank of a tensor-parallel run (memfit.distributed): transformers shards the weights as it loads
-        return _load_tp(text, torch_dtype)
+        return _load_tp(text, torch_dtype, dummy=load_format == "dummy")
     if load_format == "dummy":
         from memfit.dummy import load_dummy
 
@@ -330,18 +330,36 @@ def tp_source(text: str, progress: bool = False) -> Path:
     return Path(source)
 
 
-def _load_tp(text: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    """This rank's shard of a model folder (or the default model), split by transformers' tensor-parallel plan."""
+def _load_tp(text: str, dtype: torch.dtype, *, dummy: bool = False) -> tuple[Any, Any]:
+    """This rank's shard of a model folder (or the default model), split by transformers' tensor-parallel plan.
+    `dummy`: `text` is a dummy spec; rank 0 writes its random-weight checkpoint once (memfit.dummy), then every
+    rank loads its shard of it."""
+    import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from memfit.distributed import check_divisible
 
-    source = tp_source(text)
-    import torch.distributed as dist
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    if dummy:
+        from memfit.dummy import byte_tokenizer, dummy_checkpoint, dummy_config
 
-    check_divisible(AutoConfig.from_pretrained(source), dist.get_world_size() if dist.is_initialized() else 1)
+        spec = "smollm2-135m" if text in ("", "default") else text
+        check_divisible(dummy_config(spec), ranks)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        if first:  # the launcher (`--tp N`) has usually written it already; under plain torchrun rank 0 does
+            dummy_checkpoint(spec, dtype, device, progress=True)
+        if dist.is_initialized():
+            dist.barrier()
+        source = dummy_checkpoint(spec, dtype, device)  # now only a lookup
+    else:
+        source = tp_source(text)
+        check_divisible(AutoConfig.from_pretrained(source), ranks)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", tp_plan="auto")
+        if dummy:
+            model.config._name_or_path = spec
+            return model.eval(), byte_tokenizer(model.config)
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as e:
         raise ModelLoadError(f"Could not load {text!r} tensor-parallel ({_first_line(e)}).") from e

@@ -56,7 +56,7 @@ WORKER = textwrap.dedent(
             mine = b.keys[:, rank * per:(rank + 1) * per]
             keys_equal &= a.keys.shape == mine.shape and torch.allclose(a.keys, mine, atol=1e-5)
         out.append({"spec": spec, "allocation": allocation, "logit_diff": (tg.first_logits - rg.first_logits).abs().max().item(),
-                    "same_tokens": tg.tokens == rg.tokens, "keys_equal": bool(keys_equal),
+                    "same_tokens": tg.tokens == rg.tokens, "backend": tc.backend.name, "keys_equal": bool(keys_equal),
                     "bytes": tc.nbytes(), "ref_bytes": rc.nbytes()})
     # one file per rank: two ranks printing long lines into one pipe can interleave them (writes over PIPE_BUF
     # bytes are not atomic), which once left no whole line to parse
@@ -102,6 +102,48 @@ def test_every_method_tensor_parallel_equals_one_process(tiny_folder, tmp_path):
             assert row["bytes"] * 2 == pytest.approx(row["ref_bytes"], rel=0.05), row
 
 
+FAST_CASES = [("full", None, ""), ("snapkv", 0.4, ""), ("snapkv+kivi", 0.4, ""), ("kvzip", 0.4, "")]
+
+
+def test_fast_stores_tensor_parallel_equal_one_process(tiny_folder, tmp_path, monkeypatch):
+    """The fast backend's static stores (their plain-PyTorch form on the CPU) under 2 ranks: the same logits and
+    tokens as one process, each rank holding exactly its heads' share of the kept tokens."""
+    monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    proc = _torchrun([str(script), str(tiny_folder), json.dumps(FAST_CASES), str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        rows = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [r["backend"] for r in rows] == ["fast"] * len(FAST_CASES)
+        bad = [r for r in rows if not (r["logit_diff"] < 1e-4 and r["same_tokens"] and r["keys_equal"])]
+        assert not bad, [(r["spec"], r["same_tokens"], r["keys_equal"]) for r in bad]
+        assert all(r["bytes"] * 2 == pytest.approx(r["ref_bytes"], rel=0.05) for r in rows), rows
+
+
+def test_cli_tp_dummy_weights_equal_one_process(tmp_path):
+    """`--load-format dummy --tp 2`: rank 0 writes the random weights once (the same ones one process draws), the
+    ranks load their shards of them, and the run answers as the single process does."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 512,
+        "bos_token_id": 1, "eos_token_id": 2}))
+    args = ["--load-format", "dummy", "--model", str(config), "--method", "snapkv", "--budget", "0.5", "--device",
+            "cpu", "--prompt", "The grass is green. " * 8, "--max-new-tokens", "6", "--no-chat", "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               MEMFIT_CACHE=str(tmp_path / "cache"))
+    runs = [subprocess.run([sys.executable, "-m", "memfit.cli", "run", *extra, *args], capture_output=True,
+                           text=True, timeout=600, env=env) for extra in (["--tp", "2"], [])]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    tp_row, one = (json.loads(next(line for line in p.stdout.splitlines() if line.startswith("{"))) for p in runs)
+    assert tp_row["tp"] == 2 and tp_row["kv_bytes_held_per_rank"] == [one["kv_bytes_held"] // 2] * 2
+    assert tp_row["text"] == one["text"] and tp_row["kv_bytes_full"] == one["kv_bytes_full"]
+    written = list((tmp_path / "cache" / "dummy").iterdir())
+    assert len(written) == 1 and (written[0] / "config.json").is_file()  # one finished folder, no leftover .tmp
+
+
 def test_cli_tp_reports_per_rank_bytes(tiny_folder):
     proc = subprocess.run(
         [sys.executable, "-m", "memfit.cli", "run", "--tp", "2", "--model", str(tiny_folder), "--method", "snapkv",
@@ -119,7 +161,7 @@ def test_cli_tp_reports_per_rank_bytes(tiny_folder):
 def test_tp_bad_inputs(capsys, monkeypatch, tiny_folder, tmp_path):
     from memfit.cli import main
 
-    for args, msg in ((["--tp", "1"], "at least 2"), (["--tp", "2", "--load-format", "dummy"], "does not combine"),
+    for args, msg in ((["--tp", "1"], "at least 2"), (["--tp", "2", "--weights-memory", "1GiB"], "does not combine"),
                       (["--tp", "3", "--model", str(tiny_folder)], "must both divide by 3"),  # found before launching
                       (["--tp", "2", "--model", str(tmp_path / "none")], "needs a Hugging Face model folder")):
         monkeypatch.setattr(sys, "argv", ["memfit", "run", "--prompt", "hi", *args])
@@ -171,7 +213,7 @@ def test_bench_tp_bad_inputs(capsys, monkeypatch, tiny_folder, tmp_path):
     from memfit.cli import main
 
     out = tmp_path / "never"
-    for args, msg in ((["--tp", "1"], "at least 2"), (["--tp", "2", "--backend", "fast"], "drop --backend fast"),
+    for args, msg in ((["--tp", "1"], "at least 2"),
                       (["--tp", "2", "--weights", "rtn:4"], "does not combine with --weights"),
                       (["--tp", "2", "--methods", "nope"], "nope"),  # found before any rank is launched
                       (["--tp", "3", "--model", str(tiny_folder)], "must both divide by 3")):

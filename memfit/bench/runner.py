@@ -398,8 +398,8 @@ def run_bench(
     if weight_method is not None:
         name = f"{name} [weights {weight_method.spec()}]"
     if world > 1:  # a split model's rows are their own: same answers, but bytes per rank
-        if weight_method is not None or load_format != "auto":
-            raise ConfigError("--tp does not combine with --weights or --load-format dummy yet")
+        if weight_method is not None:
+            raise ConfigError("--tp does not combine with --weights yet")
         name = f"{name} [tp {world}]"
     filler_label = filler_description(filler, corpus)  # type: ignore[arg-type]
     given = {m: _given_params((params or {}).get(m), resolved[m]) for m in method_list}

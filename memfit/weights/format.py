@@ -313,5 +313,7 @@ def model_weight_bytes(model: nn.Module) -> int:
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type == "meta":
             continue
+        if hasattr(t, "to_local"):  # a tensor-parallel shard (DTensor): count the bytes this rank holds
+            t = t.to_local()
         seen[t.data_ptr() if t.numel() else id(t)] = t.numel() * t.element_size()
     return sum(seen.values())
