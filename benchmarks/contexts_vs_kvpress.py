@@ -155,11 +155,17 @@ def kept_positions(ctx, full_ctx) -> list[list[list[int]]]:  # noqa: ANN001
 
 
 def run_memfit(model, tok, spec: dict, methods: list[str], ratios: list[int], out_path: Path,  # noqa: ANN001
-               with_full: bool = True) -> None:
-    """Each method spec is `name[@allocation][(key=value,...)]`, e.g. `kvzip@adakv` (per-head budgets, ragged store)."""
+               with_full: bool = True, tmp: Path | None = None) -> None:
+    """Each method spec is `name[@allocation][(key=value,...)][:n,n,...]`, e.g. `kvzip@adakv` (per-head budgets,
+    ragged store) or `kvzip+kivi(kivi.bits=4):2,4` (KVzip keeps 1/2 and 1/4 of the tokens, KIVI stores them in 4
+    bits; `:1` keeps every token, e.g. `kivi(bits=4):1`). Without `:...` a method runs at every `--ratios`.
+
+    Outside mode as a user runs it (`memfit compress -o F`, then `memfit run --kv F`): each compressed context is
+    saved to a file in `tmp` and loaded back, and the question is answered from the loaded context; the bytes
+    reported are the loaded context's counted `nbytes()` (checked equal to the bytes held right after compression)."""
     import torch
 
-    from memfit.contexts import compress_ids
+    from memfit.contexts import CompressedContext, compress_ids
     from memfit.engine import generate
 
     eos = model.generation_config.eos_token_id
@@ -167,36 +173,64 @@ def run_memfit(model, tok, spec: dict, methods: list[str], ratios: list[int], ou
     done = set()
     if out_path.exists():
         done = {(r["method"], r["ratio"], r["sample"]) for r in map(json.loads, out_path.read_text().splitlines())}
+    runs = [(m, n) for m in methods for n in (_method_ratios(m) or ratios)]
+    ctx_file = (tmp or out_path.parent) / f"context-{os.getpid()}.mfkv"  # one per process (shards run at once)
     for s in spec["samples"]:
         full = compress_ids(model, tok, s["doc_ids"], "full", None, chat=True)
         plain = full.info["compress_seconds"]
-        for method, n in [("full", None)] * with_full + [(m, n) for m in methods for n in ratios]:
+        elem = full.cache().core.layers[0].keys.element_size()  # the model's KV dtype (fp32 on CPU)
+        for method, n in [("full", None)] * with_full + runs:
             if (method, n, s["index"]) in done:
                 continue
-            name, _, allocation = method.split("(")[0].partition("@")
-            ctx = full if n is None else compress_ids(model, tok, s["doc_ids"], name, 1.0 / n, _params(method),
+            name, _, allocation = method.split("(")[0].split(":")[0].partition("@")
+            budget = None if n in (None, 1) else 1.0 / n
+            ctx = full if n is None else compress_ids(model, tok, s["doc_ids"], name, budget, _params(method),
                                                       allocation or "uniform", chat=True)
+            held = ctx.info["kv_bytes_held"]
+            file_bytes = None
+            if n is not None:  # through a file, as `memfit compress -o` / `memfit run --kv` do
+                ctx.save(ctx_file)
+                file_bytes = ctx_file.stat().st_size
+                loaded = CompressedContext.load(ctx_file, model, tok)
+                assert loaded.nbytes() == held, (loaded.nbytes(), held)
+            else:
+                loaded = ctx
             q = torch.tensor([s["question_ids"]])
-            gen = generate(model, q, torch.ones_like(q), ctx.cache(), ANSWER_TOKENS, eos)
-            kept = None if n is None else kept_positions(ctx, full)
+            gen = generate(model, q, torch.ones_like(q), loaded.cache(), ANSWER_TOKENS, eos)
+            # kept positions are read from dense keys; a quantized store holds codes (its pairs are KVzip's choice
+            # at the same ratio, so the plain kvzip row at that ratio has them)
+            kept = None if n is None or "+" in name or name == "kivi" else kept_positions(ctx, full)
+            full_bytes = ctx.info["kv_bytes_full"]
             row = {"side": "memfit", "method": method, "ratio": n, "sample": s["index"],
                    "generated_ids": gen.tokens[0], "document_tokens": len(s["doc_ids"]),
-                   "kv_bytes_full": ctx.info["kv_bytes_full"], "kv_bytes_held": ctx.info["kv_bytes_held"],
-                   "kept_fraction": ctx.info["kv_bytes_held"] / ctx.info["kv_bytes_full"], "kept": kept,
+                   "kv_bytes_full": full_bytes, "kv_bytes_held": held, "context_file_bytes": file_bytes,
+                   "kept_fraction": held / full_bytes, "kept_known": n is None or kept is not None,
+                   "kv_element_bytes": elem,
+                   # the same held bytes over a 16-bit full cache: an upper bound of the ratio a 16-bit model
+                   # would get (its quantization scales and codes are the same, its residual tokens half as big)
+                   "bytes_vs_16bit_full": held / (full_bytes * 2 / elem), "kept": kept,
                    "compress_seconds": ctx.info["compress_seconds"], "prefill_seconds": plain,
                    "compress_over_prefill": ctx.info["compress_seconds"] / plain}
             with out_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"memfit {method} 1/{n} sample {s['index']}: x{row['compress_over_prefill']:.2f}", file=sys.stderr,
-                  flush=True)
+            print(f"memfit {method} 1/{n} sample {s['index']}: x{row['compress_over_prefill']:.2f} bytes "
+                  f"{row['kept_fraction']:.3f}", file=sys.stderr, flush=True)
 
 
 def _params(method: str) -> dict[str, str] | None:
     """'kvzip@adakv(chunk=512)' -> {'chunk': '512'}."""
     if "(" not in method:
         return None
-    inner = method.split("(", 1)[1].rstrip(")")
+    inner = method.split("(", 1)[1].split(")")[0]
     return dict(kv.split("=", 1) for kv in inner.split(","))
+
+
+def _method_ratios(method: str) -> list[int] | None:
+    """'kvzip+kivi(kivi.bits=4):2,4' -> [2, 4]; None when the spec names no ratios."""
+    tail = method.rsplit(")", 1)[-1]
+    if ":" not in tail:
+        return None
+    return [int(x) for x in tail.split(":", 1)[1].split(",")]
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -209,8 +243,10 @@ def _overlap(a: list, b: list) -> tuple[int, int]:
     return inter, total
 
 
-def _coverage(kept: list | None, span: list[int]) -> float:
-    """Share of (layer, head, needle-value token) triples kept."""
+def _coverage(kept: list | None, span: list[int], known: bool = True) -> float | None:
+    """Share of (layer, head, needle-value token) triples kept (None: not read, a quantized store)."""
+    if not known:
+        return None
     if kept is None:
         return 1.0
     want = set(span)
@@ -235,20 +271,22 @@ def summarize(rows: list[dict], spec: dict, out: Path, command: str) -> str:
         f"question outside, {ANSWER_TOKENS} answer tokens, greedy. Machine: shared 2-core CPU box (loaded).",
         f"Command: `python benchmarks/contexts_vs_kvpress.py {command}`",
         "",
-        "| side | method | kept | n | score | n both sides | score on them | kept (bytes or pairs) | needle value kept "
-        "| overlap with kvpress KVzip | compress / prefill |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| side | method | tokens kept | n | score | n both sides | score on them | kept (bytes or pairs) "
+        "| bytes / 16-bit full | needle value kept | overlap with kvpress KVzip | compress / prefill |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = []
     for (side, method, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
         score = sum(r["score"] for r in rs) / len(rs)
         kept = sum(r["kept_fraction"] for r in rs) / len(rs)
-        cov = sum(_coverage(r["kept"], spans[r["sample"]]) for r in rs) / len(rs)
+        covs = [_coverage(r["kept"], spans[r["sample"]], r.get("kept_known", True)) for r in rs]
+        cov = None if None in covs else sum(covs) / len(covs)
+        bytes16 = [r["bytes_vs_16bit_full"] for r in rs if r.get("bytes_vs_16bit_full") is not None]
         inter = total = 0
         if side == "memfit" and n is not None:
             for r in rs:
                 other = by_key.get(("kvpress", "KVzipPress", n, r["sample"]))
-                if other is not None:
+                if other is not None and r["kept"] is not None:
                     i, t = _overlap(r["kept"], other["kept"])
                     inter, total = inter + i, total + t
         ratio = sum(r["compress_over_prefill"] for r in rs) / len(rs)
@@ -258,13 +296,17 @@ def summarize(rows: list[dict], spec: dict, out: Path, command: str) -> str:
                                        for sd in sides)]
         row = {"side": side, "method": method, "ratio": n, "n": len(rs), "score": score, "kept_fraction": kept,
                "needle_value_kept": cov, "overlap_with_kvpress": inter / total if total else None,
+               "bytes_vs_16bit_full": sum(bytes16) / len(bytes16) if len(bytes16) == len(rs) else None,
                "compress_over_prefill": ratio, "n_shared": len(shared),
                "score_shared": sum(r["score"] for r in shared) / len(shared) if shared else None}
         summary.append(row)
         both = "–" if row["score_shared"] is None else f"{row['score_shared']:.2f}"
+        b16 = "–" if row["bytes_vs_16bit_full"] is None else f"{row['bytes_vs_16bit_full']:.3f}"
         lines.append(f"| {side} | {method} | {'1/' + str(n) if n else 'all'} | {len(rs)} | {score:.2f} | "
                      f"{len(shared)} | {both} | {kept:.3f} | "
-                     f"{cov:.2f} | {'–' if not total else f'{inter / total:.2f}'} | {ratio:.2f} |")
+                     f"{b16} | "
+                     f"{'–' if cov is None else f'{cov:.2f}'} | {'–' if not total else f'{inter / total:.2f}'} | "
+                     f"{ratio:.2f} |")
     lines += ["", "kept: memfit = KV bytes held / full (real); kvpress = unmasked pairs / all (kvpress masks, it "
               "frees nothing). needle value kept: share of (layer, KV head, value token) pairs kept. overlap: of the "
               "pairs kvpress keeps, the share memfit keeps too. compress / prefill: compression time over the same "
@@ -344,7 +386,7 @@ def main() -> None:
             if worker.returncode != 0:
                 raise SystemExit(f"the kvpress worker failed (exit {worker.returncode})")
         if "memfit" in args.sides:
-            run_memfit(model, tok, run_spec, args.memfit_methods, args.ratios, mf_out, not args.skip_full)
+            run_memfit(model, tok, run_spec, args.memfit_methods, args.ratios, mf_out, not args.skip_full, args.tmp)
     rows = []
     by_index = {s["index"]: s for s in samples}
     for path in (mf_out, kv_out):

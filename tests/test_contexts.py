@@ -25,6 +25,8 @@ CASES = [
     ("keyformer", 0.3, None, "uniform"),  # per-sequence state on the method itself
     ("kvzip", 0.3, {"chunk": 16}, "uniform"),  # the two-pass engine path (reconstruction chunks)
     ("snapkv+kivi", 0.5, {"kivi.group_size": 16, "kivi.residual": 16}, "uniform"),  # packed codes + residual
+    # KVzip's two-pass choice stored in 4-bit KIVI codes (a question-outside context at ~1/14 of fp32 bytes)
+    ("kvzip+kivi", 0.5, {"kvzip.chunk": 16, "kivi.bits": 4, "kivi.group_size": 16, "kivi.residual": 16}, "uniform"),
     ("snapkv", 0.3, None, "adakv"),  # ragged store
     ("kvzip", 0.3, {"chunk": 16}, "adakv"),  # one ranking over layers, heads split by score (ragged store)
 ]

@@ -9,8 +9,10 @@ from conftest import tiny_llama
 
 from memfit.api import make_cache
 from memfit.core.scoring import attention_probs, reduce_groups
+from memfit.core.store import dense_attention
 from memfit.engine import generate, pad_left
-from memfit.methods.kvzip import global_budgets, max_attention
+from memfit.methods import kvzip
+from memfit.methods.kvzip import global_budgets, max_attention, max_attention_given_lse
 
 
 @pytest.mark.parametrize("block", [1, 5, 256])
@@ -76,3 +78,53 @@ def test_global_budgets_follow_one_ranking_and_add_up():
     s0[0, :, 3] = float("-inf")
     got = global_budgets([s0, s1], torch.tensor([10]), 2)
     assert got.sum().item() == 5 and got[1].item() >= 2
+
+
+@pytest.mark.skipif(kvzip._FLASH_CPU is None, reason="this torch has no CPU flash-attention kernel")
+def test_split_attention_gives_the_dense_output_and_the_scores_normaliser():
+    """The reconstruction's fast path: three flash calls merged by their logsumexps give the dense attention output
+    over every key, and the scored part's logsumexp gives the same scores as `max_attention` over sink + chunk + own
+    (other chunks' keys excluded, as the official code scores)."""
+    torch.manual_seed(0)
+    n_ctx, q_len = 40, 11
+    q, k, v = torch.randn(1, 6, q_len, 8), torch.randn(1, 3, n_ctx + q_len, 8), torch.randn(1, 3, n_ctx + q_len, 8)
+    sink, chunk = torch.arange(0, 3), torch.arange(15, 29)  # slots 3-14 and 29-39: other chunks
+    for valid in (None, torch.ones(1, 3, n_ctx + q_len, dtype=torch.bool).index_fill_(2, torch.tensor([5, 33]), False)):
+        layer = kvzip._ReadThrough.__new__(kvzip._ReadThrough)
+        layer.keys, layer.values, layer.valid, layer.scored = k, v, valid, torch.cat([sink, chunk])
+        out = layer._split_attention(q, 0.3)
+        torch.testing.assert_close(out, dense_attention(q, k, v, valid, 0.3), atol=1e-6, rtol=1e-5)
+        own = torch.arange(n_ctx, n_ctx + q_len)
+        sel = torch.cat([sink, chunk, own])
+        ref = max_attention(q, k[:, :, sel], 0.3, None)[..., 3 : 3 + chunk.numel()]
+        got = max_attention_given_lse(q, k[:, :, chunk], 0.3, layer.scored_lse)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    # a padded slot inside the scored set: not the fast path's case, the caller attends as usual
+    layer.valid = torch.ones(1, 3, n_ctx + q_len, dtype=torch.bool).index_fill_(2, torch.tensor([16]), False)
+    assert layer._split_attention(q, 0.3) is None
+
+
+def test_fast_reconstruction_keeps_what_the_two_pass_reference_keeps(monkeypatch):
+    """End to end on a tiny model, several reconstruction chunks, two rows with left padding, both allocations:
+    the kept pairs and the answer are those of the reference path (dense attention + a second softmax)."""
+    model = tiny_llama()
+    torch.manual_seed(3)
+    ids, mask = pad_left([torch.randint(0, 128, (n,)).tolist() for n in (90, 61)])
+    got = {}
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(kvzip, "_FLASH_CPU", None)
+        for allocation in ("uniform", "adakv"):
+            cache = make_cache(model, "kvzip", 0.3, {"chunk": 32}, allocation=allocation)
+            cache.method.bind_tokenizer(_Tok())
+            with torch.no_grad():
+                out = generate(model, ids, mask, cache, max_new_tokens=4)
+            got[fast, allocation] = ([layer.valid_mask() for layer in cache.core.layers],
+                                     [layer.keys for layer in cache.core.layers], out.tokens)
+    for allocation in ("uniform", "adakv"):
+        (m1, k1, t1), (m2, k2, t2) = got[True, allocation], got[False, allocation]
+        assert t1 == t2
+        for a, b in zip(m1, m2, strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(k1, k2, strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)

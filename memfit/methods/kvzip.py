@@ -40,6 +40,10 @@ Deviations:
   dense store answer far less often, so use `--allocation adakv` with kvzip.
 - Scores are computed in fp32 (DESIGN: scores without eager attention), block-wise over the reconstruction queries,
   as exp(max over queries of (logit - logsumexp)): the same values as the max of the softmax, without writing it.
+  On CPU the reconstruction's attention is three flash-attention calls (scored context slots, other chunks' slots,
+  its own keys) merged by their logsumexps: the output is the dense one, and the scored part's logsumexp is each
+  query's normaliser, so a score costs one matmul over the chunk's keys instead of a second softmax over every key
+  (same kept pairs as the two-pass form, tested; elsewhere the two-pass form runs).
 - The reconstruction prompt needs the tokenizer: `memfit compress`, `memfit run` and `memfit.compress` give it
   (`bind_tokenizer`). Without one (an engine call made without a tokenizer) the reconstruction is the chunk's tokens
   alone.
@@ -49,7 +53,7 @@ Deviations:
   end of prefill each pair's score is the max attention the prompt's own (causal) queries paid it — the context
   "reconstructing" itself in one pass. `memfit run` / `compress` / `generate` always use the real two-pass method.
 Cost: the reconstruction forwards read about as many tokens as the context and attend over twice as many keys, and
-the fp32 scores add about one more attention pass, so compression takes 2-3x a plain prefill (measured on CPU:
+the fp32 scores add one matmul over the context's keys, so compression takes 2-3x a plain prefill (measured on CPU:
 benchmarks/claims.md); the cache holds the whole context until the scores are in.
 """
 
@@ -70,6 +74,9 @@ from memfit.errors import ConfigError
 FIRST_INSTRUCTION = "\n\nRepeat the previous context exactly."
 NEXT_INSTRUCTION = "\n\nRepeat the part of the previous context exactly, starting with "
 _MARK = "\x00kvzip\x00"
+# torch's CPU flash-attention kernel, which also returns each query's logsumexp (the public SDPA does not). Looked up,
+# not assumed: without it (another torch, another device) the reconstruction attends and scores in two passes.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def max_attention(
@@ -107,6 +114,25 @@ def max_attention(
     return best.exp_()
 
 
+def max_attention_given_lse(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, lse: torch.Tensor, block: int = 256
+) -> torch.Tensor:
+    """(B, Hkv, K) fp32: `max_attention` for K keys that every query sees, when each query's logsumexp over the keys
+    it is normalised by, `lse` (B, H, q), is already known (the attention kernel computed it): one matmul and one max
+    per block, no second softmax."""
+    b, h, q_len, d = queries.shape
+    hkv = keys.shape[1]
+    g = h // hkv
+    k32 = keys.float().transpose(-1, -2)
+    best = torch.full((b, hkv, keys.shape[2]), float("-inf"), device=keys.device)
+    for start in range(0, q_len, block):
+        stop = min(q_len, start + block)
+        q32 = (queries[:, :, start:stop].float() * scaling).reshape(b, hkv, g * (stop - start), d)
+        logits = torch.matmul(q32, k32).sub_(lse[:, :, start:stop].float().reshape(b, hkv, -1, 1))
+        best = torch.maximum(best, logits.amax(dim=2))
+    return best.exp_()
+
+
 def global_budgets(scores: list[torch.Tensor], totals: torch.Tensor, heads: int) -> torch.Tensor:
     """(L, B) tokens per KV head for each of L layers, from ONE ranking of every (layer, KV head, token) pair of a
     row: the official "pair" level keeps the pairs above a threshold shared by every layer and head, so layers whose
@@ -140,10 +166,12 @@ class _ReadThrough(KVLayer):
     """A scratch layer for one reconstruction forward: reads row `row` of the real layer when the forward reaches
     it (so only one layer's copy exists at a time) and is emptied right after scoring."""
 
-    def __init__(self, index: int, base: LayerView, row: int) -> None:
+    def __init__(self, index: int, base: LayerView, row: int, scored: torch.Tensor | None = None) -> None:
         super().__init__(index)
         self.base, self.row = base, row
         self.window = getattr(base, "window", None)  # a sliding-window layer attends (and trims) as the real one
+        self.scored = scored  # the context slots the scores are normalised over (sink + chunk), ascending
+        self.scored_lse: torch.Tensor | None = None  # (1, H, q) logsumexp over scored + own keys (fast path)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, new_valid: torch.Tensor | None) -> None:
         base_k, base_v, valid = self.base.keys, self.base.values, self.base.valid
@@ -154,8 +182,49 @@ class _ReadThrough(KVLayer):
         self.seen = self.base.seen
         super().append(keys, values, new_valid)
 
+    def attend(self, queries: torch.Tensor, scaling: float, window: int | None = None) -> torch.Tensor:
+        out = self._split_attention(queries, scaling) if window is None else None
+        return super().attend(queries, scaling, window) if out is None else out
+
+    def _split_attention(self, queries: torch.Tensor, scaling: float) -> torch.Tensor | None:
+        """The same attention output as `attend`, from three flash-attention calls whose logsumexps are kept: over
+        the scored context slots, over the other context slots, and over the reconstruction's own keys (causal).
+        Their outputs merge exactly by softmax weights; the scored + own logsumexp is what the scores need, so
+        scoring needs no second softmax over every key (the cost that made compression ~4x a prefill at 2K).
+        None (the caller attends as usual) off CPU, without the kernel, or with slots masked per head."""
+        keys, values, valid, scored = self.keys, self.values, self.valid, self.scored
+        if _FLASH_CPU is None or scored is None or queries.device.type != "cpu" or queries.shape[0] != 1:
+            return None
+        assert keys is not None and values is not None
+        t_len, q_len = keys.shape[2], queries.shape[2]
+        n_ctx = t_len - q_len
+        ctx_ok = torch.ones(n_ctx, dtype=torch.bool, device=keys.device)
+        if valid is not None:
+            if not bool(valid[0, :, n_ctx:].all()) or not bool((valid[0] == valid[0, :1]).all()):
+                return None
+            ctx_ok = valid[0, 0, :n_ctx]
+        if not bool(ctx_ok[scored].all()):
+            return None
+        other = ctx_ok.clone()
+        other[scored] = False
+        other = other.nonzero().flatten()
+
+        def part(idx: torch.Tensor | slice, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            out, lse = _FLASH_CPU(queries, keys[:, :, idx], values[:, :, idx], 0.0, causal, scale=scaling)
+            return out, lse
+
+        parts = [part(scored, False), part(slice(n_ctx, t_len), True)]
+        self.scored_lse = torch.logaddexp(parts[0][1], parts[1][1])
+        lse = self.scored_lse
+        if other.numel():
+            parts.append(part(other, False))
+            lse = torch.logaddexp(lse, parts[2][1])
+        out = sum(o.float() * (part_lse - lse).exp_()[..., None] for o, part_lse in parts)
+        return out.to(queries.dtype)  # type: ignore[union-attr]
+
     def finalize_step(self, info: StepInfo) -> None:
         self.keys = self.values = self.valid = None  # this forward never decodes: free the copy at once
+        self.scored_lse = None
 
 
 class _Reconstruction(Method):
@@ -164,9 +233,15 @@ class _Reconstruction(Method):
     def __init__(self, scores: list[torch.Tensor], row: int, sink: torch.Tensor, chunk: torch.Tensor) -> None:
         super().__init__()
         self.scores, self.row, self.sink, self.chunk = scores, row, sink, chunk
+        self.scratch: list[_ReadThrough] = []  # the scratch layers (their split attention's logsumexp)
 
     def after_attention(self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo) -> None:
         assert layer.keys is not None
+        lse = self.scratch[info.layer_idx].scored_lse if self.scratch else None
+        if lse is not None:  # the attention kernel gave each query's normaliser: score the chunk's keys only
+            best = max_attention_given_lse(queries, layer.keys[:, :, self.chunk], scaling, lse)
+            self.scores[info.layer_idx][self.row, :, self.chunk] = best[0]
+            return
         t_len, q_len = layer.keys.shape[2], queries.shape[2]
         own = torch.arange(t_len - q_len, t_len, device=layer.keys.device)
         sel = torch.cat([self.sink, self.chunk, own])
@@ -277,8 +352,11 @@ class KVzip(Method):
                 instruction = prompts["first"] if start == 0 else prompts["next"] + previous[-self.overlap :]
                 text = instruction + prompts["postfix"] + chunk_ids
                 previous = chunk_ids
-                scratch = CompressedCache(len(layers), _Reconstruction(scores, row, sink, chunk))
-                scratch.layers = [_ReadThrough(i, layer, row) for i, layer in enumerate(layers)]
+                reconstruction = _Reconstruction(scores, row, sink, chunk)
+                scratch = CompressedCache(len(layers), reconstruction)
+                scored = torch.cat([sink, chunk])
+                scratch.layers = [_ReadThrough(i, layer, row, scored) for i, layer in enumerate(layers)]
+                reconstruction.scratch = scratch.layers
                 scratch.prefill_done = True  # a continuation of the cached context, not a prompt
                 step = torch.tensor([text], dtype=torch.long, device=device)
                 positions = torch.arange(real.numel(), real.numel() + len(text), device=device)[None]
