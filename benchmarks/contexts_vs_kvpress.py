@@ -159,6 +159,7 @@ def run_memfit(model, tok, spec: dict, methods: list[str], ratios: list[int], ou
     """Each method spec is `name[@allocation][(key=value,...)][:n,n,...]`, e.g. `kvzip@adakv` (per-head budgets,
     ragged store) or `kvzip+kivi(kivi.bits=4):2,4` (KVzip keeps 1/2 and 1/4 of the tokens, KIVI stores them in 4
     bits; `:1` keeps every token, e.g. `kivi(bits=4):1`). Without `:...` a method runs at every `--ratios`.
+    `spans=on|off|auto` among the parameters sets memfit.core.spans (default auto: on for an eviction with a budget).
 
     Outside mode as a user runs it (`memfit compress -o F`, then `memfit run --kv F`): each compressed context is
     saved to a file in `tmp` and loaded back, and the question is answered from the loaded context; the bytes
@@ -184,8 +185,10 @@ def run_memfit(model, tok, spec: dict, methods: list[str], ratios: list[int], ou
                 continue
             name, _, allocation = method.split("(")[0].split(":")[0].partition("@")
             budget = None if n in (None, 1) else 1.0 / n
-            ctx = full if n is None else compress_ids(model, tok, s["doc_ids"], name, budget, _params(method),
-                                                      allocation or "uniform", chat=True)
+            params = _params(method) or {}
+            spans = params.pop("spans", "auto")  # not a method parameter: memfit.core.spans on / off / auto
+            ctx = full if n is None else compress_ids(model, tok, s["doc_ids"], name, budget, params or None,
+                                                      allocation or "uniform", chat=True, spans=spans)
             held = ctx.info["kv_bytes_held"]
             file_bytes = None
             if n is not None:  # through a file, as `memfit compress -o` / `memfit run --kv` do
@@ -205,7 +208,7 @@ def run_memfit(model, tok, spec: dict, methods: list[str], ratios: list[int], ou
                    "generated_ids": gen.tokens[0], "document_tokens": len(s["doc_ids"]),
                    "kv_bytes_full": full_bytes, "kv_bytes_held": held, "context_file_bytes": file_bytes,
                    "kept_fraction": held / full_bytes, "kept_known": n is None or kept is not None,
-                   "kv_element_bytes": elem,
+                   "kv_element_bytes": elem, "spans": ctx.info.get("spans", False),
                    # the same held bytes over a 16-bit full cache: an upper bound of the ratio a 16-bit model
                    # would get (its quantization scales and codes are the same, its residual tokens half as big)
                    "bytes_vs_16bit_full": held / (full_bytes * 2 / elem), "kept": kept,

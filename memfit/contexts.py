@@ -350,8 +350,11 @@ def compress(
     prefill_chunk: int | None = None,
     device: str = "cpu",
     dtype: str = "auto",
+    spans: bool | str | None = "auto",
 ) -> CompressedContext:
-    """Prefill `document` with `method` at `budget` and return its compressed cache as a reusable context."""
+    """Prefill `document` with `method` at `budget` and return its compressed cache as a reusable context.
+    `spans`: keep whole words/numbers when one of their tokens is kept (memfit.core.spans; auto = on for an eviction
+    method with a budget, as `memfit run`)."""
     from memfit.models import load_model
 
     if isinstance(model, str):
@@ -359,7 +362,8 @@ def compress(
     else:
         mdl, tok = model
     ids = encode_document(tok, document, chat)
-    return compress_ids(mdl, tok, ids, method, budget, params, allocation, uses_chat(tok, chat), prefill_chunk)
+    return compress_ids(mdl, tok, ids, method, budget, params, allocation, uses_chat(tok, chat), prefill_chunk,
+                        spans)
 
 
 def compress_ids(
@@ -372,9 +376,11 @@ def compress_ids(
     allocation: str = "uniform",
     chat: bool = False,
     prefill_chunk: int | None = None,
+    spans: bool | str | None = "auto",
 ) -> CompressedContext:
     """`compress` for token ids already encoded (`chat`: whether they open a chat-template user turn)."""
     from memfit.api import make_cache
+    from memfit.core.spans import enable_spans, resolve_spans
     from memfit.engine import _sync, prefill
 
     ids = [int(i) for i in ids]
@@ -384,6 +390,10 @@ def compress_ids(
     bind = getattr(cache.method, "bind_tokenizer", None)
     if bind is not None and tok is not None:
         bind(tok)  # KVzip words its reconstruction prompt with the tokenizer
+    # span ids come from the tokenizer's pieces: without a tokenizer (token ids only) there are none
+    spans = resolve_spans(spans, method, budget) and tok is not None
+    if spans:
+        enable_spans(cache, tok)
     dev = next(mdl.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
     mask = torch.ones_like(input_ids)
@@ -400,6 +410,7 @@ def compress_ids(
         "budget_resolved": str(core.budget),
         "params": {k: v for k, v in (params or {}).items()},
         "allocation": allocation,
+        "spans": bool(spans),
         "chat": bool(chat),
         "document_ids": ids,
         "seen": core.seen_tokens(),

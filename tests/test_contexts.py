@@ -289,3 +289,41 @@ def test_cli_bad_context_files_are_one_error_line(monkeypatch, capsys, tmp_path,
         lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "Loading weights" not in line]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (args, err)
         assert "Traceback" not in out + err
+
+
+class _Pieces:
+    """A tokenizer stand-in for span ids: token i reads as a digit when i % 4 == 1 (digit runs), else a new word."""
+
+    all_special_ids: list[int] = []
+    chat_template = None
+
+    def convert_ids_to_tokens(self, ids):
+        return [str(i % 10) if i % 4 == 1 else f"Ġw{i}" for i in ids]
+
+    def __call__(self, text, add_special_tokens=False):  # KVzip words its reconstruction prompt with it
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+@pytest.mark.parametrize("method, params, allocation", [
+    ("kvzip", {"chunk": 16}, "adakv"),
+    ("kvzip+kivi", {"kvzip.chunk": 16, "kivi.bits": 4, "kivi.group_size": 16, "kivi.residual": 16}, "uniform"),
+])
+def test_compress_keeps_whole_spans_by_default_and_the_file_keeps_them(tmp_path, method, params, allocation):
+    """`compress` follows `memfit run`'s spans default (auto: on for an eviction with a budget); the span ids are
+    held (and counted) like any per-token state, so the saved context answers as the one in memory; off: no ids."""
+    from memfit.core.spans import SPAN_KEY
+
+    model = tiny_llama()
+    doc, question = _doc_and_question(2)
+    doc = [1 + 4 * (i % 3) if 20 <= i < 44 else t for i, t in enumerate(doc)]  # digit runs
+    with torch.no_grad():
+        on = compress_ids(model, _Pieces(), doc, method, 0.3, params, allocation)
+        off = compress_ids(model, _Pieces(), doc, method, 0.3, params, allocation, spans="off")
+        assert on.info["spans"] and not off.info["spans"]
+        assert all(SPAN_KEY in layer.extras for layer in on.cache().core.layers)
+        assert all(SPAN_KEY not in layer.extras for layer in off.cache().core.layers)
+        want = generate(model, question, torch.ones_like(question), on.cache(), max_new_tokens=6)
+        loaded = CompressedContext.load(on.save(tmp_path / "doc.mfkv"), model)
+        assert loaded.nbytes() == on.info["kv_bytes_held"]
+        got = generate(model, question, torch.ones_like(question), loaded.cache(), max_new_tokens=6)
+    assert got.tokens == want.tokens and torch.equal(got.first_logits, want.first_logits)
