@@ -44,16 +44,22 @@ def _peak(dev: torch.device) -> int:
     return int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0
 
 
-def _init(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+def _init(config: Any, dtype: torch.dtype, dev: torch.device) -> torch.nn.Module:
+    """Random weights drawn on `dev` (an 8B model: seconds on a GPU, minutes on the CPU), returned on the CPU, where
+    both offload paths start from."""
     from transformers import AutoModelForCausalLM
 
     config._attn_implementation = "sdpa"
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    gen = torch.Generator().manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    gen = torch.Generator(device=dev).manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02, generator=gen)
+    model = model.to("cpu")
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     return model.eval()
 
 
@@ -121,7 +127,7 @@ def dense(args: argparse.Namespace, dev: torch.device, emit: Any) -> None:
         config = dummy_config("llama-3.1-8b")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     t0 = time.perf_counter()
-    base = _init(config, dtype)
+    base = _init(config, dtype, dev)
     weights = sum(p.numel() * p.element_size() for p in base.parameters())
     budget = int(weights * args.fraction)
     emit({"what": "init", "seconds": time.perf_counter() - t0, "weight_bytes": weights, "weights_memory": budget})
@@ -171,7 +177,7 @@ def moe(args: argparse.Namespace, dev: torch.device, emit: Any) -> None:
                                num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
                                num_experts_per_tok=2, max_position_embeddings=32768)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    base = _init(config, dtype)
+    base = _init(config, dtype, dev)
     set_experts_eager(base)
     ex = base.model.layers[0].mlp.experts
     expert_bytes = (ex.gate_up_proj.numel() + ex.down_proj.numel()) * ex.gate_up_proj.element_size()
