@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -117,14 +118,26 @@ def num_attention_layers(model: torch.nn.Module) -> int:
 
 
 class _LayerView(CacheLayerMixin):
-    """What transformers' Cache bookkeeping sees of one of our layers."""
+    """What transformers' Cache bookkeeping sees of one of our layers.
+
+    It refers to its cache weakly: a strong reference would make a cycle (cache -> layers -> view -> cache), and a
+    dropped cache in a cycle keeps its stores' tensors until Python's cyclic collector next runs a full pass, which
+    on a large heap can be many requests later (issue #11: `memfit serve` ran out of GPU memory on the stores of
+    requests that had finished)."""
 
     is_compileable = False
     is_sliding = False
 
     def __init__(self, owner: MemfitCache, idx: int) -> None:
         super().__init__()
-        self.owner, self.idx = owner, idx
+        self._owner, self.idx = weakref.ref(owner), idx
+
+    @property
+    def owner(self) -> MemfitCache:
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError("this cache layer outlived its MemfitCache")
+        return owner
 
     @property
     def is_initialized(self) -> bool:  # type: ignore[override]

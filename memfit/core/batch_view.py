@@ -41,18 +41,20 @@ from memfit.core.cache import CompressedCache, KVLayer, dense_attention
 
 class _LayerStub:
     """What the transformers Cache bookkeeping reads of one layer of the view (`keys` is not None once the rows
-    are prefilled; `seen` is the longest row's logical length, used only for mask sizes, which memfit ignores)."""
+    are prefilled; `seen` is the longest row's logical length, used only for mask sizes, which memfit ignores).
+    It holds the view's list of caches, not the view: no reference cycle, so a view dropped after its step frees
+    at once (see `memfit.adapters.transformers._LayerView`)."""
 
-    def __init__(self, view: BatchView, index: int) -> None:
-        self.view, self.index = view, index
+    def __init__(self, cores: list[CompressedCache], index: int) -> None:
+        self.cores, self.index = cores, index
 
     @property
     def keys(self) -> torch.Tensor | None:
-        return self.view.cores[0].layers[self.index].keys
+        return self.cores[0].layers[self.index].keys
 
     @property
     def seen(self) -> int:
-        return max(core.layers[self.index].seen for core in self.view.cores)
+        return max(core.layers[self.index].seen for core in self.cores)
 
 
 @contextlib.contextmanager
@@ -90,7 +92,7 @@ class BatchView:
         self.cores = list(cores)
         self.padded = padded
         self.max_view_bytes = max_view_bytes
-        self.layers = [_LayerStub(self, i) for i in range(layers.pop())]
+        self.layers = [_LayerStub(self.cores, i) for i in range(layers.pop())]
         self.tensor_parallel = False
         self.padded_rows = 0  # (row, layer) pairs that attended in the shared padded view
         self.own_rows = 0  # (row, layer) pairs that attended through their store's own attend

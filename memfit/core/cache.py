@@ -13,6 +13,7 @@ The dense store (`KVLayer`, `dense_attention`, `tensor_bytes`) lives in memfit.c
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -121,7 +122,10 @@ class CompressedCache:
         # Per-head budgets (AdaKV, set by memfit.core.allocation.configure_allocation with ragged stores): score-based
         # selections are shared out over the KV heads instead of each head keeping the row's budget.
         self.head_allocation: HeadAllocator | None = None
-        self._views = _Views(lambda: self.layers)  # what a decision spanning layers may read (StepInfo.layers)
+        # what a decision spanning layers may read (StepInfo.layers); it refers to the cache weakly, as a closure over
+        # self would be a cycle that keeps a dropped cache's tensors alive until Python's next full gc pass (#11)
+        owner = weakref.ref(self)
+        self._views = _Views(lambda: owner().layers)  # type: ignore[union-attr]
 
     def layer_keep(self, layer_idx: int) -> torch.Tensor | None:
         """Budget per row (B,) for one layer (None = unlimited). What methods get as `StepInfo.keep`."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from typing import Any
 
 import torch
@@ -94,6 +95,31 @@ def free_port(host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
+ALLOC_CONF = "expandable_segments:True"
+
+
+def configure_cuda_allocator(device: str) -> str | None:
+    """Before CUDA starts in this process: let PyTorch's caching allocator grow segments in place
+    (`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`) unless the user set an allocator config. Returns the line
+    for the startup log (None when no CUDA device is in play).
+
+    Why: a server's stores come and go in every size (prompt chunks of each request, stores that grow a token per step
+    on the portable backend, buffers sized to each prompt on the fast one); with fixed segments a freed block rarely
+    fits the next, slightly larger request, and on an H200 29 GiB sat reserved but unallocated when a full-cache
+    server ran out of memory (issue #11). Expandable segments map freed pages back into a growing segment instead."""
+    if str(device).startswith("cpu") or not torch.cuda.is_available():
+        return None
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        if os.environ.get(name):
+            return f"memfit serve: CUDA allocator config {name}={os.environ[name]} (yours; left as it is)"
+    if torch.cuda.is_initialized():
+        return ("memfit serve: CUDA was already initialised in this process, so its allocator keeps its settings; set "
+                f"PYTORCH_CUDA_ALLOC_CONF={ALLOC_CONF} before starting to avoid fragmentation")
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+    return (f"memfit serve: set PYTORCH_CUDA_ALLOC_CONF={ALLOC_CONF} (less fragmentation from stores of every size; "
+            "set PYTORCH_CUDA_ALLOC_CONF yourself to choose otherwise)")
+
+
 def serve(
     model_spec: str = "default",
     host: str = "127.0.0.1",
@@ -109,6 +135,9 @@ def serve(
 
     from memfit.models import DEFAULT_MODEL_NAME, load_model
 
+    note = configure_cuda_allocator(device)  # before load_model: the allocator reads its config when CUDA starts
+    if note:
+        print(note, file=sys.stderr, flush=True)
     load_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
     if load_format is not None:
         load_kwargs["load_format"] = load_format

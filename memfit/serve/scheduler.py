@@ -97,6 +97,11 @@ class Request:
         return max(want, held)
 
     def reset(self) -> None:
+        if self.cache is not None:
+            # empty the store now (its tensors go back to the allocator this tick) rather than trusting that nothing
+            # else still refers to the cache: a cache kept alive by any reference cycle would hold its bytes until
+            # Python's next full gc pass, outside --kv-memory (issue #11)
+            self.cache.core.reset()
         self.cache = None
         self.tokens = []
         self._prefill = self._mask = self._pos = self._next = None
