@@ -530,18 +530,20 @@ class SideStore:
         b, h, r, d = res.shape
         if self.tq == 0:
             return res.to(dtype)
+        if isinstance(self.q, int) and self.physical_lanes == self.tq and self.tq + r == self.slots:
+            # every physical lane is live exactly once: dequantize whole segments (vectorized), then put the
+            # lanes in logical order (a row gather, skipped when the lane map is the identity). The decoded parts
+            # and the residual go into the result with one concatenation: this runs for every layer at every
+            # decode step, and each extra pass over a (B, H, T, d) fp32 tensor was a visible share of CPU decode.
+            parts = [seg.decode_all(b, h) for seg in self.segments]
+            if self.lanes is not None:
+                phys = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+                parts = [phys.gather(2, self.lanes.long()[..., None].expand(b, h, self.tq, d))]
+            self.dequantized += b * h * self.tq
+            return torch.cat([*(p.to(dtype) for p in parts), res.to(dtype)], dim=2)
         out = torch.empty(b, h, self.slots, d, dtype=dtype, device=res.device)
         if r:
             out[:, :, self.slots - r :] = res.to(dtype)
-        if isinstance(self.q, int) and self.physical_lanes == self.tq:
-            # every physical lane is live exactly once: dequantize whole segments (vectorized), then put the
-            # lanes in logical order (a row gather, skipped when the lane map is the identity)
-            phys = torch.cat([seg.decode_all(b, h) for seg in self.segments], dim=2)
-            if self.lanes is not None:
-                phys = phys.gather(2, self.lanes.long()[..., None].expand(b, h, self.tq, d))
-            out[:, :, : self.tq] = phys.to(dtype)
-            self.dequantized += b * h * self.tq
-            return out
         if isinstance(self.q, int):
             flat_pos = None
             bh = torch.arange(b * h, device=res.device).repeat_interleave(self.tq)

@@ -130,7 +130,7 @@ class GearChannelSegment(Segment):
         lane = self.out_lane.long()
         hit = (lane >= 0).nonzero(as_tuple=True)  # (b, h, channel, pick)
         out[hit[0], hit[1], lane[hit], hit[2]] = self.out_val[hit].float()
-        return out + self.q.float() @ self.p.float().transpose(-1, -2)
+        return out.add_(self.q.float() @ self.p.float().transpose(-1, -2))  # in place: `out` is ours, fresh
 
     def take(self, groups: torch.Tensor) -> Segment:
         G = self.group
@@ -169,7 +169,7 @@ class GearTokenSegment(Segment):
 
     def decode_all(self, batch: int, heads: int) -> torch.Tensor:
         out = self.qt.dequantize(torch.float32).scatter_(-1, self.out_chan.long(), self.out_val.float())
-        return out + self.q.float() @ self.p.float().transpose(-1, -2)
+        return out.add_(self.q.float() @ self.p.float().transpose(-1, -2))  # in place: `out` is ours, fresh
 
     def take(self, groups: torch.Tensor) -> Segment:
         return GearTokenSegment(qt_take_rows(self.qt, groups), take_groups(self.q, groups, 1), self.p,
