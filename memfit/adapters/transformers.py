@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -120,28 +119,21 @@ def num_attention_layers(model: torch.nn.Module) -> int:
 class _LayerView(CacheLayerMixin):
     """What transformers' Cache bookkeeping sees of one of our layers.
 
-    It refers to its cache weakly: a strong reference would make a cycle (cache -> layers -> view -> cache), and a
-    dropped cache in a cycle keeps its stores' tensors until Python's cyclic collector next runs a full pass, which
-    on a large heap can be many requests later (issue #11: `memfit serve` ran out of GPU memory on the stores of
-    requests that had finished)."""
+    It refers to the memfit core, not to its MemfitCache: a reference to the cache would make a cycle (cache ->
+    layers -> view -> cache), and a dropped cache in a cycle keeps its stores' tensors until Python's cyclic
+    collector next runs a full pass, which on a large heap can be many requests later (issue #11: `memfit serve` ran
+    out of GPU memory on the stores of requests that had finished)."""
 
     is_compileable = False
     is_sliding = False
 
     def __init__(self, owner: MemfitCache, idx: int) -> None:
         super().__init__()
-        self._owner, self.idx = weakref.ref(owner), idx
-
-    @property
-    def owner(self) -> MemfitCache:
-        owner = self._owner()
-        if owner is None:
-            raise RuntimeError("this cache layer outlived its MemfitCache")
-        return owner
+        self.core, self.idx = owner.core, idx
 
     @property
     def is_initialized(self) -> bool:  # type: ignore[override]
-        return self.owner.core.layers[self.idx].keys is not None
+        return self.core.layers[self.idx].keys is not None
 
     @is_initialized.setter
     def is_initialized(self, value: bool) -> None:
@@ -149,7 +141,7 @@ class _LayerView(CacheLayerMixin):
 
     @property
     def batch_size(self) -> int:
-        k = self.owner.core.layers[self.idx].keys
+        k = self.core.layers[self.idx].keys
         return -1 if k is None else k.shape[0]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -159,7 +151,7 @@ class _LayerView(CacheLayerMixin):
         raise NotImplementedError
 
     def get_seq_length(self) -> int:
-        return self.owner.core.layers[self.idx].seen
+        return self.core.layers[self.idx].seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
