@@ -728,6 +728,10 @@ def serve(
     load_format: str = typer.Option(None, "--load-format", help="'dummy': random weights from a config (speed runs)."),
     device: str = _device_option(),
     dtype: str = _dtype_option(),
+    tp: int = typer.Option(
+        None, "--tp",
+        help="Tensor parallelism over N processes (torchrun, as on `memfit run`): rank 0 serves HTTP and schedules, "
+        "the others follow; --kv-memory is then per GPU."),
 ) -> None:
     """Serve an OpenAI-compatible API whose running batch is sized by compressed KV bytes."""
     from memfit.core.budget import Budget
@@ -740,6 +744,12 @@ def serve(
     build_policy(method, Budget.parse(budget), params)  # a bad default fails before the model loads
     resolve_spans(spans, method, budget)
     _check_device(device, dtype)
+    from memfit import distributed
+
+    if tp is not None and not distributed.in_torchrun():  # one error here for a bad --tp, then launch the ranks
+        _check_tp(tp, "auto", {})
+        distributed.check_model(model, int(tp), load_format or "auto")
+        raise SystemExit(distributed.launch(int(tp), distributed.strip_tp(sys.argv[1:])))
     run_server(model, host=host, port=port, device=device, dtype=dtype, load_format=load_format, log_level=log_level,
                method=method,
                budget=budget, params=params, kv_memory=parse_bytes(kv_memory) if kv_memory else None,

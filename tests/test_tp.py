@@ -223,3 +223,56 @@ def test_bench_tp_bad_inputs(capsys, monkeypatch, tiny_folder, tmp_path):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error:") and msg in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_serve_tp_answers_as_memfit_run(tiny_folder):
+    """`memfit serve --tp 2`: rank 0 serves HTTP, rank 1 follows its ticks; concurrent requests get the text one
+    process's `memfit run` gives (greedy), and stopping the launcher stops both ranks."""
+    import concurrent.futures
+    import signal
+    import time
+    import urllib.request
+
+    from memfit.serve import free_port
+
+    sock = free_port()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "memfit.cli", "serve", "--tp", "2", "--model", str(tiny_folder), "--method", "snapkv",
+         "--budget", "0.5", "--param", "window=4", "--device", "cpu", "--port", str(port), "--log-level", "warning",
+         "--kv-memory", "64MiB"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    prompts = ["The grass is green. " * 6, "Numbers: 1 2 3 4 5 6 7 8 9 " * 3, "Once upon a time " * 5]
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                time.sleep(0.5)
+
+        def complete(prompt: str) -> str:
+            body = json.dumps({"model": tiny_folder.name, "prompt": prompt, "max_tokens": 6, "temperature": 0}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return json.loads(r.read())["choices"][0]["text"]
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            served = list(pool.map(complete, prompts))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise AssertionError("memfit serve --tp 2 did not stop on SIGTERM") from None
+    from memfit.engine import run
+    from memfit.models import load_model
+
+    pair = load_model(str(tiny_folder), progress=False)  # one process, the same settings as `memfit run` uses
+    for prompt, text in zip(prompts, served, strict=True):
+        one = run(prompt, model=pair, method="snapkv", budget=0.5, params={"window": 4}, max_new_tokens=6, chat=False)
+        assert text == one.text, (prompt, text, one.text)

@@ -64,13 +64,14 @@ def build_server(
     default_max_tokens: int = 256,
     batch_decode: bool = True,
     spans: str = "auto",
+    tensor_parallel: bool = False,
 ) -> Any:
     """The ASGI app for a loaded model (its scheduler starts with the app). `batch_decode=False`: one decode forward
-    per running request per step instead of one for all (to measure what batching buys)."""
+    per running request per step instead of one for all (to measure what batching buys). `tensor_parallel`: this is
+    rank 0 of a split model (memfit.serve.tp); the other ranks run `make_scheduler(...).follow()`."""
     from memfit.core.budget import Budget
     from memfit.core.method import build_policy
     from memfit.serve.app import ServerConfig, create_app
-    from memfit.serve.scheduler import Scheduler
 
     build_policy(method, Budget.parse(budget), params or {})  # a bad default is a start-up error, not a 400 later
     if prefill_chunk < 1 or max_batch < 1:
@@ -78,11 +79,20 @@ def build_server(
     from memfit.core.spans import resolve_spans
 
     resolve_spans(spans, method, budget)  # a bad --spans value is a start-up error too
-    scheduler = Scheduler(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk, batch_decode,
-                          tokenizer)
+    scheduler = make_scheduler(model, tokenizer, kv_memory, max_batch, prefill_chunk, batch_decode, tensor_parallel)
     scheduler.predictor.byte_model(method, params or {})  # calibrate the default method now, not on a request
     config = ServerConfig(model_name, method, budget, params or {}, default_max_tokens, spans)
     return create_app(model, tokenizer, scheduler, config)
+
+
+def make_scheduler(model: torch.nn.Module, tokenizer: Any, kv_memory: int | None = None, max_batch: int = 64,
+                   prefill_chunk: int = 512, batch_decode: bool = True, tensor_parallel: bool = False) -> Any:
+    """The server's scheduler (memfit.serve.scheduler), or under tensor parallelism one that follows rank 0."""
+    from memfit.serve.scheduler import Scheduler
+    from memfit.serve.tp import TensorParallelScheduler
+
+    cls = TensorParallelScheduler if tensor_parallel else Scheduler
+    return cls(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk, batch_decode, tokenizer)
 
 
 def free_port(host: str = "127.0.0.1") -> socket.socket:
@@ -141,7 +151,17 @@ def serve(
     load_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
     if load_format is not None:
         load_kwargs["load_format"] = load_format
+    from memfit import distributed
+
+    split = distributed.in_torchrun()  # one rank of `memfit serve --tp N` (memfit.serve.tp)
+    if split:
+        distributed.init(device)
+        load_kwargs.update(tp=True, progress=distributed.rank() == 0)
     model, tok = load_model(model_spec, **load_kwargs)
     name = DEFAULT_MODEL_NAME if model_spec == "default" else os.path.basename(model_spec.rstrip("/")) or model_spec
-    app = build_server(model, tok, name, **kwargs)
+    if split and distributed.rank() != 0:  # a follower: no HTTP, the same ticks as rank 0
+        make_scheduler(model, tok, kwargs.get("kv_memory"), kwargs.get("max_batch", 64),
+                       kwargs.get("prefill_chunk", 512), kwargs.get("batch_decode", True), True).follow()
+        return
+    app = build_server(model, tok, name, tensor_parallel=bool(split), **kwargs)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

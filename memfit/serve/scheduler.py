@@ -212,9 +212,7 @@ class Scheduler:
     def tick(self) -> None:
         """One scheduler tick (see module docstring): what the scheduler thread runs in a loop. Tests may drive a
         scheduler that was not started by calling it directly."""
-        with self._cv:
-            self.waiting.extend(self._inbox)
-            self._inbox.clear()
+        self._take_inbox()
         self._drop_cancelled()
         self._admit()
         reading = next((r for r in self.running if not r.prefilled), None)
@@ -225,6 +223,12 @@ class Scheduler:
         self.running = [r for r in self.running if r.finished is None]
         self._enforce_memory()
         self._publish()
+
+    def _take_inbox(self) -> None:
+        """Submitted requests join the waiting queue (memfit.serve.tp: rank 0 also tells the other ranks)."""
+        with self._cv:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.running if r.cancelled]:
