@@ -13,6 +13,7 @@ import contextlib
 import gc
 import weakref
 
+import pytest
 import torch
 from conftest import tiny_llama
 
@@ -148,3 +149,31 @@ def test_serve_sets_expandable_segments_on_cuda_unless_the_user_chose(monkeypatc
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     note = configure_cuda_allocator("cuda")
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128" and note is not None and "yours" in note
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_later_prefill_chunk_attends_in_a_fused_kernel_on_cuda():
+    """A chunk of a chunked prefill (q queries, the last q of T keys, GQA, no padding) must not build (B, H, q, T)
+    scores: on CUDA a materialised mask sent SDPA to its math kernel (4 GiB of fp32 scores per layer for a
+    4096-token chunk at 8K on Llama-3.1-8B). Same output as the masked reference, a fraction of its memory."""
+    from memfit.core.store import dense_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h, hkv, q_len, t_len, d = 32, 8, 2048, 4096, 128
+    q = torch.randn(1, h, q_len, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, hkv, t_len, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(1, hkv, t_len, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = dense_attention(q, k, v, None, d**-0.5)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    scores = h * q_len * t_len * 4  # what the math kernel's fp32 scores alone would take (1 GiB here)
+    assert extra < scores / 8, f"{extra} bytes for one chunk's attention"
+    mask = torch.ones(q_len, t_len, dtype=torch.bool, device="cuda").tril(t_len - q_len)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(h // hkv, 1), v.float().repeat_interleave(h // hkv, 1),
+        attn_mask=mask, scale=d**-0.5)
+    assert (out.float() - ref).abs().max().item() < 3e-2

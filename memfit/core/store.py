@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from memfit.core.contract import StepInfo
 
@@ -185,6 +186,13 @@ def dense_attention(
         return F.scaled_dot_product_attention(
             queries, keys, values, is_causal=True, scale=scaling, enable_gqa=groups > 1
         )
+    if valid is None and q_len > 1 and queries.is_cuda:
+        # a later chunk of a chunked prefill: query i sees keys up to T - q + i (causal aligned to the last key). As a
+        # materialised (q, T) mask this would keep CUDA's SDPA off its fused kernels (flash takes no mask, the
+        # memory-efficient kernel no GQA) and on the math kernel, whose (B, H, q, T) fp32 scores are 4 GiB per layer
+        # for a 4096-token chunk at 8K on Llama-3.1-8B (issue #11); the lower-right causal bias runs in flash.
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=causal_lower_right(q_len, t_len),
+                                              scale=scaling, enable_gqa=groups > 1)
     # (checked only for multi-token steps: a host sync per layer is fine at prefill, not at every decode step)
     same_heads = valid is not None and q_len > 1 and bool((valid == valid[:, :1]).all())
     if same_heads and q_len == t_len and q_len > 1:
