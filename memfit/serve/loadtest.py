@@ -264,6 +264,12 @@ def markdown(row: dict[str, Any]) -> str:
             rows = final.get("decode_batched_rows_total", 0)
             lines.append(f"| server decode forwards / tokens decoded in shared forwards / steps alone | "
                          f"{final['decode_forwards_total']:g} / {rows:g} / {final.get('decode_alone_steps_total', 0):g} |")
+        if final.get("device_peak_allocated_bytes"):  # CUDA: live tensors vs the weights (#11)
+            lines.append(f"| server CUDA allocated / peak allocated / reserved, last /metrics sample (weights) | "
+                         f"{final.get('device_allocated_bytes', 0) * mib:.0f} / "
+                         f"{final['device_peak_allocated_bytes'] * mib:.0f} / "
+                         f"{final.get('device_reserved_bytes', 0) * mib:.0f} MiB "
+                         f"({final.get('model_weight_bytes', 0) * mib:.0f} MiB) |")
         if srv["peak_rss_bytes"] and final.get("kv_memory_bytes") and final.get("model_weight_bytes"):
             bound = final["kv_memory_bytes"] + final["model_weight_bytes"] + 300 * 2**20
             lines.append(f"| peak RSS vs --kv-memory + weights + 300 MiB | {srv['peak_rss_bytes'] * mib:.0f} MiB vs "

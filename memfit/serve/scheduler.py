@@ -399,3 +399,7 @@ class Scheduler:
             "kv_bytes_full": sum(c.full_nbytes() for c in caches),
             "kv_bytes_reserved": sum(r.reserved() for r in self.running),
         }
+        if self.device.type == "cuda":  # what the device really holds, to compare with weights + kv_bytes_held (#11)
+            self._snapshot.update(device_allocated_bytes=torch.cuda.memory_allocated(self.device),
+                                  device_reserved_bytes=torch.cuda.memory_reserved(self.device),
+                                  device_peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device))
