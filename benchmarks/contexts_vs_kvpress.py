@@ -228,6 +228,12 @@ def _params(method: str) -> dict[str, str] | None:
     return dict(kv.split("=", 1) for kv in inner.split(","))
 
 
+def _without_ratios(method: str) -> str:
+    """'kvzip+kivi(kivi.bits=4):2,4' -> 'kvzip+kivi(kivi.bits=4)' (the report's method name; the ratio is a column)."""
+    head, close, tail = method.rpartition(")")
+    return head + close + tail.split(":", 1)[0] if close else method.split(":", 1)[0]
+
+
 def _method_ratios(method: str) -> list[int] | None:
     """'kvzip+kivi(kivi.bits=4):2,4' -> [2, 4]; None when the spec names no ratios."""
     tail = method.rsplit(")", 1)[-1]
@@ -397,6 +403,7 @@ def main() -> None:
             continue
         for line in path.read_text().splitlines():
             r = json.loads(line)
+            r["method"] = _without_ratios(r["method"])
             s = by_index[r["sample"]]
             pred = tok.decode(r["generated_ids"], skip_special_tokens=True)
             r.update(prediction=pred, answers=s["answers"], depth=s["depth"],

@@ -379,6 +379,10 @@ def compress(
     allocation: str = typer.Option(
         "uniform", "--allocation", help="Share the budget: uniform | pyramid (layers) | adakv (heads) | pyramid+adakv."
     ),
+    spans: str = typer.Option(
+        "auto", "--spans", help="auto | on | off: when a token is kept, keep the rest of its word or number (same "
+        "budget); auto = on for eviction methods with a budget."
+    ),
     device: str = _device_option(),
     dtype: str = _dtype_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -392,6 +396,9 @@ def compress(
     params = parse_params(param)
     build_policy(method, Budget.parse(budget), params)  # validate before loading the model
     parse_allocation(allocation)
+    from memfit.core.spans import resolve_spans
+
+    resolve_spans(spans, method, budget)  # a bad --spans value too
     if prefill_chunk is not None:
         check_range("--prefill-chunk", prefill_chunk, 1)
     if output.is_dir():
@@ -405,7 +412,7 @@ def compress(
     try:
         pair = load_model(model, device=device, dtype=dtype)
         ctx = compress_document(text, pair, method, budget, params, allocation=allocation, chat=chat,
-                                prefill_chunk=prefill_chunk)
+                                prefill_chunk=prefill_chunk, spans=spans)
         path = ctx.save(output)
     except KeyboardInterrupt:
         _interrupted(f"{output} was not written")
