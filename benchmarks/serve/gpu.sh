@@ -34,5 +34,11 @@ serve_and_load() {  # name, then the server's method flags
   kill "$pid"; wait "$pid" 2>/dev/null
 }
 
-serve_and_load snapkv_kivi2_0.25 --method snapkv+kivi --budget 0.25 --param kivi.bits=2
-serve_and_load full --method full
+MODES=${MODES:-"snapkv_kivi2_0.25 full"}  # e.g. MODES=full: only the server's full-cache mode
+for mode in $MODES; do
+  case $mode in
+    snapkv_kivi2_0.25) serve_and_load snapkv_kivi2_0.25 --method snapkv+kivi --budget 0.25 --param kivi.bits=2 ;;
+    full) serve_and_load full --method full ;;
+    *) echo "unknown mode $mode (snapkv_kivi2_0.25 | full)" ;;
+  esac
+done

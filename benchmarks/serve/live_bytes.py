@@ -11,6 +11,9 @@ nbytes(), the weights, and the rest ("other").
   # the code before the fix, from a commit's tree: git archive a3a198b memfit | tar -x -C /tmp/orig
   PYTHONPATH=/tmp/orig OMP_NUM_THREADS=1 python benchmarks/serve/live_bytes.py --label before:a3a198b \
       --out benchmarks/results/serve_live_bytes_before.jsonl
+  # on a GPU (bf16, the fast backend's stores; rows add torch.cuda.memory_allocated/reserved):
+  python benchmarks/serve/live_bytes.py --device cuda --dtype bfloat16 --requests 64 --rounds 3 --max-tokens 64 \
+      --label after --out benchmarks/results/serve_live_bytes_after_h200.jsonl
 """
 
 from __future__ import annotations
@@ -56,23 +59,28 @@ def main() -> None:
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--method", default="full")
     p.add_argument("--rounds", type=int, default=2, help="submit --requests this many times, one round after another")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA each row adds torch.cuda.memory_allocated)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--prompt-min", type=int, default=1024)
+    p.add_argument("--prompt-max", type=int, default=2048)
     p.add_argument("--label", default="", help="what code ran (e.g. a commit), copied into the summary row")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.json"
         cfg.write_text(json.dumps(CONFIG))
-        model, _ = load_model(str(cfg), load_format="dummy", dtype="float32")
+        model, _ = load_model(str(cfg), load_format="dummy", dtype=args.dtype, device=args.device)
     sched = Scheduler(model, kv_memory=1 << 40, max_batch=512, prefill_chunk=args.prefill_chunk)
     rng = random.Random(0)
     rows, tick = [], 0
+    cuda = torch.device(args.device).type == "cuda"
     t0 = time.time()
     with torch.inference_mode():
         base = live_tensor_bytes()
         for rnd in range(args.rounds):
             done: list[str] = []
             for _ in range(args.requests):
-                n = rng.randint(1024, 2048)
+                n = rng.randint(args.prompt_min, args.prompt_max)
                 sched.submit(Request(prompt_ids=[rng.randrange(CONFIG["vocab_size"]) for _ in range(n)],
                                      max_tokens=args.max_tokens, method=args.method, budget=Budget.parse(None),
                                      params={}, sink=lambda ev, d=done: d.append(ev[0]) if ev[0] != "tokens" else None))
@@ -84,12 +92,19 @@ def main() -> None:
                 row = {"round": rnd, "tick": tick, "running": len(sched.running), "finished": len(done),
                        "live_bytes": live, "weights_and_buffers_at_start": base, "store_bytes": stores,
                        "other_bytes": live - base - stores, "gc_counts": list(gc.get_count())}
+                if cuda:  # what the device holds: the same question asked of the allocator
+                    row["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
+                    row["cuda_reserved_bytes"] = torch.cuda.memory_reserved()
                 rows.append(row)
     summary = {"summary": True, "method": args.method, "requests_per_round": args.requests, "rounds": args.rounds,
                "ticks": tick, "max_other_bytes": max(r["other_bytes"] for r in rows),
                "other_bytes_at_end": rows[-1]["other_bytes"], "store_bytes_peak": max(r["store_bytes"] for r in rows),
+               "device": args.device, "dtype": args.dtype,
                "seconds": round(time.time() - t0, 1), "label": args.label, "torch": torch.__version__,
-               "machine": "2-core CPU box (shared)"}
+               "machine": torch.cuda.get_device_name() if cuda else "2-core CPU box (shared)"}
+    if cuda:
+        summary["cuda_allocated_bytes_at_end"] = rows[-1]["cuda_allocated_bytes"]
+        summary["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(summary))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
