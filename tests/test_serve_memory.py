@@ -151,6 +151,20 @@ def test_serve_sets_expandable_segments_on_cuda_unless_the_user_chose(monkeypatc
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128" and note is not None and "yours" in note
 
 
+def test_a_forward_that_raises_leaves_no_cache_parked():
+    """The adapter parks a layer's new keys/values between the cache update and the attention call; a forward that
+    raises (e.g. out of memory) must not leave a request's cache parked there."""
+    from memfit.adapters import transformers as adapter
+
+    model = tiny_llama()
+    cache = make_cache(model, "full")
+    k = torch.zeros(1, 2, 1, 16)
+    cache.update(k, k, 0)  # parked, as inside a forward that fails before layer 0 attends
+    with pytest.raises(IndexError), torch.inference_mode():
+        forward(model, torch.tensor([[10_000]]), torch.ones(1, 1, dtype=torch.long), cache)
+    assert adapter._PENDING.get() is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_later_prefill_chunk_attends_in_a_fused_kernel_on_cuda():

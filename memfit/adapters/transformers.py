@@ -235,7 +235,12 @@ def forward(
         kwargs["position_ids"] = position_ids
     if logits_to_keep:
         kwargs["logits_to_keep"] = logits_to_keep
-    return model(**kwargs).logits
+    try:
+        return model(**kwargs).logits
+    finally:
+        # a forward that raised between a layer's cache update and its attention (out of memory, a probe's early
+        # stop) would leave that cache and its new keys/values parked here until the thread's next forward
+        _PENDING.set(None)
 
 
 def model_dims(model: torch.nn.Module) -> dict[str, int]:
