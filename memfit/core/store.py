@@ -153,6 +153,9 @@ class KVLayer:
         return 2 * b * h * tokens * d * self.keys.element_size()
 
 
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what CUDA's flash attention takes (head dim up to 256)
+
+
 def dense_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -186,7 +189,7 @@ def dense_attention(
         return F.scaled_dot_product_attention(
             queries, keys, values, is_causal=True, scale=scaling, enable_gqa=groups > 1
         )
-    if valid is None and q_len > 1 and queries.is_cuda:
+    if valid is None and q_len > 1 and queries.is_cuda and queries.dtype in _FLASH_DTYPES and queries.shape[-1] <= 256:
         # a later chunk of a chunked prefill: query i sees keys up to T - q + i (causal aligned to the last key). As a
         # materialised (q, T) mask this would keep CUDA's SDPA off its fused kernels (flash takes no mask, the
         # memory-efficient kernel no GQA) and on the math kernel, whose (B, H, q, T) fp32 scores are 4 GiB per layer
