@@ -191,3 +191,44 @@ def test_a_later_prefill_chunk_attends_in_a_fused_kernel_on_cuda():
         q.float(), k.float().repeat_interleave(h // hkv, 1), v.float().repeat_interleave(h // hkv, 1),
         attn_mask=mask, scale=d**-0.5)
     assert (out.float() - ref).abs().max().item() < 3e-2
+
+
+def test_a_failed_prompt_chunk_fails_only_its_request(monkeypatch):
+    """A prefill chunk that raises (on a GPU: a CUDA out-of-memory) ends its own request with an error and frees
+    its store; the request already decoding finishes its answer as if nothing happened."""
+    import memfit.serve.scheduler as sched_mod
+
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (24, 37)]
+    events: dict[int, list] = {0: [], 1: []}
+
+    def submit_all(scheduler: Scheduler) -> list[Request]:
+        reqs = [Request(p, 8, "full", Budget.parse(None), {}, sink=events[i].append) for i, p in enumerate(prompts)]
+        scheduler.submit(reqs[0])
+        with torch.inference_mode():
+            for _ in range(3):  # the first request is decoding before the second arrives
+                scheduler.tick()
+            scheduler.submit(reqs[1])
+            for _ in range(40):
+                scheduler.tick()
+                if not scheduler.running and not scheduler.waiting:
+                    break
+        return reqs
+
+    alone = submit_all(Scheduler(model, kv_memory=1 << 30, prefill_chunk=64))[0].tokens
+    real = sched_mod.forward
+
+    def failing(mdl, ids, *args, **kwargs):
+        if ids.shape[1] == len(prompts[1]):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(mdl, ids, *args, **kwargs)
+
+    monkeypatch.setattr(sched_mod, "forward", failing)
+    events[0].clear()
+    scheduler = Scheduler(model, kv_memory=1 << 30, prefill_chunk=64)
+    reqs = submit_all(scheduler)
+    assert reqs[1].finished == "error" and reqs[1].cache is None
+    assert any(kind == "error" and "out of memory" in str(msg) for kind, msg in events[1])
+    assert reqs[0].finished == "length" and reqs[0].tokens == alone  # untouched by its neighbour's failure
+    assert scheduler.stats["scheduler_errors_total"] == 1

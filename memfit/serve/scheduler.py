@@ -137,6 +137,9 @@ class Scheduler:
         self.stats = collections.Counter()  # requests_total, preemptions_total, tokens_generated_total, ...
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) for tokens/s
         self.last_error: str | None = None
+        # a failed prompt chunk fails only its request (False: the tick raises and every running request fails,
+        # as tensor-parallel ranks need: one rank must not go on alone)
+        self.isolate_failures = True
         self._snapshot: dict[str, int] = {"kv_bytes_held": 0, "kv_bytes_full": 0, "kv_bytes_reserved": 0,
                                           "decode_batch_size": 0, "decode_view_bytes": 0}
 
@@ -218,7 +221,12 @@ class Scheduler:
         reading = next((r for r in self.running if not r.prefilled), None)
         decoding = [r for r in self.running if r.prefilled]  # before the chunk: a request just prefilled waits a tick
         if reading is not None:
-            self._prefill_chunk(reading)
+            try:
+                self._prefill_chunk(reading)
+            except Exception as exc:  # noqa: BLE001 - one prompt's failure (a CUDA OOM on its chunk) is its own
+                if not self.isolate_failures:
+                    raise
+                self._fail(reading, exc)
         self._decode_step([r for r in decoding if not r.cancelled and r.finished is None])
         self.running = [r for r in self.running if r.finished is None]
         self._enforce_memory()
@@ -229,6 +237,14 @@ class Scheduler:
         with self._cv:
             self.waiting.extend(self._inbox)
             self._inbox.clear()
+
+    def _fail(self, req: Request, exc: Exception) -> None:
+        """`req` alone gets the error (its store goes now); the other requests keep running."""
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.stats["scheduler_errors_total"] += 1
+        self._finish(req, None, error=f"internal error: {self.last_error}")
+        if self.device.type == "cuda":  # what the failed chunk had allocated goes back before the next tick
+            torch.cuda.empty_cache()
 
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.running if r.cancelled]:

@@ -53,6 +53,7 @@ class TensorParallelScheduler(Scheduler):
         # every rank creates this group, in the same order; a long timeout: a follower waits out an idle server
         self._group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
         self._pending_cancel: set[int] = set()
+        self.isolate_failures = False  # a failure on one rank only would leave the ranks' schedules apart
 
     def _bcast(self, obj: Any) -> Any:
         import torch.distributed as dist
