@@ -10,15 +10,19 @@ its tokenizer is a byte-level stand-in whose only job is to give `--prompt` text
 
 Under tensor parallelism (`--tp N`) each rank loads its shard through transformers' own plan, which reads a
 checkpoint: `dummy_checkpoint` writes those same random weights once into the cache folder (safetensors shards
-plus config.json, keyed by the config and dtype) and the ranks load it like any model folder. It is written through
-one device, so the whole model must fit one GPU (or the RAM, much slower) once; an 8B model takes 16 GB of disk.
+plus config.json, keyed by the config and dtype) and the ranks load it like any model folder. It is written one
+tensor at a time (the model is built on the meta device and each weight drawn, copied to the RAM and dropped), so
+no device ever holds the whole model: the peak is one tensor on the device plus one <= 2 GB shard in the RAM. The disk
+still takes the whole model once (an 8B model in bf16: 16 GB; a 70B one: 141 GB).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -158,11 +162,19 @@ def _config_key(spec: str, dtype: torch.dtype) -> str:
     return f"{stem}-{str(dtype).removeprefix('torch.')}-{digest}"
 
 
-def dummy_checkpoint(spec: str, dtype: torch.dtype, device: torch.device, *, progress: bool = False) -> Path:
+# The largest safetensors shard the checkpoint writer makes (transformers' "2GB", in bytes); a tensor larger than
+# this gets a shard of its own.
+SHARD_BYTES = 2 * 10**9
+
+
+def dummy_checkpoint(spec: str, dtype: torch.dtype, device: torch.device, *, progress: bool = False,
+                     shard_bytes: int | None = None) -> Path:
     """The folder of `spec`'s random-weight checkpoint in the cache (written on first use, through `device`).
 
-    The weights are exactly `load_dummy(spec, dtype, device)`'s; the write goes to a temporary folder renamed at
-    the end, so an interrupted write never leaves a folder that looks complete."""
+    The weights are exactly `load_dummy(spec, dtype, device)`'s, drawn one tensor at a time (see `_write_weights`),
+    so neither `device` nor the RAM ever holds the whole model. The write goes to a temporary folder renamed at the
+    end, so an interrupted write never leaves a folder that looks complete. `shard_bytes`: the largest shard
+    (default `SHARD_BYTES`)."""
     from memfit.models import cache_dir
 
     folder = cache_dir() / "dummy" / _config_key(spec, dtype)
@@ -173,12 +185,9 @@ def dummy_checkpoint(spec: str, dtype: torch.dtype, device: torch.device, *, pro
     if progress:
         print(f"memfit: writing random weights for {spec!r} to {folder} (once; tensor-parallel ranks load them)",
               file=sys.stderr, flush=True)
-    model, _ = load_dummy(spec, dtype, device)
     try:
-        model.save_pretrained(tmp, max_shard_size="2GB")
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        tmp.mkdir(exist_ok=True)
+        _write_weights(spec, dtype, device, tmp, SHARD_BYTES if shard_bytes is None else shard_bytes)
         try:
             tmp.rename(folder)
         except OSError:  # another process finished first: its folder holds the same weights
@@ -187,3 +196,107 @@ def dummy_checkpoint(spec: str, dtype: torch.dtype, device: torch.device, *, pro
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.\d+\.")
+
+
+def _write_weights(spec: str, dtype: torch.dtype, device: torch.device, out: Path, shard_bytes: int) -> None:
+    """Write `load_dummy(spec, dtype, device)`'s parameters into `out` as transformers' sharded safetensors layout.
+
+    The model is built on the meta device (shapes and names only, no memory). Its parameters are walked in
+    `named_parameters()` order, the order `load_dummy` draws them in (tied duplicates such as a tied LM head are
+    skipped there too; `from_pretrained` ties them again). Each >= 2-D weight is drawn on `device` from one generator
+    seeded 0, exactly as `load_dummy` does, so every value is bit-identical; then it is copied into the current
+    shard in the RAM and the device copy dropped. 1-D parameters (norm weights, biases) are not random: they take
+    `from_config`'s initial values, read from a one-layer copy of the model built on the CPU (see
+    `_small_reference`)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    config = dummy_config(spec)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = list(model.named_parameters())
+    if any(p.dim() == 0 for _, p in params):
+        raise ConfigError(f"{spec!r}: a scalar parameter; the dummy checkpoint writer handles only tensors of "
+                          "one or more dimensions (use a llama-, qwen2- or gemma3-style config)")
+    reference = _small_reference(config, dtype, params)
+
+    # Plan the shards first (sizes are known from the shapes), so the files get their final names as they are
+    # written: a new shard starts when the next tensor would push a non-empty one past `shard_bytes`.
+    plan: list[list[str]] = [[]]
+    size = 0
+    sizes = {name: p.numel() * p.element_size() for name, p in params}
+    for name, _ in params:
+        if plan[-1] and size + sizes[name] > shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
+        size += sizes[name]
+    files = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    shapes = dict(params)
+    with torch.no_grad():
+        for names, file in zip(plan, files, strict=True):
+            shard: dict[str, torch.Tensor] = {}
+            for name in names:
+                shape = shapes[name].shape
+                if len(shape) >= 2:
+                    drawn = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+                    shard[name] = drawn.to("cpu").contiguous()
+                    del drawn
+                else:
+                    shard[name] = reference[name]
+            save_file(shard, str(out / file), metadata={"format": "pt"})
+            del shard
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {name: file for names, file in zip(plan, files, strict=True) for name in names}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    # What save_pretrained would write beside the weights: the config (naming the class and dtype, which
+    # from_pretrained reads) and the generation defaults.
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _small_reference(config: Any, dtype: torch.dtype, params: list[tuple[str, torch.nn.Parameter]]
+                     ) -> dict[str, torch.Tensor]:
+    """The 1-D parameters of `from_config(config)`, by full name, read from a cheap copy built on the CPU.
+
+    Their initial values repeat per layer (ones or zeros for norms, zeros for biases), so a copy with one hidden
+    layer gives them all: `layers.<i>.` names read `layers.0.`'s tensor. The copy's vocabulary is shrunk too (the
+    embedding and LM head are the bulk of its bytes), unless a 1-D parameter spans the vocabulary (an LM-head
+    bias). Composite configs (a `text_config` inside) are built whole."""
+    from transformers import AutoModelForCausalLM
+
+    wanted = {name: p.shape for name, p in params if p.dim() == 1}
+    if not wanted:
+        return {}
+    small = copy.deepcopy(config)
+    if not hasattr(config, "text_config") and isinstance(getattr(config, "num_hidden_layers", None), int):
+        small.num_hidden_layers = 1
+        if isinstance(getattr(small, "layer_types", None), list):
+            small.layer_types = small.layer_types[:1]
+        vocab = getattr(config, "vocab_size", None)
+        if isinstance(vocab, int) and not any(vocab in shape for shape in wanted.values()):
+            pad = getattr(config, "pad_token_id", None)  # the embedding's padding row must exist
+            small.vocab_size = min(vocab, pad + 1 if isinstance(pad, int) else 1)
+    with torch.device("cpu"):
+        built = AutoModelForCausalLM.from_config(small, dtype=dtype)
+    have = {name: p.detach() for name, p in built.named_parameters() if p.dim() == 1}
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in wanted.items():
+        src = name if name in have else _LAYER_INDEX.sub(".layers.0.", name)
+        if src not in have or have[src].shape != shape:
+            raise ConfigError(f"cannot tell the initial value of {name!r} for the dummy checkpoint (the one-layer "
+                              "copy of this config lacks it): use a llama-, qwen2- or gemma3-style config")
+        out[name] = have[src].clone().contiguous()
+    return out
