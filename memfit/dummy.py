@@ -12,8 +12,9 @@ Under tensor parallelism (`--tp N`) each rank loads its shard through transforme
 checkpoint: `dummy_checkpoint` writes those same random weights once into the cache folder (safetensors shards
 plus config.json, keyed by the config and dtype) and the ranks load it like any model folder. It is written one
 tensor at a time (the model is built on the meta device and each weight drawn, copied to the RAM and dropped), so
-no device ever holds the whole model: the peak is one tensor on the device plus one <= 2 GB shard in the RAM. The disk
-still takes the whole model once (an 8B model in bf16: 16 GB; a 70B one: 141 GB).
+neither the device nor the RAM ever holds the whole model: the device holds one tensor, the RAM one shard (<= 2 GB,
+or a single larger tensor such as a 70B model's 2.1 GB embedding) and, briefly, a one-layer CPU copy of the model
+that gives the norms' and biases' initial values. The disk takes the whole model (8B in bf16: 16 GB; 70B: 141 GB).
 """
 
 from __future__ import annotations
