@@ -334,6 +334,8 @@ def _load_tp(text: str, dtype: torch.dtype, *, dummy: bool = False) -> tuple[Any
     """This rank's shard of a model folder (or the default model), split by transformers' tensor-parallel plan.
     `dummy`: `text` is a dummy spec; rank 0 writes its random-weight checkpoint once (memfit.dummy), then every
     rank loads its shard of it."""
+    from datetime import timedelta
+
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -347,10 +349,12 @@ def _load_tp(text: str, dtype: torch.dtype, *, dummy: bool = False) -> tuple[Any
         check_divisible(dummy_config(spec), ranks)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         first = not dist.is_initialized() or dist.get_rank() == 0
-        if first:  # the launcher (`--tp N`) has usually written it already; under plain torchrun rank 0 does
+        # the other ranks wait on a gloo group of their own: writing a 70B checkpoint can outlast NCCL's timeout
+        wait = dist.new_group(backend="gloo", timeout=timedelta(hours=4)) if dist.is_initialized() else None
+        if first:  # rank 0 writes it once (then it is only looked up)
             dummy_checkpoint(spec, dtype, device, progress=True)
-        if dist.is_initialized():
-            dist.barrier()
+        if wait is not None:
+            dist.barrier(group=wait)
         source = dummy_checkpoint(spec, dtype, device)  # now only a lookup
     else:
         source = tp_source(text)
