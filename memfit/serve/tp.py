@@ -100,15 +100,15 @@ class TensorParallelScheduler(Scheduler):
                 req.cancelled = True
 
     def _admit(self) -> None:
-        if self.rank == 0:
-            super()._admit()
-            self._bcast([r.id for r in self.running])
-        else:
-            self._mirror(self._bcast(None))
+        self._decide(super()._admit)
 
     def _enforce_memory(self) -> None:
+        self._decide(super()._enforce_memory)
+
+    def _decide(self, decision: Any) -> None:
+        """Rank 0 runs the scheduler's `decision` and sends the running list it leaves; the others take that list."""
         if self.rank == 0:
-            super()._enforce_memory()
+            decision()
             self._bcast([r.id for r in self.running])
         else:
             self._mirror(self._bcast(None))
