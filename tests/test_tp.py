@@ -169,6 +169,14 @@ def test_tp_bad_inputs(capsys, monkeypatch, tiny_folder, tmp_path):
             main()
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error:") and msg in err and err.count("\n") == 1, err
+    for args, msg in ((["--tp", "1"], "at least 2"),  # serve: one error before any rank starts
+                      (["--tp", "3", "--model", str(tiny_folder)], "must both divide by 3"),
+                      (["--tp", "2", "--load-format", "dummy", "--model", "nope-7b"], "unknown config")):
+        monkeypatch.setattr(sys, "argv", ["memfit", "serve", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error:") and msg in err and err.count("\n") == 1, err
 
 
 BENCH_ARGS = ["--methods", "snapkv", "--budgets", "0.5", "--tasks", "niah_single_number,fidelity", "--context", "128",
