@@ -130,9 +130,18 @@ class ByteTokenizer:
 
 def load_dummy(spec: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, ByteTokenizer]:
     """(model with random weights on `device`, a byte tokenizer) for a dummy spec."""
+    config = dummy_config(spec)
+    model = random_model(config, dtype, device)
+    model.config._name_or_path = spec
+    return model, byte_tokenizer(config)
+
+
+def random_model(config: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """The causal LM of a transformers `config` with random weights drawn on `device` (eval mode, SDPA attention):
+    every >= 2-D weight from N(0, 0.02) with one generator seeded 0, in parameter order; norms and biases keep their
+    initial values. (`dummy_checkpoint` writes exactly these values, tensor by tensor.)"""
     from transformers import AutoModelForCausalLM
 
-    config = dummy_config(spec)
     config._attn_implementation = "sdpa"
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.device(device):
@@ -141,8 +150,7 @@ def load_dummy(spec: str, dtype: torch.dtype, device: torch.device) -> tuple[Any
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02, generator=gen)
-    model.config._name_or_path = spec
-    return model.eval(), byte_tokenizer(config)
+    return model.eval()
 
 
 def byte_tokenizer(config: Any) -> ByteTokenizer:

@@ -45,22 +45,14 @@ def _peak(dev: torch.device) -> int:
 
 
 def _init(config: Any, dtype: torch.dtype, dev: torch.device) -> torch.nn.Module:
-    """Random weights drawn on `dev` (an 8B model: seconds on a GPU, minutes on the CPU), returned on the CPU, where
-    both offload paths start from."""
-    from transformers import AutoModelForCausalLM
+    """memfit's random-weight model (`memfit.dummy.random_model`, what `--load-format dummy` loads), drawn on `dev`
+    (an 8B model: seconds on a GPU, minutes on the CPU) and returned on the CPU, where both offload paths start."""
+    from memfit.dummy import random_model
 
-    config._attn_implementation = "sdpa"
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=gen)
-    model = model.to("cpu")
+    model = random_model(config, dtype, dev).to("cpu")
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    return model.eval()
+    return model
 
 
 def _hf_decode(model: torch.nn.Module, ids: torch.Tensor, new: int, dev: torch.device) -> dict[str, float]:
