@@ -91,14 +91,21 @@ def _torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProces
 def test_every_method_tensor_parallel_equals_one_process(tiny_folder, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    proc = _torchrun([str(script), str(tiny_folder), json.dumps(CASES), str(tmp_path)])
+    _check_ranks(_torchrun([str(script), str(tiny_folder), json.dumps(CASES), str(tmp_path)]), tmp_path, CASES)
+
+
+def _check_ranks(proc: subprocess.CompletedProcess, out: Path, cases: list, backend: str | None = None) -> list:
+    """Each rank's rows from WORKER: one per case, the single-process logits, tokens and kept keys of its heads,
+    and half the single process's bytes (the ragged store's index tables aside); `backend`: the one every row ran."""
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
-        rows = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(rows) == len(CASES)
+        rows = json.loads((out / f"rank{rank}.json").read_text())
+        assert len(rows) == len(cases)
+        if backend is not None:
+            assert [r["backend"] for r in rows] == [backend] * len(cases)
         bad = [r for r in rows if not (r["logit_diff"] < 1e-4 and r["same_tokens"] and r["keys_equal"])]
         assert not bad, [(r["spec"], r["allocation"], r["same_tokens"], r["keys_equal"]) for r in bad]
-        for row in rows:  # half the heads per rank: half the bytes (the ragged store's index tables aside)
+        for row in rows:
             assert row["bytes"] * 2 == pytest.approx(row["ref_bytes"], rel=0.05), row
 
 
@@ -111,14 +118,8 @@ def test_fast_stores_tensor_parallel_equal_one_process(tiny_folder, tmp_path, mo
     monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    proc = _torchrun([str(script), str(tiny_folder), json.dumps(FAST_CASES), str(tmp_path)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        rows = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert [r["backend"] for r in rows] == ["fast"] * len(FAST_CASES)
-        bad = [r for r in rows if not (r["logit_diff"] < 1e-4 and r["same_tokens"] and r["keys_equal"])]
-        assert not bad, [(r["spec"], r["same_tokens"], r["keys_equal"]) for r in bad]
-        assert all(r["bytes"] * 2 == pytest.approx(r["ref_bytes"], rel=0.05) for r in rows), rows
+    _check_ranks(_torchrun([str(script), str(tiny_folder), json.dumps(FAST_CASES), str(tmp_path)]), tmp_path,
+                 FAST_CASES, backend="fast")
 
 
 def test_cli_tp_dummy_weights_equal_one_process(tmp_path):
