@@ -1,6 +1,6 @@
 """Tensor-parallel runs: `memfit run --tp N` launches N ranks with torchrun; under torchrun each rank joins the group.
 
-The model is split by transformers' own tensor-parallel plan (`from_pretrained(..., tp_plan="auto")`: attention and
+The model is split by transformers' own tensor-parallel plan (`DistributedConfig(tp_plan="auto")` in `from_pretrained`: attention and
 KV heads, MLP columns/rows, one all-reduce per block) over torch.distributed — NCCL on GPUs, gloo on CPUs. Each
 rank's memfit cache holds and compresses only its own KV heads (`memfit.core.tp` for the few cross-head
 decisions), so the KV bytes per rank fall with N. Rank 0 prints; `--json` gives per-rank and total KV bytes.
@@ -10,6 +10,7 @@ decisions), so the KV bytes per rank fall with N. Rank 0 prints; `--json` gives 
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -35,7 +36,17 @@ def init(device: str) -> tuple[int, int]:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
+        # groups left for the interpreter's exit to destroy can abort a rank there ("terminate called without an
+        # active exception" from gloo's threads, seen on CI once): tear them down while Python still runs
+        atexit.register(_leave)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_divisible(config: object, ranks: int) -> None:

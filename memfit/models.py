@@ -355,12 +355,16 @@ def _load_tp(text: str, dtype: torch.dtype, *, dummy: bool = False) -> tuple[Any
             dummy_checkpoint(spec, dtype, device, progress=True)
         if wait is not None:
             dist.barrier(group=wait)
+            dist.destroy_process_group(wait)  # torn down now, not by the interpreter's exit (gloo aborted there)
         source = dummy_checkpoint(spec, dtype, device)  # now only a lookup
     else:
         source = tp_source(text)
         check_divisible(AutoConfig.from_pretrained(source), ranks)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", tp_plan="auto")
+        from transformers.distributed import DistributedConfig
+
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa",
+                                                     distributed_config=DistributedConfig(tp_plan="auto"))
         if dummy:
             model.config._name_or_path = spec
             return model.eval(), byte_tokenizer(model.config)

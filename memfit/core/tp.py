@@ -1,6 +1,6 @@
 """Tensor parallelism, as the methods see it: each rank holds a slice of the KV heads.
 
-memfit runs tensor-parallel through transformers' own plan (`from_pretrained(..., tp_plan="auto")` over
+memfit runs tensor-parallel through transformers' own plan (`DistributedConfig(tp_plan="auto")` over
 torch.distributed: NCCL on GPUs, gloo on CPUs). Attention is split by heads, so each rank's cache holds and
 compresses only its own KV heads — per-head selection needs no communication at all. The few decisions that combine
 heads need one small collective, and only those call this module:
