@@ -189,10 +189,12 @@ def test_gemma3_sliding_layers_match_transformers_and_keep_their_window():
     model = tiny_gemma3()
     ids, mask = _prompts(1)
     pos = positions_from_mask(mask)
+    from memfit.adapters.transformers import _cache_kwarg, forward
+
     ref_cache = DynamicCache(config=model.config)
-    ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=ref_cache).logits[:, -1]
+    kw = {_cache_kwarg(model): ref_cache}  # `cache` on newer transformers (`past_key_values` is deprecated there)
+    ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw).logits[:, -1]
     cache = make_cache(model, "full", backend="portable")
-    from memfit.adapters.transformers import forward
 
     ours = forward(model, ids, mask, cache, pos, logits_to_keep=1)[:, -1]
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
@@ -201,7 +203,7 @@ def test_gemma3_sliding_layers_match_transformers_and_keep_their_window():
         tok = ref.argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
         last = last + 1
-        ref = model(input_ids=tok, attention_mask=mask, position_ids=last, past_key_values=ref_cache).logits[:, -1]
+        ref = model(input_ids=tok, attention_mask=mask, position_ids=last, **kw).logits[:, -1]
         ours = forward(model, tok, mask, cache, last, logits_to_keep=1)[:, -1]
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     windows = [layer.window for layer in cache.core.layers]
