@@ -7,6 +7,8 @@
   (evict one slot per step in a fixed-size buffer).
 - `kivi_flush`: the static KIVI store's decode-time quantization of its oldest full-precision value and key block,
   decided on the device (reference: the store's PyTorch path, `memfit.core.static_quant_store`).
+- `group_gemv`: decode-sized matmul of group-quantized weights (`memfit.weights.format`'s "group" format, every
+  bit width 1..8 in one layer), dequantized in registers (reference: `CompressedLinear.reference_forward`).
 
 Triton is imported lazily (inside the kernel modules, on first launch), so `import memfit.kernels` and the
 references work on CPU-only installs. `available()` says whether the Triton kernels can run here.

@@ -29,6 +29,8 @@ Low-rank branch: ``lr_l1`` ``(out, r)`` and ``lr_l2`` ``(r, in)`` in fp16 (SVDQu
 The reference matmul never materialises the whole weight: it dequantizes one band of output rows at a time
 (about 1 M weights, a multiple of 128 rows) and multiplies. GPU kernels plug in through `register_kernel`
 (name -> callable taking ``(layer, x)``); when none is registered for the format and device the reference runs.
+Registered: the "group" format on CUDA (`memfit.kernels.group_gemv`, Triton) for decode-sized inputs; prefill-sized
+inputs, the other formats and CPUs take the reference.
 ``weight_bytes`` is the sum of ``numel * element_size`` over every buffer the layer holds (bias included).
 """
 
@@ -317,3 +319,55 @@ def model_weight_bytes(model: nn.Module) -> int:
             t = t.to_local()
         seen[t.data_ptr() if t.numel() else id(t)] = t.numel() * t.element_size()
     return sum(seen.values())
+
+
+# -- the CUDA kernel of the "group" format ---------------------------------------------------------------------------
+def _group_buckets(layer: CompressedLinear) -> list[Any]:
+    """The layer's buckets for `memfit.kernels.group_gemv` (its own code buffers, not copies, and each bucket's group
+    indices as int32 on their device), built once per layer and device: a decode step then reads nothing on the
+    host. The indices (4 bytes per group) are derived from ``group_bits`` and are not counted in ``weight_bytes``."""
+    from memfit.kernels.group_gemv import Bucket
+
+    key = (layer.scales.device, layer.scales.data_ptr())
+    cached = getattr(layer, "_kernel_buckets", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    bits = layer.group_bits.cpu()
+    buckets = [Bucket(b, getattr(layer, f"codes_{b}"),
+                      (bits == b).nonzero().flatten().to(torch.int32).to(layer.scales.device))
+               for b in sorted(set(bits.tolist()))]
+    layer._kernel_buckets = (key, buckets)
+    return buckets
+
+
+_KERNEL_FAILED: list[str] = []  # the first error of the kernel in this process (then every call takes the reference)
+
+
+@register_kernel("group", "cuda", "triton-group-gemv")
+def group_kernel_forward(layer: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
+    """Decode-sized inputs through the Triton kernel (weights read once, packed); larger inputs (prefill) and
+    shapes it does not serve through the reference, which dequantizes a band at a time for the dense matmul. If the
+    kernel cannot run here (a Triton that fails to compile it), the process says so once on stderr and keeps to the
+    reference: slower, the same result."""
+    from memfit import kernels
+    from memfit.kernels.group_gemv import group_gemv, supported
+
+    x2 = x.reshape(-1, layer.in_features)
+    buckets = _group_buckets(layer)  # built on the first call (a prefill): later decode steps read no host state
+    if _KERNEL_FAILED or not (kernels.available() and supported(layer.meta["group_size"], x2.shape[0])):
+        return layer.reference_forward(x)
+    try:
+        y = group_gemv(x2.contiguous(), buckets, layer.scales, layer.offsets, layer.meta["group_size"],
+                       layer.out_features).to(x2.dtype)
+    except Exception as exc:  # noqa: BLE001 - any failure of the optional kernel falls back to the reference
+        import sys
+
+        _KERNEL_FAILED.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        print(f"memfit: the Triton kernel for group-quantized weights failed here ({_KERNEL_FAILED[0]}); "
+              "compressed layers use the reference matmul (slower, same result)", file=sys.stderr)
+        return layer.reference_forward(x)
+    if getattr(layer, "lr_l1", None) is not None:
+        y += (x2 @ layer.lr_l2.to(x2.dtype).T) @ layer.lr_l1.to(x2.dtype).T
+    if layer.bias is not None:
+        y += layer.bias.to(y.dtype)
+    return y.view(*x.shape[:-1], layer.out_features)

@@ -1,0 +1,80 @@
+"""Decode-time matmul of a group-quantized weight (`CompressedLinear` format "group"), in Triton.
+
+What it computes: ``y = x @ W^T`` for a few input rows (decode: M = batch rows, at most `MAX_ROWS`), where W is
+stored as `memfit.weights.format` lays out the "group" format: the input dimension cut into groups of G columns,
+each group one bit width (1..8) shared by every output row, groups of equal width packed together ("bucket" b:
+uint8 ``(N, n_b * G * b / 8)``, each group's codes a little-endian bit stream starting on a byte), and per (row,
+group) an fp16 scale and offset (``w = code * scale + offset``).
+
+How: one launch per bucket. Program (n-block, k-split, m-block) walks the bucket's groups g = k-split, k-split +
+SPLIT, ...: it loads the group's packed bytes of BLOCK_N rows, unpacks the codes in registers (for widths that
+straddle bytes, 1 = 2^0, 3, 5, 6, 7, two bytes per code), dequantizes them in fp32 with the row's scale and offset,
+casts to the activation dtype and multiplies with the group's G input columns (read in place through the bucket's
+group indices: x is never gathered or padded). Partial sums go to one fp32 output with atomic adds (splits and
+buckets add into the same rows), so the weight bytes are read exactly once per call and no dequantized weight is
+ever written to memory: at batch 1 the call is bound by reading the packed bytes (the roofline the benchmark uses).
+Summation order across splits is not fixed (atomics): results match the reference to fp32 rounding, not bit for bit.
+
+Why our own kernel: the format's per-group widths (SliM-LLM's mixed precision) and its bit-stream packing are
+ours; torchao's int4 / HQQ / gemlite kernels each want their own uniform-width layout, so using them would mean
+a second copy of the weights in their layout (the bytes we promise not to hold) or a repack per model load.
+
+Reference (and the fallback for prefill-sized inputs, where dequantizing a band and calling the dense matmul is
+faster): `CompressedLinear.reference_forward`. Tested against it in Triton's CPU interpreter
+(tests/test_weight_kernels.py); speed is measured on the GPU (benchmarks/weights/gpu_decode_speed.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_ROWS = 64  # input rows handled here; more (prefill) go to the reference's dense matmul per band
+BLOCK_N = 64  # output rows per program
+TARGET_PROGRAMS = 512  # enough programs to fill a large GPU at batch 1 (the k-split makes up for few row blocks)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The groups of one bit width: their packed codes and, on the device, their group indices (int32)."""
+
+    bits: int
+    codes: torch.Tensor  # uint8 (N, n_groups_b * G * bits / 8)
+    group_index: torch.Tensor  # int32 (n_groups_b,)
+
+
+def supported(group_size: int, rows: int) -> bool:
+    """Whether the kernel serves this call: a power-of-two group of 16..256 columns (tl.arange needs a power of
+    two; 16 is tl.dot's smallest side) and a decode-sized input."""
+    return 16 <= group_size <= 256 and group_size & (group_size - 1) == 0 and 0 < rows <= MAX_ROWS
+
+
+def group_gemv(
+    x: torch.Tensor,
+    buckets: list[Bucket],
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    group_size: int,
+    out_features: int,
+) -> torch.Tensor:
+    """``x`` (M, in_features), contiguous, M <= MAX_ROWS -> ``x @ W^T`` as fp32 (M, out_features)."""
+    from memfit.kernels import _group_gemv_kernel as K
+
+    m, k_in = x.shape
+    y = torch.zeros(m, out_features, dtype=torch.float32, device=x.device)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    n_blocks = -(-out_features // BLOCK_N)
+    m_blocks = -(-m // block_m)
+    for bucket in buckets:
+        n_groups = bucket.group_index.numel()
+        if n_groups == 0:
+            continue
+        split = max(1, min(n_groups, TARGET_PROGRAMS // max(1, n_blocks * m_blocks)))
+        K.group_gemv_kernel[(n_blocks, split, m_blocks)](
+            x, bucket.codes, bucket.group_index, scales, offsets, y,
+            m, out_features, k_in, n_groups,
+            x.stride(0), bucket.codes.stride(0), scales.stride(0), y.stride(0),
+            BITS=bucket.bits, G=group_size, SPLIT=split, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        )
+    return y
