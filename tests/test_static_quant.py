@@ -297,10 +297,11 @@ def test_triton_flush_equals_the_torch_flush(device, sliding, request):
     assert a.qk - qk0 >= 2 * form.key_block and a.qv > steps - r  # key flushes during the decode
 
 
-@pytest.mark.parametrize("spec, budget, frozen", [("kivi", None, True), ("snapkv+kivi", 0.5, False)])
-def test_chunked_prefill(spec, budget, frozen, monkeypatch):
-    """Chunked prefill: KIVI alone freezes as usual; an eviction between chunks leaves holes in quantized key groups
-    (memfit.core.quantized_store), which the fixed layout cannot hold, so those layers stay the portable store."""
+@pytest.mark.parametrize("spec, budget", [("kivi", None), ("snapkv+kivi", 0.5)])
+def test_chunked_prefill(spec, budget, monkeypatch):
+    """Chunked prefill: KIVI alone quantizes chunk by chunk and freezes as usual; behind an eviction that acts at every
+    chunk, nothing is quantized until the prompt is in (memfit.core.quantized_store), so the eviction leaves no holes
+    in quantized key groups and the layers freeze too (they used to stay the slower portable store: issue #11)."""
     monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
     model = tiny_llama()
     ids, mask = _prompt(1)
@@ -309,5 +310,33 @@ def test_chunked_prefill(spec, budget, frozen, monkeypatch):
     for backend in ("fast", "portable"):
         caches[backend] = make_cache(model, spec, budget, params, backend=backend, reserve=12)
         gens[backend] = generate(model, ids, mask, caches[backend], max_new_tokens=12, prefill_chunk=16)
-    assert [layer.frozen for layer in caches["fast"].core.layers] == [frozen] * 3
+    assert [layer.frozen for layer in caches["fast"].core.layers] == [True] * 3
     assert gens["fast"].tokens == gens["portable"].tokens
+
+
+def test_chunked_prefill_behind_an_eviction_quantizes_once_the_prompt_is_in():
+    """snapkv+kivi with a chunked prompt (portable store): after every chunk but the last the layers hold their kept
+    tokens in full precision (the eviction may still drop any of them), within the kept tokens plus one chunk that
+    serve's admission reserves; once the prompt is in they are quantized (fewer bytes than the same tokens in full
+    precision)."""
+    from memfit.adapters.transformers import forward
+
+    model = tiny_llama()
+    ids, mask = _prompt(1)
+    total, chunk = ids.shape[1], 16
+    cache = make_cache(model, "snapkv+kivi", 0.5, CASES["snapkv+kivi2"][2], backend="portable")
+    core = cache.core
+    core.begin_prompt(mask.sum(-1), total)
+    pos = positions_from_mask(mask)
+    keep = total // 2
+    for start in range(0, total, chunk):
+        stop = min(total, start + chunk)
+        forward(model, ids[:, start:stop], mask[:, :stop], cache, pos[:, start:stop], logits_to_keep=1)
+        held = [(layer.k.slots - layer.k.residual_len, layer.v.slots - layer.v.residual_len, layer.num_slots)
+                for layer in core.layers]
+        if stop < total:
+            assert all(qk == 0 and qv == 0 for qk, qv, _ in held), (start, held)
+            assert all(n <= keep + chunk for _, _, n in held), (start, held)
+    assert all(qk > 0 and qv > 0 for qk, qv, _ in held)
+    assert all(layer.nbytes() < layer.num_slots * 2 * layer.keys.shape[1] * layer.keys.shape[-1] * 4
+               for layer in core.layers)

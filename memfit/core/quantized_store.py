@@ -820,6 +820,15 @@ class QuantizedKVLayer(KVLayer):
         self._keep_state(indices, valid)
 
     def finalize_step(self, info: StepInfo) -> None:
+        if info.is_prefill and not info.prefill_done and info.keep is not None:
+            # A chunked prompt with an eviction in front: the eviction may still drop any token of this layer at
+            # the next chunk, so nothing is quantized until the prompt is in. Quantizing now would leave the
+            # eviction holes inside quantized groups (the fast backend's static store cannot freeze such a layer,
+            # so the request would decode on this store's slower path), and the eviction would score dequantized
+            # keys where an unchunked prefill scores exact ones. Memory while prefilling stays what admission
+            # reserves for it (the kept tokens plus a chunk, at full precision: memfit.serve.admission).
+            self._step = self._probe = None
+            return
         kind = "prefill" if info.is_prefill else "decode"
         for side in (self.k, self.v):
             n = side.flush_count()
