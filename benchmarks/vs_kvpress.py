@@ -29,7 +29,8 @@ Set-up of the kvpress environment (once; the CPU torch wheel is on this machine'
         && /tmp/kvpress-venv/bin/pip install kvpress==0.5.5
 Run:
     python benchmarks/vs_kvpress.py --out benchmarks/vs_kvpress
-The 2K-token table of benchmarks/claims.md (issue #12): benchmarks/vs_kvpress/ctx2048/ (commands in claims.md).
+The 2K-token tables of benchmarks/claims.md (issue #12): benchmarks/vs_kvpress/ctx2048/ and, every ratio on both
+sides, benchmarks/vs_kvpress/ctx2048_all/ (commands in claims.md).
 """
 
 from __future__ import annotations
