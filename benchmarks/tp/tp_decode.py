@@ -16,12 +16,10 @@ row's roofline uses the largest per-rank byte count. Scaling: a method's tokens/
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
-import time
 
-from memfit.bench.provenance import ResultWriter
+from memfit.bench.provenance import ResultWriter, run_cli_json
 
 KEEPS_ALL = ("full", "kivi", "gear", "vidkv")  # methods that take no budget
 BANDWIDTH = (
@@ -31,8 +29,8 @@ BANDWIDTH = (
 
 
 def memfit_run(tp: int, method: str, args: argparse.Namespace, context: int, new: int) -> dict:
-    cmd = [sys.executable, "-m", "memfit.cli", "run", "--load-format", "dummy", "--model", args.model, "--device",
-           "cuda", "--context", str(context), "--max-new-tokens", str(new), "--method", method, "--no-chat", "--json"]
+    cmd = ["run", "--load-format", "dummy", "--model", args.model, "--device", "cuda", "--context", str(context),
+           "--max-new-tokens", str(new), "--method", method, "--no-chat", "--json"]
     if tp > 1:
         cmd += ["--tp", str(tp)]
     if method not in KEEPS_ALL:
@@ -40,17 +38,7 @@ def memfit_run(tp: int, method: str, args: argparse.Namespace, context: int, new
     for p in args.param or []:
         if p.split("=")[0].split(".")[0] in method.split("+"):
             cmd += ["--param", p]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    wall = time.perf_counter() - t
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": proc.stderr.strip().splitlines()[-5:] if proc.stderr.strip() else f"rc {proc.returncode}",
-                "command": " ".join(cmd[1:])}
-    row = json.loads(lines[-1])
-    row["command"] = "memfit " + " ".join(cmd[4:])
-    row["wall_seconds"] = wall
-    return row
+    return run_cli_json(cmd, args.timeout)[0]
 
 
 def main() -> None:

@@ -17,12 +17,10 @@ counted). Target (issue #15): 4-bit weights decode at >= 1.8x the bf16 model's t
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
-import time
 
-from memfit.bench.provenance import ResultWriter
+from memfit.bench.provenance import ResultWriter, run_cli_json
 
 BANDWIDTH = (
     "import sys, torch; sys.path.insert(0, 'benchmarks'); from runtime_gpu import copy_bandwidth; "
@@ -32,22 +30,13 @@ FALLBACK = "memfit: the Triton kernel for group-quantized weights failed here"
 
 
 def memfit_run(weights: str, args: argparse.Namespace, context: int, new: int) -> dict:
-    cmd = [sys.executable, "-m", "memfit.cli", "run", "--load-format", "dummy", "--model", args.model, "--device",
-           "cuda", "--context", str(context), "--max-new-tokens", str(new), "--method", args.method, "--no-chat",
-           "--backend", args.backend, "--json"]
+    cmd = ["run", "--load-format", "dummy", "--model", args.model, "--device", "cuda", "--context", str(context),
+           "--max-new-tokens", str(new), "--method", args.method, "--no-chat", "--backend", args.backend, "--json"]
     if weights != "none":
         cmd += ["--weights", weights]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    wall = time.perf_counter() - t
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"error": proc.stderr.strip().splitlines()[-5:] if proc.stderr.strip() else f"rc {proc.returncode}",
-                "command": " ".join(cmd[1:])}
-    row = json.loads(lines[-1])
-    row["command"] = "memfit " + " ".join(cmd[4:])
-    row["wall_seconds"] = wall
-    row["kernel_fallback"] = next((line for line in proc.stderr.splitlines() if line.startswith(FALLBACK)), None)
+    row, stderr = run_cli_json(cmd, args.timeout)
+    if "error" not in row:
+        row["kernel_fallback"] = next((line for line in stderr.splitlines() if line.startswith(FALLBACK)), None)
     return row
 
 

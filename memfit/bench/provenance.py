@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["ResultWriter", "command_line", "git_commit", "machine", "provenance", "stamp", "versions"]
+__all__ = ["ResultWriter", "command_line", "git_commit", "machine", "provenance", "run_cli_json", "stamp", "versions"]
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -154,3 +154,23 @@ class ResultWriter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def run_cli_json(args: list[str], timeout: float) -> tuple[dict[str, Any], str]:
+    """``memfit <args>`` (a command ending in ``--json``) in a fresh process, as a user runs it; for the benchmark
+    scripts that drive the product. Returns (its last JSON row with ``command`` and ``wall_seconds`` added — or
+    ``{"error": last stderr lines, "command"}`` when it failed or printed no row — and its whole stderr)."""
+    import time
+
+    cmd = [sys.executable, "-m", "memfit.cli", *args]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = proc.stderr.strip().splitlines()[-5:] if proc.stderr.strip() else f"rc {proc.returncode}"
+        return {"error": err, "command": "memfit " + " ".join(args)}, proc.stderr
+    row = json.loads(lines[-1])
+    row["command"] = "memfit " + " ".join(args)
+    row["wall_seconds"] = wall
+    return row, proc.stderr
