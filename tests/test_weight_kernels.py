@@ -10,8 +10,8 @@ import importlib
 import pytest
 import torch
 
-from memfit.kernels.group_gemv import MAX_ROWS, Bucket, group_gemv, supported
-from memfit.weights.format import CompressedLinear, group_kernel_forward, kernel_for
+from memfit.kernels.group_gemv import MAX_ROWS, group_gemv, supported
+from memfit.weights.format import CompressedLinear, _group_buckets, group_kernel_forward, kernel_for
 from tests.test_kernels import _INTERPRET, interpreter_dtype  # noqa: F401 (the fixture is used by name)
 
 _DEVICES = [
@@ -51,12 +51,6 @@ def _layer(out: int, inf: int, gs: int, bits: list[int], dev: str, lowrank: bool
     return lin.to(dev)
 
 
-def _buckets(lin: CompressedLinear) -> list[Bucket]:
-    bits = lin.group_bits.cpu()
-    return [Bucket(b, getattr(lin, f"codes_{b}"), (bits == b).nonzero().flatten().to(torch.int32).to(lin.scales.device))
-            for b in sorted(set(bits.tolist()))]
-
-
 @pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("rows", [1, 5, 17])
 def test_group_kernel_equals_the_reference_for_every_width(device, rows, request):
@@ -68,7 +62,7 @@ def test_group_kernel_equals_the_reference_for_every_width(device, rows, request
     inf = inf if device == "interpret" else len(bits) * gs
     lin = _layer(out, inf, gs, bits, dev)
     x = (torch.randn(rows, inf, generator=torch.Generator().manual_seed(rows))).to(dev, dtype)
-    got = group_gemv(x, _buckets(lin), lin.scales, lin.offsets, gs, out)
+    got = group_gemv(x, _group_buckets(lin), lin.scales, lin.offsets, gs, out)
     want = x.float() @ lin.dequantize(dtype, with_lowrank=False).float().T  # the operands the kernel multiplies
     assert got.dtype == torch.float32 and got.shape == (rows, out)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
@@ -105,13 +99,16 @@ def test_kernel_serves_only_what_it_can():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_forward_dispatches_to_the_kernel():
-    """On CUDA a decode-sized forward goes through the kernel: it matches the reference and reads no host state
-    after the first call (the bucket indices are cached per layer and device)."""
+    """On CUDA a decode-sized forward goes through the kernel (the reference is never called) and matches the
+    reference; the layer's buckets are built once and reused."""
     lin = _layer(1024, 1024, 128, [4] * 4 + [3] * 4, "cuda")
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    want = lin.reference_forward(x)
+    lin.reference_forward = lambda _x: pytest.fail("a decode-sized CUDA forward took the reference")
     y = lin(x)
-    torch.testing.assert_close(y.float(), lin.reference_forward(x).float(), rtol=2e-2, atol=2e-2)
-    assert lin._kernel_buckets is not None
+    torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
+    buckets = _group_buckets(lin)
+    assert buckets is not None and lin(x) is not None and _group_buckets(lin) is buckets
 
 
 def test_a_failing_kernel_falls_back_to_the_reference_and_says_so(monkeypatch, capsys):

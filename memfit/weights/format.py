@@ -322,20 +322,25 @@ def model_weight_bytes(model: nn.Module) -> int:
 
 
 # -- the CUDA kernel of the "group" format ---------------------------------------------------------------------------
-def _group_buckets(layer: CompressedLinear) -> list[Any]:
+def _group_buckets(layer: CompressedLinear) -> list[Any] | None:
     """The layer's buckets for `memfit.kernels.group_gemv` (its own code buffers, not copies, and each bucket's group
-    indices as int32 on their device), built once per layer and device: a decode step then reads nothing on the
-    host. The indices (4 bytes per group) are derived from ``group_bits`` and are not counted in ``weight_bytes``."""
-    from memfit.kernels.group_gemv import Bucket
+    indices as int32 on their device), or None when the kernel cannot serve this layer here (no Triton for this
+    device, a group size it does not take). Decided and built once per layer and device, so a decode step reads no
+    host state and looks nothing up. The indices (4 bytes per group) are derived from ``group_bits`` and are not
+    counted in ``weight_bytes``."""
+    from memfit import kernels
+    from memfit.kernels.group_gemv import Bucket, supported
 
     key = (layer.scales.device, layer.scales.data_ptr())
     cached = getattr(layer, "_kernel_buckets", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    bits = layer.group_bits.cpu()
-    buckets = [Bucket(b, getattr(layer, f"codes_{b}"),
-                      (bits == b).nonzero().flatten().to(torch.int32).to(layer.scales.device))
-               for b in sorted(set(bits.tolist()))]
+    buckets = None
+    if kernels.available() and supported(layer.meta["group_size"], 1):
+        bits = layer.group_bits.cpu()
+        buckets = [Bucket(b, getattr(layer, f"codes_{b}"),
+                          (bits == b).nonzero().flatten().to(torch.int32).to(layer.scales.device))
+                   for b in sorted(set(bits.tolist()))]
     layer._kernel_buckets = (key, buckets)
     return buckets
 
@@ -346,15 +351,14 @@ _KERNEL_FAILED: list[str] = []  # the first error of the kernel in this process 
 @register_kernel("group", "cuda", "triton-group-gemv")
 def group_kernel_forward(layer: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
     """Decode-sized inputs through the Triton kernel (weights read once, packed); larger inputs (prefill) and
-    shapes it does not serve through the reference, which dequantizes a band at a time for the dense matmul. If the
+    layers it does not serve through the reference, which dequantizes a band at a time for the dense matmul. If the
     kernel cannot run here (a Triton that fails to compile it), the process says so once on stderr and keeps to the
     reference: slower, the same result."""
-    from memfit import kernels
-    from memfit.kernels.group_gemv import group_gemv, supported
+    from memfit.kernels.group_gemv import MAX_ROWS, group_gemv
 
     x2 = x.reshape(-1, layer.in_features)
     buckets = _group_buckets(layer)  # built on the first call (a prefill): later decode steps read no host state
-    if _KERNEL_FAILED or not (kernels.available() and supported(layer.meta["group_size"], x2.shape[0])):
+    if buckets is None or _KERNEL_FAILED or not 0 < x2.shape[0] <= MAX_ROWS:
         return layer.reference_forward(x)
     try:
         y = group_gemv(x2.contiguous(), buckets, layer.scales, layer.offsets, layer.meta["group_size"],
