@@ -48,6 +48,7 @@ class DecodeSteps:
         self._ids: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
         self._out: torch.Tensor | None = None
+        self._ids_rows = 0
 
     def _capturable(self) -> bool:
         layers = self.cache.core.layers
@@ -62,6 +63,10 @@ class DecodeSteps:
         if any(layer.valid is not None or layer.extras for layer in layers):
             self.reason = "rows hold placeholder slots (a padded batch) or per-token policy state"
             return False
+        rows = self._ids_rows
+        if any(not m.capturable(rows) for m in self.model.modules() if hasattr(m, "capturable")):
+            self.reason = f"a compressed linear layer cannot run {rows} rows inside a graph (its kernel's limit)"
+            return False
         return True
 
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -75,6 +80,7 @@ class DecodeSteps:
             self.replays += 1
             return self._out[:, -1]
         if self.use_graphs and self.eager_steps >= 1:
+            self._ids_rows = int(tokens.shape[0])
             if self._capturable():
                 return self._capture(tokens, positions)
             self.use_graphs = False

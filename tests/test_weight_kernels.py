@@ -157,3 +157,45 @@ def test_kernel_forward_records_in_a_cuda_graph():
     static_x.copy_(x)
     graph.replay()
     torch.testing.assert_close(static_y.float(), eager.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_only_kernel_served_layers_are_graph_safe():
+    """The reference matmul reads group widths on the host: a layer is graph-safe only where the CUDA kernel serves
+    it, and only for decode-sized inputs (on a CPU never)."""
+    lin = _layer(64, 64, 32, [4, 3], "cpu")
+    assert not lin.cuda_graph_safe and not lin.capturable(1)
+    if torch.cuda.is_available():
+        gpu = lin.to("cuda")
+        assert gpu.cuda_graph_safe == (_group_buckets(gpu) is not None)
+        assert not gpu.capturable(MAX_ROWS + 1) and not gpu.capturable(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quantized_model_decodes_in_a_cuda_graph_like_the_portable_path():
+    """A model with 4-bit group weights (quantized on load, as `--weights rtn:4` does) takes the fast backend with
+    CUDA graphs, and generates what the portable path (eager, same weights) generates, within bf16 rounding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memfit.api import make_cache
+    from memfit.engine import generate, pad_left
+    from memfit.weights.base import quantize_model
+    from tests.conftest import TINY
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**dict(TINY, hidden_size=256, intermediate_size=512, head_dim=64)))
+    model = quantize_model(model.eval(), "rtn:4").to("cuda", torch.bfloat16)
+    assert all(m.cuda_graph_safe for m in model.modules() if isinstance(m, CompressedLinear))
+    g = torch.Generator().manual_seed(1)
+    ids, mask = pad_left([torch.randint(3, 120, (40,), generator=g).tolist()])
+    runs = {}
+    for backend in ("fast", "portable"):
+        cache = make_cache(model, "full", None, backend=backend, reserve=80)
+        runs[backend] = (cache, generate(model, ids, mask, cache, max_new_tokens=80))
+    fast_cache, fast = runs["fast"]
+    _, port = runs["portable"]
+    assert fast_cache.backend.name == "fast" and fast_cache.backend.graphs, fast_cache.backend
+    assert fast.graph_replays == 80 - 2
+    torch.testing.assert_close(fast.first_logits, port.first_logits, rtol=2e-2, atol=2e-2)
+    agree = sum(a == b for a, b in zip(fast.tokens[0][:12], port.tokens[0][:12], strict=True)) / 12
+    assert agree >= 0.75, (fast.tokens, port.tokens)

@@ -110,9 +110,21 @@ class CompressedLinear(nn.Module):
     Build it with `from_group`, `from_group_sparse` or `from_tiled_csl`; `add_lowrank` attaches a side branch.
     ``meta`` holds the JSON-able shape information saved in a quantized folder's manifest."""
 
-    # the reference matmul reads group widths on the host every forward: a decode step through it cannot be recorded
-    # in a CUDA graph (memfit.backend keeps such models off the graph path)
-    cuda_graph_safe = False
+    @property
+    def cuda_graph_safe(self) -> bool:
+        """Whether a decode step through this layer can be recorded in a CUDA graph (memfit.backend keeps models
+        with an unsafe module off the graph path). The reference matmul reads group widths on the host every forward,
+        so only a "group" layer that the CUDA kernel serves is safe, and only for decode-sized inputs
+        (`capturable`)."""
+        return self.capturable(1)
+
+    def capturable(self, rows: int) -> bool:
+        """Whether a forward of ``rows`` input rows stays off the host (it runs in the CUDA kernel)."""
+        if self.fmt != "group" or self.scales.device.type != "cuda" or _KERNEL_FAILED:
+            return False
+        from memfit.kernels.group_gemv import MAX_ROWS
+
+        return 0 < rows <= MAX_ROWS and _group_buckets(self) is not None
 
     def __init__(self, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__()
