@@ -52,20 +52,36 @@ def _layer(out: int, inf: int, gs: int, bits: list[int], dev: str, lowrank: bool
 
 
 @pytest.mark.parametrize("device", _DEVICES)
-@pytest.mark.parametrize("rows", [1, 5, 17])
-def test_group_kernel_equals_the_reference_for_every_width(device, rows, request):
-    """Every bit width 1..8 in one layer (widths that straddle bytes and those that do not, buckets of one and of
-    two groups, in mixed order), row counts that fill 1, 5 and 17 of the kernel's 16- or 32-row tiles: the kernel's
-    fp32 output equals x @ W^T computed from the same dequantized weights, to fp32 summation order."""
+@pytest.mark.parametrize(("variant", "rows"), [("dot", 1), ("dot", 5), ("dot", 17), ("rows", 1), ("rows", 3)])
+def test_group_kernel_equals_the_reference_for_every_width(device, variant, rows, request):
+    """Every bit width 1..8 in one layer (widths that straddle bytes or words and those that do not, buckets of one
+    and of two groups, in mixed order). The tl.dot kernel, at row counts that fill 1, 5 and 17 of its 16- or 32-row
+    tiles, multiplies the dequantized weight in the activation dtype; the register kernel (decode's 1-4 rows)
+    dequantizes in fp32. Each fp32 output equals x @ W^T computed from the operands it multiplies, to fp32
+    summation order."""
     dev, dtype, out, inf, gs = _setup(device, request)
     bits = [3, 8, 1, 5, 2, 4, 6, 7] if device == "interpret" else [4] * 16 + [3] * 8 + [5] * 8
     inf = inf if device == "interpret" else len(bits) * gs
     lin = _layer(out, inf, gs, bits, dev)
     x = (torch.randn(rows, inf, generator=torch.Generator().manual_seed(rows))).to(dev, dtype)
-    got = group_gemv(x, _group_buckets(lin), lin.scales, lin.offsets, gs, out)
-    want = x.float() @ lin.dequantize(dtype, with_lowrank=False).float().T  # the operands the kernel multiplies
+    got = group_gemv(x, _group_buckets(lin), lin.scales, lin.offsets, gs, out, torch.float32, variant=variant)
+    w = lin.dequantize(dtype if variant == "dot" else torch.float32, with_lowrank=False)
+    want = x.float() @ w.float().T
     assert got.dtype == torch.float32 and got.shape == (rows, out)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_register_kernel_serves_decode_rows_of_whole_words():
+    """`auto` takes the register kernel for 1-4 rows when every bucket's groups are whole int32 words, and the
+    tl.dot kernel otherwise; asking for the register kernel where it cannot serve is an error, not a wrong result."""
+    lin = _layer(64, 64, 32, [4, 3], "cpu")
+    assert all(b.words is not None and b.words.dtype == torch.int32 for b in _group_buckets(lin))
+    assert _group_buckets(lin)[0].words.data_ptr() == _group_buckets(lin)[0].codes.data_ptr()  # a view, no copy
+    odd = _layer(64, 64, 16, [3] * 4, "cpu")  # 16 codes of 3 bits: 6 bytes per group, not whole words
+    assert _group_buckets(odd)[0].words is None
+    x = torch.randn(5, 64)
+    with pytest.raises(ValueError, match="register kernel"):
+        group_gemv(x, _group_buckets(lin), lin.scales, lin.offsets, 32, 64, variant="rows")
 
 
 @pytest.mark.parametrize("device", _DEVICES)

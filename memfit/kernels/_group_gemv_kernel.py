@@ -46,3 +46,50 @@ def group_gemv_kernel(
         else:
             acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
     tl.atomic_add(Y + mrows[:, None] * s_y + rows[None, :], acc, mask=mmask[:, None] & rmask[None, :])
+
+
+@triton.jit
+def group_gemv_rows_kernel(
+    X, W, GIDX, S, OFF, Y,
+    m, n, k_in, n_groups,
+    s_x, s_w, s_s, s_y,
+    BITS: tl.constexpr, G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):
+    # W: the bucket's packed codes seen as int32 words (a group's G * BITS bits are G * BITS / 32 whole words)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    j = tl.arange(0, G)
+    bit = j * BITS
+    word = bit // 32
+    shift = (bit % 32).to(tl.uint32)
+    WG: tl.constexpr = G * BITS // 32
+    code_mask: tl.constexpr = (1 << BITS) - 1
+    mi = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(pid_k, n_groups, SPLIT):
+        gcol = tl.load(GIDX + g)
+        ptr = W + rows[:, None] * s_w + g * WG + word[None, :]
+        code = tl.load(ptr, mask=rmask[:, None], other=0).to(tl.uint32, bitcast=True) >> shift[None, :]
+        if (32 % BITS) != 0:  # a code may straddle two words: its high bits start the next one
+            spill = shift[None, :] + BITS > 32
+            hi = tl.load(ptr + 1, mask=rmask[:, None] & spill, other=0).to(tl.uint32, bitcast=True)
+            code = code | tl.where(spill, hi << (32 - shift[None, :]), 0)
+        code = (code & code_mask).to(tl.float32)
+        scale = tl.load(S + rows * s_s + gcol, mask=rmask, other=0.0).to(tl.float32)
+        offset = tl.load(OFF + rows * s_s + gcol, mask=rmask, other=0.0).to(tl.float32)
+        cols = gcol * G + j
+        for r in tl.static_range(BLOCK_M):
+            # sum_j (code_j * scale + offset) * x_j = scale * sum_j code_j x_j + offset * sum_j x_j
+            # rows past m (BLOCK_M rounds m up) re-read the last row: their sums are never stored
+            xr = tl.load(X + tl.minimum(m - 1, r) * s_x + cols, mask=cols < k_in, other=0.0).to(tl.float32)
+            part = scale * tl.sum(code * xr[None, :], axis=1) + offset * tl.sum(xr, axis=0)
+            acc += tl.where(mi[:, None] == r, part[None, :], 0.0)
+    yptr = Y + mi[:, None] * s_y + rows[None, :]
+    ymask = (mi[:, None] < m) & rmask[None, :]
+    if ATOMIC:
+        tl.atomic_add(yptr, acc, mask=ymask)
+    else:
+        tl.store(yptr, acc.to(Y.dtype.element_ty), mask=ymask)

@@ -33,6 +33,9 @@ import torch
 MAX_ROWS = 64  # input rows handled here; more (prefill) go to the reference's dense matmul per band
 BLOCK_N = 64  # output rows per program
 TARGET_PROGRAMS = 512  # enough programs to fill a large GPU at batch 1 (the k-split makes up for few row blocks)
+ROWS_MAX_M = 4  # decode rows the register kernel (no tl.dot) serves; more go to the tl.dot kernel
+ROWS_BLOCK_N = 16  # output rows per program of the register kernel
+MIN_DIRECT_PROGRAMS = 256  # row blocks that fill an H100/H200-class GPU (132 SMs) without a k-split
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,14 @@ class Bucket:
     bits: int
     codes: torch.Tensor  # uint8 (N, n_groups_b * G * bits / 8)
     group_index: torch.Tensor  # int32 (n_groups_b,)
+
+    @property
+    def words(self) -> torch.Tensor | None:
+        """The codes seen as int32 words (a view: no copy), or None where a row's bytes are not whole words."""
+        c, n = self.codes, max(1, self.group_index.numel())
+        if (c.shape[-1] // n) % 4 or c.data_ptr() % 4 or c.stride(-1) != 1 or c.stride(0) % 4:
+            return None  # a group's codes do not start on a word (G * bits not a multiple of 32), or misaligned
+        return c.view(torch.int32)
 
 
 def supported(group_size: int, rows: int) -> bool:
@@ -57,24 +68,61 @@ def group_gemv(
     offsets: torch.Tensor,
     group_size: int,
     out_features: int,
+    out_dtype: torch.dtype | None = None,
+    *,
+    variant: str = "auto",
+    block_n: int | None = None,
+    split: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
-    """``x`` (M, in_features), contiguous, M <= MAX_ROWS -> ``x @ W^T`` as fp32 (M, out_features)."""
+    """``x`` (M, in_features), contiguous, M <= MAX_ROWS -> ``x @ W^T`` (M, out_features) in ``out_dtype``
+    (default: x's dtype). ``variant``, ``block_n``, ``split`` and ``num_warps`` are for benchmarks
+    (benchmarks/weights/gemv_variants.py); "auto" takes the register kernel where it serves (`ROWS_MAX_M` rows at
+    most, groups of whole int32 words) and the tl.dot kernel otherwise."""
     from memfit.kernels import _group_gemv_kernel as K
 
     m, k_in = x.shape
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    live = [b for b in buckets if b.group_index.numel()]
+    words = [b.words for b in live]
+    rows_ok = m <= ROWS_MAX_M and group_size >= 32 and all(w is not None for w in words)
+    if variant == "auto":
+        variant = "rows" if rows_ok else "dot"
+    if variant == "rows" and not rows_ok:
+        raise ValueError(f"the register kernel needs <= {ROWS_MAX_M} rows and groups of whole int32 words")
+    if variant == "rows":
+        bn = block_n or ROWS_BLOCK_N
+        n_blocks = -(-out_features // bn)
+        extra = {} if num_warps is None else {"num_warps": num_warps}
+        # one bucket whose row blocks alone fill the GPU: no k-split, so each output is written once, in its dtype
+        direct = len(live) == 1 and (split or 1) == 1 and (split == 1 or n_blocks >= MIN_DIRECT_PROGRAMS)
+        y = (torch.empty(m, out_features, dtype=out_dtype, device=x.device) if direct
+             else torch.zeros(m, out_features, dtype=torch.float32, device=x.device))
+        block_m = 1 if m == 1 else 2 if m == 2 else 4
+        for bucket, w in zip(live, words, strict=True):
+            n_groups = bucket.group_index.numel()
+            sp = 1 if direct else split or max(1, min(n_groups, TARGET_PROGRAMS // n_blocks))
+            K.group_gemv_rows_kernel[(n_blocks, sp)](
+                x, w, bucket.group_index, scales, offsets, y,
+                m, out_features, k_in, n_groups,
+                x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
+                BITS=bucket.bits, G=group_size, SPLIT=sp, BLOCK_M=block_m, BLOCK_N=bn, ATOMIC=not direct,
+                **extra,
+            )
+        return y if direct else y.to(out_dtype)
     y = torch.zeros(m, out_features, dtype=torch.float32, device=x.device)
+    bn = block_n or BLOCK_N
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    n_blocks = -(-out_features // BLOCK_N)
+    n_blocks = -(-out_features // bn)
     m_blocks = -(-m // block_m)
-    for bucket in buckets:
+    extra = {} if num_warps is None else {"num_warps": num_warps}
+    for bucket in live:
         n_groups = bucket.group_index.numel()
-        if n_groups == 0:
-            continue
-        split = max(1, min(n_groups, TARGET_PROGRAMS // max(1, n_blocks * m_blocks)))
-        K.group_gemv_kernel[(n_blocks, split, m_blocks)](
+        sp = split or max(1, min(n_groups, TARGET_PROGRAMS // max(1, n_blocks * m_blocks)))
+        K.group_gemv_kernel[(n_blocks, sp, m_blocks)](
             x, bucket.codes, bucket.group_index, scales, offsets, y,
             m, out_features, k_in, n_groups,
             x.stride(0), bucket.codes.stride(0), scales.stride(0), y.stride(0),
-            BITS=bucket.bits, G=group_size, SPLIT=split, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+            BITS=bucket.bits, G=group_size, SPLIT=sp, BLOCK_M=block_m, BLOCK_N=bn, **extra,
         )
-    return y
+    return y.to(out_dtype)

@@ -374,7 +374,7 @@ def group_kernel_forward(layer: CompressedLinear, x: torch.Tensor) -> torch.Tens
         return layer.reference_forward(x)
     try:
         y = group_gemv(x2.contiguous(), buckets, layer.scales, layer.offsets, layer.meta["group_size"],
-                       layer.out_features).to(x2.dtype)
+                       layer.out_features)
     except Exception as exc:  # noqa: BLE001 - any failure of the optional kernel falls back to the reference
         import sys
 

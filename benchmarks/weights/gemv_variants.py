@@ -1,0 +1,102 @@
+"""Time the group-format decode matmul (memfit.kernels.group_gemv) per Llama-3.1-8B linear shape, per kernel variant
+and launch shape, beside torch's bf16 matmul of the same shape; and the product's layer forward
+(`CompressedLinear.forward`, the path `memfit run --weights` takes) at its defaults.
+
+Layers are built by the product's weight methods (`rtn:B` quantizes a random bf16 linear on the GPU; `mixed`
+is a SliM-LLM-like layout of 2/3/4-bit groups averaging 3 bits). Each time is the median of
+`triton.testing.do_bench_cudagraph` (the call recorded in a CUDA graph, as decode runs it). `per_token_ms` sums the
+seven linears of one decoder layer times 32 layers: what the linears of one decode step cost.
+
+    python benchmarks/weights/gemv_variants.py --out benchmarks/results/gemv_variants_h200.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from functools import partial
+
+import torch
+
+from memfit.bench.provenance import ResultWriter
+
+SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
+          "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
+LAYERS = 32
+
+
+def build(spec: str, out_f: int, in_f: int):
+    from memfit.weights.base import parse_weight_spec
+    from memfit.weights.format import CompressedLinear
+
+    lin = torch.nn.Linear(in_f, out_f, bias=False, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    if spec != "mixed":
+        return lin, parse_weight_spec(spec).compress(lin, None)
+    from memfit.weights.quantizer import rtn_quantize
+
+    n_g = in_f // 128
+    bits = torch.tensor(([2, 4] * n_g)[: n_g // 2] + [3] * (n_g - n_g // 2), dtype=torch.uint8)
+    codes, scales, offsets = rtn_quantize(lin.weight.float(), bits, 128)
+    return lin, CompressedLinear.from_group(codes, scales, offsets, bits, in_f)
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--specs", default="rtn:4,rtn:3,mixed")
+    ap.add_argument("--rows", default="1,4")
+    ap.add_argument("--block-n", default="8,16,32")
+    ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--out", default="benchmarks/results/gemv_variants.jsonl")
+    args = ap.parse_args()
+    from memfit.kernels.group_gemv import group_gemv
+    from memfit.weights.format import _group_buckets
+
+    totals: dict[tuple, float] = {}
+    with ResultWriter(args.out) as out:
+        for spec, (name, (n, k)) in itertools.product(args.specs.split(","), SHAPES.items()):
+            lin, comp = build(spec, n, k)
+            buckets = _group_buckets(comp)
+            for m in [int(r) for r in args.rows.split(",")]:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                want = lin(x).float()
+                cases = [("bf16", {}, partial(lin, x)), ("forward", {}, partial(comp, x))]
+                cases += [("dot", {"variant": "dot"}, None)]
+                if m == 1 and spec == args.specs.split(",")[0]:  # the launch-shape sweep: one spec, batch 1
+                    for bn, nw, split in itertools.product([int(b) for b in args.block_n.split(",")],
+                                                           [int(w) for w in args.warps.split(",")], [1, None]):
+                        cases.append(("rows", {"variant": "rows", "block_n": bn, "num_warps": nw, "split": split},
+                                      None))
+                elif m <= 4:
+                    cases.append(("rows", {"variant": "rows"}, None))
+                for kind, kw, fn in cases:
+                    if fn is None:
+                        fn = partial(group_gemv, x, buckets, comp.scales, comp.offsets, 128, n, **kw)
+                    try:
+                        err = (fn().float() - want).abs().max().item() / want.abs().max().item()
+                        ms = bench(fn)
+                    except Exception as exc:  # noqa: BLE001 - a launch shape that cannot compile is a row, not a crash
+                        out.write({"spec": spec, "linear": name, "rows": m, "kind": kind, **kw,
+                                   "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+                        continue
+                    nbytes = (sum(t.numel() * t.element_size() for t in comp.buffers()) if kind != "bf16"
+                              else lin.weight.numel() * 2)
+                    out.write({"spec": spec, "linear": name, "out": n, "in": k, "rows": m, "kind": kind, **kw,
+                               "ms": ms, "gb_per_s": nbytes / ms / 1e6, "rel_err_vs_bf16": err})
+                    key = (spec, m, kind, tuple(sorted(kw.items(), key=str)))
+                    totals[key] = totals.get(key, 0.0) + ms
+        for (spec, m, kind, kw), ms in sorted(totals.items(), key=lambda t: (t[0][0], t[0][1], t[1])):
+            out.write({"spec": spec, "rows": m, "kind": kind, **dict(kw), "summary": "per_token_linears",
+                       "per_token_ms": ms * LAYERS})
+
+
+if __name__ == "__main__":
+    main()
