@@ -53,8 +53,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--specs", default="rtn:4,rtn:3,mixed")
     ap.add_argument("--rows", default="1,4")
-    ap.add_argument("--block-n", default="8,16,32")
-    ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--block-n", default="4,8,16,32")
+    ap.add_argument("--warps", default="1,2,4")
     ap.add_argument("--out", default="benchmarks/results/gemv_variants.jsonl")
     args = ap.parse_args()
     from memfit.kernels.group_gemv import group_gemv

@@ -71,22 +71,37 @@ def group_gemv_rows_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(pid_k, n_groups, SPLIT):
         gcol = tl.load(GIDX + g)
-        ptr = W + rows[:, None] * s_w + g * WG + word[None, :]
-        code = tl.load(ptr, mask=rmask[:, None], other=0).to(tl.uint32, bitcast=True) >> shift[None, :]
-        if (32 % BITS) != 0:  # a code may straddle two words: its high bits start the next one
-            spill = shift[None, :] + BITS > 32
-            hi = tl.load(ptr + 1, mask=rmask[:, None] & spill, other=0).to(tl.uint32, bitcast=True)
-            code = code | tl.where(spill, hi << (32 - shift[None, :]), 0)
-        code = (code & code_mask).to(tl.float32)
         scale = tl.load(S + rows * s_s + gcol, mask=rmask, other=0.0).to(tl.float32)
         offset = tl.load(OFF + rows * s_s + gcol, mask=rmask, other=0.0).to(tl.float32)
-        cols = gcol * G + j
-        for r in tl.static_range(BLOCK_M):
-            # sum_j (code_j * scale + offset) * x_j = scale * sum_j code_j x_j + offset * sum_j x_j
-            # rows past m (BLOCK_M rounds m up) re-read the last row: their sums are never stored
-            xr = tl.load(X + tl.minimum(m - 1, r) * s_x + cols, mask=cols < k_in, other=0.0).to(tl.float32)
-            part = scale * tl.sum(code * xr[None, :], axis=1) + offset * tl.sum(xr, axis=0)
-            acc += tl.where(mi[:, None] == r, part[None, :], 0.0)
+        if (32 % BITS) == 0:
+            # widths that tile a word (1, 2, 4, 8): load the group's words as one contiguous (vectorised) tile and
+            # unpack in registers, PER codes per word, as a (rows, words, PER) block; x is read in the same shape
+            PER: tl.constexpr = 32 // BITS
+            wi = tl.arange(0, WG)
+            sub = tl.arange(0, PER)
+            words = tl.load(W + rows[:, None] * s_w + g * WG + wi[None, :], mask=rmask[:, None], other=0)
+            words = words.to(tl.uint32, bitcast=True)
+            code3 = ((words[:, :, None] >> (sub * BITS).to(tl.uint32)[None, None, :]) & code_mask).to(tl.float32)
+            cols3 = gcol * G + wi[:, None] * PER + sub[None, :]
+            for r in tl.static_range(BLOCK_M):
+                # sum_j (code_j * scale + offset) * x_j = scale * sum_j code_j x_j + offset * sum_j x_j
+                # (rows past m, BLOCK_M rounding m up, re-read the last row: their sums are never stored)
+                xr = tl.load(X + tl.minimum(m - 1, r) * s_x + cols3, mask=cols3 < k_in, other=0.0).to(tl.float32)
+                dot = tl.sum(tl.sum(code3 * xr[None, :, :], axis=2), axis=1)
+                part = scale * dot + offset * tl.sum(tl.sum(xr, axis=1), axis=0)
+                acc += tl.where(mi[:, None] == r, part[None, :], 0.0)
+        else:
+            # widths that straddle words (3, 5, 6, 7): each code reads its word (and the next where it spills)
+            ptr = W + rows[:, None] * s_w + g * WG + word[None, :]
+            code = tl.load(ptr, mask=rmask[:, None], other=0).to(tl.uint32, bitcast=True) >> shift[None, :]
+            spill = shift[None, :] + BITS > 32
+            hi = tl.load(ptr + 1, mask=rmask[:, None] & spill, other=0).to(tl.uint32, bitcast=True)
+            code = ((code | tl.where(spill, hi << (32 - shift[None, :]), 0)) & code_mask).to(tl.float32)
+            cols = gcol * G + j
+            for r in tl.static_range(BLOCK_M):
+                xr = tl.load(X + tl.minimum(m - 1, r) * s_x + cols, mask=cols < k_in, other=0.0).to(tl.float32)
+                part = scale * tl.sum(code * xr[None, :], axis=1) + offset * tl.sum(xr, axis=0)
+                acc += tl.where(mi[:, None] == r, part[None, :], 0.0)
     yptr = Y + mi[:, None] * s_y + rows[None, :]
     ymask = (mi[:, None] < m) & rmask[None, :]
     if ATOMIC:

@@ -35,6 +35,7 @@ BLOCK_N = 64  # output rows per program
 TARGET_PROGRAMS = 512  # enough programs to fill a large GPU at batch 1 (the k-split makes up for few row blocks)
 ROWS_MAX_M = 4  # decode rows the register kernel (no tl.dot) serves; more go to the tl.dot kernel
 ROWS_BLOCK_N = 16  # output rows per program of the register kernel
+ROWS_NUM_WARPS = 4  # warps per program of the register kernel
 MIN_DIRECT_PROGRAMS = 256  # row blocks that fill an H100/H200-class GPU (132 SMs) without a k-split
 
 
@@ -93,7 +94,7 @@ def group_gemv(
     if variant == "rows":
         bn = block_n or ROWS_BLOCK_N
         n_blocks = -(-out_features // bn)
-        extra = {} if num_warps is None else {"num_warps": num_warps}
+        extra = {"num_warps": num_warps or ROWS_NUM_WARPS}
         # one bucket whose row blocks alone fill the GPU: no k-split, so each output is written once, in its dtype
         direct = len(live) == 1 and (split or 1) == 1 and (split == 1 or n_blocks >= MIN_DIRECT_PROGRAMS)
         y = (torch.empty(m, out_features, dtype=out_dtype, device=x.device) if direct
