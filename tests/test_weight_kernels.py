@@ -52,12 +52,13 @@ def _layer(out: int, inf: int, gs: int, bits: list[int], dev: str, lowrank: bool
 
 
 @pytest.mark.parametrize("device", _DEVICES)
-@pytest.mark.parametrize(("variant", "rows"), [("dot", 1), ("dot", 5), ("dot", 17), ("rows", 1), ("rows", 3)])
+@pytest.mark.parametrize(("variant", "rows"),
+                         [("dot", 1), ("dot", 5), ("dot", 17), ("rows", 1), ("rows", 3), ("row1", 1)])
 def test_group_kernel_equals_the_reference_for_every_width(device, variant, rows, request):
     """Every bit width 1..8 in one layer (widths that straddle bytes or words and those that do not, buckets of one
     and of two groups, in mixed order). The tl.dot kernel, at row counts that fill 1, 5 and 17 of its 16- or 32-row
-    tiles, multiplies the dequantized weight in the activation dtype; the register kernel (decode's 1-4 rows)
-    dequantizes in fp32. Each fp32 output equals x @ W^T computed from the operands it multiplies, to fp32
+    tiles, multiplies the dequantized weight in the activation dtype; the register kernel (decode's 1-4 rows, and
+    its one-row form) dequantizes in fp32. Each fp32 output equals x @ W^T computed from the operands it multiplies, to fp32
     summation order."""
     dev, dtype, out, inf, gs = _setup(device, request)
     bits = [3, 8, 1, 5, 2, 4, 6, 7] if device == "interpret" else [4] * 16 + [3] * 8 + [5] * 8
@@ -80,8 +81,9 @@ def test_register_kernel_serves_decode_rows_of_whole_words():
     odd = _layer(64, 64, 16, [3] * 4, "cpu")  # 16 codes of 3 bits: 6 bytes per group, not whole words
     assert _group_buckets(odd)[0].words is None
     x = torch.randn(5, 64)
-    with pytest.raises(ValueError, match="register kernel"):
-        group_gemv(x, _group_buckets(lin), lin.scales, lin.offsets, 32, 64, variant="rows")
+    for variant in ("rows", "row1"):
+        with pytest.raises(ValueError, match="register kernel"):
+            group_gemv(x, _group_buckets(lin), lin.scales, lin.offsets, 32, 64, variant=variant)
 
 
 @pytest.mark.parametrize("device", _DEVICES)

@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4")
     ap.add_argument("--block-n", default="4,8,16,32")
     ap.add_argument("--warps", default="1,2,4")
+    ap.add_argument("--variants", default="row1,rows", help="register-kernel forms swept at batch 1")
     ap.add_argument("--out", default="benchmarks/results/gemv_variants.jsonl")
     args = ap.parse_args()
     from memfit.kernels.group_gemv import group_gemv
@@ -73,10 +74,11 @@ def main() -> None:
                 if m == 1 and spec == args.specs.split(",")[0]:  # the launch-shape sweep: one spec, batch 1
                     for bn, nw, split in itertools.product([int(b) for b in args.block_n.split(",")],
                                                            [int(w) for w in args.warps.split(",")], [1, None]):
-                        cases.append(("rows", {"variant": "rows", "block_n": bn, "num_warps": nw, "split": split},
-                                      None))
+                        for variant in args.variants.split(","):
+                            cases.append(("rows", {"variant": variant, "block_n": bn, "num_warps": nw,
+                                                   "split": split}, None))
                 elif m <= 4:
-                    cases.append(("rows", {"variant": "rows"}, None))
+                    cases.append(("rows", {"variant": "auto"}, None))
                 for kind, kw, fn in cases:
                     if fn is None:
                         fn = partial(group_gemv, x, buckets, comp.scales, comp.offsets, 128, n, **kw)

@@ -108,3 +108,59 @@ def group_gemv_rows_kernel(
         tl.atomic_add(yptr, acc, mask=ymask)
     else:
         tl.store(yptr, acc.to(Y.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
+def group_gemv_row1_kernel(
+    X, W, GIDX, S, OFF, Y,
+    n, k_in, n_groups,
+    s_w, s_s,
+    BITS: tl.constexpr, G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    # One input row (batch-1 decode). Every (row, column) product accumulates in its own register across the
+    # program's groups and is reduced once at the end: the loop itself has no cross-thread reduction.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    WG: tl.constexpr = G * BITS // 32
+    code_mask: tl.constexpr = (1 << BITS) - 1
+    if (32 % BITS) == 0:
+        PER: tl.constexpr = 32 // BITS
+        wi = tl.arange(0, WG)
+        sub = tl.arange(0, PER)
+        acc3 = tl.zeros((BLOCK_N, WG, PER), dtype=tl.float32)
+        for g in range(pid_k, n_groups, SPLIT):
+            gcol = tl.load(GIDX + g)
+            scale = tl.load(S + rows * s_s + gcol, mask=rmask, other=0.0).to(tl.float32)
+            offset = tl.load(OFF + rows * s_s + gcol, mask=rmask, other=0.0).to(tl.float32)
+            words = tl.load(W + rows[:, None] * s_w + g * WG + wi[None, :], mask=rmask[:, None], other=0)
+            words = words.to(tl.uint32, bitcast=True)
+            code3 = ((words[:, :, None] >> (sub * BITS).to(tl.uint32)[None, None, :]) & code_mask).to(tl.float32)
+            cols3 = gcol * G + wi[:, None] * PER + sub[None, :]
+            xr = tl.load(X + cols3, mask=cols3 < k_in, other=0.0).to(tl.float32)
+            acc3 += (code3 * scale[:, None, None] + offset[:, None, None]) * xr[None, :, :]
+        out = tl.sum(tl.sum(acc3, axis=2), axis=1)
+    else:
+        j = tl.arange(0, G)
+        bit = j * BITS
+        word = bit // 32
+        shift = (bit % 32).to(tl.uint32)
+        acc2 = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        for g in range(pid_k, n_groups, SPLIT):
+            gcol = tl.load(GIDX + g)
+            scale = tl.load(S + rows * s_s + gcol, mask=rmask, other=0.0).to(tl.float32)
+            offset = tl.load(OFF + rows * s_s + gcol, mask=rmask, other=0.0).to(tl.float32)
+            ptr = W + rows[:, None] * s_w + g * WG + word[None, :]
+            code = tl.load(ptr, mask=rmask[:, None], other=0).to(tl.uint32, bitcast=True) >> shift[None, :]
+            spill = shift[None, :] + BITS > 32
+            hi = tl.load(ptr + 1, mask=rmask[:, None] & spill, other=0).to(tl.uint32, bitcast=True)
+            code = ((code | tl.where(spill, hi << (32 - shift[None, :]), 0)) & code_mask).to(tl.float32)
+            cols = gcol * G + j
+            xr = tl.load(X + cols, mask=cols < k_in, other=0.0).to(tl.float32)
+            acc2 += (code * scale[:, None] + offset[:, None]) * xr[None, :]
+        out = tl.sum(acc2, axis=1)
+    if ATOMIC:
+        tl.atomic_add(Y + rows, out, mask=rmask)
+    else:
+        tl.store(Y + rows, out.to(Y.dtype.element_ty), mask=rmask)

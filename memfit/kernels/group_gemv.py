@@ -36,6 +36,8 @@ TARGET_PROGRAMS = 512  # enough programs to fill a large GPU at batch 1 (the k-s
 ROWS_MAX_M = 4  # decode rows the register kernel (no tl.dot) serves; more go to the tl.dot kernel
 ROWS_BLOCK_N = 16  # output rows per program of the register kernel
 ROWS_NUM_WARPS = 4  # warps per program of the register kernel
+ROW1_BLOCK_N = 16  # the same for its one-row form (batch-1 decode: registers accumulate, one reduction at the end)
+ROW1_NUM_WARPS = 4
 MIN_DIRECT_PROGRAMS = 256  # row blocks that fill an H100/H200-class GPU (132 SMs) without a k-split
 
 
@@ -79,7 +81,7 @@ def group_gemv(
     """``x`` (M, in_features), contiguous, M <= MAX_ROWS -> ``x @ W^T`` (M, out_features) in ``out_dtype``
     (default: x's dtype). ``variant``, ``block_n``, ``split`` and ``num_warps`` are for benchmarks
     (benchmarks/weights/gemv_variants.py); "auto" takes the register kernel where it serves (`ROWS_MAX_M` rows at
-    most, groups of whole int32 words) and the tl.dot kernel otherwise."""
+    most, groups of whole int32 words; its one-row form "row1" for a single row) and the tl.dot kernel otherwise."""
     from memfit.kernels import _group_gemv_kernel as K
 
     m, k_in = x.shape
@@ -88,9 +90,26 @@ def group_gemv(
     words = [b.words for b in live]
     rows_ok = m <= ROWS_MAX_M and group_size >= 32 and all(w is not None for w in words)
     if variant == "auto":
-        variant = "rows" if rows_ok else "dot"
-    if variant == "rows" and not rows_ok:
-        raise ValueError(f"the register kernel needs <= {ROWS_MAX_M} rows and groups of whole int32 words")
+        variant = ("row1" if m == 1 else "rows") if rows_ok else "dot"
+    if variant in ("rows", "row1") and not (rows_ok and (variant == "rows" or m == 1)):
+        raise ValueError(f"the register kernel needs <= {ROWS_MAX_M} rows (row1: one) and groups of whole int32 "
+                         "words")
+    if variant == "row1":
+        bn = block_n or ROW1_BLOCK_N
+        n_blocks = -(-out_features // bn)
+        direct = len(live) == 1 and (split or 1) == 1 and (split == 1 or n_blocks >= MIN_DIRECT_PROGRAMS)
+        y = (torch.empty(1, out_features, dtype=out_dtype, device=x.device) if direct
+             else torch.zeros(1, out_features, dtype=torch.float32, device=x.device))
+        for bucket, w in zip(live, words, strict=True):
+            n_groups = bucket.group_index.numel()
+            sp = 1 if direct else split or max(1, min(n_groups, TARGET_PROGRAMS // n_blocks))
+            K.group_gemv_row1_kernel[(n_blocks, sp)](
+                x, w, bucket.group_index, scales, offsets, y,
+                out_features, k_in, n_groups, w.stride(0), scales.stride(0),
+                BITS=bucket.bits, G=group_size, SPLIT=sp, BLOCK_N=bn, ATOMIC=not direct,
+                num_warps=num_warps or ROW1_NUM_WARPS,
+            )
+        return y if direct else y.to(out_dtype)
     if variant == "rows":
         bn = block_n or ROWS_BLOCK_N
         n_blocks = -(-out_features // bn)
