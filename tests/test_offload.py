@@ -126,6 +126,19 @@ def test_moe_expert_offload_is_exact_and_prefetch_hits(make):
     assert rates["pregated"] > rates["ondemand"]
 
 
+def test_close_frees_the_window_at_once():
+    """After `close`, no streamed unit holds a device copy (measured on an H200, a closed MoE run's experts stayed
+    allocated until garbage collection and inflated the next run's peak by the whole window)."""
+    model = _mixtral()
+    off = attach_offload(model, int(_weight_bytes(model) * 0.55), "cpu", "pregated")
+    _trace(model)
+    units = off.streamer.units
+    assert any(u.state != "offloaded" for u in units if u.home != "device")  # the run left experts loaded
+    off.close()
+    assert all(u.state == "offloaded" and u.tensors is None for u in units if u.home != "device")
+    assert off.streamer._held == 0
+
+
 def test_budget_below_minimum_is_a_clear_error():
     model = _llama()
     with pytest.raises(ConfigError, match=r"below the minimum .*Pass --weights-memory"):

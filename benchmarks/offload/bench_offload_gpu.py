@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import time
@@ -183,8 +184,9 @@ def moe(args: argparse.Namespace, dev: torch.device, emit: Any) -> None:
         off = attach_offload(m, budget, dev, policy)
         r = _memfit_decode(m, ids, args.new, dev)
         emit({"what": f"moe_{policy}", "weights_memory": budget, "weight_bytes": total, **r, "offload": off.report()})
-        off.close()
+        off.close()  # frees the expert window (memfit.offload.streamer.WeightStreamer.close)
         del m
+        gc.collect()
 
 
 def main() -> None:

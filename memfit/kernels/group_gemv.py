@@ -34,10 +34,10 @@ MAX_ROWS = 64  # input rows handled here; more (prefill) go to the reference's d
 BLOCK_N = 64  # output rows per program
 TARGET_PROGRAMS = 512  # enough programs to fill a large GPU at batch 1 (the k-split makes up for few row blocks)
 ROWS_MAX_M = 4  # decode rows the register kernel (no tl.dot) serves; more go to the tl.dot kernel
-ROWS_BLOCK_N = 16  # output rows per program of the register kernel
-ROWS_NUM_WARPS = 4  # warps per program of the register kernel
-ROW1_BLOCK_N = 16  # the same for its one-row form (batch-1 decode: registers accumulate, one reduction at the end)
-ROW1_NUM_WARPS = 4
+ROWS_BLOCK_N = 32  # output rows per program of the register kernel
+ROWS_NUM_WARPS = 2  # warps per program of the register kernel
+ROW1_BLOCK_N = 32  # the same for its one-row form (batch-1 decode: registers accumulate, one reduction at the end)
+ROW1_NUM_WARPS = 2
 MIN_DIRECT_PROGRAMS = 256  # row blocks that fill an H100/H200-class GPU (132 SMs) without a k-split
 
 

@@ -292,10 +292,15 @@ class WeightStreamer:
         self.hooks.append((module, hook))
 
     def close(self) -> None:
-        """Stop the loader thread (pending loads finish first)."""
+        """Stop the loader thread (pending loads finish first) and drop every streamed unit's device copy: the
+        window's memory is free when `close` returns, not when the model (which the hooks and caches reference in
+        cycles) is garbage-collected. The model cannot run after this."""
         for u in self.units:
             if u.state == "pending":
                 self.wait(u)
+            self.release(u)
+        while self._frees:  # the GPU has finished with the released copies
+            self._frees.popleft().synchronize()
         self.pool.shutdown(wait=True)
 
 
