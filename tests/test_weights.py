@@ -13,7 +13,7 @@ from torch import nn
 import memfit.weights.format as fmt
 from memfit.errors import ConfigError, ModelLoadError
 from memfit.weights import CompressedLinear, model_weight_bytes, parse_weight_spec, quantize_model
-from memfit.weights.format import pack_bits, unpack_bits
+from memfit.weights.format import MATVEC_ROWS, pack_bits, unpack_bits
 from memfit.weights.io import MANIFEST, load_quantized, save_quantized
 from memfit.weights.quantizer import minmax_params, rtn_quantize
 
@@ -80,11 +80,20 @@ def _layers() -> dict[str, CompressedLinear]:
     return layers
 
 
-@pytest.mark.parametrize("name", ["group", "group_sparse", "tiled_csl", "group+lowrank"])
-def test_reference_matmul_equals_dequantize_then_matmul(name):
-    layer = _layers()[name]
+@pytest.mark.parametrize("name", ["group", "group_sparse", "tiled_csl", "group+lowrank", "group uniform"])
+@pytest.mark.parametrize("lead", [(2, 3), (3, 4)], ids=["decode rows", "prefill rows"])
+def test_reference_matmul_equals_dequantize_then_matmul(name, lead):
+    """Both forms of the reference (a few rows: codes times x without a dequantized weight; more rows:
+    dequantize a band, then multiply) equal dequantize-then-matmul, for mixed and uniform widths."""
+    if name == "group uniform":
+        w = torch.randn(300, 200, generator=torch.Generator().manual_seed(5))
+        gbits = torch.full((4,), 4, dtype=torch.uint8)
+        layer = CompressedLinear.from_group(*rtn_quantize(w, gbits, 64), gbits, 200)
+    else:
+        layer = _layers()[name]
     assert layer.band_rows() < layer.out_features  # several bands really ran
-    x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(*lead, layer.in_features, generator=torch.Generator().manual_seed(2))
+    assert (x[..., 0].numel() <= MATVEC_ROWS) == (lead == (2, 3))
     w = layer.dequantize()
     expected = x @ w.T + (layer.bias if layer.bias is not None else 0)
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
