@@ -3,7 +3,7 @@ are divided by 1024 (tensor bytes, peak RSS, CUDA allocator stats) and labelling
 
 from __future__ import annotations
 
-__all__ = ["current_rss", "format_bytes"]
+__all__ = ["current_rss", "format_bytes", "return_freed_memory"]
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -32,3 +32,26 @@ def current_rss() -> int:
     except OSError:
         pass
     return 0
+
+
+def return_freed_memory() -> None:
+    """Ask the C allocator to give freed heap memory back to the system (glibc's ``malloc_trim``; a no-op where it
+    does not exist). Without it, the temporaries of a layer-by-layer transformation (quantizing on load) stay in
+    glibc's heap after they are freed, and the process's peak RSS grows with every layer (measured on the default
+    model: ~1.5 GiB instead of ~1 GiB after quantizing its 210 linears)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            lib = ctypes.CDLL(name) if name else None
+            _TRIM = lib.malloc_trim if lib is not None and hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None  # glibc's malloc_trim once looked up, or False where there is none

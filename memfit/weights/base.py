@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from memfit.errors import ConfigError
+from memfit.units import return_freed_memory
 from memfit.weights.calibrate import (
     LinearStats,
     calibration_ids,
@@ -185,6 +186,7 @@ def quantize_model(
     names = list(targets)
     for i, name in enumerate(names):
         set_module(model, name, m.compress(targets.pop(name), None))  # drop our reference: the dense weight is freed
+        return_freed_memory()  # the layer's temporaries: otherwise the peak RSS grows layer after layer
         if progress is not None:
             progress(f"layer {i + 1}/{len(names)}")
     model.memfit_weights = m.spec()  # type: ignore[assignment]

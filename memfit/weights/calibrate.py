@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from memfit.errors import ConfigError
+from memfit.units import return_freed_memory
 
 
 class _Stop(Exception):
@@ -151,6 +152,7 @@ def quantize_blockwise(
         for n in names:
             set_module(model, n, replace(n, targets.pop(n), stats[n]))  # the dense weight is freed here
             stats[n] = None  # type: ignore[assignment]  # free the Hessian before the next layer
+            return_freed_memory()
         out = block(hidden, *rest, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
         if progress is not None:
