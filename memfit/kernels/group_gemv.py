@@ -6,14 +6,21 @@ each group one bit width (1..8) shared by every output row, groups of equal widt
 uint8 ``(N, n_b * G * b / 8)``, each group's codes a little-endian bit stream starting on a byte), and per (row,
 group) an fp16 scale and offset (``w = code * scale + offset``).
 
-How: one launch per bucket. Program (n-block, k-split, m-block) walks the bucket's groups g = k-split, k-split +
-SPLIT, ...: it loads the group's packed bytes of BLOCK_N rows, unpacks the codes in registers (for widths that
-straddle bytes, 1 = 2^0, 3, 5, 6, 7, two bytes per code), dequantizes them in fp32 with the row's scale and offset,
-casts to the activation dtype and multiplies with the group's G input columns (read in place through the bucket's
-group indices: x is never gathered or padded). Partial sums go to one fp32 output with atomic adds (splits and
-buckets add into the same rows), so the weight bytes are read exactly once per call and no dequantized weight is
-ever written to memory: at batch 1 the call is bound by reading the packed bytes (the roofline the benchmark uses).
-Summation order across splits is not fixed (atomics): results match the reference to fp32 rounding, not bit for bit.
+How: one launch per bucket; programs walk a bucket's groups (g = k-split, k-split + SPLIT, ...) for a block of
+output rows, reading the group's packed codes once, unpacking them in registers, dequantizing with the row's scale
+and offset and multiplying with the group's G input columns (read in place through the bucket's group indices: x
+is never gathered or padded). No dequantized weight is ever written to memory. Three forms:
+- one row (batch-1 decode; "row1"): the codes are read as int32 words (widths that tile a word, 1/2/4/8 bits, as
+  one contiguous tile; widths that straddle words per code), and every (row, column) product accumulates in its
+  own fp32 register across the program's groups, reduced once at the end;
+- 2-4 rows ("rows"): the same loads; per group sum_j (code_j * scale + offset) x_j = scale * (codes . x) + offset
+  * sum(x), reduced per group;
+- 5-64 rows ("dot"): bytes unpacked per code, the dequantized tile cast to the activation dtype for `tl.dot`.
+A single bucket whose row blocks fill the GPU writes its output directly in the activation dtype; otherwise
+partial sums go to one fp32 output with atomic adds (splits and buckets add into the same rows), whose summation
+order is not fixed: results match the reference to fp32 rounding, not bit for bit. Measured on an H200
+(benchmarks/weights/gemv_variants.py): the one-row form is ~6x faster than the tl.dot one at batch 1, yet still
+~1.7x slower than torch's bf16 matmul, being bound by unpacking and converting codes rather than by memory.
 
 Why our own kernel: the format's per-group widths (SliM-LLM's mixed precision) and its bit-stream packing are
 ours; torchao's int4 / HQQ / gemlite kernels each want their own uniform-width layout, so using them would mean
