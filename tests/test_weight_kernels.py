@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from memfit.kernels.group_gemv import MAX_ROWS, group_gemv, supported
+from memfit.kernels.group_gemv import MAX_ROWS, Bucket, group_gemv, supported
 from memfit.weights.format import CompressedLinear, _group_buckets, group_kernel_forward, kernel_for
 from tests.test_kernels import _INTERPRET, interpreter_dtype  # noqa: F401 (the fixture is used by name)
 
@@ -75,15 +75,20 @@ def test_group_kernel_equals_the_reference_for_every_width(device, variant, rows
 def test_register_kernel_serves_decode_rows_of_whole_words():
     """`auto` takes the register kernel for 1-4 rows when every bucket's groups are whole int32 words, and the
     tl.dot kernel otherwise; asking for the register kernel where it cannot serve is an error, not a wrong result."""
+    def buckets(layer: CompressedLinear) -> list[Bucket]:  # as _group_buckets builds them, without a Triton
+        bits = layer.group_bits
+        return [Bucket(b, getattr(layer, f"codes_{b}"), (bits == b).nonzero().flatten().to(torch.int32))
+                for b in sorted(set(bits.tolist()))]
+
     lin = _layer(64, 64, 32, [4, 3], "cpu")
-    assert all(b.words is not None and b.words.dtype == torch.int32 for b in _group_buckets(lin))
-    assert _group_buckets(lin)[0].words.data_ptr() == _group_buckets(lin)[0].codes.data_ptr()  # a view, no copy
+    assert all(b.words is not None and b.words.dtype == torch.int32 for b in buckets(lin))
+    assert buckets(lin)[0].words.data_ptr() == buckets(lin)[0].codes.data_ptr()  # a view, no copy
     odd = _layer(64, 64, 16, [3] * 4, "cpu")  # 16 codes of 3 bits: 6 bytes per group, not whole words
-    assert _group_buckets(odd)[0].words is None
+    assert buckets(odd)[0].words is None
     x = torch.randn(5, 64)
-    for variant in ("rows", "row1"):
+    for variant in ("rows", "row1"):  # checked before Triton is imported or anything launches
         with pytest.raises(ValueError, match="register kernel"):
-            group_gemv(x, _group_buckets(lin), lin.scales, lin.offsets, 32, 64, variant=variant)
+            group_gemv(x, buckets(lin), lin.scales, lin.offsets, 32, 64, variant=variant)
 
 
 @pytest.mark.parametrize("device", _DEVICES)

@@ -89,8 +89,6 @@ def group_gemv(
     (default: x's dtype). ``variant``, ``block_n``, ``split`` and ``num_warps`` are for benchmarks
     (benchmarks/weights/gemv_variants.py); "auto" takes the register kernel where it serves (`ROWS_MAX_M` rows at
     most, groups of whole int32 words; its one-row form "row1" for a single row) and the tl.dot kernel otherwise."""
-    from memfit.kernels import _group_gemv_kernel as K
-
     m, k_in = x.shape
     out_dtype = x.dtype if out_dtype is None else out_dtype
     live = [b for b in buckets if b.group_index.numel()]
@@ -101,6 +99,8 @@ def group_gemv(
     if variant in ("rows", "row1") and not (rows_ok and (variant == "rows" or m == 1)):
         raise ValueError(f"the register kernel needs <= {ROWS_MAX_M} rows (row1: one) and groups of whole int32 "
                          "words")
+    from memfit.kernels import _group_gemv_kernel as K  # imports triton: only once the call is known to be valid
+
     if variant == "row1":
         bn = block_n or ROW1_BLOCK_N
         n_blocks = -(-out_features // bn)
