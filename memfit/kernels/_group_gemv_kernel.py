@@ -7,48 +7,6 @@ import triton.language as tl
 
 
 @triton.jit
-def group_gemv_kernel(
-    X, C, GIDX, S, OFF, Y,
-    m, n, k_in, n_groups,
-    s_x, s_c, s_s, s_y,
-    BITS: tl.constexpr, G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < n
-    mrows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = mrows < m
-    j = tl.arange(0, G)
-    bit = j * BITS
-    byte = bit // 8
-    shift = bit % 8
-    GB: tl.constexpr = G * BITS // 8  # packed bytes of one group in one row
-    code_mask: tl.constexpr = (1 << BITS) - 1
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(pid_k, n_groups, SPLIT):
-        gcol = tl.load(GIDX + g)
-        ptr = C + rows[:, None] * s_c + g * GB + byte[None, :]
-        word = tl.load(ptr, mask=rmask[:, None], other=0).to(tl.int32)
-        if (8 % BITS) != 0:  # a code may straddle two bytes: read the next one too (never past the group's bytes)
-            nxt = tl.load(ptr + 1, mask=rmask[:, None] & (byte[None, :] + 1 < GB), other=0).to(tl.int32)
-            word = word | (nxt << 8)
-        code = (word >> shift[None, :]) & code_mask
-        scale = tl.load(S + rows * s_s + gcol, mask=rmask, other=0.0).to(tl.float32)
-        offset = tl.load(OFF + rows * s_s + gcol, mask=rmask, other=0.0).to(tl.float32)
-        w = code.to(tl.float32) * scale[:, None] + offset[:, None]  # (BLOCK_N, G), dequantized in registers
-        cols = gcol * G + j
-        xt = tl.load(X + mrows[:, None] * s_x + cols[None, :], mask=mmask[:, None] & (cols[None, :] < k_in),
-                     other=0.0)
-        if xt.dtype == tl.float32:
-            acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
-    tl.atomic_add(Y + mrows[:, None] * s_y + rows[None, :], acc, mask=mmask[:, None] & rmask[None, :])
-
-
-@triton.jit
 def _scale_offset(S, OFF, rows, rmask, gcol, s_s):
     """Each row's fp16 scale and offset of group ``gcol``, in fp32."""
     scale = tl.load(S + rows * s_s + gcol, mask=rmask, other=0.0).to(tl.float32)
@@ -171,3 +129,44 @@ def group_gemv_row1_kernel(
             acc2 += (code * scale[:, None] + offset[:, None]) * xr[None, :]
         out = tl.sum(acc2, axis=1)
     _store(Y, Y + rows, out, rmask, ATOMIC)
+
+
+@triton.jit
+def group_gemv_kernel(
+    X, C, GIDX, S, OFF, Y,
+    m, n, k_in, n_groups,
+    s_x, s_c, s_s, s_y,
+    BITS: tl.constexpr, G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    mrows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = mrows < m
+    j = tl.arange(0, G)
+    bit = j * BITS
+    byte = bit // 8
+    shift = bit % 8
+    GB: tl.constexpr = G * BITS // 8  # packed bytes of one group in one row
+    code_mask: tl.constexpr = (1 << BITS) - 1
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(pid_k, n_groups, SPLIT):
+        gcol = tl.load(GIDX + g)
+        ptr = C + rows[:, None] * s_c + g * GB + byte[None, :]
+        word = tl.load(ptr, mask=rmask[:, None], other=0).to(tl.int32)
+        if (8 % BITS) != 0:  # a code may straddle two bytes: read the next one too (never past the group's bytes)
+            nxt = tl.load(ptr + 1, mask=rmask[:, None] & (byte[None, :] + 1 < GB), other=0).to(tl.int32)
+            word = word | (nxt << 8)
+        code = (word >> shift[None, :]) & code_mask
+        scale, offset = _scale_offset(S, OFF, rows, rmask, gcol, s_s)
+        w = code.to(tl.float32) * scale[:, None] + offset[:, None]  # (BLOCK_N, G), dequantized in registers
+        cols = gcol * G + j
+        xt = tl.load(X + mrows[:, None] * s_x + cols[None, :], mask=mmask[:, None] & (cols[None, :] < k_in),
+                     other=0.0)
+        if xt.dtype == tl.float32:
+            acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, tl.trans(w.to(xt.dtype)))
+    tl.atomic_add(Y + mrows[:, None] * s_y + rows[None, :], acc, mask=mmask[:, None] & rmask[None, :])

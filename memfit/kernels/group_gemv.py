@@ -101,41 +101,28 @@ def group_gemv(
                          "words")
     from memfit.kernels import _group_gemv_kernel as K  # imports triton: only once the call is known to be valid
 
-    if variant == "row1":
-        bn = block_n or ROW1_BLOCK_N
+    if variant in ("rows", "row1"):
+        one = variant == "row1"
+        bn = block_n or (ROW1_BLOCK_N if one else ROWS_BLOCK_N)
         n_blocks = -(-out_features // bn)
-        direct = len(live) == 1 and (split or 1) == 1 and (split == 1 or n_blocks >= MIN_DIRECT_PROGRAMS)
-        y = (torch.empty(1, out_features, dtype=out_dtype, device=x.device) if direct
-             else torch.zeros(1, out_features, dtype=torch.float32, device=x.device))
-        for bucket, w in zip(live, words, strict=True):
-            n_groups = bucket.group_index.numel()
-            sp = 1 if direct else split or max(1, min(n_groups, TARGET_PROGRAMS // n_blocks))
-            K.group_gemv_row1_kernel[(n_blocks, sp)](
-                x, w, bucket.group_index, scales, offsets, y,
-                out_features, k_in, n_groups, w.stride(0), scales.stride(0),
-                BITS=bucket.bits, G=group_size, SPLIT=sp, BLOCK_N=bn, ATOMIC=not direct,
-                num_warps=num_warps or ROW1_NUM_WARPS,
-            )
-        return y if direct else y.to(out_dtype)
-    if variant == "rows":
-        bn = block_n or ROWS_BLOCK_N
-        n_blocks = -(-out_features // bn)
-        extra = {"num_warps": num_warps or ROWS_NUM_WARPS}
         # one bucket whose row blocks alone fill the GPU: no k-split, so each output is written once, in its dtype
-        direct = len(live) == 1 and (split or 1) == 1 and (split == 1 or n_blocks >= MIN_DIRECT_PROGRAMS)
+        direct = len(live) == 1 and (split == 1 or (split is None and n_blocks >= MIN_DIRECT_PROGRAMS))
         y = (torch.empty(m, out_features, dtype=out_dtype, device=x.device) if direct
              else torch.zeros(m, out_features, dtype=torch.float32, device=x.device))
-        block_m = 1 if m == 1 else 2 if m == 2 else 4
+        warps = num_warps or (ROW1_NUM_WARPS if one else ROWS_NUM_WARPS)
         for bucket, w in zip(live, words, strict=True):
             n_groups = bucket.group_index.numel()
             sp = 1 if direct else split or max(1, min(n_groups, TARGET_PROGRAMS // n_blocks))
-            K.group_gemv_rows_kernel[(n_blocks, sp)](
-                x, w, bucket.group_index, scales, offsets, y,
-                m, out_features, k_in, n_groups,
-                x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
-                BITS=bucket.bits, G=group_size, SPLIT=sp, BLOCK_M=block_m, BLOCK_N=bn, ATOMIC=not direct,
-                **extra,
-            )
+            consts = dict(BITS=bucket.bits, G=group_size, SPLIT=sp, BLOCK_N=bn, ATOMIC=not direct, num_warps=warps)
+            if one:
+                K.group_gemv_row1_kernel[(n_blocks, sp)](
+                    x, w, bucket.group_index, scales, offsets, y, out_features, k_in, n_groups, w.stride(0),
+                    scales.stride(0), **consts)
+            else:
+                K.group_gemv_rows_kernel[(n_blocks, sp)](
+                    x, w, bucket.group_index, scales, offsets, y, m, out_features, k_in, n_groups, x.stride(0),
+                    w.stride(0), scales.stride(0), y.stride(0), BLOCK_M=1 if m == 1 else 2 if m == 2 else 4,
+                    **consts)
         return y if direct else y.to(out_dtype)
     y = torch.zeros(m, out_features, dtype=torch.float32, device=x.device)
     bn = block_n or BLOCK_N
