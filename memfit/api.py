@@ -6,7 +6,13 @@ from typing import Any
 
 import torch
 
-from memfit.adapters.transformers import MemfitCache, install, num_attention_layers, sliding_windows
+from memfit.adapters.transformers import (
+    MemfitCache,
+    install,
+    install_fused_ops,
+    num_attention_layers,
+    sliding_windows,
+)
 from memfit.backend import Backend, choose_backend
 from memfit.core import tp
 from memfit.core.budget import Budget
@@ -71,6 +77,8 @@ def make_cache(
         else:
             layer_factory = lambda index: StaticKVLayer(index, room)  # noqa: E731
     install(model)
+    if chosen.fused_ops:
+        install_fused_ops(model)
     core = CompressedCache(num_attention_layers(model), policy, layer_factory)
     core.tensor_parallel = tp.is_sharded(model)
     for layer, window in zip(core.layers, windows, strict=True):

@@ -37,9 +37,11 @@ class Backend:
     name: str  # "fast" | "portable"
     reason: str  # why this backend (and why not the other)
     graphs: bool = False  # decode steps replayed from a CUDA graph
+    fused_ops: bool = False  # RMSNorm, rotary and the MLP's activation run fused (memfit.kernels.fused_ops)
 
     def to_dict(self) -> dict[str, object]:
-        return {"backend": self.name, "backend_reason": self.reason, "cuda_graphs": self.graphs}
+        return {"backend": self.name, "backend_reason": self.reason, "cuda_graphs": self.graphs,
+                "fused_ops": self.fused_ops}
 
 
 def check_backend(requested: str) -> str:
@@ -111,4 +113,12 @@ def choose_backend(
     if on_gpu and not graphs:
         why += "; no CUDA graph: " + ("sliding-window layers trim every step" if sliding
                                       else "the method evicts during decoding")
-    return Backend("fast", why, graphs)
+    return Backend("fast", why, graphs, fused_ops=on_gpu and fused_ops_enabled())
+
+
+def fused_ops_enabled() -> bool:
+    """The fast backend fuses the layers' small operations on CUDA (memfit.kernels.fused_ops) unless
+    MEMFIT_FUSED_OPS=0 (for A/B measurements: benchmarks/decode_step_profile.py)."""
+    from memfit import kernels
+
+    return os.environ.get("MEMFIT_FUSED_OPS", "1") != "0" and kernels.available()

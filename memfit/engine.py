@@ -235,9 +235,25 @@ def generate(
 
     step = DecodeSteps(model, cache, steps=max_new_tokens - 1)
     t1 = time.perf_counter()
+    ahead: torch.Tensor | None = None  # logits of a step launched before its input token was read on the host
     for i in range(max_new_tokens):
         next_tok = logits.argmax(-1)
-        for b, tok in enumerate(next_tok.tolist()):
+        if step.graph is not None and i < max_new_tokens - 1:
+            # A replayed step needs no host decision: launch it before reading this token, so the host's work
+            # (the read-back, the EOS check, the next inputs) overlaps the GPU's. If every row has now ended, the
+            # launched step is wasted work (its token is in the cache, never in the output).
+            host_tok = next_tok.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            last_pos = last_pos + 1
+            ahead = step(next_tok, mask, last_pos)
+            ready.synchronize()
+            tokens = host_tok.tolist()
+        else:
+            ahead = None
+            tokens = next_tok.tolist()
+        for b, tok in enumerate(tokens):
             if not done[b]:
                 if tok in eos:
                     done[b] = True
@@ -245,9 +261,12 @@ def generate(
                     out[b].append(tok)
         if all(done) or i == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        last_pos = last_pos + 1
-        logits = step(next_tok, mask, last_pos)
+        if ahead is not None:
+            logits = ahead
+        else:
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            last_pos = last_pos + 1
+            logits = step(next_tok, mask, last_pos)
         steps += 1
     _sync(device)
     decode_seconds = time.perf_counter() - t1
@@ -282,6 +301,7 @@ class RunResult:
     backend: str = "portable"  # which runtime backend ran (memfit.backend)
     backend_reason: str = ""
     cuda_graphs: bool = False
+    fused_ops: bool = False  # the layers' norms, rotary and MLP activation ran as fused kernels (memfit.backend)
     decode_graph_replays: int = 0
     weights: str = "none"  # the weight method the model's linear layers carry (memfit.weights), or none
     weight_bytes: int = 0  # bytes of every parameter and buffer of the model (packed codes as stored)

@@ -17,6 +17,7 @@ model's modules: its decoder blocks, their attention/MLP parts, sparse-MoE block
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 from collections.abc import Callable
@@ -235,8 +236,10 @@ def forward(
         kwargs["position_ids"] = position_ids
     if logits_to_keep:
         kwargs["logits_to_keep"] = logits_to_keep
+    fused = bool(getattr(getattr(cache, "backend", None), "fused_ops", False))
     try:
-        return model(**kwargs).logits
+        with fused_ops_active() if fused else contextlib.nullcontext():
+            return model(**kwargs).logits
     finally:
         # a forward that raised between a layer's cache update and its attention (out of memory, a probe's early
         # stop) would leave that cache and its new keys/values parked here until the thread's next forward
@@ -318,6 +321,113 @@ def sliding_windows(model: torch.nn.Module) -> list[int | None]:
 def model_type(model: torch.nn.Module) -> str:
     config = getattr(model.config, "text_config", model.config)
     return str(getattr(config, "model_type", "") or "")
+
+
+# -- Fused small operations (fast backend) -------------------------------------------------------------------------
+# The fast backend replaces three groups of transformers' small operations with one Triton kernel each
+# (memfit.kernels.fused_ops): the RMSNorm modules, the gated MLP's silu(gate) * up, and the family's rotary
+# `apply_rotary_pos_emb` (a module-level function its attention forward calls by name). They are installed once on a
+# model (instance forwards and the family module's function) but act only inside a forward made under
+# `fused_ops_active()` — what `forward()` does for a cache whose backend uses them — so the portable path and plain
+# transformers calls on the same model keep transformers' own operations.
+_FUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("memfit_fused_ops", default=False)
+_NORMS = {"LlamaRMSNorm": False, "MistralRMSNorm": False, "Qwen2RMSNorm": False, "Qwen3RMSNorm": False,
+          "Gemma3RMSNorm": True}  # class -> Gemma-style (1 + weight) scale
+_SILU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+_ROTARY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+
+class fused_ops_active:  # noqa: N801 - a context manager used like a function
+    """Within this block, forwards on the current thread use the fused kernels where installed."""
+
+    def __init__(self, on: bool = True) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        self._token = _FUSED.set(self.on)
+
+    def __exit__(self, *exc: object) -> None:
+        _FUSED.reset(self._token)
+
+
+def install_fused_ops(model: torch.nn.Module) -> int:
+    """Give `model`'s RMSNorm and SiLU-gated MLP modules, and its family's rotary function, their fused forms
+    (idempotent). A module keeps its parameters and state dict: its class becomes a subclass whose `forward` runs
+    the fused kernel under `fused_ops_active()` and the original forward otherwise. Returns how many modules have a
+    fused form."""
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        if getattr(cls, "_memfit_fused", False):
+            count += 1
+            continue
+        name = cls.__name__
+        silu = type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+        if name in _NORMS or (name in _SILU_MLPS and silu):
+            module.__class__ = _fused_class(cls)
+            count += 1
+    family = model_type(model).removesuffix("_text")
+    if family in _ROTARY_FAMILIES:
+        import importlib
+
+        mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        original = getattr(mod, "apply_rotary_pos_emb", None)
+        if original is not None and not getattr(original, "_memfit_fused", False):
+            mod.apply_rotary_pos_emb = _fused_rotary(original)
+    return count
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter)  # not a DTensor shard or another tensor subclass
+
+
+def _fused_class(cls: type) -> type:
+    if cls in _FUSED_CLASSES:
+        return _FUSED_CLASSES[cls]
+    from memfit.kernels import fused_ops
+
+    base_forward = cls.forward
+    if cls.__name__ in _NORMS:
+        gemma = _NORMS[cls.__name__]
+
+        def forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+            w = self.weight
+            if (_FUSED.get() and _plain(w) and _plain(hidden_states) and hidden_states.dtype == w.dtype
+                    and hidden_states.device == w.device and hidden_states.shape[-1] == w.shape[-1]):
+                eps = float(getattr(self, "variance_epsilon", getattr(self, "eps", 1e-6)))
+                return fused_ops.rms_norm(hidden_states, w, eps, offset=gemma)
+            return base_forward(self, hidden_states)
+    else:
+
+        def forward(self: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[misc]
+            if not _FUSED.get():
+                return base_forward(self, x)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            if gate.shape != up.shape or gate.dtype != up.dtype or not (_plain(gate) and _plain(up)):
+                return self.down_proj(self.act_fn(gate) * up)
+            return self.down_proj(fused_ops.silu_mul(gate, up))
+
+    fused = type(cls.__name__, (cls,), {"forward": forward, "_memfit_fused": True, "__module__": cls.__module__,
+                                        "__qualname__": cls.__qualname__})
+    _FUSED_CLASSES[cls] = fused
+    return fused
+
+
+def _fused_rotary(original: Callable) -> Callable:
+    from memfit.kernels import fused_ops
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # noqa: ANN001, ANN202 - transformers' signature
+        if (_FUSED.get() and unsqueeze_dim == 1 and all(_plain(t) for t in (q, k, cos, sin))
+                and fused_ops.rotary_supported(q, k, cos, sin)):
+            return fused_ops.rotary(q, k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb._memfit_fused = True  # type: ignore[attr-defined]
+    apply_rotary_pos_emb.__wrapped__ = original  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
 
 
 # -- Weight offload ------------------------------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""Fused forms of a decoder layer's small operations, for the fast backend's decode step (Triton).
+
+Measured on an H200 (`benchmarks/decode_step_profile.py`, Llama-3.1-8B config, one token, CUDA graph): a step ran
+1,559 kernels, ~1,100 of them elementwise, about 1.8 ms of a 6.6 ms step — in a graph each launch costs no host time
+but still a few microseconds of GPU time, and the step reads only ~16 GB. transformers writes RMSNorm as eight
+operations (cast, square, mean, add, rsqrt, multiply, cast, scale), rotary embedding as ten per layer (multiply,
+negate, concatenate, multiply, add for each of q and k), and the gated MLP's activation as two. Here each is one
+kernel, with the same arithmetic as transformers' modules, rounded where they round:
+- `rms_norm`: statistics in fp32; Llama-style (`offset=0`) casts the normalised row to the input dtype before scaling
+  by the weight in that dtype; Gemma-style (`offset=1`) scales by (1 + weight) in fp32 and casts once.
+- `rotary`: q * cos and rotate_half(q) * sin each rounded to the tensor's dtype, then their sum (q and k in one launch).
+- `silu_mul`: silu(gate) rounded, then times up.
+The sums inside a row reduce in another order than PyTorch's, so outputs may differ in the last bit of a bf16 value
+(tests: tests/test_fused_ops.py, in Triton's interpreter). The plain-PyTorch forms are transformers' own modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["rms_norm", "rotary", "rotary_supported", "silu_mul"]
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, Y, stride_x, stride_y, N, eps, OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    var = tl.sum(x * x, axis=0) / N
+    h = x * tl.math.rsqrt(var + eps)
+    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+    if OFFSET:
+        y = h * (1.0 + w)
+    else:
+        y = w * h.to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dimension of `x` (any leading shape, rows contiguous in the last dimension)."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), n, eps, OFFSET=offset,
+                                       BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return out.view(x.shape)
+
+
+@triton.jit
+def _rotary_kernel(X, C, S, Y, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, sc_b, sc_s, H, L,
+                   HALF: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # one (row, head, position) per program
+    s = pid % L
+    h = (pid // L) % H
+    b = pid // (L * H)
+    d = tl.arange(0, BLOCK)
+    m = d < HALF
+    xb = X + b * sx_b + h * sx_h + s * sx_s
+    x1 = tl.load(xb + d, mask=m, other=0.0)
+    x2 = tl.load(xb + HALF + d, mask=m, other=0.0)
+    cb = C + b * sc_b + s * sc_s
+    sb = S + b * sc_b + s * sc_s
+    c1 = tl.load(cb + d, mask=m, other=0.0)
+    c2 = tl.load(cb + HALF + d, mask=m, other=0.0)
+    s1 = tl.load(sb + d, mask=m, other=0.0)
+    s2 = tl.load(sb + HALF + d, mask=m, other=0.0)
+    ty = Y.dtype.element_ty
+    # rotate_half(x) = (-x2, x1); every product and the sum round to the dtype, as the unfused ops do
+    a1 = (x1.to(tl.float32) * c1.to(tl.float32)).to(ty).to(tl.float32)
+    r1 = (-x2.to(tl.float32) * s1.to(tl.float32)).to(ty).to(tl.float32)
+    a2 = (x2.to(tl.float32) * c2.to(tl.float32)).to(ty).to(tl.float32)
+    r2 = (x1.to(tl.float32) * s2.to(tl.float32)).to(ty).to(tl.float32)
+    yb = Y + b * sy_b + h * sy_h + s * sy_s
+    tl.store(yb + d, (a1 + r1).to(ty), mask=m)
+    tl.store(yb + HALF + d, (a2 + r2).to(ty), mask=m)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    out = torch.empty_like(x)  # keeps x's strides (a transposed (B, n, H, d) projection stays one)
+    block = triton.next_power_of_2(d // 2)
+    cos_b = cos.stride(0) if cos.shape[0] > 1 else 0  # one table for every row
+    _rotary_kernel[(b * h * n,)](x, cos, sin, out, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
+                                 out.stride(1), out.stride(2), cos_b, cos.stride(1), h, n, HALF=d // 2,
+                                 BLOCK=block, num_warps=1)
+    return out
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `apply_rotary_pos_emb(q, k, cos, sin)` (unsqueeze_dim=1): q, k (B, H, n, d) with unit stride in
+    d, cos/sin (B, n, d) of the same dtype, unit stride in d. Callers check the shapes (`rotary_supported`)."""
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def rotary_supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    return (q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
+            and cos.stride() == sin.stride() and q.shape[-1] == k.shape[-1] == cos.shape[-1]
+            and q.shape[-1] % 2 == 0 and q.shape[0] == k.shape[0] and cos.shape[0] in (1, q.shape[0])
+            and q.shape[2] == k.shape[2] == cos.shape[1] and q.dtype == k.dtype == cos.dtype == sin.dtype
+            and q.stride(-1) == k.stride(-1) == cos.stride(-1) == 1
+            and q.device == k.device == cos.device == sin.device)
+
+
+@triton.jit
+def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=m, other=0.0)
+    ty = Y.dtype.element_ty
+    act = (g / (1.0 + tl.exp(-g))).to(ty).to(tl.float32)
+    tl.store(Y + offs, (act * u.to(tl.float32)).to(ty), mask=m)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, for same-shape tensors."""
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(g)
+    n = g.numel()
+    block = 1024
+    _silu_mul_kernel[(triton.cdiv(n, block),)](g, u, out, n, BLOCK=block, num_warps=4)
+    return out

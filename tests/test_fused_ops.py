@@ -1,0 +1,132 @@
+"""The fast backend's fused small operations (memfit.kernels.fused_ops) against transformers' own modules.
+
+Without CUDA the kernels run in Triton's CPU interpreter (small shapes); with CUDA the same checks run on the GPU
+(`-m gpu`). Each kernel must give what the unfused operations give, to within one rounding of the dtype (the row
+sums of RMSNorm reduce in another order); the model-level tests check that installing the fused forms changes
+nothing outside `fused_ops_active()` and keeps the logits inside it."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+from transformers.models.llama import modeling_llama
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from memfit.adapters.transformers import forward, fused_ops_active, install_fused_ops
+from tests.conftest import tiny_gemma3, tiny_llama, tiny_qwen
+from tests.test_kernels import _INTERPRET, interpreter_dtype  # noqa: F401 (the fixture is used by name)
+
+_DEVICES = [
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+    pytest.param("interpret", marks=pytest.mark.skipif(
+        not _INTERPRET, reason="needs triton >= 3.8 (the kernels run in its CPU interpreter) and no CUDA device")),
+]
+
+
+@pytest.fixture(params=_DEVICES)
+def setup(request: pytest.FixtureRequest) -> tuple[str, torch.dtype]:
+    if request.param == "interpret":
+        dtype = request.getfixturevalue("interpreter_dtype")  # sets TRITON_INTERPRET=1 first
+        import memfit.kernels.fused_ops as mod
+
+        if type(mod._rms_norm_kernel).__name__ != "InterpretedFunction":
+            importlib.reload(mod)  # defined under TRITON_INTERPRET=1 (the fixture set it)
+        return "cpu", dtype
+    return "cuda", torch.bfloat16
+
+
+def _ulps(dtype: torch.dtype) -> dict[str, float]:
+    eps = torch.finfo(dtype).eps
+    return {"rtol": eps, "atol": eps}  # one rounding of the dtype
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_rms_norm_equals_transformers(setup, gemma: bool) -> None:
+    from memfit.kernels import fused_ops
+
+    dev, dtype = setup
+    torch.manual_seed(0)
+    hidden = 96  # not a power of two: the row is masked
+    norm = (Gemma3RMSNorm(hidden, eps=1e-6) if gemma else LlamaRMSNorm(hidden, eps=1e-5)).to(dev, dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 5, hidden, device=dev, dtype=dtype) * 3
+    eps = norm.eps if gemma else norm.variance_epsilon
+    out = fused_ops.rms_norm(x, norm.weight, eps, offset=gemma)
+    ref = norm(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, **_ulps(dtype))
+    # the weight matters: a kernel that skipped it would fail here
+    assert not torch.allclose(out, fused_ops.rms_norm(x, torch.ones_like(norm.weight), eps, offset=gemma))
+
+
+@pytest.mark.parametrize("batch,cos_rows", [(1, 1), (2, 2), (2, 1)])
+def test_rotary_equals_transformers(setup, batch: int, cos_rows: int) -> None:
+    from memfit.kernels import fused_ops
+
+    dev, dtype = setup
+    torch.manual_seed(1)
+    n, hq, hk, d = 3, 4, 2, 16
+    # the projections' layout: (B, n, H, d) viewed as (B, H, n, d), not contiguous
+    q = torch.randn(batch, n, hq, d, device=dev, dtype=dtype).transpose(1, 2)
+    k = torch.randn(batch, n, hk, d, device=dev, dtype=dtype).transpose(1, 2)
+    angles = torch.randn(cos_rows, n, d // 2, device=dev)
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    assert fused_ops.rotary_supported(q, k, cos, sin)
+    out_q, out_k = fused_ops.rotary(q, k, cos, sin)
+    ref_q, ref_k = modeling_llama.apply_rotary_pos_emb.__wrapped__(q, k, cos, sin) if hasattr(
+        modeling_llama.apply_rotary_pos_emb, "__wrapped__") else modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(out_q, ref_q, **_ulps(dtype))
+    torch.testing.assert_close(out_k, ref_k, **_ulps(dtype))
+    assert out_q.stride() == q.stride()  # the layout the attention code received before
+
+
+def test_silu_mul_equals_torch(setup) -> None:
+    from memfit.kernels import fused_ops
+
+    dev, dtype = setup
+    torch.manual_seed(2)
+    gate = torch.randn(3, 1500, device=dev, dtype=dtype) * 4  # more than one block, a partial last block
+    up = torch.randn(3, 1500, device=dev, dtype=dtype)
+    torch.testing.assert_close(fused_ops.silu_mul(gate, up), F.silu(gate) * up, **_ulps(dtype))
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen, tiny_gemma3], ids=["llama", "qwen2", "gemma3"])
+def test_installed_model_keeps_its_logits(setup, build, monkeypatch) -> None:
+    from memfit.kernels import fused_ops
+
+    dev, dtype = setup
+    model = build().to(dev, dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+    calls = {"rms_norm": 0, "rotary": 0, "silu_mul": 0}
+    for name in calls:
+        def spy(*args, _name=name, _fn=getattr(fused_ops, name), **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(fused_ops, name, spy)
+    ids = torch.randint(0, 128, (2, 7), device=dev)
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        before = forward(model, ids)
+        assert install_fused_ops(model) > 0
+        assert install_fused_ops(model) > 0  # idempotent
+        outside = forward(model, ids)
+        assert sum(calls.values()) == 0  # installed but inactive: transformers' own operations
+        with fused_ops_active():
+            inside = forward(model, ids)
+    assert torch.equal(outside, before)
+    layers = model.config.num_hidden_layers
+    assert calls["rms_norm"] >= 2 * layers + 1 and calls["rotary"] == layers
+    assert calls["silu_mul"] == (0 if "gemma" in model.config.model_type else layers)  # Gemma's MLP is GELU
+    scale = before.abs().max()
+    assert (inside - before).abs().max() <= 0.05 * scale  # a few roundings of the dtype through 3-4 layers
+    assert set(model.state_dict()) == keys  # the modules keep their parameters
