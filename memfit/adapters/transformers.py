@@ -236,7 +236,9 @@ def forward(
         kwargs["position_ids"] = position_ids
     if logits_to_keep:
         kwargs["logits_to_keep"] = logits_to_keep
-    fused = bool(getattr(getattr(cache, "backend", None), "fused_ops", False))
+    # Decode steps only: a prompt's forward keeps transformers' operations, so a method scores the same keys and
+    # queries (and keeps the same tokens) on both backends; the fused kernels round RMSNorm's sums in another order.
+    fused = bool(getattr(getattr(cache, "backend", None), "fused_ops", False)) and input_ids.shape[-1] == 1
     try:
         with fused_ops_active() if fused else contextlib.nullcontext():
             return model(**kwargs).logits
@@ -327,9 +329,9 @@ def model_type(model: torch.nn.Module) -> str:
 # The fast backend replaces three groups of transformers' small operations with one Triton kernel each
 # (memfit.kernels.fused_ops): the RMSNorm modules, the gated MLP's silu(gate) * up, and the family's rotary
 # `apply_rotary_pos_emb` (a module-level function its attention forward calls by name). They are installed once on a
-# model (instance forwards and the family module's function) but act only inside a forward made under
-# `fused_ops_active()` — what `forward()` does for a cache whose backend uses them — so the portable path and plain
-# transformers calls on the same model keep transformers' own operations.
+# model (module classes and the family module's function) but act only inside a forward made under
+# `fused_ops_active()` — what `forward()` does for a decode step (one token per row) with a cache whose backend uses
+# them — so prompts, the portable path and plain transformers calls keep transformers' own operations.
 _FUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("memfit_fused_ops", default=False)
 _NORMS = {"LlamaRMSNorm": False, "MistralRMSNorm": False, "Qwen2RMSNorm": False, "Qwen3RMSNorm": False,
           "Gemma3RMSNorm": True}  # class -> Gemma-style (1 + weight) scale

@@ -53,49 +53,51 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = F
 
 
 @triton.jit
-def _rotary_kernel(X, C, S, Y, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, sc_b, sc_s, H, L,
-                   HALF: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # one (row, head, position) per program
+def _rotary_kernel(Q, K, C, S, YQ, YK, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, syq_b, syq_h, syq_s, syk_b, syk_h, syk_s,
+                   sc_b, sc_s, HQ, HT, L, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # one (row, head of q or k, position) per program
     s = pid % L
-    h = (pid // L) % H
-    b = pid // (L * H)
+    hh = (pid // L) % HT
+    b = pid // (L * HT)
+    if hh < HQ:
+        xb = Q + b * sq_b + hh * sq_h + s * sq_s
+        yb = YQ + b * syq_b + hh * syq_h + s * syq_s
+    else:
+        xb = K + b * sk_b + (hh - HQ) * sk_h + s * sk_s
+        yb = YK + b * syk_b + (hh - HQ) * syk_h + s * syk_s
     d = tl.arange(0, BLOCK)
     m = d < HALF
-    xb = X + b * sx_b + h * sx_h + s * sx_s
-    x1 = tl.load(xb + d, mask=m, other=0.0)
-    x2 = tl.load(xb + HALF + d, mask=m, other=0.0)
+    x1 = tl.load(xb + d, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xb + HALF + d, mask=m, other=0.0).to(tl.float32)
     cb = C + b * sc_b + s * sc_s
     sb = S + b * sc_b + s * sc_s
-    c1 = tl.load(cb + d, mask=m, other=0.0)
-    c2 = tl.load(cb + HALF + d, mask=m, other=0.0)
-    s1 = tl.load(sb + d, mask=m, other=0.0)
-    s2 = tl.load(sb + HALF + d, mask=m, other=0.0)
-    ty = Y.dtype.element_ty
+    c1 = tl.load(cb + d, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(cb + HALF + d, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(sb + d, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(sb + HALF + d, mask=m, other=0.0).to(tl.float32)
+    ty = YQ.dtype.element_ty
     # rotate_half(x) = (-x2, x1); every product and the sum round to the dtype, as the unfused ops do
-    a1 = (x1.to(tl.float32) * c1.to(tl.float32)).to(ty).to(tl.float32)
-    r1 = (-x2.to(tl.float32) * s1.to(tl.float32)).to(ty).to(tl.float32)
-    a2 = (x2.to(tl.float32) * c2.to(tl.float32)).to(ty).to(tl.float32)
-    r2 = (x1.to(tl.float32) * s2.to(tl.float32)).to(ty).to(tl.float32)
-    yb = Y + b * sy_b + h * sy_h + s * sy_s
+    a1 = (x1 * c1).to(ty).to(tl.float32)
+    r1 = (-x2 * s1).to(ty).to(tl.float32)
+    a2 = (x2 * c2).to(ty).to(tl.float32)
+    r2 = (x1 * s2).to(ty).to(tl.float32)
     tl.store(yb + d, (a1 + r1).to(ty), mask=m)
     tl.store(yb + HALF + d, (a2 + r2).to(ty), mask=m)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = x.shape
-    out = torch.empty_like(x)  # keeps x's strides (a transposed (B, n, H, d) projection stays one)
-    block = triton.next_power_of_2(d // 2)
-    cos_b = cos.stride(0) if cos.shape[0] > 1 else 0  # one table for every row
-    _rotary_kernel[(b * h * n,)](x, cos, sin, out, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
-                                 out.stride(1), out.stride(2), cos_b, cos.stride(1), h, n, HALF=d // 2,
-                                 BLOCK=block, num_warps=1)
-    return out
-
-
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' `apply_rotary_pos_emb(q, k, cos, sin)` (unsqueeze_dim=1): q, k (B, H, n, d) with unit stride in
-    d, cos/sin (B, n, d) of the same dtype, unit stride in d. Callers check the shapes (`rotary_supported`)."""
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    """transformers' `apply_rotary_pos_emb(q, k, cos, sin)` (unsqueeze_dim=1) in one launch for q and k: q, k
+    (B, H, n, d) with unit stride in d, cos/sin (B or 1, n, d) of the same dtype, unit stride in d. Callers check the
+    shapes (`rotary_supported`). The outputs keep q's and k's strides (a transposed (B, n, H, d) projection stays one)."""
+    b, hq, n, d = q.shape
+    hk = k.shape[1]
+    out_q, out_k = torch.empty_like(q), torch.empty_like(k)
+    cos_b = cos.stride(0) if cos.shape[0] > 1 else 0  # one table for every row
+    _rotary_kernel[(b * (hq + hk) * n,)](
+        q, k, cos, sin, out_q, out_k, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out_q.stride(0), out_q.stride(1), out_q.stride(2), out_k.stride(0), out_k.stride(1), out_k.stride(2),
+        cos_b, cos.stride(1), hq, hq + hk, n, HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2), num_warps=1)
+    return out_q, out_k
 
 
 def rotary_supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
