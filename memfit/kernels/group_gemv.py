@@ -43,8 +43,11 @@ TARGET_PROGRAMS = 512  # enough programs to fill a large GPU at batch 1 (the k-s
 ROWS_MAX_M = 4  # decode rows the register kernel (no tl.dot) serves; more go to the tl.dot kernel
 ROWS_BLOCK_N = 32  # output rows per program of the register kernel
 ROWS_NUM_WARPS = 2  # warps per program of the register kernel
-ROW1_BLOCK_N = 32  # the same for its one-row form (batch-1 decode: registers accumulate, one reduction at the end)
-ROW1_NUM_WARPS = 2
+# the same for its one-row form (batch-1 decode: registers accumulate, one reduction at the end); measured on an H200
+# (benchmarks/results/gemv_variants_magic_h200.jsonl, the 7 linears x 32 layers of one Llama-3.1-8B token, 4-bit):
+# 8 rows, one warp 5.32 ms; 32 rows, two warps (the earlier default) 6.75 ms in benchmarks/results/gemv_row1_h200.jsonl
+ROW1_BLOCK_N = 8
+ROW1_NUM_WARPS = 1
 MIN_DIRECT_PROGRAMS = 256  # row blocks that fill an H100/H200-class GPU (132 SMs) without a k-split
 
 
@@ -95,7 +98,11 @@ def group_gemv(
     words = [b.words for b in live]
     rows_ok = m <= ROWS_MAX_M and group_size >= 32 and all(w is not None for w in words)
     if variant == "auto":
-        variant = ("row1" if m == 1 else "rows") if rows_ok else "dot"
+        # widths that straddle words (3, 5, 6, 7 bits) keep a (rows, G) accumulator in the one-row form: measured
+        # slower there than the 1-4-row form (rtn:3, one token: 34.5 vs 20.5 ms, gemv_variants_magic_h200.jsonl and
+        # gemv_variants_h200.jsonl)
+        tiled = all(32 % b.bits == 0 for b in live)
+        variant = ("row1" if m == 1 and tiled else "rows") if rows_ok else "dot"
     if variant in ("rows", "row1") and not (rows_ok and (variant == "rows" or m == 1)):
         raise ValueError(f"the register kernel needs <= {ROWS_MAX_M} rows (row1: one) and groups of whole int32 "
                          "words")
