@@ -125,6 +125,9 @@ def main() -> None:
                 res = run([""] * args.batch, model=(model, tok), method=method, budget=budget, backend=backend,
                           context=args.context, max_new_tokens=args.new, prefill_chunk=args.prefill_chunk)
                 ms = 1000 / res.decode_tokens_per_second if res.decode_tokens_per_second else float("nan")
+                # after the first eager step and the graph's recording (None without a graph)
+                rate = res.decode_steady_tokens_per_second
+                steady = 1000 / rate if rate else None
                 roof = 1000 * (weight_bytes + res.kv_bytes_held) / bw
                 out.write({"kind": "memfit", "method": method, "budget": res.budget, "backend_requested": backend,
                            "backend": res.backend, "backend_reason": res.backend_reason,
@@ -134,7 +137,9 @@ def main() -> None:
                            "kv_bytes_full": res.kv_bytes_full, "kv_bytes_held": res.kv_bytes_held,
                            "peak_memory_bytes": res.peak_memory_bytes, "resident_bytes_before": resident,
                            "peak_above_resident_bytes": res.peak_memory_bytes - resident,
-                           "prefill_chunk": args.prefill_chunk, "roofline_ms": roof, "roofline_fraction": roof / ms})
+                           "prefill_chunk": args.prefill_chunk, "roofline_ms": roof, "roofline_fraction": roof / ms,
+                           "fused_ops": res.fused_ops, "decode_setup_seconds": res.decode_setup_seconds,
+                           "steady_ms_per_token": steady, "steady_roofline_fraction": steady and roof / steady})
                 _release()
 
 

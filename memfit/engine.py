@@ -121,10 +121,18 @@ class Generation:
     peak_memory_bytes: int
     first_logits: torch.Tensor | None = None  # (B, V) next-token logits after the prompt
     graph_replays: int = 0  # decode steps replayed from a CUDA graph (fast backend)
+    setup_seconds: float = 0.0  # the decode steps up to the first replay: the eager step(s) and the graph's recording
+    setup_steps: int = 0
 
     @property
     def decode_tokens_per_second(self) -> float:
         return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def steady_tokens_per_second(self) -> float | None:
+        """Decode steps per second after the graph was recorded (None without a graph or no step after it)."""
+        steps, seconds = self.decode_steps - self.setup_steps, self.decode_seconds - self.setup_seconds
+        return steps / seconds if self.setup_steps and steps > 0 and seconds > 0 else None
 
 
 @torch.no_grad()
@@ -236,6 +244,7 @@ def generate(
     step = DecodeSteps(model, cache, steps=max_new_tokens - 1)
     t1 = time.perf_counter()
     ahead: torch.Tensor | None = None  # logits of a step launched before its input token was read on the host
+    setup_seconds, setup_steps = 0.0, 0
     for i in range(max_new_tokens):
         next_tok = logits.argmax(-1)
         if step.graph is not None and i < max_new_tokens - 1:
@@ -267,11 +276,14 @@ def generate(
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             last_pos = last_pos + 1
             logits = step(next_tok, mask, last_pos)
+            if step.graph is not None and not setup_steps:  # just recorded: time the set-up apart (one sync)
+                _sync(device)
+                setup_seconds, setup_steps = time.perf_counter() - t1, steps + 1
         steps += 1
     _sync(device)
     decode_seconds = time.perf_counter() - t1
     return Generation(out, prefill_seconds, decode_seconds, steps, peak_memory(device), first_logits,
-                      graph_replays=step.replays)
+                      graph_replays=step.replays, setup_seconds=setup_seconds, setup_steps=setup_steps)
 
 
 # -- one call that does what `memfit run` does ---------------------------------------------------------------------
@@ -303,6 +315,9 @@ class RunResult:
     cuda_graphs: bool = False
     fused_ops: bool = False  # the layers' norms, rotary and MLP activation ran as fused kernels (memfit.backend)
     decode_graph_replays: int = 0
+    # with a CUDA graph: the first decode steps (eager step, recording) apart, and the replayed steps' rate after them
+    decode_setup_seconds: float = 0.0
+    decode_steady_tokens_per_second: float | None = None
     weights: str = "none"  # the weight method the model's linear layers carry (memfit.weights), or none
     weight_bytes: int = 0  # bytes of every parameter and buffer of the model (packed codes as stored)
     offload: dict[str, Any] | None = None  # weight streaming counters (memfit.offload) with --weights-memory
@@ -438,6 +453,8 @@ def run(
         versions=versions(),
         **(cache.backend.to_dict() if getattr(cache, "backend", None) else {}),
         decode_graph_replays=gen.graph_replays,
+        decode_setup_seconds=gen.setup_seconds,
+        decode_steady_tokens_per_second=gen.steady_tokens_per_second,
         weights=getattr(mdl, "memfit_weights", "") or "none",
         weight_bytes=_weight_bytes(mdl),
         offload=None if offload is None else offload.report(),

@@ -306,6 +306,10 @@ def test_fast_backend_on_cuda_matches_portable(spec):
     assert fast_cache.backend.graphs == (spec in ("full", "snapkv", "gemfilter", "h2o"))
     if fast_cache.backend.graphs:
         assert fast.graph_replays == 80 - 2  # step 1 eager, step 2 captured + replayed, the rest replayed
+        assert fast.setup_steps == 2 and 0 < fast.setup_seconds < fast.decode_seconds
+        assert fast.steady_tokens_per_second is not None
+    else:
+        assert fast.setup_steps == 0 and fast.steady_tokens_per_second is None
     torch.testing.assert_close(fast.first_logits, port.first_logits, rtol=2e-2, atol=2e-2)
     # greedy paths part for good at the first bf16 near-tie: compare the first 12 tokens
     agree = sum(a == b for a, b in zip(fast.tokens[0][:12], port.tokens[0][:12], strict=True)) / 12
