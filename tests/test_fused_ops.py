@@ -113,20 +113,61 @@ def test_installed_model_keeps_its_logits(setup, build, monkeypatch) -> None:
             calls[_name] += 1
             return _fn(*args, **kwargs)
         monkeypatch.setattr(fused_ops, name, spy)
+    from memfit.adapters import transformers as adapter
+
+    grouped = {"n": 0}
+    real_output = adapter._ProjectionGroup.output
+
+    def counted(self, index, x):
+        grouped["n"] += 1
+        return real_output(self, index, x)
+
+    monkeypatch.setattr(adapter._ProjectionGroup, "output", counted)
     ids = torch.randint(0, 128, (2, 7), device=dev)
     keys = set(model.state_dict())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.no_grad():
         before = forward(model, ids)
         assert install_fused_ops(model) > 0
         assert install_fused_ops(model) > 0  # idempotent
         outside = forward(model, ids)
-        assert sum(calls.values()) == 0  # installed but inactive: transformers' own operations
+        assert sum(calls.values()) == 0 and grouped["n"] == 0  # installed but inactive: transformers' operations
         with fused_ops_active():
             inside = forward(model, ids)
     assert torch.equal(outside, before)
     layers = model.config.num_hidden_layers
     assert calls["rms_norm"] >= 2 * layers + 1 and calls["rotary"] == layers
+    assert grouped["n"] == 5 * layers  # q, k, v and gate, up: each part of one matmul per group
+    # the weights exist once: each projection's weight is a row block of its group's matrix
+    attn = model.model.layers[0].self_attn
+    row = attn.q_proj.weight.stride(0) * attn.q_proj.weight.element_size()
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.out_features * row
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) == param_bytes
     assert calls["silu_mul"] == (0 if "gemma" in model.config.model_type else layers)  # Gemma's MLP is GELU
     scale = before.abs().max()
     assert (inside - before).abs().max() <= 0.05 * scale  # a few roundings of the dtype through 3-4 layers
     assert set(model.state_dict()) == keys  # the modules keep their parameters
+
+
+def test_a_moved_model_leaves_the_grouped_projections(setup) -> None:
+    """After `.to()` the layers' weights are no longer views of the group's matrix: they run on their own (never
+    on the stale matrix), and installing again regroups them."""
+    from memfit.adapters import transformers as adapter
+
+    dev, dtype = setup
+    model = tiny_llama().to(dev, dtype)
+    ids = torch.randint(0, 128, (1, 5), device=dev)
+    with torch.no_grad():
+        install_fused_ops(model)
+        model.to(torch.float32)  # new storage for every parameter
+        group = model.model.layers[0].self_attn._memfit_projections[("q_proj", "k_proj", "v_proj")]
+        assert not group.intact()
+        with torch.no_grad():
+            model.model.layers[0].self_attn.k_proj.weight.mul_(2)  # would be missed by the stale matrix
+        plain = forward(model, ids)
+        with fused_ops_active():
+            fused = forward(model, ids)
+        torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)
+        install_fused_ops(model)
+        assert model.model.layers[0].self_attn._memfit_projections[("q_proj", "k_proj", "v_proj")].intact()
+    assert adapter._grouped_linear_class() is type(model.model.layers[0].self_attn.q_proj)

@@ -368,6 +368,10 @@ def install_fused_ops(model: torch.nn.Module) -> int:
         if name in _NORMS or (name in _SILU_MLPS and silu):
             module.__class__ = _fused_class(cls)
             count += 1
+    for module in list(model.modules()):
+        for names in _PROJECTION_GROUPS:
+            if all(isinstance(getattr(module, n, None), torch.nn.Linear) for n in names):
+                _group_projections(module, names)
     family = model_type(model).removesuffix("_text")
     if family in _ROTARY_FAMILIES:
         import importlib
@@ -377,6 +381,99 @@ def install_fused_ops(model: torch.nn.Module) -> int:
         if original is not None and not getattr(original, "_memfit_fused", False):
             mod.apply_rotary_pos_emb = _fused_rotary(original)
     return count
+
+
+_PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _ProjectionGroup:
+    """Linear layers that read the same input (an attention's q/k/v, an MLP's gate/up), their weights stored as row
+    blocks of one matrix (each layer's weight is a view of it: the weights exist once). Under `fused_ops_active()`
+    the first member called computes every member's output with one matmul; the others, called with the same input
+    tensor, take their part (a batch-1 decode step then reads the three or two matrices in one kernel instead of
+    several small ones, each with its own split-K reduction)."""
+
+    def __init__(self, parent: torch.nn.Module, names: tuple[str, ...], weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        import weakref
+
+        self.parent = weakref.ref(parent)
+        self.names = names
+        self.members = [getattr(parent, n) for n in names]
+        self.sizes = [m.out_features for m in self.members]
+        self.weight, self.bias = weight, bias
+        self.input: torch.Tensor | None = None
+        self.outputs: list[torch.Tensor | None] = []
+
+    def intact(self) -> bool:
+        """Still the parent's layers, and their weights still views of the fused matrix (a `.to()` or a replaced
+        layer breaks that: the layers then run on their own)."""
+        parent = self.parent()
+        if parent is None:
+            return False
+        row = self.weight.stride(0) * self.weight.element_size()
+        offset = 0
+        for name, member, size in zip(self.names, self.members, self.sizes, strict=True):
+            w = member.weight
+            if (getattr(parent, name) is not member or w.data_ptr() != self.weight.data_ptr() + offset * row
+                    or w.dtype != self.weight.dtype or w.device != self.weight.device):
+                return False
+            offset += size
+        return True
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self.input is not x or self.outputs[index] is None:
+            parts = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+            self.input, self.outputs = x, list(parts)
+        out = self.outputs[index]
+        self.outputs[index] = None
+        if all(o is None for o in self.outputs):
+            self.input, self.outputs = None, []
+        assert out is not None
+        return out
+
+
+def _group_projections(parent: torch.nn.Module, names: tuple[str, ...]) -> None:
+    current = getattr(parent, "_memfit_projections", {}).get(names)
+    if current is not None and current.intact():
+        return
+    members = [getattr(parent, n) for n in names]
+    weights = [m.weight for m in members]
+    biases = [m.bias for m in members]
+    first = weights[0]
+    if (not all(_plain(w) and w.dtype == first.dtype and w.device == first.device and w.shape[1] == first.shape[1]
+                for w in weights) or any((b is None) != (biases[0] is None) for b in biases)
+            or any(type(m) not in (torch.nn.Linear, _grouped_linear_class()) for m in members)):
+        return  # compressed, sharded, offloaded or mixed layers keep their own matmuls
+    with torch.no_grad():
+        weight = torch.cat([w.detach() for w in weights], dim=0)
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases], dim=0)
+    group = _ProjectionGroup(parent, names, weight, bias)
+    offset = 0
+    for i, (member, size) in enumerate(zip(members, group.sizes, strict=True)):
+        member.weight = torch.nn.Parameter(weight[offset:offset + size], requires_grad=False)
+        if bias is not None:
+            member.bias = torch.nn.Parameter(bias[offset:offset + size], requires_grad=False)
+        member.__class__ = _grouped_linear_class()
+        member._memfit_group, member._memfit_index = group, i
+        offset += size
+    parent._memfit_projections = {**getattr(parent, "_memfit_projections", {}), names: group}
+
+
+_GROUPED_LINEAR: list[type] = []
+
+
+def _grouped_linear_class() -> type:
+    if not _GROUPED_LINEAR:
+
+        def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+            group = getattr(self, "_memfit_group", None)
+            if _FUSED.get() and group is not None and _plain(x) and group.intact():
+                return group.output(self._memfit_index, x)
+            return torch.nn.Linear.forward(self, x)
+
+        _GROUPED_LINEAR.append(type("Linear", (torch.nn.Linear,), {"forward": forward, "__module__": "torch.nn"}))
+    return _GROUPED_LINEAR[0]
 
 
 _FUSED_CLASSES: dict[type, type] = {}

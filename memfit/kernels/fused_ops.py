@@ -9,7 +9,9 @@ kernel, with the same arithmetic as transformers' modules, rounded where they ro
 - `rms_norm`: statistics in fp32; Llama-style (`offset=0`) casts the normalised row to the input dtype before scaling
   by the weight in that dtype; Gemma-style (`offset=1`) scales by (1 + weight) in fp32 and casts once.
 - `rotary`: q * cos and rotate_half(q) * sin each rounded to the tensor's dtype, then their sum (q and k in one launch).
-- `silu_mul`: silu(gate) rounded, then times up.
+- `silu_mul`: silu(gate) rounded, then times up (gate and up may be the two halves of one matmul's rows).
+The adapter (`memfit.adapters.transformers.install_fused_ops`) also stores an attention's q/k/v weights, and an
+MLP's gate/up weights, as row blocks of one matrix each, so a decode step reads them in one matmul.
 The sums inside a row reduce in another order than PyTorch's, so outputs may differ in the last bit of a bf16 value
 (tests: tests/test_fused_ops.py, in Triton's interpreter). The plain-PyTorch forms are transformers' own modules.
 """
@@ -110,21 +112,28 @@ def rotary_supported(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _silu_mul_kernel(G, U, Y, n, s_g, s_u, s_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=m, other=0.0)
+    g = tl.load(G + row * s_g + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + row * s_u + offs, mask=m, other=0.0)
     ty = Y.dtype.element_ty
     act = (g / (1.0 + tl.exp(-g))).to(ty).to(tl.float32)
-    tl.store(Y + offs, (act * u.to(tl.float32)).to(ty), mask=m)
+    tl.store(Y + row * s_y + offs, (act * u.to(tl.float32)).to(ty), mask=m)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, for same-shape tensors."""
-    g, u = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(g)
-    n = g.numel()
+    """silu(gate) * up, for same-shape tensors; rows may be strided (e.g. the two halves of one gate/up matmul's
+    output), the last dimension must have unit stride or is made contiguous."""
+    n = gate.shape[-1]
+    g, u = gate.reshape(-1, n), up.reshape(-1, n)
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    if u.stride(-1) != 1:
+        u = u.contiguous()
+    out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
-    _silu_mul_kernel[(triton.cdiv(n, block),)](g, u, out, n, BLOCK=block, num_warps=4)
-    return out
+    _silu_mul_kernel[(g.shape[0], triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0), out.stride(0),
+                                                          BLOCK=block, num_warps=4)
+    return out.view(gate.shape)
