@@ -9,7 +9,10 @@
   cache...) the decode step is captured once in a CUDA graph and replayed.
   KIVI (alone or behind an eviction that acts on the prompt only, e.g. snapkv+kivi) keeps packed codes and a
   full-precision ring in fixed buffers (`memfit.core.static_quant_store`), attends in the Triton KIVI kernel and
-  decodes in a CUDA graph too. Stores that have no static form yet — GEAR, VidKV, KIVI behind an eviction during
+  decodes in a CUDA graph too. On CUDA the decode steps also run the layers' small operations fused
+  (`memfit.kernels.fused_ops`: RMSNorm, rotary embedding, the gated MLP's activation; q/k/v and gate/up read as one
+  matrix each), installed by `memfit.adapters.transformers.install_fused_ops`; prompts keep transformers' own
+  operations, so a method keeps the same tokens on both backends. Stores that have no static form yet — GEAR, VidKV, KIVI behind an eviction during
   decoding, and the ragged per-head store (AdaKV allocation) — run on the portable path, and the run says so
   (`backend_reason` in `--json`).
 
