@@ -88,8 +88,14 @@ def column_sums(
     O(chunk x T) — the accumulated-attention score of H2O / Scissorhands / Keyformer at prefill. The chunk is sized
     so one (B, H, chunk, T) fp32 block stays near `block_bytes` (16 to 256 queries), unless `chunk` is given; the
     keys are converted to fp32 and spread over the query heads once, not per chunk.
-    `query_valid` (B, q) drops padding queries from the sum.
+    `query_valid` (B, q) drops padding queries from the sum. On CUDA without padding the two-pass Triton kernel of
+    `memfit.kernels.column_sums` computes the same sums.
     """
+    if (queries.is_cuda and chunk is None and _column_kernel_ok(queries, keys)
+            and (key_valid is None or bool(key_valid.all())) and (query_valid is None or bool(query_valid.all()))):
+        from memfit.kernels.column_sums import column_sums as fused_column_sums
+
+        return fused_column_sums(queries, keys, scaling)  # two Triton passes, no probability block stored
     b, h, q_len, _ = queries.shape
     t_len = keys.shape[2]
     groups = h // keys.shape[1]
@@ -113,6 +119,17 @@ def column_sums(
             probs = probs * query_valid[:, None, start:stop, None].to(probs.dtype)
         total[:, :, :visible] += probs.sum(dim=2)
     return total
+
+
+def _column_kernel_ok(queries: torch.Tensor, keys: torch.Tensor) -> bool:
+    """The Triton column sums (memfit.kernels.column_sums) serve this unpadded CUDA call."""
+    from memfit import kernels
+
+    if not kernels.available():
+        return False
+    from memfit.kernels.column_sums import supported
+
+    return supported(queries, keys)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, kind: str = "avg") -> torch.Tensor:
