@@ -118,9 +118,9 @@ def test_installed_model_keeps_its_logits(setup, build, monkeypatch) -> None:
     grouped = {"n": 0}
     real_output = adapter._ProjectionGroup.output
 
-    def counted(self, index, x):
+    def counted(self, index, x, fused):
         grouped["n"] += 1
-        return real_output(self, index, x)
+        return real_output(self, index, x, fused)
 
     monkeypatch.setattr(adapter._ProjectionGroup, "output", counted)
     ids = torch.randint(0, 128, (2, 7), device=dev)
@@ -161,7 +161,7 @@ def test_a_moved_model_leaves_the_grouped_projections(setup) -> None:
         install_fused_ops(model)
         model.to(torch.float32)  # new storage for every parameter
         group = model.model.layers[0].self_attn._memfit_projections[("q_proj", "k_proj", "v_proj")]
-        assert not group.intact()
+        assert group.matrices() is None
         with torch.no_grad():
             model.model.layers[0].self_attn.k_proj.weight.mul_(2)  # would be missed by the stale matrix
         plain = forward(model, ids)
@@ -169,5 +169,29 @@ def test_a_moved_model_leaves_the_grouped_projections(setup) -> None:
             fused = forward(model, ids)
         torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)
         install_fused_ops(model)
-        assert model.model.layers[0].self_attn._memfit_projections[("q_proj", "k_proj", "v_proj")].intact()
+        assert model.model.layers[0].self_attn._memfit_projections[("q_proj", "k_proj", "v_proj")].matrices()
     assert adapter._grouped_linear_class() is type(model.model.layers[0].self_attn.q_proj)
+
+
+def test_replaced_layers_free_their_grouped_weights(setup) -> None:
+    """Replacing grouped layers (as quantizing them does) leaves nothing holding the old matrix: the group keeps
+    only weak references, and after a fused forward no activation either."""
+    import gc
+    import weakref
+
+    dev, dtype = setup
+    model = tiny_llama().to(dev, dtype)
+    with torch.no_grad():
+        install_fused_ops(model)
+        with fused_ops_active():
+            forward(model, torch.randint(0, 128, (1, 4), device=dev))
+    attn = model.model.layers[0].self_attn
+    group = attn._memfit_projections[("q_proj", "k_proj", "v_proj")]
+    assert group.input is None and group.outputs == []
+    storage = weakref.ref(attn.q_proj.weight)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        old = getattr(attn, name)
+        setattr(attn, name, torch.nn.Linear(old.in_features, old.out_features, bias=False).to(dev, dtype))
+    del old
+    gc.collect()
+    assert storage() is None and group.matrices() is None

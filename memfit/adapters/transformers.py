@@ -391,40 +391,48 @@ class _ProjectionGroup:
     blocks of one matrix (each layer's weight is a view of it: the weights exist once). Under `fused_ops_active()`
     the first member called computes every member's output with one matmul; the others, called with the same input
     tensor, take their part (a batch-1 decode step then reads the three or two matrices in one kernel instead of
-    several small ones, each with its own split-K reduction)."""
+    several small ones, each with its own split-K reduction). The group holds no tensor and only weak references to
+    its layers: replacing a layer (say, by a compressed one) frees the old weights as usual."""
 
-    def __init__(self, parent: torch.nn.Module, names: tuple[str, ...], weight: torch.Tensor,
-                 bias: torch.Tensor | None) -> None:
+    def __init__(self, parent: torch.nn.Module, names: tuple[str, ...]) -> None:
         import weakref
 
         self.parent = weakref.ref(parent)
         self.names = names
-        self.members = [getattr(parent, n) for n in names]
-        self.sizes = [m.out_features for m in self.members]
-        self.weight, self.bias = weight, bias
+        self.members = [weakref.ref(getattr(parent, n)) for n in names]
         self.input: torch.Tensor | None = None
         self.outputs: list[torch.Tensor | None] = []
 
-    def intact(self) -> bool:
-        """Still the parent's layers, and their weights still views of the fused matrix (a `.to()` or a replaced
-        layer breaks that: the layers then run on their own)."""
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+        """The group's (weight, bias, rows per layer) as views over the layers' shared storage; None when that no
+        longer holds (a `.to()`, a replaced layer): the layers then run on their own."""
         parent = self.parent()
-        if parent is None:
-            return False
-        row = self.weight.stride(0) * self.weight.element_size()
-        offset = 0
-        for name, member, size in zip(self.names, self.members, self.sizes, strict=True):
-            w = member.weight
-            if (getattr(parent, name) is not member or w.data_ptr() != self.weight.data_ptr() + offset * row
-                    or w.dtype != self.weight.dtype or w.device != self.weight.device):
-                return False
-            offset += size
-        return True
+        members = [m() for m in self.members]
+        if parent is None or any(m is None or getattr(parent, n) is not m for m, n in zip(members, self.names,
+                                                                                        strict=True)):
+            return None
+        first = members[0].weight
+        has_bias = members[0].bias is not None
+        offset, sizes = 0, []
+        for m in members:
+            w = m.weight
+            if (w.dtype != first.dtype or w.device != first.device or w.stride() != first.stride()
+                    or w.shape[1] != first.shape[1] or (m.bias is not None) != has_bias
+                    or w.data_ptr() != first.data_ptr() + offset * first.stride(0) * first.element_size()):
+                return None
+            if has_bias and m.bias.data_ptr() != members[0].bias.data_ptr() + offset * first.element_size():
+                return None
+            offset += w.shape[0]
+            sizes.append(w.shape[0])
+        weight = first.as_strided((offset, first.shape[1]), first.stride())
+        bias = members[0].bias.as_strided((offset,), (1,)) if has_bias else None
+        return weight, bias, sizes
 
-    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+    def output(self, index: int, x: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor | None, list[int]]
+               ) -> torch.Tensor:
         if self.input is not x or self.outputs[index] is None:
-            parts = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-            self.input, self.outputs = x, list(parts)
+            weight, bias, sizes = fused
+            self.input, self.outputs = x, list(F.linear(x, weight, bias).split(sizes, dim=-1))
         out = self.outputs[index]
         self.outputs[index] = None
         if all(o is None for o in self.outputs):
@@ -435,7 +443,7 @@ class _ProjectionGroup:
 
 def _group_projections(parent: torch.nn.Module, names: tuple[str, ...]) -> None:
     current = getattr(parent, "_memfit_projections", {}).get(names)
-    if current is not None and current.intact():
+    if current is not None and current.matrices() is not None:
         return
     members = [getattr(parent, n) for n in names]
     weights = [m.weight for m in members]
@@ -448,9 +456,11 @@ def _group_projections(parent: torch.nn.Module, names: tuple[str, ...]) -> None:
     with torch.no_grad():
         weight = torch.cat([w.detach() for w in weights], dim=0)
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases], dim=0)
-    group = _ProjectionGroup(parent, names, weight, bias)
+    del weights, biases  # the layers' old weights go as soon as they are replaced below
+    group = _ProjectionGroup(parent, names)
     offset = 0
-    for i, (member, size) in enumerate(zip(members, group.sizes, strict=True)):
+    for i, member in enumerate(members):
+        size = member.out_features
         member.weight = torch.nn.Parameter(weight[offset:offset + size], requires_grad=False)
         if bias is not None:
             member.bias = torch.nn.Parameter(bias[offset:offset + size], requires_grad=False)
@@ -468,8 +478,10 @@ def _grouped_linear_class() -> type:
 
         def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
             group = getattr(self, "_memfit_group", None)
-            if _FUSED.get() and group is not None and _plain(x) and group.intact():
-                return group.output(self._memfit_index, x)
+            if _FUSED.get() and group is not None and _plain(x):
+                fused = group.matrices()
+                if fused is not None:
+                    return group.output(self._memfit_index, x, fused)
             return torch.nn.Linear.forward(self, x)
 
         _GROUPED_LINEAR.append(type("Linear", (torch.nn.Linear,), {"forward": forward, "__module__": "torch.nn"}))
