@@ -451,8 +451,9 @@ def _group_projections(parent: torch.nn.Module, names: tuple[str, ...]) -> None:
     first = weights[0]
     if (not all(_plain(w) and w.dtype == first.dtype and w.device == first.device and w.shape[1] == first.shape[1]
                 for w in weights) or any((b is None) != (biases[0] is None) for b in biases)
-            or any(type(m) not in (torch.nn.Linear, _grouped_linear_class()) for m in members)):
-        return  # compressed, sharded, offloaded or mixed layers keep their own matmuls
+            or any(type(m) not in (torch.nn.Linear, _grouped_linear_class()) for m in members)
+            or first.device.type == "meta" or any(hasattr(m, "_hf_hook") for m in (parent, *members))):
+        return  # compressed, sharded, offloaded (hooked) or mixed layers keep their own matmuls
     with torch.no_grad():
         weight = torch.cat([w.detach() for w in weights], dim=0)
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases], dim=0)
