@@ -320,6 +320,8 @@ def run(
         f"KV {format_bytes(result.kv_bytes_full)} full → {format_bytes(result.kv_bytes_held)} held "
         f"({result.compression_ratio:.2f}x) · peak {format_bytes(result.peak_memory_bytes)} · "
         f"prefill {result.prefill_seconds:.2f} s · decode {result.decode_tokens_per_second:.1f} tok/s"
+        + (f" ({result.decode_steady_tokens_per_second:.1f} after {result.decode_setup_seconds:.2f} s of graph "
+           "set-up)" if result.decode_steady_tokens_per_second else "")
         + (f" · weights {result.weights} {format_bytes(result.weight_bytes)}" if result.weights != "none" else ""),
         highlight=False,
     )
