@@ -195,3 +195,40 @@ def test_replaced_layers_free_their_grouped_weights(setup) -> None:
     del old
     gc.collect()
     assert storage() is None and group.matrices() is None
+
+
+def test_default_model_decodes_the_same_with_fused_steps(setup, default_model, monkeypatch) -> None:
+    """Real weights (the default model, a Llama-architecture SmolLM2): the fast stores with fused decode steps —
+    norms, rotary and activation kernels, grouped q/k/v and gate/up matmuls — generate the portable path's greedy
+    tokens on a real prompt (here with the kernels in Triton's interpreter on CPU)."""
+    import copy
+    import dataclasses
+
+    from memfit.api import make_cache
+    from memfit.engine import encode_prompts, generate
+    from memfit.kernels import fused_ops
+
+    dev, dtype = setup
+    monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
+    calls = {"n": 0}
+
+    def spy(*args, _fn=fused_ops.rms_norm, **kwargs):
+        calls["n"] += 1
+        return _fn(*args, **kwargs)
+
+    monkeypatch.setattr(fused_ops, "rms_norm", spy)
+    model, tok = default_model
+    model = copy.deepcopy(model).to(dev, dtype)  # the session fixture stays untouched
+    ids, mask = encode_prompts(tok, ["The capital of France is Paris. The capital of Italy is"], chat=False)
+    runs = {}
+    for backend in ("portable", "fast"):
+        cache = make_cache(model, "snapkv", 0.5, backend=backend, reserve=8)
+        if backend == "fast":
+            assert cache.backend.name == "fast"
+            install_fused_ops(model)
+            cache.backend = dataclasses.replace(cache.backend, fused_ops=True)
+        runs[backend] = generate(model, ids, mask, cache, max_new_tokens=6).tokens[0]
+    assert runs["fast"] == runs["portable"], runs
+    assert calls["n"] == 5 * (2 * model.config.num_hidden_layers + 1)  # 5 decode steps, each norm of each layer
+    group = model.model.layers[0].self_attn._memfit_projections[("q_proj", "k_proj", "v_proj")]
+    assert group.matrices() is not None  # the grouped matmul was in place while decoding
