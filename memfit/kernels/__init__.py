@@ -7,6 +7,10 @@
   (evict one slot per step in a fixed-size buffer).
 - `kivi_flush`: the static KIVI store's decode-time quantization of its oldest full-precision value and key block,
   decided on the device (reference: the store's PyTorch path, `memfit.core.static_quant_store`).
+- `fused_ops`: a decode step's RMSNorm, rotary embedding and gated-MLP activation, one kernel each (the fast
+  backend installs them through `memfit.adapters.transformers.install_fused_ops`; reference: transformers' modules).
+- `column_sums`: H2O's prefill scores — the attention each key receives summed over the prompt's queries — in two
+  passes without storing probabilities (reference: `memfit.core.scoring.column_sums`'s PyTorch path).
 - `group_gemv`: decode-sized matmul of group-quantized weights (`memfit.weights.format`'s "group" format, every
   bit width 1..8 in one layer), dequantized in registers (reference: `CompressedLinear.reference_forward`).
 
