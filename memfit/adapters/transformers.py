@@ -11,6 +11,9 @@ How memfit plugs in (works with transformers 5.17 .. 5.24):
   correct after eviction.
 Kwarg names that changed between versions (`past_key_values` -> `cache`, `cache_kwargs` -> `kwargs`) are handled
 here and nowhere else.
+The section "Fused small operations" gives the fast backend's decode steps fused kernels for transformers' RMSNorm,
+rotary and gated-MLP modules, and one matmul for q/k/v and for gate/up (module classes and one module-level function
+swapped; inert outside a fused decode step).
 The last section ("Weight offload") holds what the weight streamer (`memfit/offload/`) needs to know about a
 model's modules: its decoder blocks, their attention/MLP parts, sparse-MoE blocks and the experts' eager loop.
 """
