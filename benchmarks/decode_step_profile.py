@@ -1,11 +1,11 @@
 """Where one decode step's time goes on the fast backend (GPU): kernels per step, device time per kernel family,
-the graph replay alone, and what the runtime loop adds on the host.
+and the graph replay alone (the product's whole loop, host work included, is measured by `runtime_gpu.py`:
+`decode_steady_tokens_per_second`).
 
 Drives the product's own pieces — `memfit.models.load_model` (dummy weights), `memfit.weights.quantize_model`,
 `memfit.api.make_cache`, `memfit.engine.prefill_prompt` and `memfit.graphs.DecodeSteps` — the calls `memfit run`
 makes, in the same order; it builds no model, store or kernel of its own. Per configuration it writes:
 - `replay_ms`: graph replays back to back, one sync at the end (the GPU's time for a step);
-- `loop_ms`: the engine's loop (argmax, the token read back to the host each step, then the next step);
 - `kernels_per_step` and the top kernel families by device time, from torch.profiler over a few replays.
 `MEMFIT_FUSED_OPS=0` in the environment turns the fused norms/rotary/activation off (`fused_ops` in each row).
 
@@ -41,12 +41,12 @@ def profile(model, tok, method: str, budget, context: int, steps: int, profiled:
     from memfit.api import make_cache
 
     device = torch.device("cuda")
-    cache = make_cache(model, method, budget, backend="fast", reserve=2 * steps + profiled + 8)
+    cache = make_cache(model, method, budget, backend="fast", reserve=steps + profiled + 8)
     ids, mask = synthetic_prompt(tok, context)
     ids, mask = ids.to(device), mask.to(device)
     logits, mask = prefill_prompt(model, ids, mask, cache)
     pos = positions_from_mask(mask)[:, -1:]
-    step = DecodeSteps(model, cache, steps=2 * steps + profiled + 4)
+    step = DecodeSteps(model, cache, steps=steps + profiled + 4)
     tokens = logits.argmax(-1)
     # the first (eager) step and the capture
     for _ in range(2):
@@ -61,16 +61,6 @@ def profile(model, tok, method: str, budget, context: int, steps: int, profiled:
         logits = step(tokens, mask, pos)
     torch.cuda.synchronize()
     replay_ms = 1000 * (time.perf_counter() - t) / steps
-    # the engine's loop: the token goes to the host every step (EOS check) before the next step is launched
-    t = time.perf_counter()
-    for _ in range(steps // 4):
-        tokens = logits.argmax(-1)
-        tokens.tolist()
-        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-        pos = pos + 1
-        logits = step(tokens, mask, pos)
-    torch.cuda.synchronize()
-    loop_ms = 1000 * (time.perf_counter() - t) / (steps // 4)
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
@@ -90,7 +80,7 @@ def profile(model, tok, method: str, budget, context: int, steps: int, profiled:
             total_us += us
             count += 1
     top = sorted(fam_us, key=fam_us.get, reverse=True)[:15]
-    return {"fused_ops": cache.backend.fused_ops, "replay_ms": replay_ms, "loop_ms": loop_ms, "kernels_per_step": count / profiled,
+    return {"fused_ops": cache.backend.fused_ops, "replay_ms": replay_ms, "kernels_per_step": count / profiled,
             "kernel_ms_per_step": total_us / 1000 / profiled, "graph": step.graph is not None,
             "top": [{"kernel": k, "per_step": fam_n[k] / profiled, "us_per_step": fam_us[k] / profiled}
                     for k in top]}

@@ -12,9 +12,9 @@
   decodes in a CUDA graph too. On CUDA the decode steps also run the layers' small operations fused
   (`memfit.kernels.fused_ops`: RMSNorm, rotary embedding, the gated MLP's activation; q/k/v and gate/up read as one
   matrix each), installed by `memfit.adapters.transformers.install_fused_ops`; prompts keep transformers' own
-  operations, so a method keeps the same tokens on both backends. Stores that have no static form yet — GEAR, VidKV, KIVI behind an eviction during
-  decoding, and the ragged per-head store (AdaKV allocation) — run on the portable path, and the run says so
-  (`backend_reason` in `--json`).
+  operations, so a method keeps the same tokens on both backends. Stores that have no static form yet — GEAR,
+  VidKV, KIVI behind an eviction during decoding, and the ragged per-head store (AdaKV allocation) — run on the
+  portable path, and the run says so (`backend_reason` in `--json`).
 
 `auto` picks fast on CUDA for a supported architecture, else portable. `MEMFIT_FAST_ON_CPU=1` lets the fast stores run
 on the CPU in their plain-PyTorch form (tests compare them with the portable path there; no kernels, no graphs).

@@ -254,8 +254,7 @@ def generate(
             host_tok = next_tok.to("cpu", non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            last_pos = last_pos + 1
+            last_pos = last_pos + 1  # (a replay reads no mask: it is not grown from here on)
             ahead = step(next_tok, mask, last_pos)
             ready.synchronize()
             tokens = host_tok.tolist()

@@ -10,14 +10,7 @@ import pytest
 import torch
 
 from memfit.core.scoring import column_sums as reference
-from tests.test_kernels import _INTERPRET, interpreter_dtype  # noqa: F401 (the fixture is used by name)
-
-_DEVICES = [
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
-    pytest.param("interpret", marks=pytest.mark.skipif(
-        not _INTERPRET, reason="needs triton >= 3.8 (the kernels run in its CPU interpreter) and no CUDA device")),
-]
+from tests.test_kernels import _DEVICES, interpreter_dtype  # noqa: F401 (the fixture is used by name)
 
 
 @pytest.fixture(params=_DEVICES)
@@ -50,6 +43,10 @@ def test_kernel_equals_reference(setup, q_len: int, t_len: int) -> None:
     ref = reference(queries.cpu(), keys.cpu(), scaling).to(out.device)  # the PyTorch path (the kernel serves CUDA)
     assert out.shape == ref.shape == (b, h, t_len) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-4 * q_len)
+    if dev == "cuda":  # the scoring function H2O calls takes the kernel on CUDA: the same sums
+        from memfit.core import scoring
+
+        assert torch.equal(scoring.column_sums(queries, keys, scaling), column_sums(queries, keys, scaling))
     # every query's probabilities sum to one
     torch.testing.assert_close(out.sum(-1), torch.full((b, h), float(q_len), device=out.device), rtol=1e-4, atol=1e-3)
     # the keys before the first query's position are seen by every query

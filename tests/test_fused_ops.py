@@ -18,14 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from memfit.adapters.transformers import forward, fused_ops_active, install_fused_ops
 from tests.conftest import tiny_gemma3, tiny_llama, tiny_qwen
-from tests.test_kernels import _INTERPRET, interpreter_dtype  # noqa: F401 (the fixture is used by name)
-
-_DEVICES = [
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
-    pytest.param("interpret", marks=pytest.mark.skipif(
-        not _INTERPRET, reason="needs triton >= 3.8 (the kernels run in its CPU interpreter) and no CUDA device")),
-]
+from tests.test_kernels import _DEVICES, interpreter_dtype  # noqa: F401 (the fixture is used by name)
 
 
 @pytest.fixture(params=_DEVICES)
@@ -118,9 +111,9 @@ def test_installed_model_keeps_its_logits(setup, build, monkeypatch) -> None:
     grouped = {"n": 0}
     real_output = adapter._ProjectionGroup.output
 
-    def counted(self, index, x, fused):
+    def counted(self, index, x):
         grouped["n"] += 1
-        return real_output(self, index, x, fused)
+        return real_output(self, index, x)
 
     monkeypatch.setattr(adapter._ProjectionGroup, "output", counted)
     ids = torch.randint(0, 128, (2, 7), device=dev)

@@ -431,9 +431,13 @@ class _ProjectionGroup:
         bias = members[0].bias.as_strided((offset,), (1,)) if has_bias else None
         return weight, bias, sizes
 
-    def output(self, index: int, x: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor | None, list[int]]
-               ) -> torch.Tensor:
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Layer `index`'s output for `x`: a part of the group's matmul (computed at the first member's call, taken
+        by the others), or None when the group no longer holds (the layer then runs on its own)."""
         if self.input is not x or self.outputs[index] is None:
+            fused = self.matrices()
+            if fused is None:
+                return None
             weight, bias, sizes = fused
             self.input, self.outputs = x, list(F.linear(x, weight, bias).split(sizes, dim=-1))
         out = self.outputs[index]
@@ -483,9 +487,9 @@ def _grouped_linear_class() -> type:
         def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
             group = getattr(self, "_memfit_group", None)
             if _FUSED.get() and group is not None and _plain(x):
-                fused = group.matrices()
-                if fused is not None:
-                    return group.output(self._memfit_index, x, fused)
+                out = group.output(self._memfit_index, x)
+                if out is not None:
+                    return out
             return torch.nn.Linear.forward(self, x)
 
         _GROUPED_LINEAR.append(type("Linear", (torch.nn.Linear,), {"forward": forward, "__module__": "torch.nn"}))

@@ -18,7 +18,8 @@ def _scale_offset(S, OFF, rows, rmask, gcol, s_s):
 def _as_float(code):
     """Small unsigned integer codes (< 2^23) as fp32 without a conversion instruction (those issue at a fraction of
     the rate of float adds): 0x4B000000 is 2^23 as an fp32, so OR-ing a code into its mantissa gives 2^23 + code,
-    and subtracting 2^23 leaves the code, exactly."""
+    and subtracting 2^23 leaves the code, exactly. (On an H200 it made no measurable difference at the earlier
+    launch shape, 32 rows and two warps; the 8-row one-warp default was measured with it.)"""
     return (code.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 

@@ -31,30 +31,38 @@ def supported(queries: torch.Tensor, keys: torch.Tensor) -> bool:
 
 
 @triton.jit
+def _rows(X, b, h, offs, valid, s_b, s_h, s_s, D: tl.constexpr):
+    """Rows `offs` (masked by `valid`) of head h of row b: a (len(offs), D) tile."""
+    d = tl.arange(0, D)
+    ptr = X + b.to(tl.int64) * s_b + h * s_h + offs[:, None].to(tl.int64) * s_s + d[None, :]
+    return tl.load(ptr, mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _logits(q, k, scale, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    return tl.dot(q, tl.trans(k)) * scale
+
+
+@triton.jit
 def _lse_kernel(Q, K, LSE, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, H, GROUPS, q_len, t_len, scale,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    hk = h // GROUPS
     offs_m = pid_m * BM + tl.arange(0, BM)
     mvalid = offs_m < q_len
-    d = tl.arange(0, D)
-    q = tl.load(Q + b.to(tl.int64) * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_s + d[None, :],
-                mask=mvalid[:, None], other=0.0)
+    q = _rows(Q, b, h, offs_m, mvalid, sq_b, sq_h, sq_s, D)
     qpos = offs_m + (t_len - q_len)  # each query's own key index: it sees keys 0..qpos
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     hi = tl.minimum(t_len, (pid_m + 1) * BM + t_len - q_len)
     for start in range(0, hi, BN):
         offs_n = start + tl.arange(0, BN)
-        k = tl.load(K + b.to(tl.int64) * sk_b + hk * sk_h + offs_n[:, None].to(tl.int64) * sk_s + d[None, :],
-                    mask=(offs_n < t_len)[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
+        k = _rows(K, b, h // GROUPS, offs_n, offs_n < t_len, sk_b, sk_h, sk_s, D)
+        s = _logits(q, k, scale, IEEE)
         s = tl.where((offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] < t_len), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite from the first block on: key 0 is always visible
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
@@ -69,25 +77,18 @@ def _colsum_kernel(Q, K, LSE, OUT, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, H, GROUPS
     pid_n = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    hk = h // GROUPS
     offs_n = pid_n * BN + tl.arange(0, BN)
     nvalid = offs_n < t_len
-    d = tl.arange(0, D)
-    k = tl.load(K + b.to(tl.int64) * sk_b + hk * sk_h + offs_n[:, None].to(tl.int64) * sk_s + d[None, :],
-                mask=nvalid[:, None], other=0.0)
+    k = _rows(K, b, h // GROUPS, offs_n, nvalid, sk_b, sk_h, sk_s, D)
     off = t_len - q_len
     acc = tl.zeros((BN,), dtype=tl.float32)
     lo = (tl.maximum(pid_n * BN - off, 0) // BM) * BM  # earlier queries see none of these keys
     for start in range(lo, q_len, BM):
         offs_m = start + tl.arange(0, BM)
         mvalid = offs_m < q_len
-        q = tl.load(Q + b.to(tl.int64) * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_s + d[None, :],
-                    mask=mvalid[:, None], other=0.0)
+        q = _rows(Q, b, h, offs_m, mvalid, sq_b, sq_h, sq_s, D)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * q_len + offs_m, mask=mvalid, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
+        s = _logits(q, k, scale, IEEE)
         seen = (offs_n[None, :] <= (offs_m + off)[:, None]) & mvalid[:, None] & nvalid[None, :]
         acc += tl.sum(tl.where(seen, tl.exp(s - lse[:, None]), 0.0), axis=0)
     tl.store(OUT + pid_bh.to(tl.int64) * t_len + offs_n, acc, mask=nvalid)
