@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from memfit.backend import MIN_GRAPH_STEPS
 from memfit.bench.provenance import ResultWriter
 from memfit.engine import positions_from_mask, run, synthetic_prompt
 from memfit.models import load_model
@@ -78,6 +79,33 @@ def transformers_baseline(model, tok, context: int, new: int) -> dict:
             "peak_above_resident_bytes": torch.cuda.max_memory_allocated(device) - resident}
 
 
+def kvpress_row(model, tok, args) -> dict:
+    """kvpress on the same config and prompt, in its own interpreter (it pins transformers < 5.3): see
+    `kvpress_speed_row.py`. The roofline uses the bytes its cache holds after the press."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    ids, _ = synthetic_prompt(tok, args.context)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.config.to_json_file(Path(tmp) / "config.json")
+        torch.save(ids.cpu(), Path(tmp) / "ids.pt")
+        env = {**os.environ, "PYTHONPATH": args.kvpress_path}
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("kvpress_speed_row.py")),
+                               "--config", str(Path(tmp) / "config.json"), "--ids", str(Path(tmp) / "ids.pt"),
+                               "--new", str(args.new), "--press", args.kvpress_press,
+                               "--ratio", str(args.kvpress_ratio)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"kind": "kvpress", "error": "\n".join(done.stderr.strip().splitlines()[-8:]) or f"exit {done.returncode}"}
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    roof = 1000 * (weight_bytes + row["kv_bytes_held"]) / copy_bandwidth(torch.device("cuda"))
+    return {**row, "roofline_ms": roof, "roofline_fraction": roof / row["decode_ms_per_token"]}
+
+
 def _release() -> None:
     """Free what the previous row left (its cache, a captured graph's pool) so each row's peak is its own."""
     gc.collect()
@@ -95,6 +123,10 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--prefill-chunk", type=int, default=None)
     ap.add_argument("--batch", type=int, default=1, help="rows decoded together (memfit rows; transformers: 1)")
+    ap.add_argument("--kvpress-path", default=None,
+                    help="a folder holding kvpress and its pinned transformers: adds a kvpress row (own process)")
+    ap.add_argument("--kvpress-press", default="SnapKVPress")
+    ap.add_argument("--kvpress-ratio", type=float, default=0.75, help="kvpress compression_ratio (fraction removed)")
     ap.add_argument("--out", default="benchmarks/results/runtime_gpu.jsonl")
     args = ap.parse_args()
 
@@ -105,17 +137,23 @@ def main() -> None:
     with ResultWriter(args.out) as out:
         out.write({"kind": "machine", "model": args.model, "weight_bytes": weight_bytes,
                    "copy_bandwidth_bytes_per_s": bw, "device": torch.cuda.get_device_name(device)})
-        for backend in args.backends.split(","):  # warm-up: Triton compiles (each method's kernels), graph pools
+        # Warm-up: Triton compiles each method's kernels, the graph pools get their first blocks. Enough new
+        # tokens that the decode is recorded in a CUDA graph as in the measured rows (with fewer the stores take
+        # their eager attention and the graph's kernels would compile inside the first measured row's set-up).
+        for backend in args.backends.split(","):
             for method in dict.fromkeys(["snapkv", *args.methods.split(",")]):
                 warm_budget = None if method in ("full", "kivi", "gear", "vidkv") else 0.25
-                run("", model=(model, tok), method=method, budget=warm_budget, backend=backend, context=1024,
-                    max_new_tokens=8)
+                run([""] * args.batch, model=(model, tok), method=method, budget=warm_budget, backend=backend,
+                    context=1024, max_new_tokens=MIN_GRAPH_STEPS + 4, prefill_chunk=args.prefill_chunk)
         if not args.no_transformers:
             row = transformers_baseline(model, tok, args.context, args.new)
             roof = 1000 * (weight_bytes + row["kv_bytes_held"]) / bw
             out.write({"kind": "transformers", "method": "full (DynamicCache)", "context": args.context,
                        "new_tokens": args.new, **row, "roofline_ms": roof,
                        "roofline_fraction": roof / row["decode_ms_per_token"]})
+            _release()
+        if args.kvpress_path:
+            out.write(kvpress_row(model, tok, args))
             _release()
         for method in args.methods.split(","):
             keeps_all = method in ("full", "kivi", "gear", "vidkv")

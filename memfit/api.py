@@ -79,6 +79,10 @@ def make_cache(
     install(model)
     if chosen.fused_ops:
         install_fused_ops(model)
+    if chosen.name == "fast":
+        from memfit.weights.format import repack_for_decode
+
+        repack_for_decode(model, next(model.parameters()).dtype)
     core = CompressedCache(num_attention_layers(model), policy, layer_factory)
     core.tensor_parallel = tp.is_sharded(model)
     for layer, window in zip(core.layers, windows, strict=True):

@@ -218,6 +218,8 @@ def test_quantized_model_decodes_in_a_cuda_graph_like_the_portable_path():
     fast_cache, fast = runs["fast"]
     _, port = runs["portable"]
     assert fast_cache.backend.name == "fast" and fast_cache.backend.graphs, fast_cache.backend
+    # the fast backend gave the 4-bit layers torch's int4 kernel layout (memfit.kernels.tinygemm)
+    assert all(m.repacked for m in model.modules() if isinstance(m, CompressedLinear))
     assert fast.graph_replays == 80 - 2
     torch.testing.assert_close(fast.first_logits, port.first_logits, rtol=2e-2, atol=2e-2)
     agree = sum(a == b for a, b in zip(fast.tokens[0][:12], port.tokens[0][:12], strict=True)) / 12

@@ -22,7 +22,26 @@ from memfit.bench.provenance import ResultWriter
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
           "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
+GROUPED = {"qkv_proj": (6144, 4096), "gate_up_proj": (28672, 4096)}  # q/k/v and gate/up read as one matrix each
 LAYERS = 32
+
+
+def tinygemm(comp, x: torch.Tensor):
+    """torch's built-in int4 matmul (`aten._weight_int4pack_mm`, "tinygemm", what torchao's int4 weight-only layout
+    calls) on the same 4-bit codes, scales and offsets: a kernel memfit could reuse instead of its own. Its weight
+    decodes as (q - 8) * scale + zero with bf16 scale and zero, so zero = offset + 8 * scale (rounded to bf16)."""
+    from memfit.weights.format import unpack_bits
+
+    gs, n_g = comp.meta["group_size"], comp.meta["n_groups"]
+    if set(comp.group_bits.tolist()) != {4}:
+        raise ValueError("tinygemm takes 4-bit groups only")
+    codes = unpack_bits(comp.codes_4, 4, n_g * gs).reshape(comp.out_features, -1)[:, : comp.in_features]
+    codes = codes.to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).contiguous(), 8)
+    scale = comp.scales.float()
+    zero = comp.offsets.float() + 8 * scale
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return partial(torch.ops.aten._weight_int4pack_mm, x, packed, gs, sz)
 
 
 def build(spec: str, out_f: int, in_f: int):
@@ -56,6 +75,8 @@ def main() -> None:
     ap.add_argument("--block-n", default="4,8,16,32")
     ap.add_argument("--warps", default="1,2,4")
     ap.add_argument("--variants", default="row1,rows", help="register-kernel forms swept at batch 1")
+    ap.add_argument("--grouped", action="store_true", help="also time q/k/v and gate/up as one matrix each")
+    ap.add_argument("--tinygemm", action="store_true", help="also time torch's int4 matmul on the 4-bit layers")
     ap.add_argument("--out", default="benchmarks/results/gemv_variants.jsonl")
     args = ap.parse_args()
     from memfit.kernels.group_gemv import group_gemv
@@ -63,14 +84,22 @@ def main() -> None:
 
     totals: dict[tuple, float] = {}
     with ResultWriter(args.out) as out:
-        for spec, (name, (n, k)) in itertools.product(args.specs.split(","), SHAPES.items()):
+        shapes = {**SHAPES, **(GROUPED if args.grouped else {})}
+        for spec, (name, (n, k)) in itertools.product(args.specs.split(","), shapes.items()):
             lin, comp = build(spec, n, k)
             buckets = _group_buckets(comp)
             for m in [int(r) for r in args.rows.split(",")]:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 want = lin(x).float()
+                qref = comp(x).float()  # the product's output: other kernels on the same codes should match it
                 cases = [("bf16", {}, partial(lin, x)), ("forward", {}, partial(comp, x))]
                 cases += [("dot", {"variant": "dot"}, None)]
+                if args.tinygemm and spec.startswith("rtn:4"):
+                    try:
+                        cases.append(("tinygemm", {}, tinygemm(comp, x)))
+                    except Exception as exc:  # noqa: BLE001 - a torch without the op is a row, not a crash
+                        out.write({"spec": spec, "linear": name, "rows": m, "kind": "tinygemm",
+                                   "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
                 if m == 1 and spec == args.specs.split(",")[0]:  # the launch-shape sweep: one spec, batch 1
                     for bn, nw, split in itertools.product([int(b) for b in args.block_n.split(",")],
                                                            [int(w) for w in args.warps.split(",")], [1, None]):
@@ -83,7 +112,9 @@ def main() -> None:
                     if fn is None:
                         fn = partial(group_gemv, x, buckets, comp.scales, comp.offsets, 128, n, **kw)
                     try:
-                        err = (fn().float() - want).abs().max().item() / want.abs().max().item()
+                        got = fn().float()
+                        err = (got - want).abs().max().item() / want.abs().max().item()
+                        err_q = (got - qref).abs().max().item() / qref.abs().max().item()
                         ms = bench(fn)
                     except Exception as exc:  # noqa: BLE001 - a launch shape that cannot compile is a row, not a crash
                         out.write({"spec": spec, "linear": name, "rows": m, "kind": kind, **kw,
@@ -92,12 +123,17 @@ def main() -> None:
                     nbytes = (sum(t.numel() * t.element_size() for t in comp.buffers()) if kind != "bf16"
                               else lin.weight.numel() * 2)
                     out.write({"spec": spec, "linear": name, "out": n, "in": k, "rows": m, "kind": kind, **kw,
-                               "ms": ms, "gb_per_s": nbytes / ms / 1e6, "rel_err_vs_bf16": err})
+                               "ms": ms, "gb_per_s": nbytes / ms / 1e6, "rel_err_vs_bf16": err,
+                               "rel_err_vs_forward": err_q})
                     key = (spec, m, kind, tuple(sorted(kw.items(), key=str)))
-                    totals[key] = totals.get(key, 0.0) + ms
-        for (spec, m, kind, kw), ms in sorted(totals.items(), key=lambda t: (t[0][0], t[0][1], t[1])):
+                    part = "grouped" if name in GROUPED else "separate"
+                    for layout in (["separate", "grouped"] if name in ("o_proj", "down_proj") else [part]):
+                        if layout == "grouped" and not args.grouped:
+                            continue
+                        totals[(*key, layout)] = totals.get((*key, layout), 0.0) + ms
+        for (spec, m, kind, kw, layout), ms in sorted(totals.items(), key=lambda t: (t[0][0], t[0][1], t[1])):
             out.write({"spec": spec, "rows": m, "kind": kind, **dict(kw), "summary": "per_token_linears",
-                       "per_token_ms": ms * LAYERS})
+                       "projections": layout, "per_token_ms": ms * LAYERS})
 
 
 if __name__ == "__main__":

@@ -416,14 +416,20 @@ class _ProjectionGroup:
             return None
         first = members[0].weight
         has_bias = members[0].bias is not None
+        # One storage, not only adjacent addresses: after a `.to()` the caching allocator can place the separate
+        # new weights back to back, and a view across them would read past the first one's storage.
+        storage = first.untyped_storage().data_ptr()
+        bias_storage = members[0].bias.untyped_storage().data_ptr() if has_bias else None
         offset, sizes = 0, []
         for m in members:
             w = m.weight
             if (w.dtype != first.dtype or w.device != first.device or w.stride() != first.stride()
                     or w.shape[1] != first.shape[1] or (m.bias is not None) != has_bias
+                    or w.untyped_storage().data_ptr() != storage
                     or w.data_ptr() != first.data_ptr() + offset * first.stride(0) * first.element_size()):
                 return None
-            if has_bias and m.bias.data_ptr() != members[0].bias.data_ptr() + offset * first.element_size():
+            if has_bias and (m.bias.untyped_storage().data_ptr() != bias_storage or m.bias.data_ptr()
+                             != members[0].bias.data_ptr() + offset * first.element_size()):
                 return None
             offset += w.shape[0]
             sizes.append(w.shape[0])

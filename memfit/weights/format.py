@@ -154,11 +154,22 @@ class CompressedLinear(nn.Module):
 
     def capturable(self, rows: int) -> bool:
         """Whether a forward of ``rows`` input rows stays off the host (it runs in the CUDA kernel)."""
-        if self.fmt != "group" or self.scales.device.type != "cuda" or _KERNEL_FAILED:
+        if self.fmt != "group" or self.scales.device.type != "cuda":
+            return False
+        if self.repacked:
+            from memfit.kernels import tinygemm
+
+            return 0 < rows <= tinygemm.MAX_ROWS
+        if _KERNEL_FAILED:
             return False
         from memfit.kernels.group_gemv import MAX_ROWS
 
         return 0 < rows <= MAX_ROWS and _group_buckets(self) is not None
+
+    @property
+    def repacked(self) -> bool:
+        """Whether the 4-bit codes are held in torch's int4 kernel order (`repack_for_decode`)."""
+        return getattr(self, "tg_scales_zeros", None) is not None
 
     def __init__(self, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__()
@@ -272,8 +283,11 @@ class CompressedLinear(nn.Module):
 
     # -- dequantization ----------------------------------------------------------------------------------------
     def band_rows(self) -> int:
-        """Rows dequantized at once by the reference: a multiple of 128 (Flash-LLM's tile height)."""
-        return max(TILE_ROWS, (_BAND_WEIGHTS // max(1, self.in_features)) // TILE_ROWS * TILE_ROWS)
+        """Rows dequantized at once by the reference: a multiple of 128 (Flash-LLM's tile height). On a GPU the
+        bands are 16x larger (~64 MiB of fp32 at once): there the Python loop over bands, not memory, is the cost."""
+        first = next(self.buffers(recurse=False), None)
+        weights = _BAND_WEIGHTS * (16 if first is not None and first.is_cuda else 1)
+        return max(TILE_ROWS, (weights // max(1, self.in_features)) // TILE_ROWS * TILE_ROWS)
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base term's rows ``r0:r1`` as a dense ``(r1 - r0, in_features)`` tensor (no low-rank, no bias)."""
@@ -310,7 +324,7 @@ class CompressedLinear(nn.Module):
             acc = None
             for b, idx in widths:
                 n_b = n_groups if idx is None else idx.numel()
-                q = _codes(getattr(self, f"codes_{b}")[r0:r1], b, n_b * gs).view(r1 - r0, n_b, gs).float()
+                q = self._band_codes(b, r0, r1, n_b * gs).view(r1 - r0, n_b, gs).float()
                 xb, sb, ob, xs = ((xg, scales, offsets, xsum) if idx is None
                                   else (xg[:, idx], scales[:, idx], offsets[:, idx], xsum[:, idx]))
                 part = (torch.einsum("ogk,mgk->mog", q, xb) * sb).sum(-1) + xs @ ob.T
@@ -333,18 +347,59 @@ class CompressedLinear(nn.Module):
         self._width_cache = (key, out)
         return out
 
+    def _band_codes(self, bits: int, r0: int, r1: int, n: int) -> torch.Tensor:
+        """Rows r0..r1 of bucket ``bits``'s codes, ``n`` per row, as integers (in row order whatever the layout)."""
+        packed = getattr(self, f"codes_{bits}")[r0:r1]
+        if self.repacked:
+            from memfit.kernels import tinygemm
+
+            return tinygemm.unpack_band(packed, tinygemm.order(packed.device))
+        return _codes(packed, bits, n)
+
+    # -- the GPU kernel's layout ---------------------------------------------------------------------------------
+    def repack_for_kernel(self, pack: Any = None) -> bool:
+        """Hold the 4-bit codes in the order of torch's int4 kernel (`memfit.kernels.tinygemm`) and add its bf16
+        (scale, zero) pairs; no-op and False where that kernel does not serve this layer. The codes buffer keeps its
+        bytes (reordered in place of the old one); `canonical_layout` undoes it."""
+        from memfit.kernels import tinygemm
+
+        if self.fmt != "group" or self.repacked:
+            return self.repacked
+        widths = set(self.group_bits.tolist())
+        gs = self.meta["group_size"]
+        if not tinygemm.shape_ok(self.out_features, self.in_features, gs, widths):
+            return False
+        if pack is None and not tinygemm.supported(self.out_features, self.in_features, gs, widths,
+                                                   self.scales.device):
+            return False  # a stand-in `pack` (tests) runs anywhere
+        codes = self._band_codes(4, 0, self.out_features, self.in_features).to(torch.uint8)
+        kw = {} if pack is None else {"pack": pack}
+        self.codes_4 = tinygemm.repack(codes, self.scales.device, **kw)
+        self.register_buffer("tg_scales_zeros", tinygemm.scales_and_zeros(self.scales, self.offsets),
+                             persistent=False)
+        self._kernel_buckets = None
+        return True
+
+    def canonical_layout(self) -> None:
+        """Undo `repack_for_kernel`: the codes back in memfit's own bit stream (what a saved folder holds)."""
+        if not self.repacked:
+            return
+        codes = self._band_codes(4, 0, self.out_features, self.in_features)
+        del self._buffers["tg_scales_zeros"]
+        self.codes_4 = pack_bits(codes, 4).contiguous()
+
     def _group_rows(self, r0: int, r1: int) -> torch.Tensor:
         gs, n_groups = self.meta["group_size"], self.meta["n_groups"]
         scales, offsets = self.scales[r0:r1].float(), self.offsets[r0:r1].float()
         widths = self._width_groups()
         if widths[0][1] is None:  # one width (RTN, uniform SliM-LLM): no scatter into a separate buffer
             b = widths[0][0]
-            q = _codes(getattr(self, f"codes_{b}")[r0:r1], b, n_groups * gs).view(r1 - r0, n_groups, gs)
+            q = self._band_codes(b, r0, r1, n_groups * gs).view(r1 - r0, n_groups, gs)
             return torch.addcmul(offsets[:, :, None], q.float(), scales[:, :, None]).view(r1 - r0, n_groups * gs)
         w = torch.empty(r1 - r0, n_groups, gs, dtype=torch.float32, device=self.scales.device)
         for b, idx in widths:
             assert idx is not None
-            q = _codes(getattr(self, f"codes_{b}")[r0:r1], b, idx.numel() * gs).view(r1 - r0, -1, gs)
+            q = self._band_codes(b, r0, r1, idx.numel() * gs).view(r1 - r0, -1, gs)
             w[:, idx] = torch.addcmul(offsets[:, idx, None], q.float(), scales[:, idx, None])
         return w.view(r1 - r0, n_groups * gs)
 
@@ -426,6 +481,8 @@ def _group_buckets(layer: CompressedLinear) -> list[Any] | None:
     from memfit import kernels
     from memfit.kernels.group_gemv import Bucket, supported
 
+    if layer.repacked:  # the Triton kernel reads memfit's own bit stream only
+        return None
     key = (layer.scales.device, layer.scales.data_ptr())
     cached = getattr(layer, "_kernel_buckets", None)
     if cached is not None and cached[0] == key:
@@ -452,6 +509,13 @@ def group_kernel_forward(layer: CompressedLinear, x: torch.Tensor) -> torch.Tens
     from memfit.kernels.group_gemv import MAX_ROWS, group_gemv
 
     x2 = x.reshape(-1, layer.in_features)
+    if layer.repacked:
+        from memfit.kernels import tinygemm
+
+        if x2.dtype != torch.bfloat16 or not 0 < x2.shape[0] <= tinygemm.MAX_ROWS:
+            return layer.reference_forward(x)
+        y = tinygemm.matmul(x2.contiguous(), layer.codes_4, layer.tg_scales_zeros, layer.meta["group_size"])
+        return _side_terms(layer, x, x2, y)
     buckets = _group_buckets(layer)  # built on the first call (a prefill): later decode steps read no host state
     if buckets is None or _KERNEL_FAILED or not 0 < x2.shape[0] <= MAX_ROWS:
         return layer.reference_forward(x)
@@ -465,8 +529,24 @@ def group_kernel_forward(layer: CompressedLinear, x: torch.Tensor) -> torch.Tens
         print(f"memfit: the Triton kernel for group-quantized weights failed here ({_KERNEL_FAILED[0]}); "
               "compressed layers use the reference matmul (slower, same result)", file=sys.stderr)
         return layer.reference_forward(x)
+    return _side_terms(layer, x, x2, y)
+
+
+def _side_terms(layer: CompressedLinear, x: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Add the low-rank branch and the bias to a kernel's base term; shape it like ``x``."""
     if getattr(layer, "lr_l1", None) is not None:
         y += (x2 @ layer.lr_l2.to(x2.dtype).T) @ layer.lr_l1.to(x2.dtype).T
     if layer.bias is not None:
         y += layer.bias.to(y.dtype)
     return y.view(*x.shape[:-1], layer.out_features)
+
+
+def repack_for_decode(model: nn.Module, dtype: torch.dtype) -> int:
+    """Give every 4-bit "group" layer of ``model`` that torch's int4 kernel serves its layout (the fast backend
+    calls this on CUDA; only for bf16 activations, the kernel's input type). Returns how many layers changed.
+    ``MEMFIT_TINYGEMM=0`` keeps memfit's own Triton kernel (for A/B runs)."""
+    import os
+
+    if dtype != torch.bfloat16 or os.environ.get("MEMFIT_TINYGEMM", "1") == "0":
+        return 0
+    return sum(m.repack_for_kernel() for m in model.modules() if isinstance(m, CompressedLinear))

@@ -46,6 +46,9 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # a half-written folder must not look finished
+    for module in model.modules():  # a folder holds memfit's own code order, whatever a GPU kernel reordered
+        if isinstance(module, CompressedLinear):
+            module.canonical_layout()
     layers = {n: {"fmt": m.fmt, "meta": m.meta} for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
     tensors: dict[str, torch.Tensor] = {}
     by_ptr: dict[tuple[int, tuple[int, ...]], str] = {}
