@@ -17,9 +17,11 @@ counted). Target (issue #15): 4-bit weights decode at >= 1.8x the bf16 model's t
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
+from memfit.backend import MIN_GRAPH_STEPS
 from memfit.bench.provenance import ResultWriter, run_cli_json
 
 BANDWIDTH = (
@@ -66,12 +68,12 @@ def main() -> None:
     bw = float(subprocess.run([sys.executable, "-c", BANDWIDTH], capture_output=True, text=True,
                               check=True).stdout.split()[-1])
     embed = embedding_bytes(args.model)
-    base = None
+    base = base_steady = None
     with ResultWriter(args.out) as out:
         out.write({"kind": "machine", "model": args.model, "copy_bandwidth_bytes_per_s": bw,
                    "embedding_bytes_not_read": embed})
-        for spec in specs:  # warm-up: fills Triton's kernel cache for this spec (not recorded)
-            memfit_run(spec, args, 256, 8)
+        for spec in specs:  # warm-up: fills Triton's kernel cache for this spec (not recorded); enough new tokens
+            memfit_run(spec, args, 256, MIN_GRAPH_STEPS + 4)  # that the graph path's kernels compile here too
         for spec in specs:
             r = memfit_run(spec, args, args.context, args.new)
             if "error" in r:
@@ -82,6 +84,9 @@ def main() -> None:
             if spec == "none":
                 base = tok_s
             roof = bw / read
+            steady = r.get("decode_steady_tokens_per_second")  # after the first eager step and graph recording
+            if spec == "none":
+                base_steady = steady
             out.write({
                 "kind": "memfit", "weights": spec, "method": r["method"], "context": r["prompt_tokens"],
                 "new_tokens": r["generated_tokens"], "backend": r["backend"], "backend_reason": r["backend_reason"],
@@ -90,6 +95,11 @@ def main() -> None:
                 "weight_bytes": r["weight_bytes"], "kv_bytes_held": r["kv_bytes_held"], "bytes_read_per_step": read,
                 "roofline_tokens_per_second": roof, "roofline_fraction": tok_s / roof,
                 "speedup_vs_bf16": tok_s / base if base else None, "peak_memory_bytes": r["peak_memory_bytes"],
+                "decode_setup_seconds": r.get("decode_setup_seconds"), "steady_tokens_per_second": steady,
+                "steady_ms_per_token": 1000 / steady if steady else None,
+                "steady_roofline_fraction": steady / roof if steady else None,
+                "steady_speedup_vs_bf16": steady / base_steady if steady and base_steady else None,
+                "tinygemm": os.environ.get("MEMFIT_TINYGEMM", "1") != "0",
                 "prefill_seconds": r["prefill_seconds"], "wall_seconds": r["wall_seconds"], "command": r["command"],
             })
 
