@@ -13,6 +13,9 @@
   passes without storing probabilities (reference: `memfit.core.scoring.column_sums`'s PyTorch path).
 - `group_gemv`: decode-sized matmul of group-quantized weights (`memfit.weights.format`'s "group" format, every
   bit width 1..8 in one layer), dequantized in registers (reference: `CompressedLinear.reference_forward`).
+- `tinygemm`: not a Triton kernel — uniform 4-bit "group" layers of bf16 models through torch's built-in int4
+  matmul (`aten._weight_int4pack_mm`), their codes reordered in place into its tile order (faster than
+  `group_gemv` at 4 bits; reference: the same).
 
 Triton is imported lazily (inside the kernel modules, on first launch), so `import memfit.kernels` and the
 references work on CPU-only installs. `available()` says whether the Triton kernels can run here.
