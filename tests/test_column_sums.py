@@ -66,3 +66,52 @@ def test_dispatch_keeps_padding_on_the_pytorch_path() -> None:
     out = scoring.column_sums(q, k, 0.25, key_valid=valid)
     assert out[..., 0].abs().max() == 0  # an invalid key receives nothing
     torch.testing.assert_close(out.sum(-1), torch.full((1, 2), 4.0))
+
+
+def test_a_given_log_sum_exp_skips_the_first_pass(setup) -> None:
+    """With each query's log-sum-exp handed in (what the prompt's flash attention returns), the kernel runs only its
+    column pass and gives the same sums; a wrong log-sum-exp shows (the sums no longer add up to one per query)."""
+    from memfit.kernels.column_sums import column_sums
+
+    dev, dtype, block = setup
+    torch.manual_seed(2)
+    b, h, hkv, n, d = 1, 4, 2, 33 if dev == "cpu" else 1500, 16 if dev == "cpu" else 128
+    queries = (torch.randn(b, h, n, d, device=dev) * 2).to(dtype)
+    keys = (torch.randn(b, hkv, n, d, device=dev) * 2).to(dtype)
+    scaling = d ** -0.5
+    logits = (queries.float() @ keys.float().repeat_interleave(h // hkv, 1).transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool, device=dev).triu(1), float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    both = column_sums(queries, keys, scaling, block_m=block, block_n=block)
+    given = column_sums(queries, keys, scaling, block_m=block, block_n=block, lse=lse)
+    torch.testing.assert_close(given, both, rtol=2e-3, atol=2e-4 * n)
+    off = column_sums(queries, keys, scaling, block_m=block, block_n=block, lse=lse + 1.0)
+    torch.testing.assert_close(off.sum(-1), torch.full((b, h), n / torch.e, device=off.device), rtol=1e-3, atol=1e-3)
+
+
+def test_methods_that_read_the_prompt_log_sum_exp() -> None:
+    """H2O asks the cache for the prompt's log-sum-exp (alone and composed with a quantizer); other methods do not."""
+    from memfit.core.method import build_policy
+
+    assert build_policy("h2o", 0.25)[0].prefill_lse and build_policy("h2o+kivi", 0.25)[0].prefill_lse
+    assert not build_policy("snapkv", 0.25)[0].prefill_lse and not build_policy("full", None)[0].prefill_lse
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_attention_returns_the_log_sum_exp_on_cuda() -> None:
+    """The prompt attention H2O's cache runs on CUDA (`attention_with_lse`) equals the plain causal attention and its
+    log-sum-exp equals a direct computation."""
+    from memfit.core.store import _LSE_CHECKED, attention_with_lse, dense_attention
+
+    torch.manual_seed(3)
+    q = torch.randn(1, 8, 700, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 700, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 2, 700, 128, device="cuda", dtype=torch.bfloat16)
+    got = attention_with_lse(q, k, v, 128 ** -0.5)
+    assert got is not None and _LSE_CHECKED == [True]
+    out, lse = got
+    torch.testing.assert_close(out, dense_attention(q, k, v, None, 128 ** -0.5), rtol=2e-2, atol=2e-2)
+    logits = (q.float() @ k.float().repeat_interleave(4, 1).transpose(-1, -2)) * 128 ** -0.5
+    logits = logits.masked_fill(torch.ones(700, 700, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-3, atol=1e-2)

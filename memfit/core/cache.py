@@ -24,7 +24,7 @@ from memfit.core.budget import Budget
 from memfit.core.contract import Decision, LayerView, Selection, StepInfo, select_tokens
 from memfit.core.method import Method
 from memfit.core.spans import SPAN_KEY, record_spans, span_priority, span_scores
-from memfit.core.store import KVLayer, dense_attention, tensor_bytes
+from memfit.core.store import KVLayer, attention_with_lse, dense_attention, tensor_bytes
 
 __all__ = [
     "CompressedCache", "HeadAllocator", "KVLayer", "LayerSchedule", "StepInfo", "apply_selection", "dense_attention",
@@ -213,7 +213,14 @@ class CompressedCache:
             out = layer.attend(queries, scaling, layer.window)
             layer.trim_to_window()
         else:
-            out = layer.attend(queries, scaling)
+            fused = None
+            if (info.is_prefill and self.method.prefill_lse and layer.valid is None and layer.keys is not None
+                    and layer.keys.shape[2] == info.q_len):
+                fused = attention_with_lse(queries, layer.keys, layer.values, scaling)
+            if fused is not None:
+                out, info.lse = fused
+            else:
+                out = layer.attend(queries, scaling)
             info.keep, info.layers, info.budget_of = self.layer_keep(layer_idx), self._views, self.layer_keep
             with tp.scope(self.tensor_parallel):  # cross-head decisions talk to the other ranks only for a split model
                 decision = self.method.after_attention(LayerView(layer), queries, scaling, info)

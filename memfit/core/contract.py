@@ -39,6 +39,9 @@ class StepInfo:
     # for decisions that span layers (GemFilter): every attention layer, read-only, and the budget of any layer
     layers: Sequence[LayerView] = ()
     budget_of: Callable[[int], torch.Tensor | None] | None = None
+    # (B, H, q) fp32: each of this call's queries' log of its summed exp(scaled logit) over the keys it saw, when the
+    # attention kernel returned it (a method with `prefill_lse` asked for it); None otherwise
+    lse: torch.Tensor | None = None
 
 
 class LayerView:

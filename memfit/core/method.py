@@ -46,6 +46,9 @@ class Method:
     summary: ClassVar[str] = ""
     # whether `after_attention` can score a layer whose KV heads hold different tokens (AdaKV's ragged store)
     ragged_heads: ClassVar[bool] = True
+    # whether `after_attention` reads each prompt query's log-sum-exp (`info.lse`): the cache then runs the prompt's
+    # attention in a kernel that returns it, where one can (CUDA flash attention over an unpadded one-shot prompt)
+    prefill_lse: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.budget = Budget()
@@ -219,6 +222,10 @@ class Composed(Method):
 
     def after_attention(self, layer: LayerView, queries: torch.Tensor, scaling: float, info: StepInfo) -> Decision:
         return self.evictor.after_attention(layer, queries, scaling, info)
+
+    @property  # type: ignore[override]
+    def prefill_lse(self) -> bool:  # a class attribute of Method would hide the evictor's from __getattr__
+        return bool(self.evictor.prefill_lse)
 
     def select_prompt(self, *args: Any, **kwargs: Any) -> Any:  # GemFilter-style prompt selection: the evictor's
         return self.evictor.select_prompt(*args, **kwargs)

@@ -81,6 +81,7 @@ def column_sums(
     query_valid: torch.Tensor | None = None,
     chunk: int | None = None,
     block_bytes: int = 256 * 2**20,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention each key received, summed over the (causal) queries: (B, H, T) fp32.
 
@@ -89,13 +90,14 @@ def column_sums(
     so one (B, H, chunk, T) fp32 block stays near `block_bytes` (16 to 256 queries), unless `chunk` is given; the
     keys are converted to fp32 and spread over the query heads once, not per chunk.
     `query_valid` (B, q) drops padding queries from the sum. On CUDA without padding the two-pass Triton kernel of
-    `memfit.kernels.column_sums` computes the same sums.
+    `memfit.kernels.column_sums` computes the same sums; given each query's log-sum-exp `lse` (B, H, q) (from the
+    prompt's own attention kernel), it runs only its second pass.
     """
     if (queries.is_cuda and chunk is None and _column_kernel_ok(queries, keys)
             and (key_valid is None or bool(key_valid.all())) and (query_valid is None or bool(query_valid.all()))):
         from memfit.kernels.column_sums import column_sums as fused_column_sums
 
-        return fused_column_sums(queries, keys, scaling)  # two Triton passes, no probability block stored
+        return fused_column_sums(queries, keys, scaling, lse=lse)  # Triton passes, no probability block stored
     b, h, q_len, _ = queries.shape
     t_len = keys.shape[2]
     groups = h // keys.shape[1]

@@ -154,6 +154,41 @@ class KVLayer:
 
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what CUDA's flash attention takes (head dim up to 256)
+_LSE_CHECKED: list[bool] = []  # [whether the flash kernel's log-sum-exp matched a direct computation], once a process
+
+
+def attention_with_lse(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal attention of a whole unpadded prompt (queries and keys the same tokens) and each query's log-sum-exp
+    (B, H, q) fp32, from CUDA's flash attention kernel, which computes the log-sum-exp anyway (H2O's prefill scoring
+    then skips a pass over the prompt's logits). None where that kernel does not apply. Its heads must match, so
+    grouped KV heads are spread over the query heads first (two (B, H, T, d) copies, freed after the call). The
+    first call in a process checks the kernel's log-sum-exp against a direct computation on a few queries and
+    turns the path off if they differ (a torch whose kernel returns another convention)."""
+    b, h, q_len, d = queries.shape
+    if (not queries.is_cuda or queries.dtype not in _FLASH_DTYPES or d > 256 or keys.shape[2] != q_len
+            or (_LSE_CHECKED and not _LSE_CHECKED[0])):
+        return None
+    groups = h // keys.shape[1]
+    k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
+    v = values.repeat_interleave(groups, dim=1) if groups > 1 else values
+    try:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(queries, k, v, 0.0, True, False, scale=scaling)
+    except (RuntimeError, NotImplementedError):
+        _LSE_CHECKED[:] = [False]
+        return None
+    out, lse = res[0], res[1]
+    if not _LSE_CHECKED:
+        rows = torch.arange(max(0, q_len - 4), q_len, device=queries.device)
+        logits = (queries[:, :, rows].float() @ k.float().transpose(-1, -2)) * scaling
+        logits = logits.masked_fill(torch.arange(q_len, device=queries.device) > rows[:, None], float("-inf"))
+        want = torch.logsumexp(logits, dim=-1)
+        _LSE_CHECKED[:] = [bool(lse.shape == (b, h, q_len) and torch.allclose(lse[:, :, rows].float(), want,
+                                                                               rtol=1e-3, atol=1e-2))]
+        if not _LSE_CHECKED[0]:
+            return None
+    return out, lse.float()
 
 
 def dense_attention(

@@ -47,6 +47,8 @@ class H2O(Method):
     family = "eviction"
     acts = "prefill+decode"
     summary = "Accumulated attention (heavy hitters) + recent tokens, evicting at every step."
+    # the prompt's column sums reuse each query's log-sum-exp from the prompt's own attention kernel (CUDA)
+    prefill_lse = True
 
     recent_fraction: float = 0.5
     reduce: str = "sum"
@@ -81,7 +83,7 @@ class H2O(Method):
         hkv = layer.keys.shape[1]
         if info.q_len > 1:
             qvalid = info.new_valid
-            probs_sum = column_sums(queries, layer.keys, scaling, layer.valid, qvalid)
+            probs_sum = column_sums(queries, layer.keys, scaling, layer.valid, qvalid, lse=info.lse)
         else:
             probs_sum = attention_probs(queries, layer.keys, scaling, layer.valid).sum(dim=2)
         step = reduce_groups(probs_sum, hkv, self.reduce)
