@@ -49,19 +49,11 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
-def check_divisible(config: object, ranks: int) -> None:
-    """Heads and KV heads must split evenly over the ranks (a clear error instead of a failed shard)."""
-    text = getattr(config, "text_config", config)
-    heads = int(getattr(text, "num_attention_heads", 0) or 0)
-    kv = int(getattr(text, "num_key_value_heads", heads) or heads)
-    if heads % ranks or kv % ranks:
-        raise ConfigError(f"--tp {ranks}: the model's {heads} attention heads and {kv} KV heads must both divide by "
-                          f"{ranks}; pick a --tp that divides {kv}")
-
-
 def check_model(spec: str, ranks: int, load_format: str = "auto") -> None:
     """In the launching process: a model that cannot be split over `ranks` is one error here, not one per rank.
     (A dummy model's random-weight checkpoint is written by rank 0, on its GPU: the launcher takes no device.)"""
+    from memfit.models import check_divisible
+
     if load_format == "dummy":
         from memfit.dummy import dummy_config
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from memfit.errors import ConfigError
+from memfit.paths import cache_dir
 
 # Architecture fields only (from each model's published config.json); vocabularies are real sizes so the embedding
 # and LM-head bytes are right.
@@ -184,8 +185,6 @@ def dummy_checkpoint(spec: str, dtype: torch.dtype, device: torch.device, *, pro
     so neither `device` nor the RAM ever holds the whole model. The write goes to a temporary folder renamed at the
     end, so an interrupted write never leaves a folder that looks complete. `shard_bytes`: the largest shard
     (default `SHARD_BYTES`)."""
-    from memfit.models import cache_dir
-
     folder = cache_dir() / "dummy" / _config_key(spec, dtype)
     if (folder / "config.json").is_file():
         return folder

@@ -52,7 +52,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memfit.errors import ModelLoadError
+from memfit.errors import ConfigError, ModelLoadError
+from memfit.paths import cache_dir
 from memfit.units import current_rss
 
 if TYPE_CHECKING:
@@ -95,16 +96,6 @@ _CHUNK = 1 << 20
 # --------------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """The user cache folder: ``$MEMFIT_CACHE``, else ``$XDG_CACHE_HOME/memfit``, else ``~/.cache/memfit``."""
-    env = os.environ.get("MEMFIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "memfit"
 
 
 def default_gguf_path() -> Path:
@@ -320,6 +311,16 @@ def _load_hf(source: Path | str, dtype: torch.dtype, *, what: str) -> tuple[Any,
     return model, tok
 
 
+def check_divisible(config: object, ranks: int) -> None:
+    """Heads and KV heads must split evenly over tensor-parallel ranks (a clear error instead of a failed shard)."""
+    text = getattr(config, "text_config", config)
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    kv = int(getattr(text, "num_key_value_heads", heads) or heads)
+    if heads % ranks or kv % ranks:
+        raise ConfigError(f"--tp {ranks}: the model's {heads} attention heads and {kv} KV heads must both divide by "
+                          f"{ranks}; pick a --tp that divides {kv}")
+
+
 def tp_source(text: str, progress: bool = False) -> Path:
     """The folder a tensor-parallel run loads: the default model's or a local Hugging Face folder (else one error)."""
     text = text.strip()
@@ -338,8 +339,6 @@ def _load_tp(text: str, dtype: torch.dtype, *, dummy: bool = False) -> tuple[Any
 
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from memfit.distributed import check_divisible
 
     ranks = dist.get_world_size() if dist.is_initialized() else 1
     if dummy:
