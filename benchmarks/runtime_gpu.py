@@ -177,6 +177,7 @@ def main() -> None:
                            "peak_above_resident_bytes": res.peak_memory_bytes - resident,
                            "prefill_chunk": args.prefill_chunk, "roofline_ms": roof, "roofline_fraction": roof / ms,
                            "fused_ops": res.fused_ops, "decode_setup_seconds": res.decode_setup_seconds,
+                           "decode_capture_seconds": res.decode_capture_seconds,
                            "steady_ms_per_token": steady, "steady_roofline_fraction": steady and roof / steady})
                 _release()
 

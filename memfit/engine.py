@@ -123,6 +123,7 @@ class Generation:
     graph_replays: int = 0  # decode steps replayed from a CUDA graph (fast backend)
     setup_seconds: float = 0.0  # the decode steps up to the first replay: the eager step(s) and the graph's recording
     setup_steps: int = 0
+    capture_seconds: float = 0.0  # the part of setup_seconds spent recording the graph (and its first replay)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -282,7 +283,8 @@ def generate(
     _sync(device)
     decode_seconds = time.perf_counter() - t1
     return Generation(out, prefill_seconds, decode_seconds, steps, peak_memory(device), first_logits,
-                      graph_replays=step.replays, setup_seconds=setup_seconds, setup_steps=setup_steps)
+                      graph_replays=step.replays, setup_seconds=setup_seconds, setup_steps=setup_steps,
+                      capture_seconds=step.capture_seconds)
 
 
 # -- one call that does what `memfit run` does ---------------------------------------------------------------------
@@ -316,6 +318,7 @@ class RunResult:
     decode_graph_replays: int = 0
     # with a CUDA graph: the first decode steps (eager step, recording) apart, and the replayed steps' rate after them
     decode_setup_seconds: float = 0.0
+    decode_capture_seconds: float = 0.0  # the part of it spent recording the CUDA graph
     decode_steady_tokens_per_second: float | None = None
     weights: str = "none"  # the weight method the model's linear layers carry (memfit.weights), or none
     weight_bytes: int = 0  # bytes of every parameter and buffer of the model (packed codes as stored)
@@ -453,6 +456,7 @@ def run(
         **(cache.backend.to_dict() if getattr(cache, "backend", None) else {}),
         decode_graph_replays=gen.graph_replays,
         decode_setup_seconds=gen.setup_seconds,
+        decode_capture_seconds=gen.capture_seconds,
         decode_steady_tokens_per_second=gen.steady_tokens_per_second,
         weights=getattr(mdl, "memfit_weights", "") or "none",
         weight_bytes=_weight_bytes(mdl),

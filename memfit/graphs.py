@@ -45,6 +45,7 @@ class DecodeSteps:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
         self.replays = 0
+        self.capture_seconds = 0.0  # recording the graph and its first replay (host wall time, synchronized)
         self._ids: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
         self._out: torch.Tensor | None = None
@@ -88,14 +89,19 @@ class DecodeSteps:
         return forward(self.model, tokens[:, None], mask, self.cache, positions, logits_to_keep=1)[:, -1]
 
     def _capture(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        import time
+
         self._ids = tokens[:, None].clone()
         self._pos = positions.clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
+        start = time.perf_counter()
         # Recording runs the Python once: the stores' host mirrors advance here, for the replay just below.
         with torch.cuda.graph(graph):
             self._out = forward(self.model, self._ids, None, self.cache, self._pos, logits_to_keep=1)
         self.graph = graph
         graph.replay()
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
         self.replays += 1
         return self._out[:, -1]

@@ -95,7 +95,7 @@ def _colsum_kernel(Q, K, LSE, OUT, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, H, GROUPS
 
 
 def column_sums(queries: torch.Tensor, keys: torch.Tensor, scaling: float, block_m: int = 64,
-                block_n: int = 64, lse: torch.Tensor | None = None) -> torch.Tensor:
+                block_n: int = 64, lse: torch.Tensor | None = None, num_warps: int = 4) -> torch.Tensor:
     """(B, H, T) fp32: for each key, its causal attention probability summed over the queries (the last q of the T
     keys). queries (B, H, q, d), keys (B, Hkv, T, d), unit stride in d; `supported()` says which shapes run.
     `lse` (B, H, q): each query's log-sum-exp of its scaled logits, when the caller has it (the first pass is then
@@ -110,7 +110,7 @@ def column_sums(queries: torch.Tensor, keys: torch.Tensor, scaling: float, block
     ieee = queries.dtype == torch.float32
     args = (queries.stride(0), queries.stride(1), queries.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
             h, groups, q_len, t_len, float(scaling))
-    consts = dict(D=d, BM=block_m, BN=block_n, IEEE=ieee, num_warps=4)
+    consts = dict(D=d, BM=block_m, BN=block_n, IEEE=ieee, num_warps=num_warps)
     if not given:
         _lse_kernel[(b * h, triton.cdiv(q_len, block_m))](queries, keys, lse, *args, **consts)
     _colsum_kernel[(b * h, triton.cdiv(t_len, block_n))](queries, keys, lse, out, *args, **consts)
