@@ -16,6 +16,8 @@ an H200: `benchmarks/results/backend_agreement_h200.jsonl`) do not win back. Oth
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from memfit.adapters.transformers import MemfitCache, forward
@@ -89,8 +91,6 @@ class DecodeSteps:
         return forward(self.model, tokens[:, None], mask, self.cache, positions, logits_to_keep=1)[:, -1]
 
     def _capture(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        import time
-
         self._ids = tokens[:, None].clone()
         self._pos = positions.clone()
         graph = torch.cuda.CUDAGraph()
