@@ -365,7 +365,7 @@ class CompressedLinear(nn.Module):
 
         if self.fmt != "group" or self.repacked:
             return self.repacked
-        widths = set(self.group_bits.tolist())
+        widths = {b for b, _ in self._width_groups()}  # read on the host once per layer and device
         gs = self.meta["group_size"]
         if not tinygemm.shape_ok(self.out_features, self.in_features, gs, widths):
             return False
