@@ -82,7 +82,7 @@ def transformers_baseline(model, tok, context: int, new: int) -> dict:
             "peak_above_resident_bytes": torch.cuda.max_memory_allocated(device) - resident}
 
 
-def kvpress_row(model, tok, args) -> dict:
+def kvpress_row(model, tok, args, read_bytes: int, bandwidth: float) -> dict:
     """kvpress on the same config and prompt, in its own interpreter (it pins transformers < 5.3): see
     `kvpress_speed_row.py`. The roofline uses the bytes its cache holds after the press."""
     import json
@@ -104,7 +104,7 @@ def kvpress_row(model, tok, args) -> dict:
     if done.returncode != 0:
         return {"kind": "kvpress", "error": "\n".join(done.stderr.strip().splitlines()[-8:]) or f"exit {done.returncode}"}
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    roof = 1000 * (step_weight_bytes(model) + row["kv_bytes_held"]) / copy_bandwidth(torch.device("cuda"))
+    roof = 1000 * (read_bytes + row["kv_bytes_held"]) / bandwidth
     return {**row, "roofline_ms": roof, "roofline_fraction": roof / row["decode_ms_per_token"]}
 
 
@@ -167,7 +167,7 @@ def main() -> None:
                        "roofline_fraction": roof / row["decode_ms_per_token"]})
             _release()
         if args.kvpress_path:
-            out.write(kvpress_row(model, tok, args))
+            out.write(kvpress_row(model, tok, args, read_bytes, bw))
             _release()
         for method in args.methods.split(","):
             keeps_all = method in ("full", "kivi", "gear", "vidkv")

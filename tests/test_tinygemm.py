@@ -49,7 +49,7 @@ def rtn_layer(out: int = 64, inp: int = 256, gs: int = 64, bias: bool = True, se
 
 def test_learnt_order_undoes_the_packing(learnt) -> None:
     codes = torch.randint(0, 16, (48, 384), dtype=torch.uint8)
-    packed = tinygemm.repack(codes, torch.device("cpu"), pack=learnt)
+    packed = tinygemm.repack(codes, pack=learnt)
     assert packed.shape == (48, 192) and packed.dtype == torch.uint8  # the same bytes as the 4-bit stream
     inv = tinygemm.order(torch.device("cpu"))
     assert torch.equal(tinygemm.unpack_band(packed, inv), codes)

@@ -27,21 +27,15 @@ LAYERS = 32
 
 
 def tinygemm(comp, x: torch.Tensor):
-    """torch's built-in int4 matmul (`aten._weight_int4pack_mm`, "tinygemm", what torchao's int4 weight-only layout
-    calls) on the same 4-bit codes, scales and offsets: a kernel memfit could reuse instead of its own. Its weight
-    decodes as (q - 8) * scale + zero with bf16 scale and zero, so zero = offset + 8 * scale (rounded to bf16)."""
-    from memfit.weights.format import unpack_bits
+    """The layer's forward after the fast backend's repack for torch's int4 kernel (`aten._weight_int4pack_mm`,
+    `memfit.kernels.tinygemm`, via `CompressedLinear.repack_for_kernel` on a copy of the layer): the same 4-bit codes,
+    scales and offsets, the path `memfit run --weights rtn:4` takes on CUDA."""
+    import copy
 
-    gs, n_g = comp.meta["group_size"], comp.meta["n_groups"]
-    if set(comp.group_bits.tolist()) != {4}:
-        raise ValueError("tinygemm takes 4-bit groups only")
-    codes = unpack_bits(comp.codes_4, 4, n_g * gs).reshape(comp.out_features, -1)[:, : comp.in_features]
-    codes = codes.to(torch.uint8)
-    packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).contiguous(), 8)
-    scale = comp.scales.float()
-    zero = comp.offsets.float() + 8 * scale
-    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return partial(torch.ops.aten._weight_int4pack_mm, x, packed, gs, sz)
+    repacked = copy.deepcopy(comp)
+    if not repacked.repack_for_kernel():
+        raise ValueError("torch's int4 kernel does not serve this layer here")
+    return partial(repacked, x)
 
 
 def build(spec: str, out_f: int, in_f: int):

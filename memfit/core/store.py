@@ -180,8 +180,10 @@ def attention_with_lse(
         return None
     out, lse = res[0], res[1]
     if not _LSE_CHECKED:
+        # the last 4 queries against the (un-spread) keys in fp32: each KV head's group of queries at once
         rows = torch.arange(max(0, q_len - 4), q_len, device=queries.device)
-        logits = (queries[:, :, rows].float() @ k.float().transpose(-1, -2)) * scaling
+        q_rows = queries[:, :, rows].float().reshape(b, keys.shape[1], groups * rows.numel(), d)
+        logits = (q_rows @ keys.float().transpose(-1, -2)).view(b, h, rows.numel(), q_len) * scaling
         logits = logits.masked_fill(torch.arange(q_len, device=queries.device) > rows[:, None], float("-inf"))
         want = torch.logsumexp(logits, dim=-1)
         _LSE_CHECKED[:] = [bool(lse.shape == (b, h, q_len) and torch.allclose(lse[:, :, rows].float(), want,

@@ -46,10 +46,11 @@ def pair_codes(codes: torch.Tensor) -> torch.Tensor:
     return (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
 
 
-def _nibbles(words: torch.Tensor) -> torch.Tensor:
-    """int32 ``(..., w)`` -> uint8 ``(..., 8 * w)``: nibble j of word i at position 8 * i + j."""
-    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
-    return ((words[..., None] >> shifts) & 15).to(torch.uint8).flatten(-2)
+def _nibbles(data: torch.Tensor) -> torch.Tensor:
+    """The packed words' bytes, uint8 ``(..., n)`` -> uint8 ``(..., 2 * n)``: nibble j of 32-bit word i (bits 4j..4j+3)
+    at position 8 * i + j. The words are little-endian (CPUs and GPUs torch runs on), so that is each byte's low
+    nibble, then its high one — read on bytes, never widened to int32 (a prefill band's codes stay one byte each)."""
+    return torch.stack([data & 15, data >> 4], -1).flatten(-2)
 
 
 def learn_order(device: torch.device, pack: PackFn = _aten_pack) -> torch.Tensor:
@@ -61,8 +62,7 @@ def learn_order(device: torch.device, pack: PackFn = _aten_pack) -> torch.Tensor
     src = torch.zeros(2, 2, TILE_ROWS * TILE_COLS, dtype=torch.int64, device=device)
     for p in range(3):  # 12 bits cover 4096 positions
         packed = pack(pair_codes(((index >> (4 * p)) & 15).to(torch.uint8)), INNER_K_TILES)
-        words = packed.reshape(2, 2, -1)
-        src |= _nibbles(words).long() << (4 * p)
+        src |= _nibbles(packed.contiguous().view(torch.uint8).reshape(2, 2, -1)).long() << (4 * p)
     r, c = src // cols, src % cols
     tile_r = torch.arange(2, device=device)[:, None, None]
     tile_c = torch.arange(2, device=device)[None, :, None]
@@ -107,7 +107,7 @@ def supported(out_features: int, in_features: int, group_size: int, widths: set[
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def repack(codes: torch.Tensor, device: torch.device, pack: PackFn = _aten_pack) -> torch.Tensor:
+def repack(codes: torch.Tensor, pack: PackFn = _aten_pack) -> torch.Tensor:
     """uint8 codes ``(out, in)`` (values 0..15) -> the packed words as uint8 ``(out, in / 2)`` (same bytes as
     memfit's own 4-bit stream)."""
     packed = pack(pair_codes(codes), INNER_K_TILES)
@@ -119,8 +119,8 @@ def unpack_band(band: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     uint8 codes ``(r1 - r0, in)`` in row order (``inv`` on the band's device)."""
     n, half = band.shape
     k = 2 * half
-    words = band.contiguous().view(torch.int32).view(n // TILE_ROWS, k // TILE_COLS, -1)
-    tiles = _nibbles(words)[..., inv]  # (n/8, k/128, 1024) in row-major tile order
+    data = band.contiguous().view(n // TILE_ROWS, k // TILE_COLS, -1)  # each tile's 512 bytes
+    tiles = _nibbles(data)[..., inv]  # (n/8, k/128, 1024) in row-major tile order
     return tiles.view(n // TILE_ROWS, k // TILE_COLS, TILE_ROWS, TILE_COLS).permute(0, 2, 1, 3).reshape(n, k)
 
 

@@ -357,7 +357,7 @@ class CompressedLinear(nn.Module):
         return _codes(packed, bits, n)
 
     # -- the GPU kernel's layout ---------------------------------------------------------------------------------
-    def repack_for_kernel(self, pack: Any = None) -> bool:
+    def repack_for_kernel(self, pack: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> bool:
         """Hold the 4-bit codes in the order of torch's int4 kernel (`memfit.kernels.tinygemm`) and add its bf16
         (scale, zero) pairs; no-op and False where that kernel does not serve this layer. The codes buffer keeps its
         bytes (reordered in place of the old one); `canonical_layout` undoes it."""
@@ -374,7 +374,7 @@ class CompressedLinear(nn.Module):
             return False  # a stand-in `pack` (tests) runs anywhere
         codes = self._band_codes(4, 0, self.out_features, self.in_features).to(torch.uint8)
         kw = {} if pack is None else {"pack": pack}
-        self.codes_4 = tinygemm.repack(codes, self.scales.device, **kw)
+        self.codes_4 = tinygemm.repack(codes, **kw)
         self.register_buffer("tg_scales_zeros", tinygemm.scales_and_zeros(self.scales, self.offsets),
                              persistent=False)
         self._kernel_buckets = None
