@@ -429,6 +429,25 @@ def test_chunked_prefill_with_a_quantizer(llama):
     assert one.tokens and chunked.tokens  # runs; chunks quantize as they go, SnapKV then evicts quantized data
 
 
+@pytest.mark.parametrize("spec", ["kivi", "snapkv+kivi", "h2o+gear"])
+def test_row_blocked_reads_equal_one_read(llama, spec, monkeypatch):
+    """A step over more rows than `READ_BLOCK_BYTES` covers attends row block by row block (bounded transient):
+    the same logits and tokens as one read of every row."""
+    import memfit.core.quantized_store as qs
+    from memfit.engine import generate
+
+    torch.manual_seed(5)
+    ids, mask = pad_left([torch.randint(1, 128, (n,)).tolist() for n in (90, 70, 84)])
+    budget = 0.5 if "+" in spec else None
+    params = qparams(spec, SMALL)
+    with torch.no_grad():
+        one = generate(llama, ids, mask, make_cache(llama, spec, budget, params), 6, prefill_chunk=16)
+        monkeypatch.setattr(qs, "READ_BLOCK_BYTES", 1)  # one row per block
+        blocked = generate(llama, ids, mask, make_cache(llama, spec, budget, params), 6, prefill_chunk=16)
+    assert blocked.tokens == one.tokens
+    torch.testing.assert_close(blocked.first_logits, one.first_logits, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ composition
 
 

@@ -38,6 +38,30 @@ def tinygemm(comp, x: torch.Tensor):
     return partial(repacked, x)
 
 
+def gemlite_layer(lin: torch.nn.Linear, x: torch.Tensor, group: int = 128):
+    """The baseline a user would pick for a fast 4-bit decode: gemlite's Triton kernels (`GemLiteLinear`, 4-bit,
+    group 128, bf16 in and out) on its own min-max RTN quantization of the same bf16 weight (gemlite packs HQQ's
+    format, W ~ (q - z) * s). Its autotuner picks the kernel; its bundled H100 configs are loaded first."""
+    import os
+
+    import gemlite
+    from gemlite import DType, GemLiteLinear
+
+    cfg = os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json")
+    if os.path.exists(cfg):
+        GemLiteLinear.load_config(cfg, print_error=False)
+    w = lin.weight.float()
+    n, k = w.shape
+    wg = w.view(n, k // group, group)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    s = ((hi - lo) / 15).clamp(min=1e-8)
+    q = ((wg - lo) / s).round().clamp(0, 15).to(torch.uint8).view(n, k)
+    layer = GemLiteLinear(4, group_size=group, in_features=k, out_features=n, input_dtype=DType.BF16,
+                          output_dtype=DType.BF16)
+    layer.pack(q, s.view(n, -1).to(torch.bfloat16), (-lo / s).view(n, -1).to(torch.bfloat16), None)
+    return partial(layer, x)
+
+
 def build(spec: str, out_f: int, in_f: int):
     from memfit.weights.base import parse_weight_spec
     from memfit.weights.format import CompressedLinear
@@ -71,6 +95,7 @@ def main() -> None:
     ap.add_argument("--variants", default="row1,rows", help="register-kernel forms swept at batch 1")
     ap.add_argument("--grouped", action="store_true", help="also time q/k/v and gate/up as one matrix each")
     ap.add_argument("--tinygemm", action="store_true", help="also time torch's int4 matmul on the 4-bit layers")
+    ap.add_argument("--gemlite", action="store_true", help="also time gemlite's 4-bit kernels (a baseline library)")
     ap.add_argument("--out", default="benchmarks/results/gemv_variants.jsonl")
     args = ap.parse_args()
     from memfit.kernels.group_gemv import group_gemv
@@ -93,6 +118,12 @@ def main() -> None:
                         cases.append(("tinygemm", {}, tinygemm(comp, x)))
                     except Exception as exc:  # noqa: BLE001 - a torch without the op is a row, not a crash
                         out.write({"spec": spec, "linear": name, "rows": m, "kind": "tinygemm",
+                                   "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+                if args.gemlite and spec.startswith("rtn:4"):
+                    try:
+                        cases.append(("gemlite", {}, gemlite_layer(lin, x)))
+                    except Exception as exc:  # noqa: BLE001 - no gemlite here is a row, not a crash
+                        out.write({"spec": spec, "linear": name, "rows": m, "kind": "gemlite",
                                    "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
                 if m == 1 and spec == args.specs.split(",")[0]:  # the launch-shape sweep: one spec, batch 1
                     for bn, nw, split in itertools.product([int(b) for b in args.block_n.split(",")],

@@ -52,6 +52,7 @@ duration of one layer's attention; a fused kernel (memfit.kernels) reads the pac
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,10 @@ from memfit.core.quant import (
 )
 from memfit.core.scoring import attention_probs, reduce_groups
 from memfit.errors import ConfigError
+
+# The most full-precision bytes one `attend` dequantizes at once (keys and values, fp32). A step over more rows than
+# this covers reads them in row blocks: the transient stays bounded whatever the batch.
+READ_BLOCK_BYTES = 1 << 30
 
 __all__ = [
     "ChannelCodec",
@@ -562,6 +567,16 @@ class SideStore:
         self.dequantized += bh.numel()
         return out
 
+    def read_rows(self, lo: int, hi: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`read()` of rows lo..hi only: a shallow copy keeps just those rows (their codes are copied, a small
+        compressed share) and reads them, so the full-precision transient covers hi - lo rows."""
+        assert self.residual is not None
+        view = copy.copy(self)
+        view.select_rows(torch.arange(lo, hi, device=self.residual.device))
+        out = view.read(dtype)
+        self.dequantized += view.dequantized - self.dequantized
+        return out
+
     def decode(self, bh: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor:
         """fp32 (N, d) of global lanes `lanes` of flattened (row, head) `bh` (each decoded exactly once)."""
         if len(self.segments) == 1:
@@ -802,12 +817,36 @@ class QuantizedKVLayer(KVLayer):
 
     def attend(self, queries: torch.Tensor, scaling: float, window: int | None = None) -> torch.Tensor:
         before = self.dequantized_tokens
-        keys, values = self.k.read(), self.v.read()
-        self.step_dequantized = self.dequantized_tokens - before
-        self._step = (keys, values)
         if self.saliency_window:
             self._probe = (queries[:, :, -self.saliency_window :], scaling)
-        return dense_attention(queries, keys, values, self.valid, scaling, window)
+        b = queries.shape[0]
+        rows = self._rows_per_read(b)
+        if rows >= b:
+            keys, values = self.k.read(), self.v.read()
+            self.step_dequantized = self.dequantized_tokens - before
+            self._step = (keys, values)
+            return dense_attention(queries, keys, values, self.valid, scaling, window)
+        # A large batch (e.g. hundreds of questions prefilled on copies of one compressed document): dequantizing
+        # every row at once would need a transient larger than the compressed store itself, so attention runs over
+        # row blocks and nothing is kept for the step (a policy that reads `keys` afterwards dequantizes again).
+        outs = []
+        for lo in range(0, b, rows):
+            hi = min(b, lo + rows)
+            keys, values = self.k.read_rows(lo, hi), self.v.read_rows(lo, hi)
+            valid = None if self.valid is None else self.valid[lo:hi]
+            outs.append(dense_attention(queries[lo:hi], keys, values, valid, scaling, window))
+            del keys, values
+        self.step_dequantized = self.dequantized_tokens - before
+        self._step = None
+        return torch.cat(outs, dim=0)
+
+    def _rows_per_read(self, batch: int) -> int:
+        """Rows whose keys and values fit `READ_BLOCK_BYTES` at full precision (at least one)."""
+        res = self.k.residual
+        assert res is not None
+        h, d = res.shape[1], res.shape[3]
+        per_row = 2 * h * self.k.slots * d * 4  # fp32 keys and values of one row
+        return max(1, READ_BLOCK_BYTES // max(1, per_row))
 
     def keep(self, indices: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         ctx = FlushContext("repack", None)
