@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from memfit.adapters.transformers import (
     install,
     install_fused_ops,
     num_attention_layers,
+    projection_groups,
     sliding_windows,
 )
 from memfit.backend import Backend, choose_backend
@@ -80,9 +82,12 @@ def make_cache(
     if chosen.fused_ops:
         install_fused_ops(model)
     if chosen.name == "fast":
-        from memfit.weights.format import repack_for_decode
+        from memfit.weights.format import group_repacked, repack_for_decode
 
-        repack_for_decode(model, next(model.parameters()).dtype)
+        # 4-bit layers take torch's int4 kernel; q/k/v and gate/up then run as one matmul each
+        # (MEMFIT_INT4_GROUPS=0 keeps them apart, for A/B runs)
+        if repack_for_decode(model, next(model.parameters()).dtype) and os.environ.get("MEMFIT_INT4_GROUPS") != "0":
+            group_repacked(projection_groups(model))
     core = CompressedCache(num_attention_layers(model), policy, layer_factory)
     core.tensor_parallel = tp.is_sharded(model)
     for layer, window in zip(core.layers, windows, strict=True):

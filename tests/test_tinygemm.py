@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from memfit.kernels import tinygemm
-from memfit.weights.format import CompressedLinear, group_kernel_forward, repack_for_decode
+from memfit.weights.format import (
+    CompressedLinear,
+    Int4Group,
+    group_kernel_forward,
+    group_repacked,
+    model_weight_bytes,
+    repack_for_decode,
+)
 from memfit.weights.quantizer import rtn_quantize
 
 
@@ -113,6 +120,61 @@ def test_saving_a_repacked_model_writes_memfit_order(learnt, tmp_path) -> None:
     loaded, _ = load_quantized(tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
+
+
+def tiny_rtn4_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memfit.weights import quantize_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    quantize_model(model, "rtn:4:group_size=64")
+    return model
+
+
+def test_sibling_layers_stack_into_one_buffer_with_the_same_bytes_and_results(learnt) -> None:
+    from memfit.adapters.transformers import projection_groups
+
+    model = tiny_rtn4_llama()
+    ids = torch.randint(0, 100, (1, 9))
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert all(m.repack_for_kernel(pack=learnt) for m in layers)
+    codes_before = {id(m): m.codes_4.clone() for m in layers}
+    bytes_before = model_weight_bytes(model)
+    with torch.no_grad():
+        want = model(ids).logits
+    groups = projection_groups(model)
+    assert len(groups) == 4  # q/k/v and gate/up in each of two layers
+    assert group_repacked(groups) == 4 and group_repacked(groups) == 4  # idempotent: no second stacking
+    assert model_weight_bytes(model) == bytes_before  # views of one buffer: the bytes exist once
+    for members in groups:
+        group = members[0]._tg_group
+        assert isinstance(group, Int4Group) and all(m._tg_group is group for m in members)
+        codes, pairs = group.matrices()
+        assert all(m.codes_4.untyped_storage().data_ptr() == codes.untyped_storage().data_ptr() for m in members)
+        assert torch.equal(codes, torch.cat([codes_before[id(m)] for m in members]))
+        assert pairs.shape[1] == sum(m.out_features for m in members)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)  # the reference reads each view
+    q = groups[0][0]
+    q.canonical_layout()  # one member leaves: the group no longer holds, its siblings run alone
+    assert groups[0][1]._tg_group.matrices() is None and not q.repacked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stacked_int4_layers_give_each_member_its_own_output_on_cuda() -> None:
+    members = [rtn_layer(out=n, inp=1024, gs=128, seed=i).cuda() for i, n in enumerate((512, 128, 128))]
+    assert all(m.repack_for_kernel() for m in members)
+    x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
+    alone = [group_kernel_forward(m, x) for m in members]
+    assert group_repacked([members]) == 1
+    together = [group_kernel_forward(m, x) for m in members]
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert members[0]._tg_group.input is None  # every part taken: the group keeps nothing between steps
 
 
 @pytest.mark.gpu

@@ -389,6 +389,13 @@ def install_fused_ops(model: torch.nn.Module) -> int:
 _PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+def projection_groups(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
+    """The sibling layers that read one input (an attention's q/k/v, an MLP's gate/up), per module holding all of a
+    group's names: what the weight kernels may stack into one matmul."""
+    return [[getattr(module, n) for n in names] for module in model.modules() for names in _PROJECTION_GROUPS
+            if all(isinstance(getattr(module, n, None), torch.nn.Module) for n in names)]
+
+
 class _ProjectionGroup:
     """Linear layers that read the same input (an attention's q/k/v, an MLP's gate/up), their weights stored as row
     blocks of one matrix (each layer's weight is a view of it: the weights exist once). Under `fused_ops_active()`

@@ -387,6 +387,7 @@ class CompressedLinear(nn.Module):
         codes = self._band_codes(4, 0, self.out_features, self.in_features)
         del self._buffers["tg_scales_zeros"]
         self.codes_4 = pack_bits(codes, 4).contiguous()
+        self._tg_group = None  # its siblings then run alone
 
     def _group_rows(self, r0: int, r1: int) -> torch.Tensor:
         gs, n_groups = self.meta["group_size"], self.meta["n_groups"]
@@ -514,7 +515,11 @@ def group_kernel_forward(layer: CompressedLinear, x: torch.Tensor) -> torch.Tens
 
         if x2.dtype != torch.bfloat16 or not 0 < x2.shape[0] <= tinygemm.MAX_ROWS:
             return layer.reference_forward(x)
-        y = tinygemm.matmul(x2.contiguous(), layer.codes_4, layer.tg_scales_zeros, layer.meta["group_size"])
+        group = getattr(layer, "_tg_group", None)
+        y = None if group is None else group.output(layer._tg_index, x, x2)
+        if y is None:  # alone (or a group that no longer holds): its own (scale, zero) pairs, contiguous
+            y = tinygemm.matmul(x2.contiguous(), layer.codes_4, layer.tg_scales_zeros.contiguous(),
+                                layer.meta["group_size"])
         return _side_terms(layer, x, x2, y)
     buckets = _group_buckets(layer)  # built on the first call (a prefill): later decode steps read no host state
     if buckets is None or _KERNEL_FAILED or not 0 < x2.shape[0] <= MAX_ROWS:
@@ -530,6 +535,93 @@ def group_kernel_forward(layer: CompressedLinear, x: torch.Tensor) -> torch.Tens
               "compressed layers use the reference matmul (slower, same result)", file=sys.stderr)
         return layer.reference_forward(x)
     return _side_terms(layer, x, x2, y)
+
+
+class Int4Group:
+    """Repacked 4-bit layers that read the same input (an attention's q/k/v, an MLP's gate/up) and run as one int4
+    matmul: their codes are row blocks of one buffer and their (scale, zero) pairs column blocks of one (each layer's
+    buffers are views, so the bytes exist once). tinygemm's packed order keeps whole 8-row tiles together and lists
+    them row block by row block, so the concatenated codes are exactly the packing of the stacked weight. The first
+    member called with an input computes every member's output; the others, called with the same input tensor, take
+    their part (one decode launch reads the three or two matrices instead of one launch each). Like the bf16
+    projection groups (memfit.adapters.transformers) it holds no tensor and only weak references to its layers:
+    `canonical_layout`, a `.to()` or a replaced layer breaks the group, and each layer then runs alone."""
+
+    def __init__(self, members: list[CompressedLinear]) -> None:
+        import weakref
+
+        with torch.no_grad():
+            codes = torch.cat([m.codes_4 for m in members], 0)
+            pairs = torch.cat([m.tg_scales_zeros for m in members], 1)
+        offset = 0
+        for i, m in enumerate(members):
+            n = m.out_features
+            m.codes_4, m.tg_scales_zeros = codes[offset : offset + n], pairs[:, offset : offset + n]
+            m._tg_group, m._tg_index = self, i
+            offset += n
+        self.members = [weakref.ref(m) for m in members]
+        self.sizes = [m.out_features for m in members]
+        self.group_size = int(members[0].meta["group_size"])
+        self.input: torch.Tensor | None = None
+        self.outputs: list[torch.Tensor | None] = []
+
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stacked codes and pairs as views over the members' shared storage; None when that no longer holds."""
+        members = [r() for r in self.members]
+        if any(m is None or not m.repacked or getattr(m, "_tg_group", None) is not self for m in members):
+            return None
+        c0, p0 = members[0].codes_4, members[0].tg_scales_zeros  # type: ignore[union-attr]
+        offset = 0
+        for m in members:
+            c, p = m.codes_4, m.tg_scales_zeros  # type: ignore[union-attr]
+            if (c.untyped_storage().data_ptr() != c0.untyped_storage().data_ptr()
+                    or p.untyped_storage().data_ptr() != p0.untyped_storage().data_ptr()
+                    or c.data_ptr() != c0.data_ptr() + offset * c0.stride(0) * c0.element_size()
+                    or p.data_ptr() != p0.data_ptr() + offset * p0.stride(1) * p0.element_size()
+                    or c.stride() != c0.stride() or p.stride() != p0.stride()):
+                return None
+            offset += c.shape[0]
+        return (c0.as_strided((offset, c0.shape[1]), c0.stride()),
+                p0.as_strided((p0.shape[0], offset, p0.shape[2]), p0.stride()))
+
+    def output(self, index: int, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+        """Member `index`'s base term for input `x` (flattened `x2`), or None when the group no longer holds."""
+        from memfit.kernels import tinygemm
+
+        if self.input is not x or self.outputs[index] is None:
+            stacked = self.matrices()
+            if stacked is None:
+                return None
+            codes, pairs = stacked
+            y = tinygemm.matmul(x2.contiguous(), codes, pairs, self.group_size)
+            self.input, self.outputs = x, list(y.split(self.sizes, dim=-1))
+        out = self.outputs[index]
+        self.outputs[index] = None
+        if all(o is None for o in self.outputs):
+            self.input, self.outputs = None, []
+        return out
+
+
+def group_repacked(groups: list[list[nn.Module]]) -> int:
+    """Stack each list of sibling layers that read one input into an `Int4Group` where every member is a repacked
+    4-bit layer of the same input width, group size and device (idempotent). Returns how many groups hold."""
+    count = 0
+    for members in groups:
+        if len(members) < 2 or not all(isinstance(m, CompressedLinear) and m.repacked for m in members):
+            continue
+        current = getattr(members[0], "_tg_group", None)
+        if current is not None and current.matrices() is not None and all(
+                getattr(m, "_tg_group", None) is current for m in members):
+            count += 1
+            continue
+        first = members[0]
+        assert isinstance(first, CompressedLinear)
+        if any(m.in_features != first.in_features or m.meta["group_size"] != first.meta["group_size"]
+               or m.codes_4.device != first.codes_4.device for m in members):  # type: ignore[union-attr]
+            continue
+        Int4Group(members)  # type: ignore[arg-type]
+        count += 1
+    return count
 
 
 def _side_terms(layer: CompressedLinear, x: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
