@@ -90,6 +90,39 @@ def test_silu_mul_equals_torch(setup) -> None:
     torch.testing.assert_close(fused_ops.silu_mul(gate, up), F.silu(gate) * up, **_ulps(dtype))
 
 
+def test_append_kv_equals_the_plain_ops(setup) -> None:
+    """The fused decode append writes what two `index_copy_` and two `add_` write, advances the counters once per
+    call (twice here: the ticket counter resets) and touches no other slot."""
+    from memfit.kernels import fused_ops
+
+    dev, dtype = setup
+    torch.manual_seed(0)
+    b, h, cap, d = 3, 2, 10, 32
+    kbuf, vbuf = (torch.randn(b, h, cap, d, device=dev).to(dtype) for _ in range(2))
+    want_k, want_v = kbuf.clone(), vbuf.clone()
+    slot = torch.tensor([4], device=dev)
+    lengths = torch.full((b,), 4, dtype=torch.int32, device=dev)
+    want_slot, want_lengths = slot.clone(), lengths.clone()
+    done = torch.zeros(1, dtype=torch.int32, device=dev)
+    for _ in range(2):
+        # as transformers hands them over: (B, 1, H, d) projections transposed to (B, H, 1, d)
+        k = torch.randn(b, 1, h, d, device=dev).to(dtype).transpose(1, 2)
+        v = torch.randn(b, 1, h, d, device=dev).to(dtype).transpose(1, 2)
+        assert fused_ops.append_kv_supported(kbuf, vbuf, k, v)
+        fused_ops.append_kv(kbuf, vbuf, k, v, slot, lengths, done)
+        want_k.index_copy_(2, want_slot, k)
+        want_v.index_copy_(2, want_slot, v)
+        want_slot.add_(1)
+        want_lengths.add_(1)
+    assert torch.equal(kbuf, want_k) and torch.equal(vbuf, want_v)
+    assert torch.equal(slot, want_slot) and torch.equal(lengths, want_lengths) and int(done) == 0
+    assert not fused_ops.append_kv_supported(kbuf, vbuf, k.float() if dtype != torch.float32 else k.half(), v)
+    fused_ops.append_kv(kbuf, vbuf, k, v, slot)  # without counters (the KIVI store moves its own): writes only
+    want_k.index_copy_(2, want_slot, k)
+    want_v.index_copy_(2, want_slot, v)
+    assert torch.equal(kbuf, want_k) and torch.equal(vbuf, want_v) and torch.equal(slot, want_slot)
+
+
 @pytest.mark.parametrize("build", [tiny_llama, tiny_qwen, tiny_gemma3], ids=["llama", "qwen2", "gemma3"])
 def test_installed_model_keeps_its_logits(setup, build, monkeypatch) -> None:
     from memfit.kernels import fused_ops

@@ -332,10 +332,22 @@ class StaticKIVILayer(QuantizedKVLayer):
         if self.length + 1 > self.capacity:
             self._grow()
         assert self.buffers is not None and self.slot is not None
-        self.buffers["kr"].index_copy_(2, self.slot, keys)
-        self.buffers["vr"].index_copy_(2, self.slot, values)
+        kr, vr = self.buffers["kr"], self.buffers["vr"]
+        if self.triton_flush and self._fused_append_ok(kr, vr, keys, values):
+            from memfit.kernels import fused_ops
+
+            fused_ops.append_kv(kr, vr, keys, values, self.slot)  # one launch; the flush step moves the counters
+        else:
+            kr.index_copy_(2, self.slot, keys)
+            vr.index_copy_(2, self.slot, values)
         self.length += 1
         self.seen += 1
+
+    @staticmethod
+    def _fused_append_ok(kr: torch.Tensor, vr: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        from memfit.kernels import fused_ops
+
+        return keys.is_cuda and fused_ops.append_kv_supported(kr, vr, keys, values)
 
     def attend(self, queries: torch.Tensor, scaling: float, window: int | None = None) -> torch.Tensor:
         if not self.frozen or queries.shape[2] != 1 or window is not None:

@@ -3,8 +3,9 @@
 `StaticKVLayer` behaves exactly like the dense `KVLayer` (same kept tokens, same order, same validity), but once the
 prompt is in (the first single-token append), it moves what the policy kept into buffers of capacity
 `held + reserve` (`reserve` = the tokens the runtime will decode). From then on:
-- a decode step writes the new token in place (`index_copy_` at a device-side slot counter: no `torch.cat`, no
-  reallocation, no host sync — the step can be captured in a CUDA graph);
+- a decode step writes the new token in place (`index_copy_` at a device-side slot counter, or one fused Triton
+  launch when a graph is recorded: no `torch.cat`, no reallocation, no host sync — the step can be captured in a
+  CUDA graph);
 - attention of the single query runs the split-K Triton kernel of `memfit.kernels` on CUDA (the GQA group is read
   from the KV head, never expanded), and its plain-PyTorch reference elsewhere;
 - an eviction at decode (StreamingLLM, H2O, ...) compacts the kept tokens to the front of the same buffer.
@@ -42,6 +43,7 @@ class StaticKVLayer(KVLayer):
         # long decode). Short eager decodes use SDPA: the kernels' first-use compilation (seconds) would cost more
         # than they save (measured: benchmarks/results/backend_agreement_h200.jsonl).
         self.kernel_attention = False
+        self._done: torch.Tensor | None = None  # the fused append's ticket counter (4 bytes, scratch)
         super().__init__(index)
 
     # -- the dense view ------------------------------------------------------------------------------------------
@@ -113,7 +115,9 @@ class StaticKVLayer(KVLayer):
             assert cur_k is not None and cur_v is not None
             self._alloc(cur_k, cur_v, 2 * self.capacity + q)
         assert self._vbuf is not None and self.slot is not None and self.lengths is not None
-        if q == 1:
+        if q == 1 and self._append_kernel(keys, values):
+            pass  # one fused launch (graph-recorded decodes)
+        elif q == 1:
             self._kbuf.index_copy_(2, self.slot, keys)  # device-side slot: capturable in a CUDA graph
             self._vbuf.index_copy_(2, self.slot, values)
             self.slot.add_(1)
@@ -125,6 +129,22 @@ class StaticKVLayer(KVLayer):
             self.lengths.fill_(self.length + q)
         self.length += q
         self._append_state(new_valid, keys.shape[0], keys.shape[1], q)
+
+    def _append_kernel(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """The single-token append as one Triton launch (`memfit.kernels.fused_ops.append_kv`) where the runtime
+        records a CUDA graph (`kernel_attention`, as for the attention kernel: a short eager decode would pay the
+        kernel's first compilation); False where it does not apply (the caller then runs the four plain ops)."""
+        if not (self.kernel_attention and keys.is_cuda and _triton_here()):
+            return False
+        from memfit.kernels import fused_ops
+
+        assert self._kbuf is not None and self._vbuf is not None and self.slot is not None
+        if not fused_ops.append_kv_supported(self._kbuf, self._vbuf, keys, values):
+            return False
+        if self._done is None or self._done.device != keys.device:
+            self._done = torch.zeros(1, dtype=torch.int32, device=keys.device)
+        fused_ops.append_kv(self._kbuf, self._vbuf, keys, values, self.slot, self.lengths, self._done)
+        return True
 
     def advance(self, steps: int = 1) -> None:
         """Host-side bookkeeping of `steps` single-token appends that ran inside a replayed CUDA graph (the graph
@@ -166,7 +186,8 @@ class StaticKVLayer(KVLayer):
     def nbytes(self) -> int:
         if self._kbuf is None:
             return super().nbytes()
-        return tensor_bytes(self._kbuf, self._vbuf, self.slot, self.lengths, self.valid, *self.extras.values())
+        return tensor_bytes(self._kbuf, self._vbuf, self.slot, self.lengths, self._done, self.valid,
+                            *self.extras.values())
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -10,6 +10,9 @@ kernel, with the same arithmetic as transformers' modules, rounded where they ro
   by the weight in that dtype; Gemma-style (`offset=1`) scales by (1 + weight) in fp32 and casts once.
 - `rotary`: q * cos and rotate_half(q) * sin each rounded to the tensor's dtype, then their sum (q and k in one launch).
 - `silu_mul`: silu(gate) rounded, then times up (gate and up may be the two halves of one matmul's rows).
+- `append_kv`: a static store's decode append — the new key and value written at the device-side slot, the slot
+  counter and the per-row lengths advanced — in one launch instead of four (two `index_copy_`, two `add_`): the last
+  program to finish its copy (a ticket counter) advances the counters, after every program has read the slot.
 The adapter (`memfit.adapters.transformers.install_fused_ops`) also stores an attention's q/k/v weights, and an
 MLP's gate/up weights, as row blocks of one matrix each, so a decode step reads them in one matmul.
 The sums inside a row reduce in another order than PyTorch's, so outputs may differ in the last bit of a bf16 value
@@ -22,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rms_norm", "rotary", "rotary_supported", "silu_mul"]
+__all__ = ["append_kv", "append_kv_supported", "rms_norm", "rotary", "rotary_supported", "silu_mul"]
 
 
 @triton.jit
@@ -137,3 +140,52 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(g.shape[0], triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0), out.stride(0),
                                                           BLOCK=block, num_warps=4)
     return out.view(gate.shape)
+
+
+@triton.jit
+def _append_kv_kernel(K, V, KB, VB, SLOT, LENS, DONE, H, n_lens, sk_b, sk_h, sv_b, sv_h, skb_b, skb_h, skb_t,
+                      svb_b, svb_h, svb_t, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      BL: tl.constexpr, ADVANCE: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    slot = tl.load(SLOT)
+    ck = tl.arange(0, BK)
+    tl.store(KB + b * skb_b + h * skb_h + slot * skb_t + ck, tl.load(K + b * sk_b + h * sk_h + ck, mask=ck < DK),
+             mask=ck < DK)
+    cv = tl.arange(0, BV)
+    tl.store(VB + b * svb_b + h * svb_h + slot * svb_t + cv, tl.load(V + b * sv_b + h * sv_h + cv, mask=cv < DV),
+             mask=cv < DV)
+    if ADVANCE:
+        # acq_rel: this program's read of the slot happens before its ticket, so the last ticket sees every read done
+        ticket = tl.atomic_add(DONE, 1)
+        if ticket == tl.num_programs(0) - 1:
+            tl.store(SLOT, slot + 1)
+            for start in range(0, n_lens, BL):
+                i = start + tl.arange(0, BL)
+                m = i < n_lens
+                tl.store(LENS + i, tl.load(LENS + i, mask=m, other=0) + 1, mask=m)
+            tl.store(DONE, 0)
+
+
+def append_kv(kbuf: torch.Tensor, vbuf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
+              lengths: torch.Tensor | None = None, done: torch.Tensor | None = None) -> None:
+    """``kbuf[:, :, slot] = k[:, :, 0]``, the same for values, then (given ``lengths`` and ``done``) ``slot += 1``
+    and ``lengths += 1``, in one launch. k, v (B, H, 1, d) and the buffers (B, H, C, d) share a dtype and have unit
+    stride in d (`append_kv_supported`); slot (1,) int64, lengths (B,) int32, done (1,) int32 scratch holding 0 (the
+    kernel leaves it 0). Without them only the two writes run (a store that moves its counters itself)."""
+    b, h = k.shape[:2]
+    dk, dv = k.shape[-1], v.shape[-1]
+    advance = lengths is not None and done is not None
+    _append_kv_kernel[(b * h,)](
+        k, v, kbuf, vbuf, slot, lengths if advance else slot, done if advance else slot, h,
+        lengths.numel() if advance else 0, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kbuf.stride(0), kbuf.stride(1), kbuf.stride(2), vbuf.stride(0), vbuf.stride(1), vbuf.stride(2),
+        DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=triton.next_power_of_2(dv), BL=128, ADVANCE=advance,
+        num_warps=1)
+
+
+def append_kv_supported(kbuf: torch.Tensor, vbuf: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (k.dim() == 4 and k.shape[2] == 1 and v.shape[:3] == k.shape[:3] and kbuf.dtype == k.dtype
+            and vbuf.dtype == v.dtype and k.stride(-1) == v.stride(-1) == kbuf.stride(-1) == vbuf.stride(-1) == 1
+            and kbuf.shape[:2] == k.shape[:2] and kbuf.shape[-1] == k.shape[-1] and vbuf.shape[-1] == v.shape[-1])
