@@ -20,7 +20,7 @@ echo "pytest -m gpu: $(tail -1 "$OUT/pytest_gpu.log")"
 python benchmarks/runtime_gpu.py --model llama-3.1-8b --context 32768 --new 256 \
     --methods full,snapkv,h2o,snapkv+kivi --budget 0.25 --backends fast ${KVPRESS_PATH:+--kvpress-path "$KVPRESS_PATH"} \
     --out "$OUT/runtime.jsonl" > "$OUT/runtime.log" 2>&1 || echo "runtime_gpu failed"
-python benchmarks/max_batch_gpu.py --model llama-3.1-8b --context 32768 --new 64 --methods full,snapkv+kivi \
+python benchmarks/max_batch_gpu.py --model llama-3.1-8b --context 32768 --new 128 --methods full,snapkv+kivi \
     --budget 0.25 --out "$OUT/max_batch.jsonl" > "$OUT/max_batch.log" 2>&1 || echo "max_batch_gpu failed"
 python benchmarks/weights/gpu_decode_speed.py --weights none,rtn:4 --context 2048 --new 256 \
     --out "$OUT/weights_decode.jsonl" > "$OUT/weights_decode.log" 2>&1 || echo "gpu_decode_speed failed"

@@ -11,7 +11,7 @@ Rows per method: as many as the free GPU memory holds at `--memory-fraction`, fr
 document plus the question and the new tokens at full precision, an upper bound); a run that still runs out of
 memory retries with 15 % fewer rows. tokens/s = rows x replayed decode steps per second.
 
-    python benchmarks/max_batch_gpu.py --model llama-3.1-8b --context 32768 --new 64 --methods full,snapkv+kivi \
+    python benchmarks/max_batch_gpu.py --model llama-3.1-8b --context 32768 --new 128 --methods full,snapkv+kivi \
         --budget 0.25 --out benchmarks/results/max_batch_h200.jsonl
 """
 
@@ -35,7 +35,8 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--new", type=int, default=64)
+    # at least MIN_GRAPH_STEPS + 2 new tokens, or the decode never records a CUDA graph (memfit.graphs) and runs eagerly
+    ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--methods", default="full,snapkv+kivi")
     ap.add_argument("--budget", default="0.25")
     ap.add_argument("--memory-fraction", type=float, default=0.85)
@@ -81,7 +82,8 @@ def main() -> None:
                        "peak_memory_bytes": res.peak_memory_bytes, "new_tokens": args.new,
                        "decode_steps_per_second": rate, "tokens_per_second": rows * rate,
                        "decode_tokens_per_second_with_setup": rows * res.decode_tokens_per_second,
-                       "decode_setup_seconds": res.decode_setup_seconds})
+                       "decode_setup_seconds": res.decode_setup_seconds,
+                       "graph_replays": res.decode_graph_replays})
             del ctx, res
             gc.collect()
             if device.type == "cuda":
