@@ -18,7 +18,7 @@ python -m pytest -m gpu -q -p no:cacheprovider tests/test_fused_ops.py tests/tes
     tests/test_kernels.py tests/test_tinygemm.py > "$OUT/pytest_gpu.log" 2>&1
 echo "pytest -m gpu: $(tail -1 "$OUT/pytest_gpu.log")"
 python benchmarks/runtime_gpu.py --model llama-3.1-8b --context 32768 --new 256 \
-    --methods full,snapkv,h2o,snapkv+kivi --budget 0.25 --backends fast ${KVPRESS_PATH:+--kvpress-path "$KVPRESS_PATH"} \
+    --methods full,snapkv,h2o,snapkv+kivi --budget 0.25 --backends fast --repeats 2 ${KVPRESS_PATH:+--kvpress-path "$KVPRESS_PATH"} \
     --out "$OUT/runtime.jsonl" > "$OUT/runtime.log" 2>&1 || echo "runtime_gpu failed"
 python benchmarks/max_batch_gpu.py --model llama-3.1-8b --context 32768 --new 128 --methods full,snapkv+kivi \
     --budget 0.25 --out "$OUT/max_batch.jsonl" > "$OUT/max_batch.log" 2>&1 || echo "max_batch_gpu failed"

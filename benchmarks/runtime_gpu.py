@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import time
 
 import torch
@@ -139,6 +140,8 @@ def main() -> None:
                     help="a folder holding kvpress and its pinned transformers: adds a kvpress row (own process)")
     ap.add_argument("--kvpress-press", default="SnapKVPress")
     ap.add_argument("--kvpress-ratio", type=float, default=0.75, help="kvpress compression_ratio (fraction removed)")
+    ap.add_argument("--repeats", type=int, default=1, help="run each memfit row this many times in the process (a "
+                    "second run's set-up shows what is left once its kernels are compiled for this shape)")
     ap.add_argument("--out", default="benchmarks/results/runtime_gpu.jsonl")
     args = ap.parse_args()
 
@@ -172,7 +175,7 @@ def main() -> None:
         for method in args.methods.split(","):
             keeps_all = method in ("full", "kivi", "gear", "vidkv")
             budget = None if keeps_all else args.budget
-            for backend in args.backends.split(","):
+            for backend, repeat in itertools.product(args.backends.split(","), range(args.repeats)):
                 resident = torch.cuda.memory_allocated(device)  # weights (+ nothing left from earlier rows)
                 res = run([""] * args.batch, model=(model, tok), method=method, budget=budget, backend=backend,
                           context=args.context, max_new_tokens=args.new, prefill_chunk=args.prefill_chunk)
@@ -182,6 +185,7 @@ def main() -> None:
                 steady = 1000 / rate if rate else None
                 roof = 1000 * (read_bytes + res.kv_bytes_held) / bw
                 out.write({"kind": "memfit", "method": method, "budget": res.budget, "backend_requested": backend,
+                           "repeat": repeat,
                            "backend": res.backend, "backend_reason": res.backend_reason,
                            "cuda_graphs": res.cuda_graphs, "decode_graph_replays": res.decode_graph_replays,
                            "context": res.prompt_tokens, "new_tokens": args.new, "batch": args.batch,
