@@ -40,25 +40,28 @@ def tinygemm(comp, x: torch.Tensor):
 
 def gemlite_layer(lin: torch.nn.Linear, x: torch.Tensor, group: int = 128):
     """The baseline a user would pick for a fast 4-bit decode: gemlite's Triton kernels (`GemLiteLinear`, 4-bit,
-    group 128, bf16 in and out) on its own min-max RTN quantization of the same bf16 weight (gemlite packs HQQ's
-    format, W ~ (q - z) * s). Its autotuner picks the kernel; its bundled H100 configs are loaded first."""
+    group 128, bf16 in and out) holding the codes of memfit's own RTN quantization of the same weight
+    (`memfit.weights.quantizer.rtn_quantize`; gemlite packs HQQ's format, W ~ (q - z) * s, so z = -offset / scale).
+    Its autotuner picks the kernel; its bundled H100 configs are loaded first. (`gemv_gemlite_h200.jsonl` came from
+    the version of efc4fed, which quantized with its own min-max rounding: the kernels' time does not depend on the
+    code values.)"""
     import os
 
     import gemlite
     from gemlite import DType, GemLiteLinear
 
+    from memfit.weights.quantizer import rtn_quantize
+
     cfg = os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json")
     if os.path.exists(cfg):
         GemLiteLinear.load_config(cfg, print_error=False)
-    w = lin.weight.float()
-    n, k = w.shape
-    wg = w.view(n, k // group, group)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    s = ((hi - lo) / 15).clamp(min=1e-8)
-    q = ((wg - lo) / s).round().clamp(0, 15).to(torch.uint8).view(n, k)
+    n, k = lin.weight.shape
+    bits = torch.full((k // group,), 4, dtype=torch.uint8)
+    codes, scales, offsets = rtn_quantize(lin.weight.float(), bits, group)
+    s = scales.float().clamp(min=1e-8)
     layer = GemLiteLinear(4, group_size=group, in_features=k, out_features=n, input_dtype=DType.BF16,
                           output_dtype=DType.BF16)
-    layer.pack(q, s.view(n, -1).to(torch.bfloat16), (-lo / s).view(n, -1).to(torch.bfloat16), None)
+    layer.pack(codes.view(n, k).to(torch.uint8), s.to(torch.bfloat16), (-offsets.float() / s).to(torch.bfloat16), None)
     return partial(layer, x)
 
 
