@@ -297,7 +297,7 @@ def _kivi_lengths(s: Setup, g: int):
 
 @pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("packed", ["packed", "packed32", "fold", "gather"])
+@pytest.mark.parametrize("packed", ["packed", "packed32", "fold", "gather", "pipe", (4, 4, 4, 2), "magic"])
 def test_kivi_kernel_matches_reference(device, bits, packed, request):
     """Batch of 3 rows (residual empty / partial / full), GQA groups of 4, every quantized-tile code path."""
     from memfit.kernels.kivi_attention import kivi_decode_attention
@@ -319,7 +319,7 @@ def test_kivi_kernel_matches_reference(device, bits, packed, request):
 
 
 @pytest.mark.parametrize("device", _DEVICES)
-@pytest.mark.parametrize("packed", ["packed", "packed32"])
+@pytest.mark.parametrize("packed", ["packed", "packed32", "pipe", "magic"])
 def test_kivi_kernel_appends_new_token(device, packed, request):
     """k_new / v_new are written into residual slot n_r - 1 (split 0 stores them) and used for that slot."""
     from memfit.kernels.kivi_attention import kivi_decode_attention
@@ -366,6 +366,26 @@ def test_decode_attention_kernel_matches_reference(device, request):
     assert torch.equal(k, k2) and torch.equal(v, v2)
     _report("decode_attention", device=device, dtype=str(s.dtype), shape=[s.b, s.hq, s.hkv, s.d, c],
             max_rel_err=max(err, err2), tol=_tolerance(s.dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_attention_past_two_to_the_31_elements():
+    """A buffer of more than 2^31 elements (a large batch at long context: 64 rows x 8 heads x 32K x 128 is 2^31):
+    the last row's attention equals the reference on that row alone (32-bit offsets would wrap, then fault)."""
+    from memfit.kernels.kivi_attention import decode_attention
+
+    b, hq, hkv, c, d = 130, 32, 8, 16400, 128  # 2.18e9 elements per buffer
+    if torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("needs ~9 GiB of free GPU memory")
+    k = torch.empty(b, hkv, c, d, dtype=torch.bfloat16, device="cuda").normal_()
+    v = torch.empty_like(k).normal_()
+    assert k.numel() > 2**31
+    q = torch.randn(b, hq, d, dtype=torch.bfloat16, device="cuda")
+    n = torch.full((b,), c, dtype=torch.int32, device="cuda")
+    out = decode_attention(q, k, v, n, scale=d**-0.5)
+    ref = R.decode_attention_ref(q[-1:].float(), k[-1:], v[-1:], n[-1:], scale=d**-0.5)
+    _assert_close(out[-1:], ref, torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", [pytest.param("reference", id="reference"), *_DEVICES])

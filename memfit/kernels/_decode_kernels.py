@@ -36,10 +36,11 @@ def _split_kernel(
     HKV: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, QBLOCK: tl.constexpr,
     HAS_QUANT: tl.constexpr, STORE_LOGITS: tl.constexpr, APPEND: tl.constexpr, PACKED: tl.constexpr,
+    NSTAGES: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
-    b = pid // HKV
+    b = (pid // HKV).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
     h = pid % HKV
     nq = tl.load(NQ + b)
     nr = tl.load(NR + b)
@@ -178,7 +179,7 @@ def _split_kernel(
                 v = (vq.to(tl.float32) * vsb + vzb).to(dt)
                 acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
                 m_i = m_new
-        elif PACKED == 1:
+        elif PACKED == 1 or PACKED == 5:
             NGT: tl.constexpr = QBLOCK // GROUP
             KROWS: tl.constexpr = QBLOCK // CPB
             VB: tl.constexpr = D // CPB
@@ -221,7 +222,13 @@ def _split_kernel(
                 kq = tl.reshape(kq, (QBLOCK, D))
                 ksb = tl.reshape(tl.broadcast_to(ks_c.to(tl.float32)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
                 kzb = tl.reshape(tl.broadcast_to(kz_c.to(tl.float32)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
-                k = (kq.to(tl.float32) * ksb + kzb).to(dt)
+                if PACKED == 5:
+                    # code -> fp32 without the int-to-float unit (a quarter-rate instruction): the code in the low
+                    # mantissa bits of 2^23 is 2^23 + code exactly; one subtraction leaves the code
+                    kf = (kq | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                else:
+                    kf = kq.to(tl.float32)
+                k = (kf * ksb + kzb).to(dt)
                 s = tl.dot(q, tl.trans(k)) * qk_scale
                 offs_t = t0 + tq
                 tmask = offs_t < q_end
@@ -237,6 +244,57 @@ def _split_kernel(
                 vq = tl.reshape(vq, (QBLOCK, D))
                 vsb = tl.reshape(tl.broadcast_to(vs_c.to(tl.float32)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
                 vzb = tl.reshape(tl.broadcast_to(vz_c.to(tl.float32)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
+                if PACKED == 5:
+                    vf = (vq | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                else:
+                    vf = vq.to(tl.float32)
+                v = (vf * vsb + vzb).to(dt)
+                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+                m_i = m_new
+        elif PACKED == 4:
+            # "pipe": the "packed" tile math without the hand-written one-tile prefetch; Triton's software pipeliner
+            # keeps NSTAGES tiles in flight through shared memory (fewer registers held per program, so more
+            # programs per SM at large batch, where one program streams a whole (row, KV head))
+            NGT4: tl.constexpr = QBLOCK // GROUP
+            KROWS4: tl.constexpr = QBLOCK // CPB
+            VB4: tl.constexpr = D // CPB
+            NGD4: tl.constexpr = D // GROUP
+            rows4 = tl.arange(0, KROWS4)
+            srows4 = tl.arange(0, NGT4)
+            tq4 = tl.arange(0, QBLOCK)
+            vbytes4 = tl.arange(0, VB4)
+            vgrp4 = tl.arange(0, NGD4)
+            shifts4 = tl.arange(0, CPB) * BITS
+            for t0 in tl.range(start, q_end, QBLOCK, num_stages=NSTAGES):
+                km = ((t0 // CPB + rows4) * CPB < q_end)[:, None]
+                kc_c = tl.load(kc_base + (t0 // CPB + rows4)[:, None] * D + offs_d[None, :], mask=km, other=0)
+                sm = ((t0 // GROUP + srows4) * GROUP < q_end)[:, None]
+                srow = (t0 // GROUP + srows4)[:, None] * D + offs_d[None, :]
+                ks_c = tl.load(ks_base + srow, mask=sm, other=0.0)
+                kz_c = tl.load(kz_base + srow, mask=sm, other=0.0)
+                offs_t = t0 + tq4
+                tmask = offs_t < q_end
+                vc_c = tl.load(vc_base + offs_t[:, None] * VB4 + vbytes4[None, :], mask=tmask[:, None], other=0)
+                vrow = offs_t[:, None] * NGD4 + vgrp4[None, :]
+                vs_c = tl.load(vs_base + vrow, mask=tmask[:, None], other=0.0)
+                vz_c = tl.load(vz_base + vrow, mask=tmask[:, None], other=0.0)
+                kq = (kc_c.to(tl.int32)[:, None, :] >> shifts4[None, :, None]) & LMASK
+                kq = tl.reshape(kq, (QBLOCK, D))
+                ksb = tl.reshape(tl.broadcast_to(ks_c.to(tl.float32)[:, None, :], (NGT4, GROUP, D)), (QBLOCK, D))
+                kzb = tl.reshape(tl.broadcast_to(kz_c.to(tl.float32)[:, None, :], (NGT4, GROUP, D)), (QBLOCK, D))
+                k = (kq.to(tl.float32) * ksb + kzb).to(dt)
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                s = tl.where(tmask[None, :], s, float("-inf"))
+                if STORE_LOGITS:
+                    tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vq = (vc_c.to(tl.int32)[:, :, None] >> shifts4[None, None, :]) & LMASK
+                vq = tl.reshape(vq, (QBLOCK, D))
+                vsb = tl.reshape(tl.broadcast_to(vs_c.to(tl.float32)[:, :, None], (QBLOCK, NGD4, GROUP)), (QBLOCK, D))
+                vzb = tl.reshape(tl.broadcast_to(vz_c.to(tl.float32)[:, :, None], (QBLOCK, NGD4, GROUP)), (QBLOCK, D))
                 v = (vq.to(tl.float32) * vsb + vzb).to(dt)
                 acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
                 m_i = m_new
@@ -327,7 +385,7 @@ def _combine_kernel(
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
-    b = pid // HKV
+    b = (pid // HKV).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
     h = pid % HKV
     offs_s = tl.arange(0, SP)
     offs_d = tl.arange(0, D)
@@ -357,7 +415,7 @@ def _h2o_score_kernel(
     pid = tl.program_id(0)
     cid = tl.program_id(1)
     nch = tl.num_programs(1)
-    b = pid // HKV
+    b = (pid // HKV).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
     h = pid % HKV
     n = tl.load(NTOK + b)
     cur = tl.load(CUR + b)
@@ -413,7 +471,7 @@ def _h2o_score_kernel(
 @triton.jit
 def _victim_kernel(PVAL, PIDX, VICTIM, nch, s_vb, s_vh, HKV: tl.constexpr, NCP: tl.constexpr):
     pid = tl.program_id(0)
-    b = pid // HKV
+    b = (pid // HKV).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
     h = pid % HKV
     offs = tl.arange(0, NCP)
     msk = offs < nch

@@ -54,7 +54,7 @@ def _lse_kernel(Q, K, LSE, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, H, GROUPS, q_len,
                 D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
     h = pid_bh % H
     offs_m = pid_m * BM + tl.arange(0, BM)
     mvalid = offs_m < q_len
@@ -79,7 +79,7 @@ def _colsum_kernel(Q, K, LSE, OUT, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, H, GROUPS
                    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
     h = pid_bh % H
     offs_n = pid_n * BN + tl.arange(0, BN)
     nvalid = offs_n < t_len

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
-__all__ = ["decode_attention", "kivi_decode_attention", "plan_splits"]
+__all__ = ["decode_attention", "kivi_decode_attention", "plan_splits", "variant_spec"]
 
 _LOG2E = 1.4426950408889634
 
@@ -68,15 +69,48 @@ def plan_splits(
 #                 in fp32, next tile prefetched;
 #   3 "packed32": the same with one group per tile (key scales are a plain row broadcast; fewer registers);
 #   2 "fold":     one group per tile, key scales folded into q, values dequantized in fp16;
-#   0 "gather":   every element loads its own byte and scale (simplest).
-# `packed_policy(programs, bits)` -> (path, num_warps) picks one from the number of (row, KV head) programs and the
-# code width; benchmarks/gpu_decode.py times them all and installs what it measured. On an H100, "packed" beat
+#   0 "gather":   every element loads its own byte and scale (simplest);
+#   4 "pipe":     the "packed" math, tiles kept in flight by Triton's software pipeliner (num_stages) instead of
+#                 the one-tile register prefetch;
+#   5 "magic":    "packed" with codes turned into floats by bit operations (2^23 + code, minus 2^23) instead of
+#                 the quarter-rate int-to-float conversion.
+# A variant is (path, num_warps[, scale groups per tile, pipeline stages]). `packed_policy(programs, bits)` picks
+# one from the number of (row, KV head) programs and the code width; benchmarks/gpu_decode.py times them all and
+# installs what it measured; benchmarks/kivi_kernel_sweep.py sweeps the tile shapes. On an H100, "packed" beat
 # "fold" and "gather" at every size measured (batch 1..256, 8K-32K tokens).
-VARIANTS = {"packed": (1, 4), "packed32": (3, 4), "fold": (2, 4), "packed-w8": (1, 8), "gather": (0, 4)}
+VARIANTS: dict[str, tuple[int, ...]] = {
+    "packed": (1, 4),
+    "packed32": (3, 4),
+    "fold": (2, 4),
+    "packed-w8": (1, 8),
+    "gather": (0, 4),
+    "pipe": (4, 4, 2, 3),
+    "pipe-w8": (4, 8, 2, 3),
+    "magic": (5, 4),
+}
 
 
-def _default_packed(programs: int, bits: int) -> tuple[int, int]:
-    return VARIANTS["packed"]
+def variant_spec(text: str) -> tuple[int, ...]:
+    """A variant from its name in `VARIANTS` or its numbers written "path,warps[,groups,stages]"."""
+    if text in VARIANTS:
+        return VARIANTS[text]
+    try:
+        spec = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        spec = ()
+    if not 2 <= len(spec) <= 4:
+        raise ValueError(f"unknown KIVI kernel variant {text!r}: one of {sorted(VARIANTS)} or 'path,warps[,groups,stages]'")
+    return spec
+
+
+def _default_packed(programs: int, bits: int) -> tuple[int, ...]:
+    # MEMFIT_KIVI_VARIANT forces one variant everywhere (A/B runs of the product path)
+    forced = os.environ.get("MEMFIT_KIVI_VARIANT")
+    if forced:
+        return variant_spec(forced)
+    # H200 sweep (benchmarks/results/kivi_kernel_sweep_h200.jsonl): 4-bit codes run 7-9 % faster pipelined at batch
+    # 1, 256 and 461; 2-bit codes are fastest with the register prefetch (pipelined they spill)
+    return VARIANTS["pipe" if bits == 4 else "packed"]
 
 
 packed_policy = _default_packed
@@ -178,12 +212,26 @@ def _launch(
             or vs.shape[3] * group_size != d
         ):
             raise ValueError("packed key/value shapes do not match the KIVI layout for these bits / group size")
-        qblock = max(2 * group_size, 16)  # two scale groups per tile (no size-1 ranges); "fold" uses one
-        if block_t % qblock:
-            block_t = qblock * max(1, -(-block_t // qblock))
     else:
         kc = ks = kz = vc = vs = vz = k_res
         cap_q = 0
+    if packed is None:
+        spec = packed_policy(b * hkv, bits)
+    elif isinstance(packed, str):
+        spec = VARIANTS[packed]
+    elif isinstance(packed, bool):
+        spec = (1 if packed else 0, 4)
+    else:
+        spec = tuple(packed)
+    path, warps = int(spec[0]), int(spec[1])
+    tile_groups = int(spec[2]) if len(spec) > 2 else 2
+    stages = int(spec[3]) if len(spec) > 3 else 1
+    if path not in (0, 1, 2, 3, 4, 5) or warps not in (1, 2, 4, 8, 16) or tile_groups < 2 or stages < 1:
+        raise ValueError(f"bad kernel variant {spec}: (path 0-5, num_warps 1-16, scale groups per tile >= 2, stages >= 1)")
+    if quant is not None:
+        qblock = max(tile_groups * group_size, 16)  # >= two scale groups per tile (no size-1 ranges); "fold": one
+        if block_t % qblock:
+            block_t = qblock * max(1, -(-block_t // qblock))
     capacity = cap_q + k_res.shape[2]
     if num_splits is None:
         splits, tps = plan_splits(b, hkv, capacity, dev, block_t)
@@ -191,14 +239,6 @@ def _launch(
         splits = max(1, int(num_splits))
         tps = -(-max(1, -(-capacity // splits)) // block_t) * block_t
         splits = max(1, -(-capacity // tps))
-    if packed is None:
-        path, warps = packed_policy(b * hkv, bits)
-    elif isinstance(packed, str):
-        path, warps = VARIANTS[packed]
-    elif isinstance(packed, bool):
-        path, warps = (1 if packed else 0), 4
-    else:
-        path, warps = packed
     append = k_new is not None
     if append:
         if v_new is None or append_at is None:
@@ -225,8 +265,8 @@ def _launch(
         s_lg[0], s_lg[1],
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), s_apb, s_aph,
         HKV=hkv, GQ=g, GP=gp, D=d, BITS=bits, GROUP=group_size, BLOCK_T=block_t, QBLOCK=qblock,
-        HAS_QUANT=quant is not None, STORE_LOGITS=store_logits, APPEND=append, PACKED=int(path),
-        num_warps=warps if quant is not None else 4,
+        HAS_QUANT=quant is not None, STORE_LOGITS=store_logits, APPEND=append, PACKED=path,
+        NSTAGES=stages if quant is not None else 1, num_warps=warps if quant is not None else 4,
     )  # fmt: skip
     if out is None:
         out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
@@ -263,7 +303,7 @@ def kivi_decode_attention(
     append_at: torch.Tensor | int | None = None,
     block_t: int = 64,
     num_splits: int | None = None,
-    packed: bool | str | tuple[int, int] | None = None,
+    packed: bool | str | tuple[int, ...] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention (B, Hq, d) of q (B, Hq, d) over n_q packed tokens + n_r residual tokens per row.

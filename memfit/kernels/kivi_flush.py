@@ -49,7 +49,7 @@ def _flush_values_kernel(
     W: tl.constexpr, R: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = pid // HKV
+    b = (pid // HKV).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
     h = pid % HKV
     t = tl.load(T) + 1
     qv = tl.load(QV)
@@ -89,7 +89,7 @@ def _flush_keys_kernel(
 ):
     pid = tl.program_id(0)
     cid = tl.program_id(1)
-    b = pid // HKV
+    b = (pid // HKV).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
     h = pid % HKV
     t = tl.load(T) + 1
     qk = tl.load(QK)
