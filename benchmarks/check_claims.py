@@ -70,7 +70,7 @@ _FUNCS = {
     "abs": lambda xs: abs(xs[0]),
     "mean": lambda xs: sum(xs) / len(xs),
 }
-_SELECTOR = re.compile(r"([A-Za-z_]\w*)\[([^\]]*)\]")
+_SELECTOR = re.compile(r"(?<![.\w])([A-Za-z_]\w*)\[([^\]]*[=*][^\]]*)\]")  # src[k=v,*]; not row.list[0]
 
 
 class ClaimError(Exception):

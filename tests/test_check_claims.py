@@ -115,3 +115,16 @@ def test_bad_references_are_errors(tmp_path: Path) -> None:
     assert len(errors) == 1 and "missing" in errors[0]
     errors = _errors(_doc(tmp_path, "1.0x<!--= nosuch.kl -->"))
     assert len(errors) == 1 and "unknown row" in errors[0]
+
+
+def test_list_items_of_a_jsonl_row(tmp_path: Path) -> None:
+    """`src[k=v].field[0].sub` reads an item of a list field (a profile's kernel table); `[0]` is not a selector."""
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"method": "h2o", "kernels": [{"device_ms": 879.5}, {"device_ms": 578.7}]}\n')
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"<!--= def p = {rows} -->\n\n879.5 ms and 578.7 ms<!--= p[method=h2o].kernels[0].device_ms "
+                   "p[method=h2o].kernels[1].device_ms -->\n")
+    assert _errors(doc) == []
+    doc.write_text(f"<!--= def p = {rows} -->\n\n578.7 ms<!--= p[method=h2o].kernels[0].device_ms -->\n")
+    errors = _errors(doc)
+    assert len(errors) == 1 and "does not match" in errors[0], errors

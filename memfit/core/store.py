@@ -11,6 +11,7 @@ ragged, static) subclass it. A store holds and applies; it never decides what to
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -153,44 +154,69 @@ class KVLayer:
         return 2 * b * h * tokens * d * self.keys.element_size()
 
 
-_FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what CUDA's flash attention takes (head dim up to 256)
-_LSE_CHECKED: list[bool] = []  # [whether the flash kernel's log-sum-exp matched a direct computation], once a process
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what CUDA's fused attention kernels take (head dim up to 256)
+# The fused kernels that return each query's log-sum-exp, tried in this order. cuDNN's is the faster on Hopper: at a
+# 32K prompt on an H200 it took 15.5 ms per Llama-3.1-8B layer against 27.5 ms for the flash kernel
+# (benchmarks/results/prefill_profile_h200.jsonl). MEMFIT_LSE_KERNELS="flash" (comma list) picks others (A/B runs).
+_LSE_KERNELS = ("cudnn", "flash")
+_LSE_CHECKED: dict[str, bool] = {}  # kernel -> whether its log-sum-exp matched a direct computation (once a process)
+
+
+def _lse_kernel_call(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
+    if name == "cudnn":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scaling)
+    elif name == "flash":
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scaling)
+    else:
+        raise ValueError(f"unknown log-sum-exp attention kernel {name!r}: cudnn or flash")
+    return res[0], res[1]
+
+
+def _lse_matches(queries: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, scaling: float) -> bool:
+    """The last 4 queries' log-sum-exp against the (un-spread) keys in fp32, each KV head's query group at once."""
+    b, h, q_len, d = queries.shape
+    groups = h // keys.shape[1]
+    rows = torch.arange(max(0, q_len - 4), q_len, device=queries.device)
+    q_rows = queries[:, :, rows].float().reshape(b, keys.shape[1], groups * rows.numel(), d)
+    logits = (q_rows @ keys.float().transpose(-1, -2)).view(b, h, rows.numel(), q_len) * scaling
+    logits = logits.masked_fill(torch.arange(q_len, device=queries.device) > rows[:, None], float("-inf"))
+    want = torch.logsumexp(logits, dim=-1)
+    return bool(lse.shape == (b, h, q_len) and torch.allclose(lse[:, :, rows].float(), want, rtol=1e-3, atol=1e-2))
 
 
 def attention_with_lse(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Causal attention of a whole unpadded prompt (queries and keys the same tokens) and each query's log-sum-exp
-    (B, H, q) fp32, from CUDA's flash attention kernel, which computes the log-sum-exp anyway (H2O's prefill scoring
-    then skips a pass over the prompt's logits). None where that kernel does not apply. Its heads must match, so
-    grouped KV heads are spread over the query heads first (two (B, H, T, d) copies, freed after the call). The
-    first call in a process checks the kernel's log-sum-exp against a direct computation on a few queries and
-    turns the path off if they differ (a torch whose kernel returns another convention)."""
+    (B, H, q) fp32, from a fused CUDA attention kernel (cuDNN's, else flash attention), which computes the
+    log-sum-exp anyway (H2O's prefill scoring then skips a pass over the prompt's logits). None where no such kernel
+    applies. Its heads must match, so grouped KV heads are spread over the query heads first (two (B, H, T, d)
+    copies, freed after the call). The first call of each kernel in a process checks its log-sum-exp against a
+    direct computation on a few queries and drops that kernel if they differ (a torch whose kernel returns another
+    convention or shape)."""
     b, h, q_len, d = queries.shape
-    if (not queries.is_cuda or queries.dtype not in _FLASH_DTYPES or d > 256 or keys.shape[2] != q_len
-            or (_LSE_CHECKED and not _LSE_CHECKED[0])):
+    if not queries.is_cuda or queries.dtype not in _FLASH_DTYPES or d > 256 or keys.shape[2] != q_len:
+        return None
+    names = [n for n in os.environ.get("MEMFIT_LSE_KERNELS", ",".join(_LSE_KERNELS)).split(",") if n]
+    names = [n for n in names if _LSE_CHECKED.get(n, True)]
+    if not names:
         return None
     groups = h // keys.shape[1]
     k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
     v = values.repeat_interleave(groups, dim=1) if groups > 1 else values
-    try:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(queries, k, v, 0.0, True, False, scale=scaling)
-    except (RuntimeError, NotImplementedError):
-        _LSE_CHECKED[:] = [False]
-        return None
-    out, lse = res[0], res[1]
-    if not _LSE_CHECKED:
-        # the last 4 queries against the (un-spread) keys in fp32: each KV head's group of queries at once
-        rows = torch.arange(max(0, q_len - 4), q_len, device=queries.device)
-        q_rows = queries[:, :, rows].float().reshape(b, keys.shape[1], groups * rows.numel(), d)
-        logits = (q_rows @ keys.float().transpose(-1, -2)).view(b, h, rows.numel(), q_len) * scaling
-        logits = logits.masked_fill(torch.arange(q_len, device=queries.device) > rows[:, None], float("-inf"))
-        want = torch.logsumexp(logits, dim=-1)
-        _LSE_CHECKED[:] = [bool(lse.shape == (b, h, q_len) and torch.allclose(lse[:, :, rows].float(), want,
-                                                                               rtol=1e-3, atol=1e-2))]
-        if not _LSE_CHECKED[0]:
-            return None
-    return out, lse.float()
+    for name in names:
+        try:
+            out, lse = _lse_kernel_call(name, queries, k, v, scaling)
+        except (RuntimeError, NotImplementedError):
+            _LSE_CHECKED[name] = False
+            continue
+        if lse.dim() == 4 and lse.shape[-1] == 1:  # cuDNN's stats carry a trailing unit dimension
+            lse = lse.squeeze(-1)
+        if name not in _LSE_CHECKED:
+            _LSE_CHECKED[name] = _lse_matches(queries, keys, lse, scaling)
+        if _LSE_CHECKED[name]:
+            return out, lse.float()
+    return None
 
 
 def dense_attention(
