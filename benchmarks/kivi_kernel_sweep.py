@@ -40,6 +40,10 @@ SWEEP = [
     (5, 4, 2, 1),  # "magic"
     (5, 8, 2, 1),
     (5, 4, 4, 1),
+    (0, 4, 2, 1),  # "gather"
+    (0, 8, 2, 1),
+    (0, 4, 4, 1),
+    (0, 8, 4, 1),
 ]
 
 
@@ -149,6 +153,7 @@ def main() -> int:
     p.add_argument("--bits", default="2,4")
     p.add_argument("--print-best", action="store_true")
     p.add_argument("--sass", action="store_true", help="also record each variant's registers and SASS opcode mix")
+    p.add_argument("--variants", default=None, help="only these (names or path,warps,groups,stages), ';'-separated")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("error: needs a CUDA device (the kernels' speed is what this measures)", file=sys.stderr)
@@ -156,6 +161,8 @@ def main() -> int:
     dev = torch.device("cuda")
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     bits_list = [int(b) for b in a.bits.split(",")]
+    if a.variants:
+        SWEEP[:] = [KA.variant_spec(v) for v in a.variants.split(";")]
     bw = copy_bandwidth(dev)
     scale = D**-0.5
     ok: dict[tuple[int, tuple], bool] = {}
