@@ -15,23 +15,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import statistics
 import time
 from collections import defaultdict
 
 import torch
+from decode_step_profile import family  # a kernel's family name, as the decode profile groups them
 
 from memfit.bench.provenance import ResultWriter
 from memfit.engine import prefill_prompt, synthetic_prompt
 from memfit.models import load_model
-
-
-def family(name: str) -> str:
-    """A kernel's family: its name without template arguments and launch suffixes."""
-    name = re.sub(r"<.*", "", name)
-    name = re.sub(r"\(.*", "", name)
-    return name[:80]
 
 
 @torch.no_grad()

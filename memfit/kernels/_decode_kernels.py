@@ -23,6 +23,46 @@ import triton.language as tl
 
 
 @triton.jit
+def _packed_tile(
+    q, kc, ks, kz, vc, vs, vz, t0, q_end, m_i, l_i, acc, qk_scale, lg_base, gmask,
+    BITS: tl.constexpr, GROUP: tl.constexpr, QBLOCK: tl.constexpr, D: tl.constexpr, STORE_LOGITS: tl.constexpr,
+):
+    """One tile of QBLOCK packed tokens (whole scale groups) folded into the online softmax (m_i, l_i, acc).
+
+    kc (QBLOCK / CPB, D) key code bytes, ks / kz (QBLOCK / GROUP, D) key scales / zeros, vc (QBLOCK, D / CPB) value
+    code bytes, vs / vz (QBLOCK, D / GROUP) value scales / zeros, as loaded (masked past q_end). Codes are expanded
+    in registers (shift / mask / reshape), dequantized in fp32 and fed to the dots in q's dtype."""
+    CPB: tl.constexpr = 8 // BITS
+    LMASK: tl.constexpr = (1 << BITS) - 1
+    NGT: tl.constexpr = QBLOCK // GROUP
+    NGD: tl.constexpr = D // GROUP
+    dt = q.dtype
+    shifts = tl.arange(0, CPB) * BITS
+    offs_t = t0 + tl.arange(0, QBLOCK)
+    tmask = offs_t < q_end
+    # keys: byte row r holds tokens r*CPB .. r*CPB+CPB-1 of each channel
+    kq = tl.reshape((kc.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & LMASK, (QBLOCK, D))
+    ksb = tl.reshape(tl.broadcast_to(ks.to(tl.float32)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
+    kzb = tl.reshape(tl.broadcast_to(kz.to(tl.float32)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
+    k = (kq.to(tl.float32) * ksb + kzb).to(dt)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.where(tmask[None, :], s, float("-inf"))
+    if STORE_LOGITS:
+        tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # values: byte j of a token holds channels j*CPB .. j*CPB+CPB-1; one scale per GROUP channels
+    vq = tl.reshape((vc.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & LMASK, (QBLOCK, D))
+    vsb = tl.reshape(tl.broadcast_to(vs.to(tl.float32)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
+    vzb = tl.reshape(tl.broadcast_to(vz.to(tl.float32)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
+    v = (vq.to(tl.float32) * vsb + vzb).to(dt)
+    acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _split_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, KR, VR, NQ, NR, PO, PML, LG, KN, VN, APP,
     qk_scale, tokens_per_split, num_splits,
@@ -179,7 +219,7 @@ def _split_kernel(
                 v = (vq.to(tl.float32) * vsb + vzb).to(dt)
                 acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
                 m_i = m_new
-        elif PACKED == 1 or PACKED == 5:
+        elif PACKED == 1:
             NGT: tl.constexpr = QBLOCK // GROUP
             KROWS: tl.constexpr = QBLOCK // CPB
             VB: tl.constexpr = D // CPB
@@ -189,7 +229,6 @@ def _split_kernel(
             tq = tl.arange(0, QBLOCK)
             vbytes = tl.arange(0, VB)
             vgrp = tl.arange(0, NGD)
-            shifts = tl.arange(0, CPB) * BITS
             # prefetch the first tile (rows past q_end masked: tiles may straddle it)
             tn = start
             km = ((tn // CPB + rows) * CPB < q_end)[:, None]
@@ -217,44 +256,11 @@ def _split_kernel(
                 vrow_n = (tn + tq)[:, None] * NGD + vgrp[None, :]
                 vs_n = tl.load(vs_base + vrow_n, mask=vm, other=0.0)
                 vz_n = tl.load(vz_base + vrow_n, mask=vm, other=0.0)
-                # keys: byte row r holds tokens r*CPB .. r*CPB+CPB-1 of each channel
-                kq = (kc_c.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & LMASK
-                kq = tl.reshape(kq, (QBLOCK, D))
-                ksb = tl.reshape(tl.broadcast_to(ks_c.to(tl.float32)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
-                kzb = tl.reshape(tl.broadcast_to(kz_c.to(tl.float32)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
-                if PACKED == 5:
-                    # code -> fp32 without the int-to-float unit (a quarter-rate instruction): the code in the low
-                    # mantissa bits of 2^23 is 2^23 + code exactly; one subtraction leaves the code
-                    kf = (kq | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                else:
-                    kf = kq.to(tl.float32)
-                k = (kf * ksb + kzb).to(dt)
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-                offs_t = t0 + tq
-                tmask = offs_t < q_end
-                s = tl.where(tmask[None, :], s, float("-inf"))
-                if STORE_LOGITS:
-                    tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                # values: byte j of a token holds channels j*CPB .. j*CPB+CPB-1; one scale per GROUP channels
-                vq = (vc_c.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & LMASK
-                vq = tl.reshape(vq, (QBLOCK, D))
-                vsb = tl.reshape(tl.broadcast_to(vs_c.to(tl.float32)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
-                vzb = tl.reshape(tl.broadcast_to(vz_c.to(tl.float32)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
-                if PACKED == 5:
-                    vf = (vq | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                else:
-                    vf = vq.to(tl.float32)
-                v = (vf * vsb + vzb).to(dt)
-                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
-                m_i = m_new
+                m_i, l_i, acc = _packed_tile(q, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
+                                             qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
         elif PACKED == 4:
             # "pipe": the "packed" tile math without the hand-written one-tile prefetch; Triton's software pipeliner
-            # keeps NSTAGES tiles in flight through shared memory (fewer registers held per program, so more
-            # programs per SM at large batch, where one program streams a whole (row, KV head))
+            # keeps NSTAGES tiles in flight through shared memory
             NGT4: tl.constexpr = QBLOCK // GROUP
             KROWS4: tl.constexpr = QBLOCK // CPB
             VB4: tl.constexpr = D // CPB
@@ -264,7 +270,6 @@ def _split_kernel(
             tq4 = tl.arange(0, QBLOCK)
             vbytes4 = tl.arange(0, VB4)
             vgrp4 = tl.arange(0, NGD4)
-            shifts4 = tl.arange(0, CPB) * BITS
             for t0 in tl.range(start, q_end, QBLOCK, num_stages=NSTAGES):
                 km = ((t0 // CPB + rows4) * CPB < q_end)[:, None]
                 kc_c = tl.load(kc_base + (t0 // CPB + rows4)[:, None] * D + offs_d[None, :], mask=km, other=0)
@@ -272,32 +277,13 @@ def _split_kernel(
                 srow = (t0 // GROUP + srows4)[:, None] * D + offs_d[None, :]
                 ks_c = tl.load(ks_base + srow, mask=sm, other=0.0)
                 kz_c = tl.load(kz_base + srow, mask=sm, other=0.0)
-                offs_t = t0 + tq4
-                tmask = offs_t < q_end
-                vc_c = tl.load(vc_base + offs_t[:, None] * VB4 + vbytes4[None, :], mask=tmask[:, None], other=0)
-                vrow = offs_t[:, None] * NGD4 + vgrp4[None, :]
-                vs_c = tl.load(vs_base + vrow, mask=tmask[:, None], other=0.0)
-                vz_c = tl.load(vz_base + vrow, mask=tmask[:, None], other=0.0)
-                kq = (kc_c.to(tl.int32)[:, None, :] >> shifts4[None, :, None]) & LMASK
-                kq = tl.reshape(kq, (QBLOCK, D))
-                ksb = tl.reshape(tl.broadcast_to(ks_c.to(tl.float32)[:, None, :], (NGT4, GROUP, D)), (QBLOCK, D))
-                kzb = tl.reshape(tl.broadcast_to(kz_c.to(tl.float32)[:, None, :], (NGT4, GROUP, D)), (QBLOCK, D))
-                k = (kq.to(tl.float32) * ksb + kzb).to(dt)
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-                s = tl.where(tmask[None, :], s, float("-inf"))
-                if STORE_LOGITS:
-                    tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                vq = (vc_c.to(tl.int32)[:, :, None] >> shifts4[None, None, :]) & LMASK
-                vq = tl.reshape(vq, (QBLOCK, D))
-                vsb = tl.reshape(tl.broadcast_to(vs_c.to(tl.float32)[:, :, None], (QBLOCK, NGD4, GROUP)), (QBLOCK, D))
-                vzb = tl.reshape(tl.broadcast_to(vz_c.to(tl.float32)[:, :, None], (QBLOCK, NGD4, GROUP)), (QBLOCK, D))
-                v = (vq.to(tl.float32) * vsb + vzb).to(dt)
-                acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
-                m_i = m_new
+                vm = (t0 + tq4 < q_end)[:, None]
+                vc_c = tl.load(vc_base + (t0 + tq4)[:, None] * VB4 + vbytes4[None, :], mask=vm, other=0)
+                vrow = (t0 + tq4)[:, None] * NGD4 + vgrp4[None, :]
+                vs_c = tl.load(vs_base + vrow, mask=vm, other=0.0)
+                vz_c = tl.load(vz_base + vrow, mask=vm, other=0.0)
+                m_i, l_i, acc = _packed_tile(q, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
+                                             qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
         else:
             v_shift = ((offs_d % CPB) * BITS)[None, :]
             for t0 in range(start, q_end, BLOCK_T):

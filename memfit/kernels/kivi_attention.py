@@ -71,9 +71,9 @@ def plan_splits(
 #   2 "fold":     one group per tile, key scales folded into q, values dequantized in fp16;
 #   0 "gather":   every element loads its own byte and scale (simplest);
 #   4 "pipe":     the "packed" math, tiles kept in flight by Triton's software pipeliner (num_stages) instead of
-#                 the one-tile register prefetch;
-#   5 "magic":    "packed" with codes turned into floats by bit operations (2^23 + code, minus 2^23) instead of
-#                 the quarter-rate int-to-float conversion.
+#                 the one-tile register prefetch.
+# (A "magic" path turning codes into floats by bit operations instead of the int-to-float unit measured no faster
+# and was removed: benchmarks/results/kivi_kernel_sweep_h200.jsonl.)
 # A variant is (path, num_warps[, scale groups per tile, pipeline stages]). `packed_policy(programs, bits)` picks
 # one from the number of (row, KV head) programs and the code width; benchmarks/gpu_decode.py times them all and
 # installs what it measured; benchmarks/kivi_kernel_sweep.py sweeps the tile shapes. On an H100, "packed" beat
@@ -86,7 +86,6 @@ VARIANTS: dict[str, tuple[int, ...]] = {
     "gather": (0, 4),
     "pipe": (4, 4, 2, 3),
     "pipe-w8": (4, 8, 2, 3),
-    "magic": (5, 4),
 }
 
 
@@ -226,8 +225,8 @@ def _launch(
     path, warps = int(spec[0]), int(spec[1])
     tile_groups = int(spec[2]) if len(spec) > 2 else 2
     stages = int(spec[3]) if len(spec) > 3 else 1
-    if path not in (0, 1, 2, 3, 4, 5) or warps not in (1, 2, 4, 8, 16) or tile_groups < 2 or stages < 1:
-        raise ValueError(f"bad kernel variant {spec}: (path 0-5, num_warps 1-16, scale groups per tile >= 2, stages >= 1)")
+    if path not in (0, 1, 2, 3, 4) or warps not in (1, 2, 4, 8, 16) or tile_groups < 2 or stages < 1:
+        raise ValueError(f"bad kernel variant {spec}: (path 0-4, num_warps 1-16, scale groups per tile >= 2, stages >= 1)")
     if quant is not None:
         qblock = max(tile_groups * group_size, 16)  # >= two scale groups per tile (no size-1 ranges); "fold": one
         if block_t % qblock:
