@@ -12,7 +12,8 @@ from memfit.api import make_cache
 from memfit.core.allocation import adakv_keep_mask, parse_allocation, pyramid_budgets, pyramid_schedule
 from memfit.core.budget import Budget
 from memfit.core.cache import KVLayer, StepInfo, tensor_bytes
-from memfit.core.ragged import RaggedKVLayer
+from memfit.core.quant import quantize
+from memfit.core.ragged import QuantizedRaggedKVLayer, RaggedKVLayer
 from memfit.engine import pad_left, positions_from_mask, prefill
 from memfit.errors import ConfigError
 
@@ -316,7 +317,9 @@ def test_ragged_select_batch_and_reset(llama):
 
 def test_bad_allocation_is_a_config_error(llama):
     with pytest.raises(ConfigError, match="does not combine"):
-        make_cache(llama, "snapkv+kivi", 0.5, allocation="adakv")
+        make_cache(llama, "snapkv+gear", 0.5, allocation="adakv")
+    with pytest.raises(ConfigError, match="bits 2, 4 or 8"):
+        make_cache(llama, "snapkv+kivi", 0.5, {"kivi.bits": 1}, allocation="adakv")
     with pytest.raises(ConfigError, match="unknown allocation"):
         make_cache(llama, "snapkv", 0.5, allocation="pyramid+nope")
     with pytest.raises(ConfigError, match="unknown allocation"):
@@ -324,3 +327,66 @@ def test_bad_allocation_is_a_config_error(llama):
     with pytest.raises(ConfigError, match="per-head budgets"):  # its scoring needs equal heads (was a shape crash)
         make_cache(llama, "keyformer", 0.5, allocation="pyramid+adakv")
     assert parse_allocation("adakv+pyramid") == (True, True)
+
+
+# -- ragged store holding KIVI's codes ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantized_ragged_rows_are_the_quantizer_codes(bits):
+    """A packed row is [codes | fp16 scales | fp16 minima] of the token's channel groups: decoding gives exactly
+    memfit.core.quant's dequantization, and the row holds exactly those bytes."""
+    torch.manual_seed(9)
+    layer = QuantizedRaggedKVLayer(key_bits=bits, value_bits=bits, group_size=8, residual=8)
+    x = torch.randn(1, 1, 20, 16)
+    layer._dtype, layer._dk, layer._dv = x.dtype, 16, 16
+    rows = layer._encode(x[0, 0], "k")
+    want = quantize(x, bits, axis="channel", group_size=8)
+    assert rows.dtype == torch.uint8 and rows.numel() == want.nbytes()
+    torch.testing.assert_close(layer._decode(rows, "k"), want.dequantize()[0, 0], atol=0, rtol=0)
+
+
+def test_quantized_ragged_attends_over_its_dequantized_tokens():
+    """After an eviction (a ragged subset per head) and decode steps, attention equals dense attention over the
+    dequantized kept tokens + the full-precision tail; the packed part holds codes only."""
+    torch.manual_seed(10)
+    b, hkv, g, t, d = 2, 3, 2, 24, 16
+    layer = QuantizedRaggedKVLayer(key_bits=4, value_bits=2, group_size=8, residual=8)
+    layer.append(torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d), None)
+    layer.finalize_step(StepInfo(0, 1, t, True, None))
+    layer.keep_mask(torch.rand(b, hkv, t) > 0.4)
+    assert layer._k.dtype == torch.uint8 and layer._v.dtype == torch.uint8 and layer.tail == 0
+    for step in range(10):  # the tail grows, then folds into codes (fold_min = residual)
+        k, v = torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d)
+        layer.append(k, v, None)
+        dense = KVLayer()
+        dense.append(layer.keys, layer.values, None)
+        dense.valid = layer.valid
+        queries = torch.randn(b, hkv * g, 1, d)
+        torch.testing.assert_close(layer.attend(queries, 0.3), dense.attend(queries, 0.3), atol=1e-5, rtol=1e-5)
+        layer.finalize_step(StepInfo(0, 1, 1, False, None))
+        if step == 9:
+            assert layer.tail < 10  # a fold quantized the tail at least once
+            torch.testing.assert_close(layer.keys[:, :, -1], k[:, :, 0])  # the newest token is still exact
+
+
+def test_quantized_ragged_store_in_a_model(llama):
+    """snapkv+kivi with per-head budgets: close to snapkv's ragged run at 8 bits, fewer bytes at every step, bytes
+    counted exactly; nothing is dequantized into the store."""
+    torch.manual_seed(11)
+    ids, mask = pad_left([torch.randint(0, 128, (n,)).tolist() for n in (60, 37)])
+    feed = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        plain = make_cache(llama, "snapkv", 0.5, allocation="adakv")
+        ref, held_ref = decode_run(llama, ids, mask, plain, feed)
+        quant = make_cache(llama, "snapkv+kivi", 0.5, {"kivi.bits": 8, "kivi.group_size": 16, "kivi.residual": 16},
+                           allocation="adakv")
+        out, held = decode_run(llama, ids, mask, quant, feed)
+    assert all(type(layer) is QuantizedRaggedKVLayer for layer in quant.core.layers)
+    assert [[h.tolist() for h in step] for step in held] == [[h.tolist() for h in step] for step in held_ref]
+    for r, o in zip(ref, out, strict=True):
+        torch.testing.assert_close(o, r, atol=5e-2, rtol=5e-2)
+    assert quant.nbytes() == walk_bytes(quant) < plain.nbytes()
+    quant4 = make_cache(llama, "snapkv+kivi", 0.5, {"kivi.bits": 4, "kivi.group_size": 16, "kivi.residual": 16},
+                        allocation="adakv")
+    with torch.no_grad():
+        decode_run(llama, ids, mask, quant4, feed)
+    assert quant4.nbytes() < quant.nbytes()

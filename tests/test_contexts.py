@@ -29,6 +29,8 @@ CASES = [
     ("kvzip+kivi", 0.5, {"kvzip.chunk": 16, "kivi.bits": 4, "kivi.group_size": 16, "kivi.residual": 16}, "uniform"),
     ("snapkv", 0.3, None, "adakv"),  # ragged store
     ("kvzip", 0.3, {"chunk": 16}, "adakv"),  # one ranking over layers, heads split by score (ragged store)
+    # the same choice in 4-bit codes under per-head budgets (ragged quantized store)
+    ("kvzip+kivi", 0.5, {"kvzip.chunk": 16, "kivi.bits": 4, "kivi.group_size": 16, "kivi.residual": 16}, "adakv"),
 ]
 
 

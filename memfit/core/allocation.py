@@ -33,6 +33,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import torch
 
@@ -232,12 +233,31 @@ def configure_allocation(
             raise ConfigError(f"method {cache.method.name!r} scores all KV heads of a layer over the same tokens, so "
                               f"it cannot run with per-head budgets: use --allocation uniform or pyramid")
 
+        factory = _ragged_factory(cache.layers[0]) if cache.layers else RaggedKVLayer
         odd = {type(layer).__name__ for layer in cache.layers if type(layer) not in (KVLayer, RaggedKVLayer)}
-        if odd:
+        if odd and factory is None:
             raise ConfigError(
-                f"allocation 'adakv' needs the plain store; it does not combine with {', '.join(sorted(odd))}"
+                f"allocation 'adakv' needs the plain store or KIVI's codes; it does not combine with "
+                f"{', '.join(sorted(odd))}"
             )
-        cache.layers = [RaggedKVLayer(i) for i in range(cache.num_layers)]
-        cache.layer_factory = RaggedKVLayer  # type: ignore[attr-defined]  (reset() rebuilds ragged layers)
+        assert factory is not None
+        cache.layers = [factory(i) for i in range(cache.num_layers)]
+        cache.layer_factory = factory  # type: ignore[attr-defined]  (reset() rebuilds ragged layers)
         cache.head_allocation = HeadAllocation(alpha)
     return cache
+
+
+def _ragged_factory(layer: Any) -> Callable[[int], Any] | None:
+    """The ragged store standing in for `layer`'s kind under per-head budgets: the plain ragged store for a dense
+    layer, the quantized one for KIVI's store (per-channel key codes, per-token value codes); None otherwise."""
+    from memfit.core.quantized_store import ChannelCodec, QuantizedKVLayer, TokenCodec
+    from memfit.core.ragged import QuantizedRaggedKVLayer, RaggedKVLayer
+
+    if type(layer) in (KVLayer, RaggedKVLayer):
+        return RaggedKVLayer
+    if isinstance(layer, QuantizedKVLayer) and isinstance(layer.k.codec, ChannelCodec) and isinstance(
+            layer.v.codec, TokenCodec):
+        kb, vb, g = layer.k.codec.bits, layer.v.codec.bits, layer.k.codec.group_size
+        residual = layer.k.flush_rule.residual
+        return lambda index: QuantizedRaggedKVLayer(index, int(kb), int(vb), int(g), int(residual))
+    return None

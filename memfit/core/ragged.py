@@ -44,7 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from memfit.core.contract import StepInfo
+from memfit.core.quant import QuantizedTensor, bytes_per_group, quantize
 from memfit.core.store import KVLayer, dense_attention, tensor_bytes
+from memfit.errors import ConfigError
 
 
 class _RaggedExtras(MutableMapping[str, torch.Tensor]):
@@ -115,6 +117,8 @@ class RaggedKVLayer(KVLayer):
         self._step_new: torch.Tensor | None = None  # (B, q) validity of this step's tokens
         self._fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # prompt K/V of this step
         self._views: dict[str, torch.Tensor] | None = None  # per-step cache of materialised views
+        self._dtype: torch.dtype | None = None  # the keys' / values' dtype and widths (packed rows may be codes)
+        self._dk = self._dv = 0
 
     # -- shape -----------------------------------------------------------------------------------------------------
     @property
@@ -166,6 +170,16 @@ class RaggedKVLayer(KVLayer):
             self._views["idx"] = lin
         return lin
 
+    # -- how a packed token row is held ----------------------------------------------------------------------------
+    def _encode(self, rows: torch.Tensor, side: str) -> torch.Tensor:
+        """Full-precision token rows (N, d) of `side` ("k" or "v") -> the rows the packed part holds (here:
+        themselves; `QuantizedRaggedKVLayer` holds codes). Packed-part operations (gather, slice) act on whole rows."""
+        return rows
+
+    def _decode(self, rows: torch.Tensor, side: str) -> torch.Tensor:
+        """Inverse of `_encode`: held rows -> (N, d) in the keys' dtype."""
+        return rows
+
     # -- views (what policies read) ----------------------------------------------------------------------------------
     def _forget(self, key: str | None = None) -> None:
         if self._views is not None:
@@ -198,11 +212,11 @@ class RaggedKVLayer(KVLayer):
 
     @property
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._k is None else self._view("k", self._k, self._tk)
+        return None if self._k is None else self._view("k", self._decode(self._k, "k"), self._tk)
 
     @property
     def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._v is None else self._view("v", self._v, self._tv)
+        return None if self._v is None else self._view("v", self._decode(self._v, "v"), self._tv)
 
     @property
     def valid(self) -> torch.Tensor | None:  # type: ignore[override]
@@ -243,7 +257,9 @@ class RaggedKVLayer(KVLayer):
         if self._k is None:  # the prompt (or its first chunk): attended densely on the incoming tensors
             self._heads = h
             self._set_lens([[0] * h for _ in range(b)])
-            self._k, self._v = keys.new_zeros(0, d), values.new_zeros(0, values.shape[-1])
+            self._dtype, self._dk, self._dv = keys.dtype, d, values.shape[-1]
+            self._k = self._encode(keys.new_zeros(0, d), "k")
+            self._v = self._encode(values.new_zeros(0, self._dv), "v")
             self._fresh = (keys, values, None if all_valid else nv[:, None, :].expand(b, h, q))
         if all_valid:
             t = self.tail
@@ -291,8 +307,8 @@ class RaggedKVLayer(KVLayer):
         if rows.numel():
             rank = (nv.long().cumsum(-1) - 1)[rows, toks]
             place = (new_offs[rows] + old_lens[rows] + rank[:, None]).flatten()  # (M * Hkv,), (token, head) order
-            self._k[place] = keys[rows, :, toks].reshape(-1, d).to(self._k.dtype)
-            self._v[place] = values[rows, :, toks].reshape(-1, values.shape[-1]).to(self._v.dtype)
+            self._k[place] = self._encode(keys[rows, :, toks].reshape(-1, d).to(self._dtype), "k")
+            self._v[place] = self._encode(values[rows, :, toks].reshape(-1, values.shape[-1]).to(self._dtype), "v")
 
     def _fold(self) -> None:
         """Move the tail into the packed part (one copy of the layer)."""
@@ -314,17 +330,18 @@ class RaggedKVLayer(KVLayer):
         from_tail = (pick >= n_packed).nonzero().squeeze(1) if tail else None
         from_packed = (pick < n_packed).nonzero().squeeze(1) if tail else None
 
-        def gather(packed: torch.Tensor, tail_part: torch.Tensor | None) -> torch.Tensor:
+        def gather(packed: torch.Tensor, tail_part: torch.Tensor | None, side: str | None = None) -> torch.Tensor:
             if tail_part is None or from_tail is None or from_packed is None:
                 return packed.index_select(0, pick)
-            rest = packed.shape[1:]
-            out = packed.new_empty(pick.numel(), *rest)
+            out = packed.new_empty(pick.numel(), *packed.shape[1:])
             out.index_copy_(0, from_packed, packed.index_select(0, pick.index_select(0, from_packed)))
             tail_rows = pick.index_select(0, from_tail) - n_packed
-            out.index_copy_(0, from_tail, tail_part.reshape(-1, *rest).index_select(0, tail_rows))
+            picked = tail_part.reshape(-1, *tail_part.shape[3:]).index_select(0, tail_rows)
+            # only the kept tail tokens are encoded (policy state `_x` is held as is)
+            out.index_copy_(0, from_tail, picked if side is None else self._encode(picked, side))
             return out
 
-        self._k, self._v = gather(self._k, self._tk), gather(self._v, self._tv)
+        self._k, self._v = gather(self._k, self._tk, "k"), gather(self._v, self._tv, "v")
         self._x = {name: gather(state, self._tx.get(name)) for name, state in self._x.items()}
         self._tk = self._tv = None
         self._tx = {}
@@ -367,7 +384,7 @@ class RaggedKVLayer(KVLayer):
         g, tail = hq // self._heads, self.tail
         nv = self._step_new
         cum = None if nv is None else nv.long().cumsum(-1)  # (B, q): new real tokens up to each query
-        out = queries.new_zeros(b, hq, q, self._v.shape[-1])
+        out = queries.new_zeros(b, hq, q, self._dv)
         for r in range(b):
             plain = q == 1 and (nv is None or bool(nv[r, 0]))  # one real new token: it sees everything held
             for h in range(self._heads):
@@ -385,14 +402,15 @@ class RaggedKVLayer(KVLayer):
                 qh = queries[r, h * g : (h + 1) * g]  # (g, q, d)
                 if tail and n:
                     assert self._tk is not None and self._tv is not None
-                    blocks = [(self._k[o : o + n], self._v[o : o + n]), (self._tk[r, h], self._tv[r, h])]
+                    blocks = [(self._decode(self._k[o : o + n], "k"), self._decode(self._v[o : o + n], "v")),
+                              (self._tk[r, h], self._tv[r, h])]
                     out[r, h * g : (h + 1) * g] = _two_block_attention(qh, blocks, allowed, scaling)
                     continue
                 if tail:
                     assert self._tk is not None and self._tv is not None
                     k, v = self._tk[r, h], self._tv[r, h]
                 else:
-                    k, v = self._k[o : o + n], self._v[o : o + n]
+                    k, v = self._decode(self._k[o : o + n], "k"), self._decode(self._v[o : o + n], "v")
                 res = F.scaled_dot_product_attention(
                     qh[None],
                     k[None, None],
@@ -413,13 +431,18 @@ class RaggedKVLayer(KVLayer):
     # -- persistence (memfit.contexts) -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"k": self._k, "v": self._v, "x": dict(self._x), "tk": self._tk, "tv": self._tv, "tx": dict(self._tx),
-                "lens": [list(row) for row in self._lens], "heads": self._heads, "seen": self.seen}
+                "lens": [list(row) for row in self._lens], "heads": self._heads, "seen": self.seen,
+                "dtype": self._dtype, "dk": self._dk, "dv": self._dv}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._k, self._v, self._tk, self._tv = state["k"], state["v"], state["tk"], state["tv"]
         self._x, self._tx = dict(state["x"]), dict(state["tx"])
         self._set_lens([[int(n) for n in row] for row in state["lens"]])
         self._heads, self.seen = int(state["heads"]), int(state["seen"])
+        if "dk" in state:
+            self._dtype, self._dk, self._dv = state["dtype"], int(state["dk"]), int(state["dv"])
+        elif self._k is not None and self._v is not None:  # a context file written before packed rows could be codes
+            self._dtype, self._dk, self._dv = self._k.dtype, self._k.shape[-1], self._v.shape[-1]
         self._q_last, self._step_new, self._fresh, self._views = 0, None, None, None
 
     # -- accounting --------------------------------------------------------------------------------------------------
@@ -429,4 +452,62 @@ class RaggedKVLayer(KVLayer):
     def full_nbytes(self) -> int:
         if self._k is None:
             return 0
-        return 2 * self.batch * self._heads * self.seen * self._k.shape[-1] * self._k.element_size()
+        assert self._dtype is not None
+        width = torch.empty(0, dtype=self._dtype).element_size()
+        return self.batch * self._heads * self.seen * (self._dk + self._dv) * width
+
+
+class QuantizedRaggedKVLayer(RaggedKVLayer):
+    """The ragged store (per-head budgets, AdaKV) holding its packed tokens as group-quantized codes: KIVI's codes
+    under a ragged layout (`<eviction>+kivi` with `--allocation adakv`).
+
+    Each packed token row is its own quantization unit: its d channels in groups of `group_size`, asymmetric
+    min-max over 2^bits - 1 levels, fp16 scale and minimum (memfit.core.quant, axis "channel"), held as one uint8
+    row [codes | scales | minima], so every row operation of the ragged store (gather after an eviction, fold of
+    the tail, batch selection) moves codes, never dequantized copies. The tail, the newest tokens (at least
+    `residual` of them before a fold quantizes them together), stays in full precision like KIVI's residual.
+    Deviation from KIVI: keys are grouped per token too. KIVI groups a channel over G consecutive tokens, which a
+    ragged segment (whose length differs per head and changes at every eviction) cannot keep aligned; per-token key
+    groups cost quality where a few channels carry outliers (the KIVI paper's argument), least at 4 and 8 bits.
+    Attention dequantizes one (row, head) segment at a time (the store's per-segment loop)."""
+
+    def __init__(self, index: int = 0, key_bits: int = 4, value_bits: int = 4, group_size: int = 32,
+                 residual: int = 128) -> None:
+        super().__init__(index)
+        for what, bits in (("key", key_bits), ("value", value_bits)):
+            if bits not in (2, 4, 8):
+                raise ConfigError(f"the ragged quantized store (--allocation adakv with kivi) takes {what} bits 2, 4 "
+                                  f"or 8, got {bits}")
+        self.bits = {"k": int(key_bits), "v": int(value_bits)}
+        self.group_size = int(group_size)
+        self.fold_min = max(int(residual), RaggedKVLayer.fold_min)
+
+    def _widths(self, side: str, d: int) -> tuple[int, int]:
+        if d % self.group_size:
+            raise ConfigError(f"kivi.group_size={self.group_size} must divide the head dim {d} with --allocation "
+                              f"adakv (its keys and values are grouped per token)")
+        groups = d // self.group_size
+        return groups * bytes_per_group(self.bits[side], self.group_size), groups
+
+    def _encode(self, rows: torch.Tensor, side: str) -> torch.Tensor:
+        n, d = rows.shape
+        code_bytes, groups = self._widths(side, d)
+        if n == 0:
+            return torch.zeros(0, code_bytes + 4 * groups, dtype=torch.uint8, device=rows.device)
+        qt = quantize(rows[None, None], self.bits[side], axis="channel", group_size=self.group_size)
+        assert qt.zeros is not None
+        parts = [qt.codes[0, 0], qt.scales[0, 0].contiguous().view(torch.uint8),
+                 qt.zeros[0, 0].contiguous().view(torch.uint8)]
+        return torch.cat(parts, dim=1)
+
+    def _decode(self, rows: torch.Tensor, side: str) -> torch.Tensor:
+        d = self._dk if side == "k" else self._dv
+        assert self._dtype is not None
+        code_bytes, groups = self._widths(side, d)
+        n = rows.shape[0]
+        scales = rows[:, code_bytes : code_bytes + 2 * groups].contiguous().view(torch.float16)
+        zeros = rows[:, code_bytes + 2 * groups :].contiguous().view(torch.float16)
+        qt = QuantizedTensor(codes=rows[:, :code_bytes][None, None], scales=scales[None, None],
+                             zeros=zeros[None, None], shape=(1, 1, n, d), bits=self.bits[side], axis="channel",
+                             group_size=self.group_size, dtype=self._dtype)
+        return qt.dequantize()[0, 0]
