@@ -320,6 +320,9 @@ class RunResult:
     decode_setup_seconds: float = 0.0
     decode_capture_seconds: float = 0.0  # the part of it spent recording the CUDA graph
     decode_steady_tokens_per_second: float | None = None
+    # methods scoring the prompt's whole attention (H2O...): the fused kernel that returned its log-sum-exp
+    # ("cudnn", "flash"), "none" when the column sums computed it themselves; None for other methods
+    prefill_lse_kernel: str | None = None
     weights: str = "none"  # the weight method the model's linear layers carry (memfit.weights), or none
     weight_bytes: int = 0  # bytes of every parameter and buffer of the model (packed codes as stored)
     offload: dict[str, Any] | None = None  # weight streaming counters (memfit.offload) with --weights-memory
@@ -458,6 +461,7 @@ def run(
         decode_setup_seconds=gen.setup_seconds,
         decode_capture_seconds=gen.capture_seconds,
         decode_steady_tokens_per_second=gen.steady_tokens_per_second,
+        prefill_lse_kernel=cache.core.prefill_lse_kernel,
         weights=getattr(mdl, "memfit_weights", "") or "none",
         weight_bytes=_weight_bytes(mdl),
         offload=None if offload is None else offload.report(),

@@ -116,9 +116,25 @@ def test_fused_attention_returns_the_log_sum_exp_on_cuda(kernel, monkeypatch) ->
     got = attention_with_lse(q, k, v, 128 ** -0.5)
     if got is None and kernel == "cudnn" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("cuDNN's attention does not run this case on this GPU")
-    assert got is not None and store._LSE_CHECKED == {kernel: True}
-    out, lse = got
+    assert got is not None and store._LSE_CHECKED == {kernel: True} and got.kernel == kernel
+    out, lse = got.out, got.lse
     torch.testing.assert_close(out, dense_attention(q, k, v, None, 128 ** -0.5), rtol=2e-2, atol=2e-2)
     logits = (q.float() @ k.float().repeat_interleave(4, 1).transpose(-1, -2)) * 128 ** -0.5
     logits = logits.masked_fill(torch.ones(700, 700, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-3, atol=1e-2)
+
+
+def test_the_cache_says_which_kernel_gave_the_prompt_lse(llama) -> None:
+    """`prefill_lse_kernel` (in `memfit run --json`): "none" where no fused kernel returned the log-sum-exp (CPU:
+    the column sums compute it), None for a method that does not score the prompt's whole attention."""
+    from memfit.api import make_cache
+    from memfit.engine import pad_left, prefill
+
+    ids, mask = pad_left([list(range(3, 40))])
+    for method, want in (("h2o", "none"), ("snapkv", None)):  # the tiny model runs on the CPU
+        cache = make_cache(llama, method, 0.5)
+        with torch.no_grad():
+            prefill(llama, ids, mask, cache)
+        assert cache.core.prefill_lse_kernel == want, method
+        cache.reset()
+        assert cache.core.prefill_lse_kernel is None

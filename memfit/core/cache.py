@@ -114,6 +114,7 @@ class CompressedCache:
         self._expected_prompt: torch.Tensor | None = None  # set by the engine for chunked prefill
         self._padded_prompt_len = 0
         self.skipped_prompt_tokens = 0  # prompt tokens removed before prefill (counted as held by a full cache)
+        self.prefill_lse_kernel: str | None = None  # H2O-style prefill: the kernel that gave the prompt's lse
         self.tensor_parallel = False  # the model is split over ranks: this cache holds this rank's KV heads
         # Keep whole words/numbers (memfit.core.spans): `span_rule` (set by enable_spans) maps the prompt's ids to
         # span ids before prefill; each layer stores them for its prompt tokens as they are appended.
@@ -217,8 +218,11 @@ class CompressedCache:
             if (info.is_prefill and self.method.prefill_lse and layer.valid is None and layer.keys is not None
                     and layer.keys.shape[2] == info.q_len):
                 fused = attention_with_lse(queries, layer.keys, layer.values, scaling)
+            if info.is_prefill and self.method.prefill_lse:
+                # which kernel gave the prompt's log-sum-exp ("none": the column sums compute their own)
+                self.prefill_lse_kernel = "none" if fused is None else fused.kernel
             if fused is not None:
-                out, info.lse = fused
+                out, info.lse = fused.out, fused.lse
             else:
                 out = layer.attend(queries, scaling)
             info.keep, info.layers, info.budget_of = self.layer_keep(layer_idx), self._views, self.layer_keep
@@ -275,5 +279,6 @@ class CompressedCache:
         self.prefill_done = False
         self._expected_prompt = None
         self.skipped_prompt_tokens = 0
+        self.prefill_lse_kernel = None
         self.prompt_spans = None
         self.method.reset()

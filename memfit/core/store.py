@@ -12,7 +12,7 @@ ragged, static) subclass it. A store holds and applies; it never decides what to
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -184,9 +184,17 @@ def _lse_matches(queries: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, s
     return bool(lse.shape == (b, h, q_len) and torch.allclose(lse[:, :, rows].float(), want, rtol=1e-3, atol=1e-2))
 
 
+class LseAttention(NamedTuple):
+    """A prompt's attention output, each query's log-sum-exp (B, H, q) fp32, and the kernel that computed them."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    kernel: str
+
+
 def attention_with_lse(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+) -> LseAttention | None:
     """Causal attention of a whole unpadded prompt (queries and keys the same tokens) and each query's log-sum-exp
     (B, H, q) fp32, from a fused CUDA attention kernel (cuDNN's, else flash attention), which computes the
     log-sum-exp anyway (H2O's prefill scoring then skips a pass over the prompt's logits). None where no such kernel
@@ -215,7 +223,7 @@ def attention_with_lse(
         if name not in _LSE_CHECKED:
             _LSE_CHECKED[name] = _lse_matches(queries, keys, lse, scaling)
         if _LSE_CHECKED[name]:
-            return out, lse.float()
+            return LseAttention(out, lse.float(), name)
     return None
 
 
