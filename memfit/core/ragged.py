@@ -8,6 +8,8 @@ Layout. One layer holds
 A (row, head) holds its packed segment followed by the tail. Policy state (`extras`) is split the same way.
 Lengths and offsets are host-side shape metadata (Python ints, B x Hkv of them, like a nested tensor's sizes);
 `nbytes()` counts the tensors, which hold exactly the held tokens: no padding, no spare capacity.
+The packed part holds one row per token; `QuantizedRaggedKVLayer` (below) makes each row the token's group-quantized
+codes (KIVI's codes under per-head budgets), so every row operation here moves codes.
 
 Trade-offs we chose (and the alternatives):
 - Ragged per (row, head), not rectangular per head across rows. A per-head `(B, max_b n_bh, d)` block would need
