@@ -544,3 +544,14 @@ def test_h2o_kernel_picks_the_reference_victims_over_steps(device, run, request)
         assert not differ.any(), f"step {step}: kernel {ker.slot.tolist()}, reference {ref.slot.tolist()}"
     _report("h2o_victims_over_steps", device=device, run=run, steps=steps, shape=[b, hq, hkv, d, cap],
             near_ties=near_ties, acc_max_abs_err=(ker.acc - ref.acc).abs().max().item())
+
+
+def test_kernel_variant_names_and_numbers():
+    """MEMFIT_KIVI_VARIANT takes a name or 'path,warps[,groups,stages]'; anything else is a clear error."""
+    from memfit.errors import ConfigError
+    from memfit.kernels.kivi_attention import VARIANTS, variant_spec
+
+    assert variant_spec("pipe") == VARIANTS["pipe"] and variant_spec("4,8,2,3") == (4, 8, 2, 3)
+    for bad in ("bogus", "1", "1,2,3,4,5"):
+        with pytest.raises(ConfigError, match="unknown KIVI kernel variant"):
+            variant_spec(bad)
