@@ -138,3 +138,15 @@ def test_the_cache_says_which_kernel_gave_the_prompt_lse(llama) -> None:
         assert cache.core.prefill_lse_kernel == want, method
         cache.reset()
         assert cache.core.prefill_lse_kernel is None
+
+
+def test_an_unknown_lse_kernel_is_a_config_error(monkeypatch) -> None:
+    from memfit.core.store import attention_with_lse
+    from memfit.errors import ConfigError
+
+    q = torch.zeros(1, 2, 4, 16)
+    monkeypatch.setenv("MEMFIT_LSE_KERNELS", "cudnn,nope")
+    with pytest.raises(ConfigError, match="MEMFIT_LSE_KERNELS: unknown kernel"):
+        attention_with_lse(q, q, q, 0.25)
+    monkeypatch.setenv("MEMFIT_LSE_KERNELS", "flash")
+    assert attention_with_lse(q, q, q, 0.25) is None  # a CPU tensor: no fused kernel applies

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from memfit.core.contract import StepInfo
+from memfit.errors import ConfigError
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -203,9 +204,13 @@ def attention_with_lse(
     direct computation on a few queries and drops that kernel if they differ (a torch whose kernel returns another
     convention or shape)."""
     b, h, q_len, d = queries.shape
+    names = [n.strip() for n in os.environ.get("MEMFIT_LSE_KERNELS", ",".join(_LSE_KERNELS)).split(",") if n.strip()]
+    unknown = sorted(set(names) - set(_LSE_KERNELS))
+    if unknown:
+        raise ConfigError(f"MEMFIT_LSE_KERNELS: unknown kernel(s) {', '.join(unknown)}; use a comma list of "
+                          f"{', '.join(_LSE_KERNELS)}")
     if not queries.is_cuda or queries.dtype not in _FLASH_DTYPES or d > 256 or keys.shape[2] != q_len:
         return None
-    names = [n for n in os.environ.get("MEMFIT_LSE_KERNELS", ",".join(_LSE_KERNELS)).split(",") if n]
     names = [n for n in names if _LSE_CHECKED.get(n, True)]
     if not names:
         return None
