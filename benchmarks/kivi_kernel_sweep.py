@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import sys
 
 import torch
@@ -66,7 +65,9 @@ def replay_us(fn, reps: int = 10) -> float:
 
 
 def instruction_mix(spec: tuple[int, ...], bits: int, args: tuple) -> dict:
-    """Registers, spills and the SASS opcode counts (static) of the split kernel compiled for this variant."""
+    """Registers and spills per thread of the split kernel compiled for this variant (what bounds how many programs
+    share an SM). An opcode count from the SASS was tried too and dropped: the disassembly came back empty on the
+    H200 machine."""
     from memfit.kernels import _decode_kernels as K
 
     seen: dict = {}
@@ -82,22 +83,7 @@ def instruction_mix(spec: tuple[int, ...], bits: int, args: tuple) -> dict:
     finally:
         K._split_kernel.run = run
     k = seen["k"]
-    out: dict = {"n_regs": getattr(k, "n_regs", None), "n_spills": getattr(k, "n_spills", None)}
-    try:
-        from triton.tools.disasm import get_sass
-
-        sass = get_sass(k.asm["cubin"])
-    except Exception as e:  # noqa: BLE001 - no disassembler on this machine: registers only
-        out["sass_error"] = f"{type(e).__name__}: {e}"[:200]
-        return out
-    ops: dict[str, int] = {}
-    for line in sass.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
-        if m:
-            op = m[1].split(".")[0]
-            ops[op] = ops.get(op, 0) + 1
-    out["sass_ops"] = dict(sorted(ops.items(), key=lambda kv: -kv[1]))
-    return out
+    return {"n_regs": getattr(k, "n_regs", None), "n_spills": getattr(k, "n_spills", None)}
 
 
 def case(batch: int, tokens: int, bits: int, device: torch.device, seed: int = 0):
@@ -135,7 +121,7 @@ def main() -> int:
     p.add_argument("--shapes", default="1x32768,64x8192,256x8192,461x8192", help="BATCHxTOKENS,...")
     p.add_argument("--bits", default="2,4")
     p.add_argument("--print-best", action="store_true")
-    p.add_argument("--sass", action="store_true", help="also record each variant's registers and SASS opcode mix")
+    p.add_argument("--sass", action="store_true", help="also record each variant's registers and spills (kind 'sass' rows)")
     p.add_argument("--variants", default=None, help="only these (names or path,warps,groups,stages), ';'-separated")
     a = p.parse_args()
     if not torch.cuda.is_available():
