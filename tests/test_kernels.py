@@ -141,9 +141,17 @@ def _tolerance(dtype: torch.dtype, units: int = 4) -> float:
     (1.6e-2 in bf16). The kernels round dequantized tiles, probabilities and the output to that dtype (relative
     errors of about one unit each; measured 2e-3 to 9e-3 in bf16, up to 2K tokens); one token more or less in a
     cache of the test shapes moves an output vector by 6e-2 or more (test_one_token_off_fails_the_check). KIVI's
-    "fold" path also rounds q x key scale to bf16 (measured 1.3e-2 at 2K tokens): 6 units there. Measurements:
+    "fold" and "foldmagic" paths also round q x key scale to bf16 (measured 1.3e-2 at 2K tokens): 6 units there. Measurements:
     benchmarks/results/kernel_tests_cpu_interpreter.jsonl (test shapes), kernel_error_interpreter.jsonl (2K)."""
     return units * _ROUNDOFF[dtype]
+
+
+def _folds_scales(packed) -> bool:
+    """Paths that multiply key scales into q in the dot's dtype (one more rounding: `_tolerance`)."""
+    from memfit.kernels.kivi_attention import VARIANTS
+
+    spec = VARIANTS.get(packed, packed) if isinstance(packed, str) else packed
+    return spec[0] == 2
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -297,14 +305,14 @@ def _kivi_lengths(s: Setup, g: int):
 
 @pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("packed", ["packed", "packed32", "fold", "gather", "pipe", (4, 4, 4, 2)])
+@pytest.mark.parametrize("packed", ["packed", "packed32", "fold", "gather", "pipe", (4, 4, 4, 2), "half", "halfpipe"])
 def test_kivi_kernel_matches_reference(device, bits, packed, request):
     """Batch of 3 rows (residual empty / partial / full), GQA groups of 4, every quantized-tile code path."""
     from memfit.kernels.kivi_attention import kivi_decode_attention
 
     s = _setup(device, request)
     g, scale = 32, s.d**-0.5
-    units = 6 if packed == "fold" else 4  # see _tolerance
+    units = 6 if _folds_scales(packed) else 4  # see _tolerance
     worst = 0.0
     for seed in range(s.seeds):
         q, qk, qv, kr, vr = _kivi_case(s.b, s.hq, s.hkv, s.d, s.cq, s.r, bits, g, s.dtype, s.dev, seed=seed + 10 * bits)
@@ -319,7 +327,7 @@ def test_kivi_kernel_matches_reference(device, bits, packed, request):
 
 
 @pytest.mark.parametrize("device", _DEVICES)
-@pytest.mark.parametrize("packed", ["packed", "packed32", "pipe"])
+@pytest.mark.parametrize("packed", ["packed", "packed32", "pipe", "half"])
 def test_kivi_kernel_appends_new_token(device, packed, request):
     """k_new / v_new are written into residual slot n_r - 1 (split 0 stores them) and used for that slot."""
     from memfit.kernels.kivi_attention import kivi_decode_attention
@@ -338,7 +346,7 @@ def test_kivi_kernel_appends_new_token(device, packed, request):
     out = kivi_decode_attention(q, qk.codes, qk.scales, qk.zeros, qv.codes, qv.scales, qv.zeros, kr, vr, n_q,
                                 old_r + 1, bits=bits, group_size=g, scale=scale, block_t=s.block_t, k_new=kn, v_new=vn,
                                 append_at=old_r, packed=packed)
-    _assert_close(out, ref, s.dtype)
+    _assert_close(out, ref, s.dtype, 6 if _folds_scales(packed) else 4)
     assert torch.equal(kr, kr2) and torch.equal(vr, vr2)  # the cache now holds the new token
 
 
@@ -544,6 +552,18 @@ def test_h2o_kernel_picks_the_reference_victims_over_steps(device, run, request)
         assert not differ.any(), f"step {step}: kernel {ker.slot.tolist()}, reference {ref.slot.tolist()}"
     _report("h2o_victims_over_steps", device=device, run=run, steps=steps, shape=[b, hq, hkv, d, cap],
             near_ties=near_ties, acc_max_abs_err=(ker.acc - ref.acc).abs().max().item())
+
+
+def test_fp16_models_take_the_fp16_tiles(monkeypatch):
+    """fp16 queries get the conversion-free fp16 tiles; bf16 ones keep the fp32 dequantization (their range passes
+    fp16's); MEMFIT_KIVI_VARIANT overrides both."""
+    from memfit.kernels.kivi_attention import VARIANTS, _policy
+
+    monkeypatch.delenv("MEMFIT_KIVI_VARIANT", raising=False)
+    assert _policy(8, 2, torch.float16) == VARIANTS["half"] and _policy(8, 4, torch.float16) == VARIANTS["halfpipe"]
+    assert _policy(8, 2, torch.bfloat16) == VARIANTS["packed"] and _policy(8, 4, torch.bfloat16) == VARIANTS["pipe"]
+    monkeypatch.setenv("MEMFIT_KIVI_VARIANT", "gather")
+    assert _policy(8, 2, torch.float16) == VARIANTS["gather"]
 
 
 def test_kernel_variant_names_and_numbers():

@@ -63,6 +63,44 @@ def _packed_tile(
 
 
 @triton.jit
+def _half_tile(
+    q16, kc, ks, kz, vc, vs, vz, t0, q_end, m_i, l_i, acc, qk_scale, lg_base, gmask,
+    BITS: tl.constexpr, GROUP: tl.constexpr, QBLOCK: tl.constexpr, D: tl.constexpr, STORE_LOGITS: tl.constexpr,
+):
+    """`_packed_tile` computed in fp16 with no conversion unit ("half"): a code c becomes the fp16 1024 + c by OR-ing
+    it into the mantissa of 0x6400 (exact), 1024 is subtracted (exact), and the scale and zero are applied in fp16;
+    q16 is q in fp16 and the probabilities enter the value dot in fp16 (fp16 keeps 3 more mantissa bits than bf16;
+    its range, 65504, bounds the keys, values and queries this path can take)."""
+    CPB: tl.constexpr = 8 // BITS
+    LMASK: tl.constexpr = (1 << BITS) - 1
+    NGT: tl.constexpr = QBLOCK // GROUP
+    NGD: tl.constexpr = D // GROUP
+    shifts = (tl.arange(0, CPB) * BITS).to(tl.int16)
+    offs_t = t0 + tl.arange(0, QBLOCK)
+    tmask = offs_t < q_end
+    kq = ((kc.to(tl.int16)[:, None, :] >> shifts[None, :, None]) & LMASK) | 0x6400
+    kq = tl.reshape(kq, (QBLOCK, D)).to(tl.float16, bitcast=True) - 1024.0
+    ksb = tl.reshape(tl.broadcast_to(ks.to(tl.float16)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
+    kzb = tl.reshape(tl.broadcast_to(kz.to(tl.float16)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
+    k = kq * ksb + kzb
+    s = tl.dot(q16, tl.trans(k)) * qk_scale
+    s = tl.where(tmask[None, :], s, float("-inf"))
+    if STORE_LOGITS:
+        tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vq = ((vc.to(tl.int16)[:, :, None] >> shifts[None, None, :]) & LMASK) | 0x6400
+    vq = tl.reshape(vq, (QBLOCK, D)).to(tl.float16, bitcast=True) - 1024.0
+    vsb = tl.reshape(tl.broadcast_to(vs.to(tl.float16)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
+    vzb = tl.reshape(tl.broadcast_to(vz.to(tl.float16)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
+    v = vq * vsb + vzb
+    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _split_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, KR, VR, NQ, NR, PO, PML, LG, KN, VN, APP,
     qk_scale, tokens_per_split, num_splits,
@@ -99,6 +137,7 @@ def _split_kernel(
     lg_base = LG + b * s_lgb + (h * GQ + offs_g)[:, None] * s_lgh
 
     if HAS_QUANT:
+        q16 = q.to(tl.float16)
         CPB: tl.constexpr = 8 // BITS
         LMASK: tl.constexpr = (1 << BITS) - 1
         q_end = tl.minimum(end, nq)
@@ -219,7 +258,7 @@ def _split_kernel(
                 v = (vq.to(tl.float32) * vsb + vzb).to(dt)
                 acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
                 m_i = m_new
-        elif PACKED == 1:
+        elif PACKED == 1 or PACKED == 7:
             NGT: tl.constexpr = QBLOCK // GROUP
             KROWS: tl.constexpr = QBLOCK // CPB
             VB: tl.constexpr = D // CPB
@@ -256,9 +295,13 @@ def _split_kernel(
                 vrow_n = (tn + tq)[:, None] * NGD + vgrp[None, :]
                 vs_n = tl.load(vs_base + vrow_n, mask=vm, other=0.0)
                 vz_n = tl.load(vz_base + vrow_n, mask=vm, other=0.0)
-                m_i, l_i, acc = _packed_tile(q, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
-                                             qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
-        elif PACKED == 4:
+                if PACKED == 7:
+                    m_i, l_i, acc = _half_tile(q16, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
+                                               qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
+                else:
+                    m_i, l_i, acc = _packed_tile(q, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
+                                                 qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
+        elif PACKED == 4 or PACKED == 8:
             # "pipe": the "packed" tile math without the hand-written one-tile prefetch; Triton's software pipeliner
             # keeps NSTAGES tiles in flight through shared memory
             NGT4: tl.constexpr = QBLOCK // GROUP
@@ -282,8 +325,12 @@ def _split_kernel(
                 vrow = (t0 + tq4)[:, None] * NGD4 + vgrp4[None, :]
                 vs_c = tl.load(vs_base + vrow, mask=vm, other=0.0)
                 vz_c = tl.load(vz_base + vrow, mask=vm, other=0.0)
-                m_i, l_i, acc = _packed_tile(q, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
-                                             qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
+                if PACKED == 8:
+                    m_i, l_i, acc = _half_tile(q16, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
+                                               qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
+                else:
+                    m_i, l_i, acc = _packed_tile(q, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
+                                                 qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
         else:
             v_shift = ((offs_d % CPB) * BITS)[None, :]
             for t0 in range(start, q_end, BLOCK_T):

@@ -73,9 +73,17 @@ def plan_splits(
 #   2 "fold":     one group per tile, key scales folded into q, values dequantized in fp16;
 #   0 "gather":   every element loads its own byte and scale (simplest);
 #   4 "pipe":     the "packed" math, tiles kept in flight by Triton's software pipeliner (num_stages) instead of
-#                 the one-tile register prefetch.
+#                 the one-tile register prefetch;
+#   7 "half":     the "packed" loads, tiles computed in fp16 with no conversion unit (codes OR-ed into an fp16
+#                 mantissa, scales applied in fp16, fp16 dots): `_half_tile`; 8 "halfpipe": the same pipelined.
+#                 fp16's range (65504) bounds the keys, values and queries these take: the default for fp16 models
+#                 only (H200: 4-bit 7 % faster than "pipe" at batch 1, 64 and 461; 2-bit within 2 % of "packed").
 # (A "magic" path turning codes into floats by bit operations instead of the int-to-float unit measured no faster
-# and was removed: benchmarks/results/kivi_kernel_sweep_h200.jsonl.)
+# and was removed: benchmarks/results/kivi_kernel_sweep_h200.jsonl. So were "foldmagic" (key scales folded into q,
+# value scales into p, batched dots over the scale groups, codes made floats by a bit OR: 255 registers with spills,
+# 1.6x slower at 461 rows, kivi_kernel_sweep_foldmagic_h200.jsonl) and "perm" (tokens in the packed keys' order so key
+# codes need no reshape, one softmax step per bit field: 2.3x slower, kivi_kernel_sweep_perm_h200.jsonl). Removing
+# the fp32 conversions ("half") gained 0-7 %, so neither conversions nor the scale broadcasts bound the kernel.)
 # A variant is (path, num_warps[, scale groups per tile, pipeline stages]). `packed_policy(programs, bits)` picks
 # one from the number of (row, KV head) programs and the code width; benchmarks/gpu_decode.py times them all and
 # installs what it measured; benchmarks/kivi_kernel_sweep.py sweeps the tile shapes. On an H100, "packed" beat
@@ -90,6 +98,8 @@ VARIANTS: dict[str, tuple[int, ...]] = {
     "gather": (0, 4),
     "pipe": (4, 4, 2, 3),
     "pipe-w8": (4, 8, 2, 3),
+    "half": (7, 4),
+    "halfpipe": (8, 4, 2, 3),
 }
 
 
@@ -113,8 +123,16 @@ def _default_packed(programs: int, bits: int) -> tuple[int, ...]:
     if forced:
         return variant_spec(forced)
     # H200 sweep (benchmarks/results/kivi_kernel_sweep_h200.jsonl): 4-bit codes run 7-9 % faster pipelined at batch
-    # 1, 256 and 461; 2-bit codes are fastest with the register prefetch (pipelined they spill)
+    # 1, 256 and 461; 2-bit codes are fastest with the register prefetch (pipelined they spill). fp16 models take
+    # the fp16 tiles (kivi_kernel_sweep_half_h200.jsonl), which bf16 models cannot: their range passes fp16's
     return VARIANTS["pipe" if bits == 4 else "packed"]
+
+
+def _policy(programs: int, bits: int, dtype: torch.dtype) -> tuple[int, ...]:
+    spec = packed_policy(programs, bits)
+    if dtype == torch.float16 and not os.environ.get("MEMFIT_KIVI_VARIANT") and spec in (VARIANTS["packed"], VARIANTS["pipe"]):
+        return VARIANTS["halfpipe" if spec == VARIANTS["pipe"] else "half"]
+    return spec
 
 
 packed_policy = _default_packed
@@ -220,7 +238,7 @@ def _launch(
         kc = ks = kz = vc = vs = vz = k_res
         cap_q = 0
     if packed is None:
-        spec = packed_policy(b * hkv, bits)
+        spec = _policy(b * hkv, bits, q.dtype)
     elif isinstance(packed, str):
         spec = VARIANTS[packed]
     elif isinstance(packed, bool):
@@ -230,8 +248,8 @@ def _launch(
     path, warps = int(spec[0]), int(spec[1])
     tile_groups = int(spec[2]) if len(spec) > 2 else 2
     stages = int(spec[3]) if len(spec) > 3 else 1
-    if path not in (0, 1, 2, 3, 4) or warps not in (1, 2, 4, 8, 16) or tile_groups < 2 or stages < 1:
-        raise ValueError(f"bad kernel variant {spec}: (path 0-4, num_warps 1-16, scale groups per tile >= 2, stages >= 1)")
+    if path not in (0, 1, 2, 3, 4, 7, 8) or warps not in (1, 2, 4, 8, 16) or tile_groups < 2 or stages < 1:
+        raise ValueError(f"bad kernel variant {spec}: (path 0-4, 7, 8; num_warps 1-16, scale groups per tile >= 2, stages >= 1)")
     if quant is not None:
         qblock = max(tile_groups * group_size, 16)  # >= two scale groups per tile (no size-1 ranges); "fold": one
         if block_t % qblock:
