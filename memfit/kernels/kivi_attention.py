@@ -83,7 +83,9 @@ def plan_splits(
 # value scales into p, batched dots over the scale groups, codes made floats by a bit OR: 255 registers with spills,
 # 1.6x slower at 461 rows, kivi_kernel_sweep_foldmagic_h200.jsonl) and "perm" (tokens in the packed keys' order so key
 # codes need no reshape, one softmax step per bit field: 2.3x slower, kivi_kernel_sweep_perm_h200.jsonl). Removing
-# the fp32 conversions ("half") gained 0-7 %, so neither conversions nor the scale broadcasts bound the kernel.)
+# the fp32 conversions ("half") gained 0-7 %, so neither conversions nor the scale broadcasts bound the kernel. A
+# "join" path (one scale group per step, key codes loaded transposed, every expansion a tl.join so that no reshape
+# moves data) halved the registers (128) and still ran 1.4-2.3x slower: kivi_kernel_sweep_join_h200.jsonl.)
 # A variant is (path, num_warps[, scale groups per tile, pipeline stages]). `packed_policy(programs, bits)` picks
 # one from the number of (row, KV head) programs and the code width; benchmarks/gpu_decode.py times them all and
 # installs what it measured; benchmarks/kivi_kernel_sweep.py sweeps the tile shapes. On an H100, "packed" beat
