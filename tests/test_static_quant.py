@@ -47,7 +47,7 @@ def _segments(side) -> QuantizedTensor:
 
 @pytest.mark.parametrize("bits, sliding, prompt", [(2, False, 37), (4, False, 5), (2, True, 37), (2, True, 13)])
 def test_store_matches_portable_store_bit_for_bit(bits, sliding, prompt):
-    """Same keys, values and queries into both stores: outputs within fp32 roundoff every step, and afterwards the
+    """Same keys, values and queries into both stores: outputs within fp32 summation-order error every step, and afterwards the
     same codes, scales, zeros (bit-identical) and residuals; the host mirrors equal the device counters."""
     form = KIVIForm(bits, G, R, sliding)
     gen = torch.Generator().manual_seed(bits + prompt)
@@ -70,7 +70,10 @@ def test_store_matches_portable_store_bit_for_bit(bits, sliding, prompt):
     step(prompt, True)
     for i in range(3 * R + 5):
         a, p = step(1, False)
-        torch.testing.assert_close(a, p, rtol=1e-5, atol=1e-6)
+        # the two stores sum the same fp32 terms in different orders (static slots vs segments), and how far that
+        # moves an output depends on the CPU's matmul kernels: 3e-5 relative on one CI machine. One token more or
+        # less moves these outputs by ~1e-2 or more, and the codes below must still be bit-identical.
+        torch.testing.assert_close(a, p, rtol=1e-4, atol=1e-5)
         assert fast.frozen and fast.used_nbytes() == port.nbytes(), i
     assert fast.capacity > prompt + 8  # grew past the reserve
     assert (int(fast.t_dev), int(fast.qk_dev), int(fast.qv_dev)) == (fast.length, fast.qk, fast.qv)
