@@ -23,6 +23,21 @@ import triton.language as tl
 
 
 @triton.jit
+def _softmax_step(s, offs_t, tmask, m_i, l_i, lg_base, gmask, STORE_LOGITS: tl.constexpr):
+    """One tile's logits s (GP, T) into the online softmax: masked past the tile's valid tokens, optionally stored
+    (H2O's scores); returns the new running max, the old accumulator's rescale factor, the tile's probabilities and
+    the new running sum."""
+    s = tl.where(tmask[None, :], s, float("-inf"))
+    if STORE_LOGITS:
+        tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, alpha, p, l_i
+
+
+@triton.jit
 def _packed_tile(
     q, kc, ks, kz, vc, vs, vz, t0, q_end, m_i, l_i, acc, qk_scale, lg_base, gmask,
     BITS: tl.constexpr, GROUP: tl.constexpr, QBLOCK: tl.constexpr, D: tl.constexpr, STORE_LOGITS: tl.constexpr,
@@ -46,13 +61,7 @@ def _packed_tile(
     kzb = tl.reshape(tl.broadcast_to(kz.to(tl.float32)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
     k = (kq.to(tl.float32) * ksb + kzb).to(dt)
     s = tl.dot(q, tl.trans(k)) * qk_scale
-    s = tl.where(tmask[None, :], s, float("-inf"))
-    if STORE_LOGITS:
-        tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, alpha, p, l_i = _softmax_step(s, offs_t, tmask, m_i, l_i, lg_base, gmask, STORE_LOGITS)
     # values: byte j of a token holds channels j*CPB .. j*CPB+CPB-1; one scale per GROUP channels
     vq = tl.reshape((vc.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & LMASK, (QBLOCK, D))
     vsb = tl.reshape(tl.broadcast_to(vs.to(tl.float32)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
@@ -84,13 +93,7 @@ def _half_tile(
     kzb = tl.reshape(tl.broadcast_to(kz.to(tl.float16)[:, None, :], (NGT, GROUP, D)), (QBLOCK, D))
     k = kq * ksb + kzb
     s = tl.dot(q16, tl.trans(k)) * qk_scale
-    s = tl.where(tmask[None, :], s, float("-inf"))
-    if STORE_LOGITS:
-        tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    m_new, alpha, p, l_i = _softmax_step(s, offs_t, tmask, m_i, l_i, lg_base, gmask, STORE_LOGITS)
     vq = ((vc.to(tl.int16)[:, :, None] >> shifts[None, None, :]) & LMASK) | 0x6400
     vq = tl.reshape(vq, (QBLOCK, D)).to(tl.float16, bitcast=True) - 1024.0
     vsb = tl.reshape(tl.broadcast_to(vs.to(tl.float16)[:, :, None], (QBLOCK, NGD, GROUP)), (QBLOCK, D))
