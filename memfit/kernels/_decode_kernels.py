@@ -104,6 +104,20 @@ def _half_tile(
 
 
 @triton.jit
+def _quant_tile(
+    q, q16, kc, ks, kz, vc, vs, vz, t0, q_end, m_i, l_i, acc, qk_scale, lg_base, gmask,
+    BITS: tl.constexpr, GROUP: tl.constexpr, QBLOCK: tl.constexpr, D: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    """The "packed" / "pipe" paths' tile: fp32 dequantization (`_packed_tile`) or the fp16 tile (`_half_tile`)."""
+    if HALF:
+        return _half_tile(q16, kc, ks, kz, vc, vs, vz, t0, q_end, m_i, l_i, acc, qk_scale, lg_base, gmask,
+                          BITS, GROUP, QBLOCK, D, STORE_LOGITS)
+    return _packed_tile(q, kc, ks, kz, vc, vs, vz, t0, q_end, m_i, l_i, acc, qk_scale, lg_base, gmask,
+                        BITS, GROUP, QBLOCK, D, STORE_LOGITS)
+
+
+@triton.jit
 def _split_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, KR, VR, NQ, NR, PO, PML, LG, KN, VN, APP,
     qk_scale, tokens_per_split, num_splits,
@@ -193,13 +207,7 @@ def _split_kernel(
                 s = (tl.dot(qs, tl.trans(kq)) + bias[:, None]) * qk_scale
                 offs_t = t0 + tq2
                 tmask = offs_t < q_end
-                s = tl.where(tmask[None, :], s, float("-inf"))
-                if STORE_LOGITS:
-                    tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
+                m_new, alpha, p, l_i = _softmax_step(s, offs_t, tmask, m_i, l_i, lg_base, gmask, STORE_LOGITS)
                 vq = (vc_c.to(tl.int32)[:, :, None] >> shifts2[None, None, :]) & LMASK
                 vq = tl.reshape(vq, (GROUP, D)).to(tl.float16)
                 vsb = tl.reshape(tl.broadcast_to(vs_c[:, :, None], (GROUP, NGD2, GROUP)), (GROUP, D))
@@ -247,13 +255,7 @@ def _split_kernel(
                 s = tl.dot(q, tl.trans(k)) * qk_scale
                 offs_t = t0 + tq3
                 tmask = offs_t < q_end
-                s = tl.where(tmask[None, :], s, float("-inf"))
-                if STORE_LOGITS:
-                    tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
+                m_new, alpha, p, l_i = _softmax_step(s, offs_t, tmask, m_i, l_i, lg_base, gmask, STORE_LOGITS)
                 vq = (vc_c.to(tl.int32)[:, :, None] >> shifts3[None, None, :]) & LMASK
                 vq = tl.reshape(vq, (GROUP, D))
                 vsb = tl.reshape(tl.broadcast_to(vs_c.to(tl.float32)[:, :, None], (GROUP, NGD3, GROUP)), (GROUP, D))
@@ -298,12 +300,9 @@ def _split_kernel(
                 vrow_n = (tn + tq)[:, None] * NGD + vgrp[None, :]
                 vs_n = tl.load(vs_base + vrow_n, mask=vm, other=0.0)
                 vz_n = tl.load(vz_base + vrow_n, mask=vm, other=0.0)
-                if PACKED == 7:
-                    m_i, l_i, acc = _half_tile(q16, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
-                                               qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
-                else:
-                    m_i, l_i, acc = _packed_tile(q, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
-                                                 qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
+                m_i, l_i, acc = _quant_tile(q, q16, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
+                                            qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS,
+                                            PACKED == 7)
         elif PACKED == 4 or PACKED == 8:
             # "pipe": the "packed" tile math without the hand-written one-tile prefetch; Triton's software pipeliner
             # keeps NSTAGES tiles in flight through shared memory
@@ -328,12 +327,9 @@ def _split_kernel(
                 vrow = (t0 + tq4)[:, None] * NGD4 + vgrp4[None, :]
                 vs_c = tl.load(vs_base + vrow, mask=vm, other=0.0)
                 vz_c = tl.load(vz_base + vrow, mask=vm, other=0.0)
-                if PACKED == 8:
-                    m_i, l_i, acc = _half_tile(q16, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
-                                               qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
-                else:
-                    m_i, l_i, acc = _packed_tile(q, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
-                                                 qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS)
+                m_i, l_i, acc = _quant_tile(q, q16, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
+                                            qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS,
+                                            PACKED == 8)
         else:
             v_shift = ((offs_d % CPB) * BITS)[None, :]
             for t0 in range(start, q_end, BLOCK_T):
@@ -346,13 +342,7 @@ def _split_kernel(
                 kz = tl.load(kz_base + srow, mask=tmask[:, None], other=0.0).to(tl.float32)
                 k = (kq.to(tl.float32) * ks + kz).to(dt)
                 s = tl.dot(q, tl.trans(k)) * qk_scale
-                s = tl.where(tmask[None, :], s, float("-inf"))
-                if STORE_LOGITS:
-                    tl.store(lg_base + offs_t[None, :], s, mask=gmask[:, None] & tmask[None, :])
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
+                m_new, alpha, p, l_i = _softmax_step(s, offs_t, tmask, m_i, l_i, lg_base, gmask, STORE_LOGITS)
                 vc = tl.load(
                     vc_base + offs_t[:, None] * (D // CPB) + (offs_d // CPB)[None, :], mask=tmask[:, None], other=0
                 )
