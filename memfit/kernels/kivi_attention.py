@@ -85,11 +85,12 @@ def plan_splits(
 # codes need no reshape, one softmax step per bit field: 2.3x slower, kivi_kernel_sweep_perm_h200.jsonl). Removing
 # the fp32 conversions ("half") gained 0-7 %, so neither conversions nor the scale broadcasts bound the kernel. A
 # "join" path (one scale group per step, key codes loaded transposed, every expansion a tl.join so that no reshape
-# moves data) halved the registers (128) and still ran 1.4-2.3x slower: kivi_kernel_sweep_join_h200.jsonl. Only
-# the expansion written with tl.join in the "packed"/"pipe" tiles ("packedj", "pipej"; with 2^23-bit-pattern
-# conversions "packedjm", "pipejm"): Triton 3.9's PTX for sm_90 then stores the tile to shared memory in 16-byte
-# vectors instead of one bf16 at a time (18 % fewer instructions), yet on the H200 with Triton 3.6 they ran 10-35 %
-# slower: kivi_kernel_sweep_joinexpand_h200.jsonl.)
+# moves data) halved the registers (128) and still ran 1.4-2.3x slower: kivi_kernel_sweep_join_h200.jsonl. The
+# expansion alone written with tl.join inside the "packed"/"pipe" tiles ("packedj", "pipej"; with 2^23-bit-pattern
+# conversions "packedjm", "pipejm") makes the tile's shared-memory stores 16-byte vectors instead of one bf16 each
+# (18 % fewer instructions), yet ran 10-35 % slower on the H200: kivi_kernel_sweep_joinexpand_h200.jsonl; Nsight
+# Compute found 11.6-way bank conflicts on those stores. Instruction counts per variant, offline:
+# benchmarks/kivi_kernel_sass.py.)
 # A variant is (path, num_warps[, scale groups per tile, pipeline stages]). `packed_policy(programs, bits)` picks
 # one from the number of (row, KV head) programs and the code width; benchmarks/gpu_decode.py times them all and
 # installs what it measured; benchmarks/kivi_kernel_sweep.py sweeps the tile shapes. On an H100, "packed" beat
@@ -135,6 +136,7 @@ def _default_packed(programs: int, bits: int) -> tuple[int, ...]:
 
 
 def _policy(programs: int, bits: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """`packed_policy`'s variant, swapped for its fp16 twin ("half" / "halfpipe") when the queries are fp16."""
     spec = packed_policy(programs, bits)
     if dtype == torch.float16 and not os.environ.get("MEMFIT_KIVI_VARIANT") and spec in (VARIANTS["packed"], VARIANTS["pipe"]):
         return VARIANTS["halfpipe" if spec == VARIANTS["pipe"] else "half"]
