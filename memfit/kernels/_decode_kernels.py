@@ -118,6 +118,32 @@ def _quant_tile(
 
 
 @triton.jit
+def _load_tile(kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, t0, q_end, offs_d,
+               BITS: tl.constexpr, GROUP: tl.constexpr, QBLOCK: tl.constexpr, D: tl.constexpr):
+    """The packed bytes and scales of the QBLOCK tokens from t0 (whole scale groups) as `_packed_tile` takes them:
+    key bytes (QBLOCK / CPB, D), key scales / zeros (QBLOCK / GROUP, D), value bytes (QBLOCK, D / CPB), value scales /
+    zeros (QBLOCK, D / GROUP); rows past q_end masked (a tile may straddle it)."""
+    CPB: tl.constexpr = 8 // BITS
+    VB: tl.constexpr = D // CPB
+    NGD: tl.constexpr = D // GROUP
+    rows = tl.arange(0, QBLOCK // CPB)
+    srows = tl.arange(0, QBLOCK // GROUP)
+    tq = tl.arange(0, QBLOCK)
+    km = ((t0 // CPB + rows) * CPB < q_end)[:, None]
+    kc = tl.load(kc_base + (t0 // CPB + rows)[:, None] * D + offs_d[None, :], mask=km, other=0)
+    sm = ((t0 // GROUP + srows) * GROUP < q_end)[:, None]
+    srow = (t0 // GROUP + srows)[:, None] * D + offs_d[None, :]
+    ks = tl.load(ks_base + srow, mask=sm, other=0.0)
+    kz = tl.load(kz_base + srow, mask=sm, other=0.0)
+    vm = (t0 + tq < q_end)[:, None]
+    vc = tl.load(vc_base + (t0 + tq)[:, None] * VB + tl.arange(0, VB)[None, :], mask=vm, other=0)
+    vrow = (t0 + tq)[:, None] * NGD + tl.arange(0, NGD)[None, :]
+    vs = tl.load(vs_base + vrow, mask=vm, other=0.0)
+    vz = tl.load(vz_base + vrow, mask=vm, other=0.0)
+    return kc, ks, kz, vc, vs, vz
+
+
+@triton.jit
 def _split_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, KR, VR, NQ, NR, PO, PML, LG, KN, VN, APP,
     qk_scale, tokens_per_split, num_splits,
@@ -264,69 +290,23 @@ def _split_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
                 m_i = m_new
         elif PACKED == 1 or PACKED == 7:
-            NGT: tl.constexpr = QBLOCK // GROUP
-            KROWS: tl.constexpr = QBLOCK // CPB
-            VB: tl.constexpr = D // CPB
-            NGD: tl.constexpr = D // GROUP
-            rows = tl.arange(0, KROWS)
-            srows = tl.arange(0, NGT)
-            tq = tl.arange(0, QBLOCK)
-            vbytes = tl.arange(0, VB)
-            vgrp = tl.arange(0, NGD)
-            # prefetch the first tile (rows past q_end masked: tiles may straddle it)
-            tn = start
-            km = ((tn // CPB + rows) * CPB < q_end)[:, None]
-            kc_n = tl.load(kc_base + (tn // CPB + rows)[:, None] * D + offs_d[None, :], mask=km, other=0)
-            sm = ((tn // GROUP + srows) * GROUP < q_end)[:, None]
-            srow_n = (tn // GROUP + srows)[:, None] * D + offs_d[None, :]
-            ks_n = tl.load(ks_base + srow_n, mask=sm, other=0.0)
-            kz_n = tl.load(kz_base + srow_n, mask=sm, other=0.0)
-            vm = (tn + tq < q_end)[:, None]
-            vc_n = tl.load(vc_base + (tn + tq)[:, None] * VB + vbytes[None, :], mask=vm, other=0)
-            vrow_n = (tn + tq)[:, None] * NGD + vgrp[None, :]
-            vs_n = tl.load(vs_base + vrow_n, mask=vm, other=0.0)
-            vz_n = tl.load(vz_base + vrow_n, mask=vm, other=0.0)
+            # one tile prefetched in registers while the current one is computed (rows past q_end masked: tiles may
+            # straddle it)
+            kc_n, ks_n, kz_n, vc_n, vs_n, vz_n = _load_tile(kc_base, ks_base, kz_base, vc_base, vs_base, vz_base,
+                                                            start, q_end, offs_d, BITS, GROUP, QBLOCK, D)
             for t0 in range(start, q_end, QBLOCK):
                 kc_c, ks_c, kz_c, vc_c, vs_c, vz_c = kc_n, ks_n, kz_n, vc_n, vs_n, vz_n
-                tn = t0 + QBLOCK
-                km = ((tn // CPB + rows) * CPB < q_end)[:, None]
-                kc_n = tl.load(kc_base + (tn // CPB + rows)[:, None] * D + offs_d[None, :], mask=km, other=0)
-                sm = ((tn // GROUP + srows) * GROUP < q_end)[:, None]
-                srow_n = (tn // GROUP + srows)[:, None] * D + offs_d[None, :]
-                ks_n = tl.load(ks_base + srow_n, mask=sm, other=0.0)
-                kz_n = tl.load(kz_base + srow_n, mask=sm, other=0.0)
-                vm = (tn + tq < q_end)[:, None]
-                vc_n = tl.load(vc_base + (tn + tq)[:, None] * VB + vbytes[None, :], mask=vm, other=0)
-                vrow_n = (tn + tq)[:, None] * NGD + vgrp[None, :]
-                vs_n = tl.load(vs_base + vrow_n, mask=vm, other=0.0)
-                vz_n = tl.load(vz_base + vrow_n, mask=vm, other=0.0)
+                kc_n, ks_n, kz_n, vc_n, vs_n, vz_n = _load_tile(kc_base, ks_base, kz_base, vc_base, vs_base, vz_base,
+                                                                t0 + QBLOCK, q_end, offs_d, BITS, GROUP, QBLOCK, D)
                 m_i, l_i, acc = _quant_tile(q, q16, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
                                             qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS,
                                             PACKED == 7)
         elif PACKED == 4 or PACKED == 8:
             # "pipe": the "packed" tile math without the hand-written one-tile prefetch; Triton's software pipeliner
             # keeps NSTAGES tiles in flight through shared memory
-            NGT4: tl.constexpr = QBLOCK // GROUP
-            KROWS4: tl.constexpr = QBLOCK // CPB
-            VB4: tl.constexpr = D // CPB
-            NGD4: tl.constexpr = D // GROUP
-            rows4 = tl.arange(0, KROWS4)
-            srows4 = tl.arange(0, NGT4)
-            tq4 = tl.arange(0, QBLOCK)
-            vbytes4 = tl.arange(0, VB4)
-            vgrp4 = tl.arange(0, NGD4)
             for t0 in tl.range(start, q_end, QBLOCK, num_stages=NSTAGES):
-                km = ((t0 // CPB + rows4) * CPB < q_end)[:, None]
-                kc_c = tl.load(kc_base + (t0 // CPB + rows4)[:, None] * D + offs_d[None, :], mask=km, other=0)
-                sm = ((t0 // GROUP + srows4) * GROUP < q_end)[:, None]
-                srow = (t0 // GROUP + srows4)[:, None] * D + offs_d[None, :]
-                ks_c = tl.load(ks_base + srow, mask=sm, other=0.0)
-                kz_c = tl.load(kz_base + srow, mask=sm, other=0.0)
-                vm = (t0 + tq4 < q_end)[:, None]
-                vc_c = tl.load(vc_base + (t0 + tq4)[:, None] * VB4 + vbytes4[None, :], mask=vm, other=0)
-                vrow = (t0 + tq4)[:, None] * NGD4 + vgrp4[None, :]
-                vs_c = tl.load(vs_base + vrow, mask=vm, other=0.0)
-                vz_c = tl.load(vz_base + vrow, mask=vm, other=0.0)
+                kc_c, ks_c, kz_c, vc_c, vs_c, vz_c = _load_tile(kc_base, ks_base, kz_base, vc_base, vs_base, vz_base,
+                                                                t0, q_end, offs_d, BITS, GROUP, QBLOCK, D)
                 m_i, l_i, acc = _quant_tile(q, q16, kc_c, ks_c, kz_c, vc_c, vs_c, vz_c, t0, q_end, m_i, l_i, acc,
                                             qk_scale, lg_base, gmask, BITS, GROUP, QBLOCK, D, STORE_LOGITS,
                                             PACKED == 8)
