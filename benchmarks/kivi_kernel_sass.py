@@ -49,14 +49,15 @@ def compile_split(spec: tuple[int, ...] | None, bits: int):
     stages = int(spec[3]) if quant and len(spec) > 3 else 1
     consts = dict(SHAPE, BITS=bits, QBLOCK=max(groups * SHAPE["GROUP"], 16), HAS_QUANT=quant, STORE_LOGITS=False,
                   APPEND=False, PACKED=path, NSTAGES=stages)  # fmt: skip
-    # tokens one loop iteration covers: "fold" and "packed32" step by one scale group, "gather" by BLOCK_T
-    consts["step"] = SHAPE["GROUP"] if path in (2, 3) else SHAPE["BLOCK_T"] if path == 0 else consts["QBLOCK"]
-    sig = {n: _PTRS.get(n, "constexpr" if n in consts and n != "step" else "fp32" if n == "qk_scale" else "i32") for n in names}
+    sig = {n: _PTRS.get(n, "constexpr" if n in consts else "fp32" if n == "qk_scale" else "i32") for n in names}
     # what Triton's launcher specializes on: 16-byte-aligned pointers, strides and sizes divisible by 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n][0] == "*" or sig[n] == "i32"}
     src = ASTSource(fn=K._split_kernel, signature=sig, attrs=attrs,
-                    constexprs={(names.index(k),): v for k, v in consts.items() if k != "step"})  # fmt: skip
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}), consts, warps
+                    constexprs={(names.index(k),): v for k, v in consts.items()})  # fmt: skip
+    # tokens one loop iteration covers: "fold" and "packed32" step by one scale group, "gather" and the slot loop by
+    # BLOCK_T, the others by a tile of QBLOCK
+    step = SHAPE["BLOCK_T"] if not quant or path == 0 else SHAPE["GROUP"] if path in (2, 3) else consts["QBLOCK"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}), step, warps
 
 
 def _tool(name: str) -> str:
@@ -119,20 +120,20 @@ def main() -> int:
         with ResultWriter(a.out) as w:
             for bits in [int(b) for b in a.bits.split(",")]:
                 for name, spec in specs:
-                    kernel, consts, warps = compile_split(spec, bits)
+                    kernel, step, warps = compile_split(spec, bits)
                     regs, sass = sass_of(kernel)
                     loop = main_loop(sass)
                     ops = collections.Counter(opcode(t) for t in loop)
                     w.write({"kind": "sass", "variant": name, "spec": list(spec), "bits": bits, "n_regs": regs,
-                             "num_warps": warps, "tile_tokens": consts["step"], "loop_instructions": len(loop),
-                             "instructions_per_token": len(loop) * warps / consts["step"],
+                             "num_warps": warps, "tile_tokens": step, "loop_instructions": len(loop),
+                             "instructions_per_token": len(loop) * warps / step,
                              "top_opcodes": dict(ops.most_common(a.top)), "triton": triton.__version__})  # fmt: skip
-            kernel, consts, warps = compile_split(None, 16)
+            kernel, step, warps = compile_split(None, 16)
             regs, sass = sass_of(kernel)
             loop = main_loop(sass)
             w.write({"kind": "sass", "variant": "slots-bf16", "bits": 16, "n_regs": regs, "num_warps": warps,
-                     "tile_tokens": consts["BLOCK_T"], "loop_instructions": len(loop),
-                     "instructions_per_token": len(loop) * warps / consts["BLOCK_T"],
+                     "tile_tokens": step, "loop_instructions": len(loop),
+                     "instructions_per_token": len(loop) * warps / step,
                      "top_opcodes": dict(collections.Counter(opcode(t) for t in loop).most_common(a.top)),
                      "triton": triton.__version__})  # fmt: skip
     except (subprocess.CalledProcessError, FileNotFoundError, KeyError) as e:

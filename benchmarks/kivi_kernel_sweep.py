@@ -68,8 +68,8 @@ def replay_us(fn, reps: int = 10) -> float:
 
 def instruction_mix(spec: tuple[int, ...], bits: int, args: tuple) -> dict:
     """Registers and spills per thread of the split kernel compiled for this variant (what bounds how many programs
-    share an SM). An opcode count from the SASS was tried too and dropped: the disassembly came back empty on the
-    H200 machine."""
+    share an SM). The instructions themselves: `kivi_kernel_sass.py`, which compiles and disassembles offline (the
+    disassembly came back empty on the H200 machine)."""
     from memfit.kernels import _decode_kernels as K
 
     seen: dict = {}

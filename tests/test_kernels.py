@@ -141,7 +141,7 @@ def _tolerance(dtype: torch.dtype, units: int = 4) -> float:
     (1.6e-2 in bf16). The kernels round dequantized tiles, probabilities and the output to that dtype (relative
     errors of about one unit each; measured 2e-3 to 9e-3 in bf16, up to 2K tokens); one token more or less in a
     cache of the test shapes moves an output vector by 6e-2 or more (test_one_token_off_fails_the_check). KIVI's
-    "fold" and "foldmagic" paths also round q x key scale to bf16 (measured 1.3e-2 at 2K tokens): 6 units there. Measurements:
+    "fold" path also rounds q x key scale to bf16 (measured 1.3e-2 at 2K tokens): 6 units there. Measurements:
     benchmarks/results/kernel_tests_cpu_interpreter.jsonl (test shapes), kernel_error_interpreter.jsonl (2K)."""
     return units * _ROUNDOFF[dtype]
 
