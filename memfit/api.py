@@ -84,7 +84,8 @@ def make_cache(
     if chosen.name == "fast":
         from memfit.weights.format import group_repacked, repack_for_decode
 
-        # 4-bit layers take torch's int4 kernel; q/k/v and gate/up then run as one matmul each
+        # uniform 4-bit layers take a decode kernel's layout (MEMFIT_INT4_KERNEL); q/k/v and gate/up then run as one
+        # matmul each
         # (MEMFIT_INT4_GROUPS=0 keeps them apart, for A/B runs)
         if repack_for_decode(model, next(model.parameters()).dtype) and os.environ.get("MEMFIT_INT4_GROUPS") != "0":
             group_repacked(projection_groups(model))

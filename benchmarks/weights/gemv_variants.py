@@ -38,6 +38,15 @@ def tinygemm(comp, x: torch.Tensor):
     return partial(repacked, x)
 
 
+def pairs_case(comp, x: torch.Tensor, **launch):
+    """memfit's pair-order 4-bit kernel (`memfit.kernels.int4_pairs`) on the layer's codes converted to its order
+    (same bytes, same fp16 scales and offsets), at one launch shape."""
+    from memfit.kernels import int4_pairs
+
+    codes = int4_pairs.to_pairs(comp.codes_4)
+    return partial(int4_pairs.gemv, x, codes, comp.scales, comp.offsets, comp.meta["group_size"], **launch)
+
+
 def gemlite_layer(lin: torch.nn.Linear, x: torch.Tensor, group: int = 128):
     """The baseline a user would pick for a fast 4-bit decode: gemlite's Triton kernels (`GemLiteLinear`, 4-bit,
     group 128, bf16 in and out) holding the codes of memfit's own RTN quantization of the same weight
@@ -99,6 +108,9 @@ def main() -> None:
     ap.add_argument("--grouped", action="store_true", help="also time q/k/v and gate/up as one matrix each")
     ap.add_argument("--tinygemm", action="store_true", help="also time torch's int4 matmul on the 4-bit layers")
     ap.add_argument("--gemlite", action="store_true", help="also time gemlite's 4-bit kernels (a baseline library)")
+    ap.add_argument("--pairs", default="", help="launch shapes of the pair-order 4-bit kernel at batch 1, "
+                    "';'-separated block_n,gpi,warps[,split] (split 0: automatic), or 'default'")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the group_gemv launch-shape sweep")
     ap.add_argument("--out", default="benchmarks/results/gemv_variants.jsonl")
     args = ap.parse_args()
     from memfit.kernels.group_gemv import group_gemv
@@ -128,7 +140,17 @@ def main() -> None:
                     except Exception as exc:  # noqa: BLE001 - no gemlite here is a row, not a crash
                         out.write({"spec": spec, "linear": name, "rows": m, "kind": "gemlite",
                                    "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-                if m == 1 and spec == args.specs.split(",")[0]:  # the launch-shape sweep: one spec, batch 1
+                if args.pairs and m == 1 and spec.startswith("rtn:4"):
+                    for shape in args.pairs.split(";"):
+                        if shape == "default":
+                            cases.append(("pairs", {}, pairs_case(comp, x)))
+                            continue
+                        bn, gpi, nw, *rest = (int(v) for v in shape.split(","))
+                        kw = {"block_n": bn, "gpi": gpi, "num_warps": nw, "split": (rest[0] or None) if rest else None}
+                        cases.append(("pairs", kw, pairs_case(comp, x, **kw)))
+                if args.no_sweep:
+                    pass
+                elif m == 1 and spec == args.specs.split(",")[0]:  # the launch-shape sweep: one spec, batch 1
                     for bn, nw, split in itertools.product([int(b) for b in args.block_n.split(",")],
                                                            [int(w) for w in args.warps.split(",")], [1, None]):
                         for variant in args.variants.split(","):

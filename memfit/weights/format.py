@@ -156,10 +156,14 @@ class CompressedLinear(nn.Module):
         """Whether a forward of ``rows`` input rows stays off the host (it runs in the CUDA kernel)."""
         if self.fmt != "group" or self.scales.device.type != "cuda":
             return False
-        if self.repacked:
+        if self.kernel_layout == "tinygemm":
             from memfit.kernels import tinygemm
 
             return 0 < rows <= tinygemm.MAX_ROWS
+        if self.kernel_layout == "pairs":
+            from memfit.kernels import int4_pairs
+
+            return 0 < rows <= int4_pairs.MAX_ROWS and not _KERNEL_FAILED
         if _KERNEL_FAILED:
             return False
         from memfit.kernels.group_gemv import MAX_ROWS
@@ -167,9 +171,17 @@ class CompressedLinear(nn.Module):
         return 0 < rows <= MAX_ROWS and _group_buckets(self) is not None
 
     @property
+    def kernel_layout(self) -> str | None:
+        """Where the fast backend reordered the 4-bit codes for a decode kernel (`repack_for_decode`): "pairs"
+        (`memfit.kernels.int4_pairs`), "tinygemm" (torch's int4 matmul) or None (memfit's own bit stream)."""
+        if getattr(self, "tg_scales_zeros", None) is not None:
+            return "tinygemm"
+        return "pairs" if getattr(self, "_pair_order", False) else None
+
+    @property
     def repacked(self) -> bool:
-        """Whether the 4-bit codes are held in torch's int4 kernel order (`repack_for_decode`)."""
-        return getattr(self, "tg_scales_zeros", None) is not None
+        """Whether the 4-bit codes are held in a decode kernel's order (`kernel_layout`)."""
+        return self.kernel_layout is not None
 
     def __init__(self, fmt: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor], bias: torch.Tensor | None):
         super().__init__()
@@ -350,23 +362,43 @@ class CompressedLinear(nn.Module):
     def _band_codes(self, bits: int, r0: int, r1: int, n: int) -> torch.Tensor:
         """Rows r0..r1 of bucket ``bits``'s codes, ``n`` per row, as integers (in row order whatever the layout)."""
         packed = getattr(self, f"codes_{bits}")[r0:r1]
-        if self.repacked:
+        if self.kernel_layout == "tinygemm":
             from memfit.kernels import tinygemm
 
             return tinygemm.unpack_band(packed, tinygemm.order(packed.device))
+        if self.kernel_layout == "pairs":
+            from memfit.kernels import int4_pairs
+
+            return _codes(int4_pairs.from_pairs(packed), bits, n)
         return _codes(packed, bits, n)
 
     # -- the GPU kernel's layout ---------------------------------------------------------------------------------
-    def repack_for_kernel(self, pack: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> bool:
-        """Hold the 4-bit codes in the order of torch's int4 kernel (`memfit.kernels.tinygemm`) and add its bf16
-        (scale, zero) pairs; no-op and False where that kernel does not serve this layer. The codes buffer keeps its
-        bytes (reordered in place of the old one); `canonical_layout` undoes it."""
+    def repack_for_kernel(self, pack: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                          kernel: str = "tinygemm", force: bool = False) -> bool:
+        """Hold the 4-bit codes in a decode kernel's order; no-op and False where that kernel does not serve this
+        layer. ``kernel``: "pairs" (`memfit.kernels.int4_pairs`: the same bytes reordered inside each word, the fp16
+        scales and offsets unchanged) or "tinygemm" (torch's int4 kernel order, `memfit.kernels.tinygemm`, plus its
+        bf16 (scale, zero) pairs). The codes buffer keeps its bytes (reordered in place of the old one);
+        `canonical_layout` undoes it. ``pack`` (a stand-in for torch's packing op) and ``force`` (skip the device
+        check) let tests run it anywhere."""
         from memfit.kernels import tinygemm
 
         if self.fmt != "group" or self.repacked:
             return self.repacked
         widths = {b for b, _ in self._width_groups()}  # read on the host once per layer and device
         gs = self.meta["group_size"]
+        if kernel == "pairs":
+            from memfit import kernels
+            from memfit.kernels import int4_pairs
+
+            if not int4_pairs.shape_ok(self.out_features, self.in_features, gs, widths):
+                return False
+            if not force and (self.scales.device.type != "cuda" or not kernels.available()):
+                return False
+            self.codes_4 = int4_pairs.to_pairs(self.codes_4)
+            self._pair_order = True
+            self._kernel_buckets = None
+            return True
         if not tinygemm.shape_ok(self.out_features, self.in_features, gs, widths):
             return False
         if pack is None and not tinygemm.supported(self.out_features, self.in_features, gs, widths,
@@ -385,8 +417,11 @@ class CompressedLinear(nn.Module):
         if not self.repacked:
             return
         codes = self._band_codes(4, 0, self.out_features, self.in_features)
-        del self._buffers["tg_scales_zeros"]
+        if self.kernel_layout == "tinygemm":
+            del self._buffers["tg_scales_zeros"]
+        self._pair_order = False
         self.codes_4 = pack_bits(codes, 4).contiguous()
+        self.scales, self.offsets = self.scales.clone(), self.offsets.clone()  # off a group's shared buffers
         self._tg_group = None  # its siblings then run alone
 
     def _group_rows(self, r0: int, r1: int) -> torch.Tensor:
@@ -510,6 +545,20 @@ def group_kernel_forward(layer: CompressedLinear, x: torch.Tensor) -> torch.Tens
     from memfit.kernels.group_gemv import MAX_ROWS, group_gemv
 
     x2 = x.reshape(-1, layer.in_features)
+    if layer.kernel_layout == "pairs":
+        from memfit.kernels import int4_pairs
+
+        if x2.dtype != torch.bfloat16 or not 0 < x2.shape[0] <= int4_pairs.MAX_ROWS or _KERNEL_FAILED:
+            return layer.reference_forward(x)
+        try:
+            group = getattr(layer, "_tg_group", None)
+            y = None if group is None else group.output(layer._tg_index, x, x2)
+            if y is None:
+                y = int4_pairs.gemv(x2, layer.codes_4, layer.scales, layer.offsets, layer.meta["group_size"])
+        except Exception as exc:  # noqa: BLE001 - any failure of the optional kernel falls back to the reference
+            _kernel_failed(exc)
+            return layer.reference_forward(x)
+        return _side_terms(layer, x, x2, y)
     if layer.repacked:
         from memfit.kernels import tinygemm
 
@@ -528,35 +577,42 @@ def group_kernel_forward(layer: CompressedLinear, x: torch.Tensor) -> torch.Tens
         y = group_gemv(x2.contiguous(), buckets, layer.scales, layer.offsets, layer.meta["group_size"],
                        layer.out_features)
     except Exception as exc:  # noqa: BLE001 - any failure of the optional kernel falls back to the reference
-        import sys
-
-        _KERNEL_FAILED.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        print(f"memfit: the Triton kernel for group-quantized weights failed here ({_KERNEL_FAILED[0]}); "
-              "compressed layers use the reference matmul (slower, same result)", file=sys.stderr)
+        _kernel_failed(exc)
         return layer.reference_forward(x)
     return _side_terms(layer, x, x2, y)
 
 
+def _kernel_failed(exc: Exception) -> None:
+    import sys
+
+    _KERNEL_FAILED.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    print(f"memfit: the Triton kernel for group-quantized weights failed here ({_KERNEL_FAILED[0]}); "
+          "compressed layers use the reference matmul (slower, same result)", file=sys.stderr)
+
+
 class Int4Group:
     """Repacked 4-bit layers that read the same input (an attention's q/k/v, an MLP's gate/up) and run as one int4
-    matmul: their codes are row blocks of one buffer and their (scale, zero) pairs column blocks of one (each layer's
-    buffers are views, so the bytes exist once). tinygemm's packed order keeps whole 8-row tiles together and lists
-    them row block by row block, so the concatenated codes are exactly the packing of the stacked weight. The first
-    member called with an input computes every member's output; the others, called with the same input tensor, take
-    their part (one decode launch reads the three or two matrices instead of one launch each). Like the bf16
-    projection groups (memfit.adapters.transformers) it holds no tensor and only weak references to its layers:
-    `canonical_layout`, a `.to()` or a replaced layer breaks the group, and each layer then runs alone."""
+    matmul: their codes are row blocks of one buffer, and so are their scales and offsets ("pairs" layout) or their
+    (scale, zero) pairs ("tinygemm": column blocks); each layer's buffers are views, so the bytes exist once. Both
+    orders keep output rows apart (tinygemm's in whole 8-row tiles, listed row block by row block), so the
+    concatenated codes are exactly the stacked weight's. The first member called with an input computes every
+    member's output; the others, called with the same input tensor, take their part (one decode launch reads the
+    three or two matrices instead of one launch each). Like the bf16 projection groups (memfit.adapters.transformers)
+    it holds no tensor and only weak references to its layers: `canonical_layout`, a `.to()` or a replaced layer
+    breaks the group, and each layer then runs alone."""
 
     def __init__(self, members: list[CompressedLinear]) -> None:
         import weakref
 
+        self.layout = members[0].kernel_layout
+        parts = self._parts()
         with torch.no_grad():
-            codes = torch.cat([m.codes_4 for m in members], 0)
-            pairs = torch.cat([m.tg_scales_zeros for m in members], 1)
+            stacked = {name: torch.cat([getattr(m, name) for m in members], dim) for name, dim in parts}
         offset = 0
         for i, m in enumerate(members):
             n = m.out_features
-            m.codes_4, m.tg_scales_zeros = codes[offset : offset + n], pairs[:, offset : offset + n]
+            for name, dim in parts:
+                setattr(m, name, stacked[name].narrow(dim, offset, n))
             m._tg_group, m._tg_index = self, i
             offset += n
         self.members = [weakref.ref(m) for m in members]
@@ -565,35 +621,49 @@ class Int4Group:
         self.input: torch.Tensor | None = None
         self.outputs: list[torch.Tensor | None] = []
 
-    def matrices(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The stacked codes and pairs as views over the members' shared storage; None when that no longer holds."""
+    def _parts(self) -> list[tuple[str, int]]:
+        """The buffers stacked, with the dimension the output rows run along."""
+        if self.layout == "tinygemm":
+            return [("codes_4", 0), ("tg_scales_zeros", 1)]
+        return [("codes_4", 0), ("scales", 0), ("offsets", 0)]
+
+    def matrices(self) -> tuple[torch.Tensor, ...] | None:
+        """The stacked buffers (`_parts`' order) as views over the members' shared storage; None when that no longer
+        holds."""
         members = [r() for r in self.members]
-        if any(m is None or not m.repacked or getattr(m, "_tg_group", None) is not self for m in members):
+        if any(m is None or m.kernel_layout != self.layout or getattr(m, "_tg_group", None) is not self
+               for m in members):
             return None
-        c0, p0 = members[0].codes_4, members[0].tg_scales_zeros  # type: ignore[union-attr]
-        offset = 0
-        for m in members:
-            c, p = m.codes_4, m.tg_scales_zeros  # type: ignore[union-attr]
-            if (c.untyped_storage().data_ptr() != c0.untyped_storage().data_ptr()
-                    or p.untyped_storage().data_ptr() != p0.untyped_storage().data_ptr()
-                    or c.data_ptr() != c0.data_ptr() + offset * c0.stride(0) * c0.element_size()
-                    or p.data_ptr() != p0.data_ptr() + offset * p0.stride(1) * p0.element_size()
-                    or c.stride() != c0.stride() or p.stride() != p0.stride()):
-                return None
-            offset += c.shape[0]
-        return (c0.as_strided((offset, c0.shape[1]), c0.stride()),
-                p0.as_strided((p0.shape[0], offset, p0.shape[2]), p0.stride()))
+        out = []
+        for name, dim in self._parts():
+            t0 = getattr(members[0], name)
+            offset = 0
+            for m in members:
+                t = getattr(m, name)
+                if (t.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr()
+                        or t.data_ptr() != t0.data_ptr() + offset * t0.stride(dim) * t0.element_size()
+                        or t.stride() != t0.stride()):
+                    return None
+                offset += t.shape[dim]
+            size = list(t0.shape)
+            size[dim] = offset
+            out.append(t0.as_strided(size, t0.stride()))
+        return tuple(out)
 
     def output(self, index: int, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
         """Member `index`'s base term for input `x` (flattened `x2`), or None when the group no longer holds."""
-        from memfit.kernels import tinygemm
-
         if self.input is not x or self.outputs[index] is None:
             stacked = self.matrices()
             if stacked is None:
                 return None
-            codes, pairs = stacked
-            y = tinygemm.matmul(x2.contiguous(), codes, pairs, self.group_size)
+            if self.layout == "tinygemm":
+                from memfit.kernels import tinygemm
+
+                y = tinygemm.matmul(x2.contiguous(), stacked[0], stacked[1], self.group_size)
+            else:
+                from memfit.kernels import int4_pairs
+
+                y = int4_pairs.gemv(x2, *stacked, self.group_size)
             self.input, self.outputs = x, list(y.split(self.sizes, dim=-1))
         out = self.outputs[index]
         self.outputs[index] = None
@@ -608,6 +678,8 @@ def group_repacked(groups: list[list[nn.Module]]) -> int:
     count = 0
     for members in groups:
         if len(members) < 2 or not all(isinstance(m, CompressedLinear) and m.repacked for m in members):
+            continue
+        if len({m.kernel_layout for m in members}) != 1:  # type: ignore[union-attr]
             continue
         current = getattr(members[0], "_tg_group", None)
         if current is not None and current.matrices() is not None and all(
@@ -633,12 +705,23 @@ def _side_terms(layer: CompressedLinear, x: torch.Tensor, x2: torch.Tensor, y: t
     return y.view(*x.shape[:-1], layer.out_features)
 
 
+INT4_KERNELS = ("pairs", "tinygemm", "none")
+
+
 def repack_for_decode(model: nn.Module, dtype: torch.dtype) -> int:
-    """Give every 4-bit "group" layer of ``model`` that torch's int4 kernel serves its layout (the fast backend
-    calls this on CUDA; only for bf16 activations, the kernel's input type). Returns how many layers changed.
-    ``MEMFIT_TINYGEMM=0`` keeps memfit's own Triton kernel (for A/B runs)."""
+    """Give every uniform 4-bit "group" layer of ``model`` a decode kernel's layout (the fast backend calls this on
+    CUDA; only for bf16 activations, both kernels' input type). Returns how many layers changed. The kernel:
+    ``MEMFIT_INT4_KERNEL`` = "pairs" (default: `memfit.kernels.int4_pairs`, the fastest at batch 1 on an H200,
+    benchmarks/results/gemv_pairs_h200.jsonl), "tinygemm" (torch's int4 matmul, faster for batches of several rows:
+    it serves up to 64 rows in one launch) or "none" (memfit's group kernel on its own bit stream, for A/B runs;
+    ``MEMFIT_TINYGEMM=0`` too). A layer the "pairs" kernel cannot serve tries tinygemm."""
     import os
 
-    if dtype != torch.bfloat16 or os.environ.get("MEMFIT_TINYGEMM", "1") == "0":
+    kernel = os.environ.get("MEMFIT_INT4_KERNEL", "pairs")
+    if kernel not in INT4_KERNELS:
+        raise ConfigError(f"MEMFIT_INT4_KERNEL={kernel!r}: expected one of {', '.join(INT4_KERNELS)}")
+    if dtype != torch.bfloat16 or kernel == "none" or os.environ.get("MEMFIT_TINYGEMM", "1") == "0":
         return 0
-    return sum(m.repack_for_kernel() for m in model.modules() if isinstance(m, CompressedLinear))
+    order = ("pairs", "tinygemm") if kernel == "pairs" else ("tinygemm",)
+    return sum(any(m.repack_for_kernel(kernel=k) for k in order)
+               for m in model.modules() if isinstance(m, CompressedLinear))
