@@ -21,16 +21,18 @@ MAX_ROWS = 64  # input rows served (decode); more (prefill) dequantize a band fo
 TARGET_PROGRAMS = 1024  # split the input dimension until about this many programs run per input row
 
 
-def launch_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
-    """(output rows per program, groups per iteration, warps) for a weight shape. Measured on an H200 over
-    Llama-3.1-8B's shapes at batch 1 (benchmarks/results/gemv_pairs_h200.jsonl): square and q/k/v-sized matrices
-    16, 8, 4 (5.75 us for 4096 x 4096, 6.79 us for q/k/v stacked); wide ones (gate/up stacked, 28672 rows) 16, 4, 2;
-    tall ones (down, 14336 inputs) 32, 4, 2 with a split of the input dimension."""
+def launch_shape(out_features: int, in_features: int) -> tuple[int, int, int, int | None]:
+    """(output rows per program, groups per iteration, warps, split of the input dimension or None for automatic)
+    for a weight shape. Measured on an H200 over Llama-3.1-8B's shapes at batch 1, CUDA-graph replays
+    (benchmarks/results/gemv_pairs_h200.jsonl): square and q/k/v-sized matrices 16, 8, 4 unsplit (5.8 us for
+    4096 x 4096, 6.8 us for q/k/v stacked, against 6.0 and 8.3 us for torch's int4 kernel); wide ones (gate/up
+    stacked, 28672 rows) 16, 4, 2 (22.6 against 33.2 us); tall ones (down, 14336 inputs) 32, 4, 2 with the input
+    dimension split (12.5 against 16.4 us)."""
     if in_features >= 2 * out_features:
-        return 32, 4, 2
+        return 32, 4, 2, None
     if out_features >= 16384:
-        return 16, 4, 2
-    return 16, 8, 4
+        return 16, 4, 2, None
+    return 16, 8, 4, 1
 
 
 def _nibbles(data: torch.Tensor) -> torch.Tensor:
@@ -94,8 +96,10 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: to
     n, half = codes.shape
     k_in = 2 * half
     n_groups = k_in // group_size
-    bn0, g0, w0 = launch_shape(n, k_in)
+    bn0, g0, w0, split0 = launch_shape(n, k_in)
     bn, g = block_n or bn0, gpi or g0
+    if split is None and block_n is None:
+        split = split0
     while n_groups % g:
         g //= 2
     n_iters = n_groups // g
