@@ -13,6 +13,9 @@
   passes without storing probabilities (reference: `memfit.core.scoring.column_sums`'s PyTorch path).
 - `group_gemv`: decode-sized matmul of group-quantized weights (`memfit.weights.format`'s "group" format, every
   bit width 1..8 in one layer), dequantized in registers (reference: `CompressedLinear.reference_forward`).
+- `int4_pairs`: batch-1 decode matmul of uniform 4-bit "group" layers of bf16 models, codes reordered in place
+  into pair order so that two become a bf16 pair with one instruction (the fast backend's default for those layers;
+  reference: the same).
 - `tinygemm`: not a Triton kernel — uniform 4-bit "group" layers of bf16 models through torch's built-in int4
   matmul (`aten._weight_int4pack_mm`), their codes reordered in place into its tile order (faster than
   `group_gemv` at 4 bits; reference: the same).

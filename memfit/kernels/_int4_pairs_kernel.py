@@ -89,8 +89,8 @@ def int4_pairs_gemv_kernel(
     # accumulate per (row, word) in registers; one reduction at the end.
     # Word w of a group reads input pairs 16 * (w // 4) + 4 * i + w % 4, i = 0..3 (`int4_pairs.to_pairs`): four
     # consecutive words read four consecutive pairs for each i, one vector load. The input is loaded once per
-    # (group, word) and broadcast over the rows (measured faster than loads spanning the rows, which skip the
-    # layout conversion: 2.13 against 1.71 ms per token's linears, benchmarks/results/gemv_pairs_h200.jsonl).
+    # (group, word) and broadcast over the rows: in development on the H200, loads spanning the rows (stride 0,
+    # which skip the layout conversion through shared memory) ran slower, and so did scales loaded that way.
     GW: tl.constexpr = G // 8
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
