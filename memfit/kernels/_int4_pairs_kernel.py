@@ -5,11 +5,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# One 32-bit word holds eight 4-bit codes in "pair order": nibble i (bits 4i..4i+3, i < 4) is code 2i, nibble 4 + i
-# is code 2i + 1. Shifting the word right by 4i and masking 0x000F000F leaves codes 2i and 2i + 1 in the two 16-bit
-# halves; OR-ing 0x4300 (bf16 128.0, whose last mantissa bit is worth 1) into each half makes the bf16 pair
+# One 32-bit word holds four pairs of 4-bit codes in "pair order" (`int4_pairs.to_pairs`): pair i in nibbles i (bits
+# 4i..4i+3) and 4 + i. Shifting the word right by 4i and masking 0x000F000F leaves the pair in the two 16-bit halves; OR-ing 0x4300 (bf16 128.0, whose last mantissa bit is worth 1) into each half makes the bf16 pair
 # (128 + q_2i, 128 + q_2i+1), exactly. One bf16x2 FMA subtracts 136 (exact: q - 8 in -8..7) and a second multiplies by
-# the input pair (x_2i, x_2i+1), which the bf16 input holds contiguously: the input seen as int32 needs no shuffle.
+# the pair's two inputs, which the bf16 input holds contiguously: one int32 of the input seen as int32 pairs.
 # Four pairs accumulate in the bf16x2 register, then the two halves are summed in fp32. Per word: 3 shifts, 4 LOP3,
 # 8 bf16x2 FMAs, 3 instructions to reach fp32: ~2.25 per weight, against ~5 for unpacking each code to fp32.
 # `lop3` 0xEA is (a & b) | c. bf16x2 FMA needs sm_80; no sm_90-only instruction is used.
