@@ -6,8 +6,9 @@ import triton
 import triton.language as tl
 
 # One 32-bit word holds four pairs of 4-bit codes in "pair order" (`int4_pairs.to_pairs`): pair i in nibbles i (bits
-# 4i..4i+3) and 4 + i. Shifting the word right by 4i and masking 0x000F000F leaves the pair in the two 16-bit halves; OR-ing 0x4300 (bf16 128.0, whose last mantissa bit is worth 1) into each half makes the bf16 pair
-# (128 + q_2i, 128 + q_2i+1), exactly. One bf16x2 FMA subtracts 136 (exact: q - 8 in -8..7) and a second multiplies by
+# 4i..4i+3) and 4 + i. Shifting the word right by 4i and masking 0x000F000F leaves the pair in the two 16-bit
+# halves; OR-ing 0x4300 (bf16 128.0, whose last mantissa bit is worth 1) into each half makes the bf16 pair
+# (128 + q_a, 128 + q_b), exactly. One bf16x2 FMA subtracts 136 (exact: q - 8 in -8..7) and a second multiplies by
 # the pair's two inputs, which the bf16 input holds contiguously: one int32 of the input seen as int32 pairs.
 # Four pairs accumulate in the bf16x2 register, then the two halves are summed in fp32. Per word: 3 shifts, 4 LOP3,
 # 8 bf16x2 FMAs, 3 instructions to reach fp32: ~2.25 per weight, against ~5 for unpacking each code to fp32.
