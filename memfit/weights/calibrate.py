@@ -51,11 +51,22 @@ class LinearStats:
         return torch.cat(self.sample) if self.sample else torch.zeros(0, self.in_features)
 
 
-def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` of the model except the output head (kept full precision, as GPTQ and HQQ do)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+def target_linears(model: nn.Module, head: bool = False) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of the model except the output head (kept full precision, as GPTQ and HQQ do), or with it
+    (``head``: only where the head is not tied to the input embeddings)."""
+    out_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head:
+        inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if not isinstance(out_head, nn.Linear):
+            raise ConfigError("head=true: this model has no linear output head to compress")
+        if inp is not None and getattr(inp, "weight", None) is out_head.weight:
+            raise ConfigError(
+                "head=true: this model ties its output head to the input embeddings; compressing the head would "
+                "keep a second copy of that matrix (use head=false)"
+            )
+        out_head = None
     found = {
-        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head and name
+        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not out_head and name
     }
     if not found:
         raise ConfigError(
