@@ -43,8 +43,27 @@ def test_a_compressed_head_saves_and_reloads_with_identical_logits(tmp_path) -> 
         torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
 
 
-def test_a_tied_head_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="ties its output head"):
-        quantize_model(llama(True), "rtn:4:head=true")
+def test_a_tied_head_gets_its_own_compressed_copy(tmp_path) -> None:
+    model = llama(True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = model_weight_bytes(model)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    quantize_model(model, "rtn:4:head=true")
+    assert isinstance(model.lm_head, CompressedLinear) and not model.config.tie_word_embeddings
+    assert torch.equal(model.model.embed_tokens.weight, emb)  # the lookups keep the full-precision matrix
+    body = quantize_model(llama(True), "rtn:4")
+    assert model_weight_bytes(model) == model_weight_bytes(body) + model.lm_head.weight_bytes  # the copy is counted
+    assert model_weight_bytes(body) < before
+    ids = torch.randint(0, 200, (1, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+    save_quantized(model, tiny_tokenizer(), tmp_path / "q")
+    loaded, _ = load_quantized(tmp_path / "q")
+    assert isinstance(loaded.lm_head, CompressedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
+
+
+def test_bad_head_values_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match="head"):
         parse_weight_spec("rtn:4:head=maybe")

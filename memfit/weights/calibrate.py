@@ -53,17 +53,13 @@ class LinearStats:
 
 def target_linears(model: nn.Module, head: bool = False) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` of the model except the output head (kept full precision, as GPTQ and HQQ do), or with it
-    (``head``: only where the head is not tied to the input embeddings)."""
+    (``head``). A head tied to the input embeddings is compressed as its own copy: the embeddings keep their matrix
+    for lookups (`untie_head`), so the bytes held grow by the compressed head while a decode step reads it instead of
+    the full-precision matrix."""
     out_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head:
-        inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if not isinstance(out_head, nn.Linear):
             raise ConfigError("head=true: this model has no linear output head to compress")
-        if inp is not None and getattr(inp, "weight", None) is out_head.weight:
-            raise ConfigError(
-                "head=true: this model ties its output head to the input embeddings; compressing the head would "
-                "keep a second copy of that matrix (use head=false)"
-            )
         out_head = None
     found = {
         name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not out_head and name
@@ -74,6 +70,22 @@ def target_linears(model: nn.Module, head: bool = False) -> dict[str, nn.Linear]
             "nn.Linear layers; pass a transformer causal LM"
         )
     return found
+
+
+def untie_head(model: nn.Module) -> bool:
+    """Before the output head is replaced: if it shares its weight with the input embeddings, record the model as
+    untied (``config.tie_word_embeddings = False``, so a saved folder reloads with a head of its own and nothing
+    re-ties them). Returns whether it was tied."""
+    out_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = out_head is not None and inp is not None and getattr(out_head, "weight", None) is getattr(inp, "weight", 0)
+    config = getattr(model, "config", None)
+    if tied and config is not None:
+        config.tie_word_embeddings = False
+        text = getattr(config, "get_text_config", lambda: config)()
+        if text is not config:
+            text.tie_word_embeddings = False
+    return tied
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
