@@ -32,6 +32,7 @@ def make_cache(
     allocation: str = "uniform",
     backend: str = "auto",
     reserve: int | None = None,
+    rows: int = 1,
 ) -> MemfitCache:
     """A fresh compressed cache for one generation: pass it to `model.generate` or forward as the model's cache
     (`past_key_values=`), or to `memfit.engine.generate`.
@@ -42,7 +43,9 @@ def make_cache(
     `allocation`: how the average budget is shared out — "uniform", "pyramid" (over layers, PyramidKV), "adakv"
     (over KV heads, ragged store) or "pyramid+adakv" (see memfit.core.allocation).
     `backend`: "auto" | "fast" | "portable" (see memfit.backend); the choice is `cache.backend`. `reserve`: tokens
-    the fast stores leave room for after the prompt (the decode length; they grow if exceeded).
+    the fast stores leave room for after the prompt (the decode length; they grow if exceeded). `rows`: how many
+    sequences will decode together; on the fast backend it picks the kernel of 4-bit weight layers (one row: the
+    pair-order kernel; several: torch's int4 matmul; `memfit.weights.format.int4_kernel_for`).
     Switches the model's attention implementation to memfit's (SDPA underneath), which the cache needs.
     Sliding-window layers (Gemma 3's local layers) keep their window; the method acts on the global layers.
     """
@@ -87,7 +90,8 @@ def make_cache(
         # uniform 4-bit layers take a decode kernel's layout (MEMFIT_INT4_KERNEL); q/k/v and gate/up then run as one
         # matmul each
         # (MEMFIT_INT4_GROUPS=0 keeps them apart, for A/B runs)
-        if repack_for_decode(model, next(model.parameters()).dtype) and os.environ.get("MEMFIT_INT4_GROUPS") != "0":
+        if (repack_for_decode(model, next(model.parameters()).dtype, rows)
+                and os.environ.get("MEMFIT_INT4_GROUPS") != "0"):
             group_repacked(projection_groups(model))
     core = CompressedCache(num_attention_layers(model), policy, layer_factory)
     core.tensor_parallel = tp.is_sharded(model)

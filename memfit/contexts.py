@@ -182,7 +182,8 @@ class CompressedContext:
         from memfit.api import make_cache
 
         info = self.info
-        cache = make_cache(self.model, info["method"], info["budget"], info["params"], allocation=info["allocation"])
+        cache = make_cache(self.model, info["method"], info["budget"], info["params"], allocation=info["allocation"],
+                           rows=batch)
         core = cache.core
         if len(self._layers) != core.num_layers:
             raise ContextFileError(f"the context has {len(self._layers)} layers, the model {core.num_layers}")

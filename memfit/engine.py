@@ -420,7 +420,7 @@ def run(
         cache = kv.cache(batch=len(prompts))
     else:
         cache = make_cache(mdl, method, budget, params, allocation=allocation, backend=backend,
-                           reserve=max_new_tokens)
+                           reserve=max_new_tokens, rows=len(prompts))
         from memfit.core.spans import enable_spans, resolve_spans
 
         spans = resolve_spans(spans, method, budget)

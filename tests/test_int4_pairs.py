@@ -130,3 +130,40 @@ def test_kernel_equals_the_reference_on_the_gpu(out, inp, rows) -> None:
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
     again = int4_pairs.gemv(x, layer.codes_4, layer.scales, layer.offsets, 128)
     assert torch.equal(got, again)  # the split's fix-up adds in a fixed order: deterministic
+
+
+def test_the_kernel_follows_the_rows_unless_the_environment_says(monkeypatch) -> None:
+    from memfit.errors import ConfigError
+    from memfit.weights.format import int4_kernel_for
+
+    monkeypatch.delenv("MEMFIT_INT4_KERNEL", raising=False)
+    assert int4_kernel_for(1) == "pairs" and int4_kernel_for(4) == "tinygemm"
+    monkeypatch.setenv("MEMFIT_INT4_KERNEL", "tinygemm")
+    assert int4_kernel_for(1) == "tinygemm"
+    monkeypatch.setenv("MEMFIT_INT4_KERNEL", "fastest")
+    with pytest.raises(ConfigError, match="MEMFIT_INT4_KERNEL"):
+        int4_kernel_for(1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_batch_switches_the_layout_and_a_single_row_switches_back(monkeypatch) -> None:
+    """`make_cache(rows=...)` on the fast backend: several rows take torch's int4 layout, one row the pair order;
+    the layers convert in place and compute the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memfit.api import make_cache
+    from memfit.weights.base import quantize_model
+    from tests.conftest import TINY
+
+    monkeypatch.delenv("MEMFIT_INT4_KERNEL", raising=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**dict(TINY, hidden_size=256, intermediate_size=512, head_dim=64)))
+    model = quantize_model(model.eval(), "rtn:4").to("cuda", torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    want = layers[0].reference_forward(x.float())
+    for rows, layout in ((2, "tinygemm"), (1, "pairs"), (3, "tinygemm")):
+        make_cache(model, "full", None, backend="fast", rows=rows)
+        assert {m.kernel_layout for m in layers} == {layout}
+        torch.testing.assert_close(layers[0](x).float(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())

@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--grouped", action="store_true", help="also time q/k/v and gate/up as one matrix each")
     ap.add_argument("--tinygemm", action="store_true", help="also time torch's int4 matmul on the 4-bit layers")
     ap.add_argument("--gemlite", action="store_true", help="also time gemlite's 4-bit kernels (a baseline library)")
-    ap.add_argument("--pairs", default="", help="launch shapes of the pair-order 4-bit kernel at batch 1, "
+    ap.add_argument("--pairs", default="", help="launch shapes of the pair-order 4-bit kernel (every --rows), "
                     "';'-separated block_n,gpi,warps[,split] (split 0: automatic), or 'default'")
     ap.add_argument("--no-sweep", action="store_true", help="skip the group_gemv launch-shape sweep")
     ap.add_argument("--out", default="benchmarks/results/gemv_variants.jsonl")
@@ -140,7 +140,7 @@ def main() -> None:
                     except Exception as exc:  # noqa: BLE001 - no gemlite here is a row, not a crash
                         out.write({"spec": spec, "linear": name, "rows": m, "kind": "gemlite",
                                    "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-                if args.pairs and m == 1 and spec.startswith("rtn:4"):
+                if args.pairs and spec.startswith("rtn:4"):
                     for shape in args.pairs.split(";"):
                         if shape == "default":
                             cases.append(("pairs", {}, pairs_case(comp, x)))

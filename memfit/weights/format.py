@@ -708,20 +708,35 @@ def _side_terms(layer: CompressedLinear, x: torch.Tensor, x2: torch.Tensor, y: t
 INT4_KERNELS = ("pairs", "tinygemm", "none")
 
 
-def repack_for_decode(model: nn.Module, dtype: torch.dtype) -> int:
-    """Give every uniform 4-bit "group" layer of ``model`` a decode kernel's layout (the fast backend calls this on
-    CUDA; only for bf16 activations, both kernels' input type). Returns how many layers changed. The kernel:
-    ``MEMFIT_INT4_KERNEL`` = "pairs" (default: `memfit.kernels.int4_pairs`, the fastest at batch 1 on an H200,
-    benchmarks/results/gemv_pairs_h200.jsonl), "tinygemm" (torch's int4 matmul, faster for batches of several rows:
-    it serves up to 64 rows in one launch) or "none" (memfit's group kernel on its own bit stream, for A/B runs;
-    ``MEMFIT_TINYGEMM=0`` too). A layer the "pairs" kernel cannot serve tries tinygemm."""
+def int4_kernel_for(rows: int = 1) -> str:
+    """The decode kernel uniform 4-bit layers take for ``rows`` sequences decoding together: ``MEMFIT_INT4_KERNEL``
+    when set ("pairs", "tinygemm" or "none"), else "pairs" for one row (`memfit.kernels.int4_pairs`, the fastest at
+    batch 1 on an H200, benchmarks/results/gemv_pairs_h200.jsonl) and "tinygemm" for several (torch's int4 matmul
+    serves up to 64 rows in one launch; the pair kernel runs each row's programs separately)."""
     import os
 
-    kernel = os.environ.get("MEMFIT_INT4_KERNEL", "pairs")
-    if kernel not in INT4_KERNELS:
+    kernel = os.environ.get("MEMFIT_INT4_KERNEL", "")
+    if kernel and kernel not in INT4_KERNELS:
         raise ConfigError(f"MEMFIT_INT4_KERNEL={kernel!r}: expected one of {', '.join(INT4_KERNELS)}")
+    return kernel or ("pairs" if rows <= 1 else "tinygemm")
+
+
+def repack_for_decode(model: nn.Module, dtype: torch.dtype, rows: int = 1) -> int:
+    """Give every uniform 4-bit "group" layer of ``model`` the layout of the decode kernel `int4_kernel_for(rows)`
+    picks (the fast backend calls this on CUDA; only for bf16 activations, both kernels' input type), converting
+    layers held in the other one. Returns how many layers hold a kernel layout. "none" (or ``MEMFIT_TINYGEMM=0``)
+    keeps memfit's general Triton kernel (for A/B runs). A layer the pair kernel cannot serve tries tinygemm."""
+    import os
+
+    kernel = int4_kernel_for(rows)
     if dtype != torch.bfloat16 or kernel == "none" or os.environ.get("MEMFIT_TINYGEMM", "1") == "0":
         return 0
     order = ("pairs", "tinygemm") if kernel == "pairs" else ("tinygemm",)
-    return sum(any(m.repack_for_kernel(kernel=k) for k in order)
-               for m in model.modules() if isinstance(m, CompressedLinear))
+    count = 0
+    for m in model.modules():
+        if not isinstance(m, CompressedLinear):
+            continue
+        if m.kernel_layout is not None and m.kernel_layout != kernel:
+            m.canonical_layout()  # held for the other kernel (an earlier call with another batch size)
+        count += any(m.repack_for_kernel(kernel=k) for k in order)
+    return count
