@@ -322,9 +322,19 @@ def run(
         f"prefill {result.prefill_seconds:.2f} s · decode {result.decode_tokens_per_second:.1f} tok/s"
         + (f" ({result.decode_steady_tokens_per_second:.1f} after {result.decode_setup_seconds:.2f} s of graph "
            "set-up)" if result.decode_steady_tokens_per_second else "")
-        + (f" · weights {result.weights} {format_bytes(result.weight_bytes)}" if result.weights != "none" else ""),
+        + (f" · weights {result.weights} {format_bytes(result.weight_bytes)}" if result.weights != "none" else "")
+        + _kernel_note(result.weight_kernels),
         highlight=False,
     )
+
+
+def _kernel_note(kernels: dict[str, Any] | None) -> str:
+    """" (pairs 224)" — which decode paths the compressed layers took; a kernel failure is said in full."""
+    if not kernels:
+        return ""
+    paths = ", ".join(f"{k} {v}" for k, v in kernels.items() if k != "kernel_error")
+    error = kernels.get("kernel_error")
+    return f" ({paths})" + (f" · weight kernel failed: {error}" if error else "")
 
 
 def _reject_with_kv(**given: bool) -> None:

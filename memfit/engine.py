@@ -325,6 +325,7 @@ class RunResult:
     prefill_lse_kernel: str | None = None
     weights: str = "none"  # the weight method the model's linear layers carry (memfit.weights), or none
     weight_bytes: int = 0  # bytes of every parameter and buffer of the model (packed codes as stored)
+    weight_kernels: dict[str, Any] | None = None  # compressed layers per decode path (memfit.weights.format)
     offload: dict[str, Any] | None = None  # weight streaming counters (memfit.offload) with --weights-memory
     predicted_peak_memory_bytes: int | None = None  # memfit.plan's prediction for this run (beside the measured)
     predicted: dict[str, Any] | None = None  # its parts: weights, KV, activations, runtime
@@ -464,6 +465,7 @@ def run(
         prefill_lse_kernel=cache.core.prefill_lse_kernel,
         weights=getattr(mdl, "memfit_weights", "") or "none",
         weight_bytes=_weight_bytes(mdl),
+        weight_kernels=_weight_kernels(mdl),
         offload=None if offload is None else offload.report(),
         predicted_peak_memory_bytes=None if predicted is None else predicted["peak_bytes"],
         predicted=predicted,
@@ -485,6 +487,12 @@ def _predict(mdl: torch.nn.Module, method: str, budget: Any, params: Any, mask: 
                            offload=offload, spans=spans).to_dict()
     except Exception:  # noqa: BLE001
         return None
+
+
+def _weight_kernels(model: torch.nn.Module) -> dict[str, Any] | None:
+    from memfit.weights.format import decode_kernels
+
+    return decode_kernels(model)
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:

@@ -323,6 +323,8 @@ def test_cli_quantize_then_run_the_saved_folder(monkeypatch, capsys, tmp_path):
     assert code == 0, err
     res = json.loads(out)
     assert res["weights"] == "gqsa:3" and res["weight_bytes"] == info["weight_bytes"]
+    n_linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1  # all but the head
+    assert res["weight_kernels"] == {"reference": n_linears}  # a CPU: every layer multiplies in plain PyTorch
     code, _, err = _cli(monkeypatch, capsys, "quantize", "--model", str(src), "--method", "rtn",
                         "--out", str(tmp_path / "q"))
     assert code == 2 and "not an empty folder" in err

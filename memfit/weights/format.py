@@ -495,6 +495,33 @@ class CompressedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def decode_kernels(model: nn.Module) -> dict[str, Any] | None:
+    """How the model's compressed layers multiply a decode step's rows here: layers per path ("pairs" and
+    "tinygemm": the 4-bit kernels' layouts; "triton-group": memfit's general kernel; "reference": plain PyTorch,
+    on CPUs and where no kernel serves), plus "kernel_error" when the Triton kernel failed in this process (every
+    layer then takes the reference). None for a model with no compressed layer. `--json` reports it as
+    ``weight_kernels``."""
+    from memfit import kernels
+
+    counts: dict[str, Any] = {}
+    for m in model.modules():
+        if not isinstance(m, CompressedLinear):
+            continue
+        if m.kernel_layout is not None and not (_KERNEL_FAILED and m.kernel_layout == "pairs"):
+            path = m.kernel_layout
+        elif (m.fmt == "group" and m.scales.device.type == "cuda" and kernels.available() and not _KERNEL_FAILED
+              and _group_buckets(m) is not None):
+            path = "triton-group"
+        else:
+            path = "reference"
+        counts[path] = counts.get(path, 0) + 1
+    if not counts:
+        return None
+    if _KERNEL_FAILED:
+        counts["kernel_error"] = _KERNEL_FAILED[0]
+    return counts
+
+
 def model_weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer the model holds (tied tensors counted once): what the weights cost."""
     seen: dict[int, int] = {}
