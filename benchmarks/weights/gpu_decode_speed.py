@@ -91,6 +91,7 @@ def main() -> None:
                 "kind": "memfit", "weights": spec, "method": r["method"], "context": r["prompt_tokens"],
                 "new_tokens": r["generated_tokens"], "backend": r["backend"], "backend_reason": r["backend_reason"],
                 "cuda_graphs": r["cuda_graphs"], "kernel_fallback": r["kernel_fallback"],
+                "weight_kernels": r.get("weight_kernels"),
                 "decode_tokens_per_second": tok_s, "decode_ms_per_token": 1000 / tok_s if tok_s else None,
                 "weight_bytes": r["weight_bytes"], "kv_bytes_held": r["kv_bytes_held"], "bytes_read_per_step": read,
                 "roofline_tokens_per_second": roof, "roofline_fraction": tok_s / roof,
