@@ -25,10 +25,11 @@ launch shape takes 5.32 ms against 40.5 ms for the tl.dot one and 4.00 ms for to
 times the bytes: the kernel is bound by unpacking codes, not by memory.
 
 Why our own kernel: the format's per-group widths (SliM-LLM's mixed precision) and its bit-stream packing are
-ours; torchao's int4 / HQQ / gemlite kernels each want their own uniform-width layout. Uniform 4-bit layers do take
-one of them on the fast backend: torch's built-in int4 matmul (`memfit.kernels.tinygemm`), their codes reordered in
-place once per load (no second copy; 2.27 ms against this kernel's 5.64 ms for one token's linears). Every other
-width, and mixed widths, run here.
+ours; torchao's int4 / HQQ / gemlite kernels each want their own uniform-width layout. Uniform 4-bit layers of bf16
+models take a dedicated kernel on the fast backend, their codes reordered in place (no second copy):
+`memfit.kernels.int4_pairs` for one decode row (1.52 ms for one token's linears), torch's built-in int4 matmul
+(`memfit.kernels.tinygemm`, 2.03 ms) for several (benchmarks/results/gemv_pairs_rows_h200.jsonl; this kernel: 4.71 ms
+there). Every other width, and mixed widths, run here.
 
 Reference (and the fallback for prefill-sized inputs, where dequantizing a band and calling the dense matmul is
 faster): `CompressedLinear.reference_forward`. Tested against it in Triton's CPU interpreter
