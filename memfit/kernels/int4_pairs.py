@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from memfit.kernels.tinygemm import _nibbles  # a byte's low nibble, then its high one
+
 GROUP_SIZES = (32, 64, 128, 256)
 MAX_ROWS = 64  # input rows served (decode); more (prefill) dequantize a band for the dense matmul
 TARGET_PROGRAMS = 1024  # split the input dimension until about this many programs run per input row
@@ -37,13 +39,8 @@ def launch_shape(out_features: int, in_features: int) -> tuple[int, int, int, in
     return 16, 8, 4, 1
 
 
-def _nibbles(data: torch.Tensor) -> torch.Tensor:
-    """uint8 (n, b) -> its nibbles (n, 2 b), each byte's low nibble first (little-endian words: nibble j of a word
-    is bits 4j..4j+3)."""
-    return torch.stack([data & 15, data >> 4], -1).view(data.shape[0], -1)
-
-
 def _bytes(nib: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tinygemm._nibbles` for (n, 2 b) nibbles: low nibble first."""
     return (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)
 
 
@@ -52,14 +49,14 @@ def to_pairs(codes: torch.Tensor) -> torch.Tensor:
     32 codes (four words), input pair p = 4 i + j (codes 2p, 2p + 1) goes to word j, nibbles i and 4 + i: the kernel
     unpacks pair i of four consecutive words against four consecutive input pairs."""
     n = codes.shape[0]
-    c = _nibbles(codes).view(n, -1, 4, 4, 2)  # (row, block, i, j, half)
+    c = _nibbles(codes).reshape(n, -1, 4, 4, 2)  # (row, block, i, j, half)
     return _bytes(c.permute(0, 1, 3, 4, 2).reshape(n, -1))  # (row, block, j, half, i): nibble 4 * half + i of word j
 
 
 def from_pairs(codes: torch.Tensor) -> torch.Tensor:
     """Undo `to_pairs`."""
     n = codes.shape[0]
-    c = _nibbles(codes).view(n, -1, 4, 2, 4)  # (row, block, j, half, i)
+    c = _nibbles(codes).reshape(n, -1, 4, 2, 4)  # (row, block, j, half, i)
     return _bytes(c.permute(0, 1, 4, 2, 3).reshape(n, -1))
 
 
