@@ -39,6 +39,24 @@ def launch_shape(out_features: int, in_features: int) -> tuple[int, int, int, in
     return 16, 8, 4, 1
 
 
+def resolve_launch(n: int, k_in: int, group_size: int, block_n: int | None = None, gpi: int | None = None,
+                   num_warps: int | None = None, split: int | None = None) -> tuple[int, int, int, int, int]:
+    """(rows per program, groups per iteration, warps, split, iterations) of a launch: `launch_shape`'s defaults
+    where not given, groups per iteration halved until they divide the groups, the split chosen for about
+    `TARGET_PROGRAMS` programs where neither the caller nor the shape fixes it."""
+    bn0, g0, w0, split0 = launch_shape(n, k_in)
+    bn, g = block_n or bn0, gpi or g0
+    if split is None and block_n is None:
+        split = split0
+    n_groups = k_in // group_size
+    while n_groups % g:
+        g //= 2
+    n_iters = n_groups // g
+    if split is None:
+        split = max(1, min(n_iters, TARGET_PROGRAMS // -(-n // bn)))
+    return bn, g, num_warps or w0, split, n_iters
+
+
 def _bytes(nib: torch.Tensor) -> torch.Tensor:
     """Inverse of `tinygemm._nibbles` for (n, 2 b) nibbles: low nibble first."""
     return (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8)
@@ -93,18 +111,8 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: to
         raise ValueError(f"int4_pairs.gemv takes 1..{MAX_ROWS} bf16 input rows")
     m = x.shape[0]
     n, half = codes.shape
-    k_in = 2 * half
-    n_groups = k_in // group_size
-    bn0, g0, w0, split0 = launch_shape(n, k_in)
-    bn, g = block_n or bn0, gpi or g0
-    if split is None and block_n is None:
-        split = split0
-    while n_groups % g:
-        g //= 2
-    n_iters = n_groups // g
+    bn, g, warps, split, n_iters = resolve_launch(n, 2 * half, group_size, block_n, gpi, num_warps, split)
     n_blocks = -(-n // bn)
-    if split is None:
-        split = max(1, min(n_iters, TARGET_PROGRAMS // n_blocks))
     x = x.contiguous()
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     part = torch.empty(m * split if split > 1 else 1, n, device=x.device, dtype=torch.float32)
@@ -113,6 +121,6 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: to
     K.int4_pairs_gemv_kernel[(m, n_blocks, split)](
         x.view(torch.int32), codes.view(torch.int32), scales, offsets, y, part, count,
         n, n_iters, n_blocks, x.stride(0) // 2, half // 4, scales.stride(0), y.stride(0),
-        G=group_size, BLOCK_N=bn, GPI=g, SPLIT=split, USE_ASM=asm, num_warps=num_warps or w0,
+        G=group_size, BLOCK_N=bn, GPI=g, SPLIT=split, USE_ASM=asm, num_warps=warps,
     )
     return y
