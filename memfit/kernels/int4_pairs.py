@@ -4,8 +4,9 @@ Why: at batch 1 a 4-bit matmul reads a quarter of the bf16 bytes, but a kernel t
 (shift, mask, convert, scale) issues ~5 instructions per weight and stays far from the memory bandwidth (memfit's
 `group_gemv`, torch's int4 "tinygemm" at 44 % of an H200's copy bandwidth). Here two codes become a bf16 pair with one
 LOP3 (OR-ing them into the mantissa of 128.0), one bf16x2 FMA re-centres the pair exactly and a second multiplies it
-by two inputs: ~2.25 instructions per weight for that part, 3.1-3.4 for the whole compiled loop (counted from its
-sm_90 SASS, loads and scales included) against ~10.7 for `group_gemv`'s one-row form (`_int4_pairs_kernel`).
+by two inputs: ~2.25 instructions per weight for that part, 2.8-3.1 for the whole compiled loop (counted from its
+sm_90 SASS, loads and scales included, benchmarks/weights/int4_sass.py) against ~10.7 for `group_gemv`'s one-row
+form (`_int4_pairs_kernel`).
 
 Layout ("pair order"): the same bytes as memfit's 4-bit stream, (out, in / 2) uint8, reordered inside each block of
 32 codes (four 32-bit words): input pair p = 4 i + j (codes 2p, 2p + 1) sits in word j, nibbles i and 4 + i, so the
