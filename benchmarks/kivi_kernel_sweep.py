@@ -24,6 +24,7 @@ from runtime_gpu import copy_bandwidth  # the same measure as the product-path t
 
 from memfit.bench.provenance import ResultWriter
 from memfit.kernels import kivi_attention as KA
+from memfit.kernels import kivi_planes as KP
 from memfit.kernels import reference as REF
 
 HQ, HKV, D, GROUP, RESIDUAL = 32, 8, 128, 32, 128
@@ -108,6 +109,22 @@ def case(batch: int, tokens: int, bits: int, device: torch.device, seed: int = 0
     return q, kc, ks, kz, vc, vs, vz, kr, vr, nq, nr
 
 
+def planes_call(args: tuple, bits: int, warps: int, convert: bool):
+    """The integer-dot kernel over the same codes in plane order (`layout="planes"`, MEMFIT_KIVI_PLANES_WARPS):
+    converted (for the check) or the same bytes seen in the plane shape (for timing: the values do not matter)."""
+    import os
+
+    q, kc, ks, kz, vc, vs, vz, kr, vr, nq, nr = args
+    b, h, t = vc.shape[:3]
+    if convert:
+        kc, vc = KP.keys_to_planes(kc, bits), KP.values_to_planes(vc, bits)
+    else:
+        vc = vc.view(b, h, t // KP.block_tokens(bits), D, 16)
+    os.environ["MEMFIT_KIVI_PLANES_WARPS"] = str(warps)
+    return functools.partial(KA.kivi_decode_attention, q, kc, ks, kz, vc, vs, vz, kr, vr, nq, nr, bits=bits,
+                             group_size=GROUP, scale=D**-0.5, layout="planes")
+
+
 def name_of(spec: tuple[int, ...]) -> str:
     full = tuple(spec) + (2, 1)[len(spec) - 2:] if len(spec) < 4 else tuple(spec)
     for name, v in KA.VARIANTS.items():
@@ -125,6 +142,8 @@ def main() -> int:
     p.add_argument("--print-best", action="store_true")
     p.add_argument("--sass", action="store_true", help="also record each variant's registers and spills (kind 'sass' rows)")
     p.add_argument("--variants", default=None, help="only these (names or path,warps,groups,stages), ';'-separated")
+    p.add_argument("--planes", default="", help="also the integer-dot kernel over plane-order codes at these "
+                   "num_warps (comma-separated), rows with variant 'planes-wN'")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("error: needs a CUDA device (the kernels' speed is what this measures)", file=sys.stderr)
@@ -158,10 +177,33 @@ def main() -> int:
                              **instruction_mix(spec, bits, args)})
                 w.write({"kind": "check", "variant": name_of(spec), "spec": list(spec), "bits": bits,
                          "max_abs_err_vs_ref": err, "passed": ok[(bits, spec)]})
+        planes = [int(x) for x in a.planes.split(",") if x]
+        for bits in bits_list:
+            args = case(3, 1024, bits, dev, seed=bits)
+            args[9][1] = 512
+            args[10][2] = 37
+            ref = REF.kivi_decode_attention_ref(args[0].float(), *args[1:], bits=bits, group_size=GROUP, scale=scale)
+            for warps in planes:
+                try:
+                    err = (planes_call(args, bits, warps, True)().float() - ref).abs().max().item()
+                except Exception as e:  # noqa: BLE001 - reported, not fatal
+                    err = float("nan")
+                    w.write({"kind": "check", "variant": f"planes-w{warps}", "bits": bits,
+                             "error": f"{type(e).__name__}: {e}"[:300]})
+                ok[(bits, ("planes", warps))] = err < 5e-2
+                w.write({"kind": "check", "variant": f"planes-w{warps}", "bits": bits, "max_abs_err_vs_ref": err,
+                         "passed": ok[(bits, ("planes", warps))]})
         for batch, tokens in shapes:
             for bits in bits_list:
                 args = case(batch, tokens, bits, dev)
                 nbytes = sum(t.numel() * t.element_size() for t in args[1:9])
+                for warps in planes:
+                    if not ok[(bits, ("planes", warps))]:
+                        continue
+                    us = replay_us(planes_call(args, bits, warps, False))
+                    w.write({"kind": "kernel", "variant": f"planes-w{warps}", "bits": bits, "batch": batch,
+                             "tokens": tokens, "kernel_us": us, "cache_bytes": nbytes, "gbps": nbytes / us / 1e3,
+                             "bw_fraction": nbytes / (us * 1e-6) / bw})
                 for spec in SWEEP:
                     if not ok[(bits, spec)]:
                         continue

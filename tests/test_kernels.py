@@ -327,6 +327,73 @@ def test_kivi_kernel_matches_reference(device, bits, packed, request):
 
 
 @pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("append", [False, True])
+def test_kivi_plane_kernel_matches_reference(device, bits, append, request):
+    """The integer-dot kernel over plane-order codes (`layout="planes"`) against the reference on the canonical
+    codes: same rows (residual empty / partial / full), with and without the fused append. q x key scale and
+    p x value scale are rounded to int8 (one scale per row): held to the bf16 tiles' bound."""
+    from memfit.kernels import kivi_planes as P
+    from memfit.kernels.kivi_attention import kivi_decode_attention
+
+    s = _setup(device, request)
+    g, scale = 32, s.d**-0.5
+    worst = 0.0
+    for seed in range(s.seeds):
+        q, qk, qv, kr, vr = _kivi_case(s.b, s.hq, s.hkv, s.d, s.cq, s.r, bits, g, s.dtype, s.dev, seed=seed + 10 * bits)
+        n_q, n_r = _kivi_lengths(s, g)
+        kc, vc = P.keys_to_planes(qk.codes, bits), P.values_to_planes(qv.codes, bits)
+        extra, kn, vn = {}, None, None
+        if append:
+            gen = torch.Generator().manual_seed(seed)
+            kn = torch.randn(s.b, s.hkv, s.d, generator=gen).to(s.dev, s.dtype)
+            vn = torch.randn(s.b, s.hkv, s.d, generator=gen).to(s.dev, s.dtype)
+            slot = (n_r - 1).clamp(min=0)
+            n_r = torch.where(n_r > 0, n_r, torch.ones_like(n_r))
+            extra = dict(k_new=kn, v_new=vn, append_at=slot)
+            kr_ref, vr_ref = kr.clone(), vr.clone()
+            for i in range(s.b):
+                kr_ref[i, :, slot[i]], vr_ref[i, :, slot[i]] = kn[i], vn[i]
+        else:
+            kr_ref, vr_ref = kr, vr
+        ref = R.kivi_decode_attention_ref(q.float(), qk.codes, qk.scales, qk.zeros, qv.codes, qv.scales, qv.zeros,
+                                          kr_ref, vr_ref, n_q, n_r, bits=bits, group_size=g, scale=scale)
+        out = torch.full_like(q, float("nan"))
+        kivi_decode_attention(q, kc, qk.scales, qk.zeros, vc, qv.scales, qv.zeros, kr, vr, n_q, n_r, bits=bits,
+                              group_size=g, scale=scale, block_t=s.block_t, out=out, layout="planes", **extra)
+        worst = max(worst, _assert_close(out, ref, s.dtype))
+        if append:  # the new token was written into its residual slot
+            for i in range(s.b):
+                assert torch.equal(kr[i, :, slot[i]], kn[i]) and torch.equal(vr[i, :, slot[i]], vn[i])
+    _report("kivi_decode_attention_planes", device=device, bits=bits, append=append, dtype=str(s.dtype),
+            shape=[s.b, s.hq, s.hkv, s.d, s.cq, s.r], max_rel_err=worst, tol=_tolerance(s.dtype))
+
+
+def test_kivi_planes_round_trip_and_token_places():
+    """Plane order holds the same codes: back to canonical bit-exact, and each token's code where `token_place`
+    says."""
+    from memfit.kernels import kivi_planes as P
+
+    for bits in (2, 4):
+        cpb, x = 8 // bits, torch.randn(2, 3, 128, 64)
+        qk, qv = quantize(x, bits, "token", 32), quantize(x, bits, "channel", 32)
+        kp, vp = P.keys_to_planes(qk.codes, bits), P.values_to_planes(qv.codes, bits)
+        assert kp.shape == qk.codes.shape and vp.numel() == qv.codes.numel()
+        assert torch.equal(P.keys_from_planes(kp, bits), qk.codes)
+        assert torch.equal(P.values_from_planes(vp, bits), qv.codes)
+        fields = torch.arange(cpb) * bits
+        kt = ((qk.codes.int()[..., None, :] >> fields[:, None]) & ((1 << bits) - 1)).reshape(2, 3, 128, 64)
+        vt = ((qv.codes.int()[..., None] >> fields) & ((1 << bits) - 1)).reshape(2, 3, 128, 64)
+        t = torch.arange(128)
+        row, sh = P.token_place(t, bits)
+        assert torch.equal((kp.int()[:, :, row] >> sh[:, None]) & ((1 << bits) - 1), kt)
+        vbytes = vp.int()[:, :, t // (16 * cpb), :, t % 16]  # advanced indices first: (128, 2, 3, 64)
+        assert torch.equal(((vbytes >> sh[:, None, None, None]) & ((1 << bits) - 1)).permute(1, 2, 0, 3), vt)
+        with pytest.raises(ValueError, match="plane blocks"):
+            P.keys_to_planes(qk.codes[:, :, :1], bits)
+
+
+@pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("packed", ["packed", "packed32", "pipe", "half"])
 def test_kivi_kernel_appends_new_token(device, packed, request):
     """k_new / v_new are written into residual slot n_r - 1 (split 0 stores them) and used for that slot."""

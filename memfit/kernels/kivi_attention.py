@@ -193,6 +193,7 @@ def _launch(
     append_at=None,
     packed=None,
     combine=True,
+    layout="canonical",
 ):
     """Launch the split kernel (+ the combine kernel). Returns (out, pml, splits)."""
     from memfit.kernels import _decode_kernels as K
@@ -235,17 +236,20 @@ def _launch(
         if ks.stride() != kz.stride() or vs.stride() != vz.stride():
             raise ValueError("scales and zeros must share strides")
         cap_q = ks.shape[2] * group_size
-        if (
-            kc.shape[2] * cpb != cap_q
-            or vc.shape[2] != cap_q
-            or vc.shape[3] * cpb != d
-            or vs.shape[3] * group_size != d
-        ):
-            raise ValueError("packed key/value shapes do not match the KIVI layout for these bits / group size")
+        if layout == "planes":
+            if bits not in (2, 4) or group_size % 16 or store_logits:
+                raise ValueError("plane-order codes need 2 or 4 bits, groups of a multiple of 16 tokens, no logits")
+            vshape_ok = vc.dim() == 5 and vc.shape[2] * 16 * cpb == cap_q and tuple(vc.shape[3:]) == (d, 16)
+        else:
+            vshape_ok = vc.dim() == 4 and vc.shape[2] == cap_q and vc.shape[3] * cpb == d
+        if kc.shape[2] * cpb != cap_q or not vshape_ok or vs.shape[3] * group_size != d:
+            raise ValueError(f"packed key/value shapes do not match the KIVI {layout} layout for these bits / group size")
     else:
         kc = ks = kz = vc = vs = vz = k_res
         cap_q = 0
-    if packed is None:
+    if layout == "planes":
+        spec = (9, int(os.environ.get("MEMFIT_KIVI_PLANES_WARPS", "1")))
+    elif packed is None:
         spec = _policy(b * hkv, bits, q.dtype)
     elif isinstance(packed, str):
         spec = VARIANTS[packed]
@@ -256,10 +260,12 @@ def _launch(
     path, warps = int(spec[0]), int(spec[1])
     tile_groups = int(spec[2]) if len(spec) > 2 else 2
     stages = int(spec[3]) if len(spec) > 3 else 1
-    if path not in (0, 1, 2, 3, 4, 7, 8) or warps not in (1, 2, 4, 8, 16) or tile_groups < 2 or stages < 1:
+    if path not in ((9,) if layout == "planes" else (0, 1, 2, 3, 4, 7, 8)) or warps not in (1, 2, 4, 8, 16) or tile_groups < 2 or stages < 1:
         raise ValueError(f"bad kernel variant {spec}: (path 0-4, 7, 8; num_warps 1-16, scale groups per tile >= 2, stages >= 1)")
     if quant is not None:
         qblock = max(tile_groups * group_size, 16)  # >= two scale groups per tile (no size-1 ranges); "fold": one
+        if path == 9:  # the "i8" tile's own size: splits start on its tiles
+            qblock = i8_shape(g, d, group_size)[1] * group_size
         if block_t % qblock:
             block_t = qblock * max(1, -(-block_t // qblock))
     capacity = cap_q + k_res.shape[2]
@@ -284,6 +290,29 @@ def _launch(
     pml = torch.empty(b * hkv * splits * 2 * gp, dtype=torch.float32, device=dev)
     lg = logits if logits is not None else po
     s_lg = (logits.stride(0), logits.stride(1)) if logits is not None else (0, 0)
+    if path == 9:
+        _launch_i8(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn, app, s_apb, s_aph, scale, tps,
+                   splits, hkv, g, gp, d, bits, group_size, block_t, append, warps, stages)
+    else:
+        _launch_split(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, lg, kn, vn, app, s_apb, s_aph, s_lg,
+                      scale, tps, splits, hkv, g, gp, d, bits, group_size, block_t, qblock, quant is not None,
+                      store_logits, append, path, warps, stages)
+    if out is None:
+        out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
+    if combine:
+        K._combine_kernel[(b * hkv, g)](
+            po, pml, out, splits, out.stride(0), out.stride(1),
+            HKV=hkv, GQ=g, GP=gp, D=d, SP=max(2, triton_next_pow2(splits)), num_warps=4,
+        )  # fmt: skip
+    return out, pml, splits, gp
+
+
+def _launch_split(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, lg, kn, vn, app, s_apb, s_aph, s_lg,
+                  scale, tps, splits, hkv, g, gp, d, bits, group_size, block_t, qblock, has_quant, store_logits,
+                  append, path, warps, stages):
+    from memfit.kernels import _decode_kernels as K
+
+    b = q.shape[0]
     K._split_kernel[(b * hkv, splits)](
         q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, lg, kn, vn, app,
         scale * _LOG2E, tps, splits,
@@ -295,17 +324,36 @@ def _launch(
         s_lg[0], s_lg[1],
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), s_apb, s_aph,
         HKV=hkv, GQ=g, GP=gp, D=d, BITS=bits, GROUP=group_size, BLOCK_T=block_t, QBLOCK=qblock,
-        HAS_QUANT=quant is not None, STORE_LOGITS=store_logits, APPEND=append, PACKED=path,
-        NSTAGES=stages if quant is not None else 1, num_warps=warps if quant is not None else 4,
+        HAS_QUANT=has_quant, STORE_LOGITS=store_logits, APPEND=append, PACKED=path,
+        NSTAGES=stages if has_quant else 1, num_warps=warps if has_quant else 4,
     )  # fmt: skip
-    if out is None:
-        out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
-    if combine:
-        K._combine_kernel[(b * hkv, g)](
-            po, pml, out, splits, out.stride(0), out.stride(1),
-            HKV=hkv, GQ=g, GP=gp, D=d, SP=max(2, triton_next_pow2(splits)), num_warps=4,
-        )  # fmt: skip
-    return out, pml, splits, gp
+
+
+def i8_shape(gq: int, d: int, group_size: int) -> tuple[int, int]:
+    """(GQP, TG) of the plane-order tile: query rows padded to a power of two (and so that the value dot's GQP x
+    d / group_size rows are at least 16) and scale groups per tile (the key dot's GQP x TG rows at least 16)."""
+    gqp = max(triton_next_pow2(gq), -(-16 // (d // group_size)))
+    return gqp, max(1, 16 // gqp)
+
+
+def _launch_i8(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn, app, s_apb, s_aph, scale, tps,
+               splits, hkv, g, gp, d, bits, group_size, block_t, append, warps, stages):
+    from memfit.kernels import _kivi_i8_kernel as K8
+
+    b = q.shape[0]
+    gqp, tg = i8_shape(g, d, group_size)
+    K8._split_kernel_i8[(b * hkv, splits)](
+        q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn, app,
+        scale * _LOG2E, tps, splits,
+        q.stride(0), q.stride(1),
+        kc.stride(0), kc.stride(1), ks.stride(0), ks.stride(1),
+        vc.stride(0), vc.stride(1), vs.stride(0), vs.stride(1),
+        k_res.stride(0), k_res.stride(1), k_res.stride(2),
+        v_res.stride(0), v_res.stride(1), v_res.stride(2),
+        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), s_apb, s_aph,
+        HKV=hkv, GQ=g, GQP=gqp, GP=gp, D=d, BITS=bits, GROUP=group_size, TG=tg, BLOCK_T=32,
+        APPEND=append, USE_ASM=q.is_cuda, NSTAGES=stages, num_warps=warps,
+    )  # fmt: skip
 
 
 def triton_next_pow2(n: int) -> int:
@@ -335,8 +383,12 @@ def kivi_decode_attention(
     num_splits: int | None = None,
     packed: bool | str | tuple[int, ...] | None = None,
     out: torch.Tensor | None = None,
+    layout: str = "canonical",
 ) -> torch.Tensor:
     """Attention (B, Hq, d) of q (B, Hq, d) over n_q packed tokens + n_r residual tokens per row.
+
+    `layout="planes"`: the codes are in `memfit.kernels.kivi_planes` order (values (B, Hkv, Cq / (16 * CPB), d, 16))
+    and the integer-dot kernel reads them (2 and 4 bits).
 
     `packed`: the quantized-tile code path, a name from `VARIANTS` ("fold", "packed", "gather", ...), True / False
     (packed / gather) or None (``packed_policy``).
@@ -349,7 +401,7 @@ def kivi_decode_attention(
     return _launch(
         q, k_res, v_res, n_q, n_r, (k_codes, k_scales, k_zeros, v_codes, v_scales, v_zeros), scale,
         bits=bits, group_size=group_size, block_t=block_t, num_splits=num_splits, out=out,
-        k_new=k_new, v_new=v_new, append_at=append_at, packed=packed,
+        k_new=k_new, v_new=v_new, append_at=append_at, packed=packed, layout=layout,
     )[0]  # fmt: skip
 
 
