@@ -45,13 +45,18 @@ def _segments(side) -> QuantizedTensor:
     return QuantizedTensor.concat([s.qt for s in side.segments])
 
 
-@pytest.mark.parametrize("bits, sliding, prompt", [(2, False, 37), (4, False, 5), (2, True, 37), (2, True, 13)])
-def test_store_matches_portable_store_bit_for_bit(bits, sliding, prompt):
+@pytest.mark.parametrize("bits, sliding, prompt, layout", [
+    (2, False, 37, "canonical"), (4, False, 5, "canonical"), (2, True, 37, "canonical"), (2, True, 13, "canonical"),
+    (2, False, 37, "planes"), (4, False, 70, "planes"), (2, True, 45, "planes")])
+def test_store_matches_portable_store_bit_for_bit(bits, sliding, prompt, layout, monkeypatch):
     """Same keys, values and queries into both stores: outputs within fp32 summation-order error every step, and afterwards the
-    same codes, scales, zeros (bit-identical) and residuals; the host mirrors equal the device counters."""
-    form = KIVIForm(bits, G, R, sliding)
+    same codes, scales, zeros (bit-identical) and residuals; the host mirrors equal the device counters. Plane order
+    (the codes the plane-order kernel reads, `memfit.kernels.kivi_planes`) needs 16-token groups: larger shapes."""
+    monkeypatch.setenv("MEMFIT_KIVI_LAYOUT", layout)
+    g, r, d = (G, R, 16) if layout == "canonical" else (16, 32, 32)
+    form = KIVIForm(bits, g, r, sliding)
     gen = torch.Generator().manual_seed(bits + prompt)
-    b, hkv, hq, d = 2, 2, 4, 16
+    b, hkv, hq = 2, 2, 4
     fast, port = StaticKIVILayer(0, form, reserve=8), _portable_kivi_layer(form)  # reserve 8 < steps: it grows
     scale = d**-0.5
 
@@ -68,16 +73,17 @@ def test_store_matches_portable_store_bit_for_bit(bits, sliding, prompt):
         return outs
 
     step(prompt, True)
-    for i in range(3 * R + 5):
+    for i in range(3 * r + 5):
         a, p = step(1, False)
         # the two stores sum the same fp32 terms in different orders (static slots vs segments), and how far that
         # moves an output depends on the CPU's matmul kernels: 3e-5 relative on one CI machine. One token more or
         # less moves these outputs by ~1e-2 or more, and the codes below must still be bit-identical.
         torch.testing.assert_close(a, p, rtol=1e-4, atol=1e-5)
         assert fast.frozen and fast.used_nbytes() == port.nbytes(), i
+        assert fast.layout == layout
     assert fast.capacity > prompt + 8  # grew past the reserve
     assert (int(fast.t_dev), int(fast.qk_dev), int(fast.qv_dev)) == (fast.length, fast.qk, fast.qv)
-    assert fast.qk >= R and fast.qv > 3 * R  # several flushes on both sides
+    assert fast.qk >= r and fast.qv > 3 * r  # several flushes on both sides
     fast.unfreeze()
     for a_side, p_side in ((fast.k, port.k), (fast.v, port.v)):
         assert (a_side.slots, a_side.q, a_side.residual_len) == (p_side.slots, p_side.q, p_side.residual_len)
@@ -210,12 +216,14 @@ except ImportError:  # pragma: no cover
 
 @pytest.mark.skipif(not _INTERPRET, reason="needs triton >= 3.8 (its CPU interpreter) and no CUDA device")
 @pytest.mark.parametrize("sliding", [False, True])
-def test_kernel_reads_the_store_layout(sliding, interpreter_dtype):
+@pytest.mark.parametrize("layout", ["canonical", "planes"])
+def test_kernel_reads_the_store_layout(sliding, layout, interpreter_dtype, monkeypatch):
     """The store's buffers after a decode (codes for n_q = T + 1 - W tokens, not a group boundary, then a full ring)
     through the Triton kernel equal its reference."""
     from memfit.kernels.kivi_attention import kivi_decode_attention
     from memfit.kernels.reference import kivi_decode_attention_ref
 
+    monkeypatch.setenv("MEMFIT_KIVI_LAYOUT", layout)
     dtype = interpreter_dtype
     g, r, d = 16, 32, 32
     form = KIVIForm(2, g, r, sliding)
@@ -234,9 +242,11 @@ def test_kernel_reads_the_store_layout(sliding, interpreter_dtype):
     n_q = torch.tensor([layer.length - form.ring], dtype=torch.int32)
     n_r = torch.tensor([form.ring], dtype=torch.int32)
     assert int(n_q) % g  # not a group boundary
+    assert layer.layout == layout
     args = (bufs["kc"], bufs["ks"], bufs["kz"], bufs["vc"], bufs["vs"], bufs["vz"], bufs["kr"], bufs["vr"], n_q, n_r)
-    ref = kivi_decode_attention_ref(q.float(), *args, bits=2, group_size=g, scale=d**-0.5)
-    out = kivi_decode_attention(q, *args, bits=2, group_size=g, scale=d**-0.5)
+    kc, vc = layer._canonical_codes(layer.capacity, layer.capacity)
+    ref = kivi_decode_attention_ref(q.float(), kc, *args[1:3], vc, *args[4:], bits=2, group_size=g, scale=d**-0.5)
+    out = kivi_decode_attention(q, *args, bits=2, group_size=g, scale=d**-0.5, layout=layout)
     _assert_close(out, ref, dtype)
     # and it is what the store's own attention computes (the reference path on the CPU)
     torch.testing.assert_close(layer.attend(q[:, :, None], d**-0.5)[:, :, 0].float(), ref, rtol=2e-2, atol=2e-2)
@@ -252,15 +262,19 @@ _FLUSH_DEVICES = [
 
 @pytest.mark.parametrize("device", _FLUSH_DEVICES)
 @pytest.mark.parametrize("sliding", [False, True])
-def test_triton_flush_equals_the_torch_flush(device, sliding, request):
+@pytest.mark.parametrize("layout", ["canonical", "planes"])
+def test_triton_flush_equals_the_torch_flush(device, sliding, layout, request, monkeypatch):
     """The three Triton launches of a step's flush (memfit.kernels.kivi_flush, what CUDA runs) leave every code,
     scale, zero and counter bit-identical to the PyTorch masked writes, step after step, across several flushes of
     both sides (interpreter: small shapes, the ring bit-identical too; CUDA: KIVI's defaults, G = 32, R = 128 — the
     ring's dequantized entries may differ by one bf16 unit where the GPU fuses a multiply-add)."""
     import importlib
 
+    monkeypatch.setenv("MEMFIT_KIVI_LAYOUT", layout)  # plane order: the codes OR-ed into shared bytes
     if device == "interpret":
         dtype, dev, (d, g, r, steps) = request.getfixturevalue("interpreter_dtype"), "cpu", (16, 4, 8, 24)
+        if layout == "planes":  # whole 16-token slices
+            d, g, r, steps = 32, 16, 32, 72
         import memfit.kernels.kivi_flush as kf
 
         if type(kf._flush_values_kernel).__name__ != "InterpretedFunction":
@@ -298,6 +312,7 @@ def test_triton_flush_equals_the_torch_flush(device, sliding, request):
         for name in ("t_dev", "qk_dev", "qv_dev", "slot", "n_q", "n_r"):
             assert torch.equal(getattr(a, name), getattr(b, name)), (i, name)
     assert a.qk - qk0 >= 2 * form.key_block and a.qv > steps - r  # key flushes during the decode
+    assert a.layout == b.layout == layout
 
 
 @pytest.mark.parametrize("spec, budget", [("kivi", None), ("snapkv+kivi", 0.5)])

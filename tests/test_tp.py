@@ -122,6 +122,16 @@ def test_fast_stores_tensor_parallel_equal_one_process(tiny_folder, tmp_path, mo
                  FAST_CASES, backend="fast")
 
 
+def _run_retrying_gloo_abort(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run once more when a rank died of gloo's "terminate called without an active exception" (SIGABRT from its
+    threads; seen on the shared CI box about once in twenty runs of this test and never reproduced locally: a known
+    issue left open in the closing notes), so that the test checks the answers, not that rare abort."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return proc
+
+
 def test_cli_tp_dummy_weights_equal_one_process(tmp_path):
     """`--load-format dummy --tp 2`: rank 0 writes the random weights once (the same ones one process draws), the
     ranks load their shards of them, and the run answers as the single process does."""
@@ -134,8 +144,8 @@ def test_cli_tp_dummy_weights_equal_one_process(tmp_path):
             "cpu", "--prompt", "The grass is green. " * 8, "--max-new-tokens", "6", "--no-chat", "--json"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
                MEMFIT_CACHE=str(tmp_path / "cache"))
-    runs = [subprocess.run([sys.executable, "-m", "memfit.cli", "run", *extra, *args], capture_output=True,
-                           text=True, timeout=600, env=env) for extra in (["--tp", "2"], [])]
+    runs = [_run_retrying_gloo_abort([sys.executable, "-m", "memfit.cli", "run", *extra, *args], env)
+            for extra in (["--tp", "2"], [])]
     for proc in runs:
         assert proc.returncode == 0, proc.stderr[-3000:]
     tp_row, one = (json.loads(next(line for line in p.stdout.splitlines() if line.startswith("{"))) for p in runs)

@@ -57,6 +57,8 @@ store first (`unfreeze`).
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +76,8 @@ from memfit.core.quantized_store import (
     TokenSegment,
 )
 from memfit.core.spans import SPAN_KEY
+from memfit.errors import ConfigError
+from memfit.kernels import kivi_planes
 
 __all__ = ["KIVIForm", "StaticKIVILayer", "static_quant_form"]
 
@@ -141,6 +145,7 @@ class StaticKIVILayer(QuantizedKVLayer):
         self.form = form
         self.reserve = reserve
         self.kernel_attention = False  # set by memfit.graphs; the kernel runs on CUDA either way (see attend)
+        self.layout = "canonical"  # of the frozen codes: "planes" where the plane-order kernel reads them (freeze)
         self.buffers: dict[str, torch.Tensor] | None = None  # kc ks kz vc vs vz kr vr; None until frozen
         self.t_dev: torch.Tensor | None = None  # (1,) long: tokens held (T)
         self.qk_dev: torch.Tensor | None = None  # (1,) long: keys quantized
@@ -164,7 +169,7 @@ class StaticKIVILayer(QuantizedKVLayer):
     @property
     def capacity(self) -> int:
         """Tokens the codes can hold (Cq); a CUDA graph is recorded only when the decode fits."""
-        return 0 if self.buffers is None else self.buffers["vc"].shape[2]
+        return 0 if self.buffers is None else self.buffers["vs"].shape[2]  # one value scale row per token
 
     @property
     def num_slots(self) -> int:
@@ -204,17 +209,24 @@ class StaticKIVILayer(QuantizedKVLayer):
         b, h, d = self._shape
         t, qk, qv = self.k.slots, int(self.k.q), int(self.v.q)
         room = self.reserve if reserve is None else reserve
-        cap = -(-max(t + room, 1) // f.residual) * f.residual
+        self.layout = "planes" if _use_planes(f, d, self.k.residual.device) else "canonical"
+        unit = math.lcm(f.residual, kivi_planes.block_tokens(f.bits)) if self.layout == "planes" else f.residual
+        cap = -(-max(t + room, 1) // unit) * unit
         dev, dtype = self.k.residual.device, self.k.residual.dtype
         bufs = self._alloc(b, h, d, cap, dev, dtype)
         kq = _cat_qt([s.qt for s in self.k.segments])  # type: ignore[attr-defined]
         vq = _cat_qt([s.qt for s in self.v.segments])  # type: ignore[attr-defined]
         if kq is not None:
-            bufs["kc"][:, :, : kq.codes.shape[2]].copy_(kq.codes)
+            kcodes = kivi_planes.keys_to_planes_padded(kq.codes, f.bits) if self.layout == "planes" else kq.codes
+            bufs["kc"][:, :, : kcodes.shape[2]].copy_(kcodes)
             bufs["ks"][:, :, : kq.scales.shape[2]].copy_(kq.scales)
             bufs["kz"][:, :, : kq.scales.shape[2]].copy_(kq.zeros)  # type: ignore[arg-type]
         if vq is not None:
-            bufs["vc"][:, :, :qv].copy_(vq.codes)
+            if self.layout == "planes":
+                vcodes = kivi_planes.values_to_planes_padded(vq.codes, f.bits)
+                bufs["vc"][:, :, : vcodes.shape[2]].copy_(vcodes)
+            else:
+                bufs["vc"][:, :, :qv].copy_(vq.codes)
             bufs["vs"][:, :, :qv].copy_(vq.scales)
             bufs["vz"][:, :, :qv].copy_(vq.zeros)  # type: ignore[arg-type]
         w = f.ring
@@ -250,9 +262,10 @@ class StaticKIVILayer(QuantizedKVLayer):
         n_q, n_r = torch.zeros_like(self.n_q), torch.zeros_like(self.n_q)
         try:
             K.flush_values(bufs["vr"], bufs["vc"], bufs["vs"], bufs["vz"], t, far, ring=f.ring, residual=f.residual,
-                           group_size=f.group_size, bits=f.bits)
+                           group_size=f.group_size, bits=f.bits, planes=self.layout == "planes")
             K.flush_keys(bufs["kr"], bufs["kc"], bufs["ks"], bufs["kz"], t, far, ring=f.ring,
-                         threshold=f.key_threshold, block=f.key_block, group_size=f.group_size, bits=f.bits)
+                         threshold=f.key_threshold, block=f.key_block, group_size=f.group_size, bits=f.bits,
+                         planes=self.layout == "planes")
             K.advance_counters(t, far.clone(), far.clone(), slot, n_q, n_r, ring=f.ring, residual=f.residual,
                                threshold=f.key_threshold, block=f.key_block)
         except Exception as exc:  # noqa: BLE001  (a Triton build error of any kind: the PyTorch path is exact)
@@ -275,7 +288,9 @@ class StaticKIVILayer(QuantizedKVLayer):
         return {
             "kc": z(b, h, cap // g * bpg, d, dt=torch.uint8), "ks": z(b, h, cap // g, d, dt=sd),
             "kz": z(b, h, cap // g, d, dt=sd),
-            "vc": z(b, h, cap, d // g * bpg, dt=torch.uint8), "vs": z(b, h, cap, d // g, dt=sd),
+            "vc": (z(b, h, cap // kivi_planes.block_tokens(f.bits), d, 16, dt=torch.uint8) if self.layout == "planes"
+                   else z(b, h, cap, d // g * bpg, dt=torch.uint8)),
+            "vs": z(b, h, cap, d // g, dt=sd),
             "vz": z(b, h, cap, d // g, dt=sd),
             "kr": z(b, h, f.ring, d, dt=dtype), "vr": z(b, h, f.ring, d, dt=dtype),
         }
@@ -302,19 +317,31 @@ class StaticKIVILayer(QuantizedKVLayer):
         keys = SideStore(self.k.codec, self.k.flush_rule)
         values = SideStore(self.v.codec, self.v.flush_rule)
         kr, vr = self._ring_tokens(bufs["kr"], qk, t), self._ring_tokens(bufs["vr"], qv, t)
+        kc, vc = self._canonical_codes(qk, qv)
         if qk:
             keys.segments = [ChannelSegment(QuantizedTensor(
-                bufs["kc"][:, :, : qk // g * bpg].clone(), bufs["ks"][:, :, : qk // g].clone(),
+                kc[:, :, : qk // g * bpg].clone(), bufs["ks"][:, :, : qk // g].clone(),
                 bufs["kz"][:, :, : qk // g].clone(), (b, h, qk, d), f.bits, "token", g, kr.dtype))]
         if qv:
             values.segments = [TokenSegment(QuantizedTensor(
-                bufs["vc"][:, :, :qv].clone(), bufs["vs"][:, :, :qv].clone(), bufs["vz"][:, :, :qv].clone(),
+                vc[:, :, :qv].clone(), bufs["vs"][:, :, :qv].clone(), bufs["vz"][:, :, :qv].clone(),
                 (b, h, qv, d), f.bits, "channel", g, vr.dtype))]
         for side, q, res in ((keys, qk, kr), (values, qv, vr)):
             side.residual, side.slots, side.q, side.tq = res, t, q, q
         self.k, self.v = keys, values
         self.buffers = None
         self.t_dev = self.qk_dev = self.qv_dev = self.slot = self.n_q = self.n_r = None
+
+    def _canonical_codes(self, qk: int, qv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value codes in the canonical layout, for at least the first qk keys and qv values."""
+        bufs = self.buffers
+        assert bufs is not None
+        if self.layout != "planes":
+            return bufs["kc"], bufs["vc"]
+        blk = kivi_planes.block_tokens(self.form.bits)
+        nk, nv = -(-qk // blk), -(-qv // blk)  # whole blocks
+        return (kivi_planes.keys_from_planes(bufs["kc"][:, :, : nk * 16], self.form.bits),
+                kivi_planes.values_from_planes(bufs["vc"][:, :, :nv], self.form.bits))
 
     def _ring_tokens(self, ring: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Ring entries of tokens start..end (in order), as an owned tensor."""
@@ -359,10 +386,14 @@ class StaticKIVILayer(QuantizedKVLayer):
         if queries.is_cuda and _kernels_here() and queries.dtype in (torch.bfloat16, torch.float16):
             from memfit.kernels.kivi_attention import kivi_decode_attention
 
-            out = kivi_decode_attention(*args, bits=self.form.bits, group_size=self.form.group_size, scale=scaling)
+            out = kivi_decode_attention(*args, bits=self.form.bits, group_size=self.form.group_size, scale=scaling,
+                                        layout=self.layout)
         else:
             from memfit.kernels.reference import kivi_decode_attention_ref
 
+            if self.layout == "planes":  # the reference reads the canonical layout (every code: whole capacity)
+                kc, vc = self._canonical_codes(self.capacity, self.capacity)
+                args = (*args[:1], kc, *args[2:4], vc, *args[5:])
             out = kivi_decode_attention_ref(*args, bits=self.form.bits, group_size=self.form.group_size,
                                             scale=scaling)
         return out[:, :, None]
@@ -378,10 +409,12 @@ class StaticKIVILayer(QuantizedKVLayer):
         if self.triton_flush:
             from memfit.kernels import kivi_flush as K
 
+            planes = self.layout == "planes"
             K.flush_values(bufs["vr"], bufs["vc"], bufs["vs"], bufs["vz"], self.t_dev, self.qv_dev, ring=f.ring,
-                           residual=f.residual, group_size=f.group_size, bits=f.bits)
+                           residual=f.residual, group_size=f.group_size, bits=f.bits, planes=planes)
             K.flush_keys(bufs["kr"], bufs["kc"], bufs["ks"], bufs["kz"], self.t_dev, self.qk_dev, ring=f.ring,
-                         threshold=f.key_threshold, block=f.key_block, group_size=f.group_size, bits=f.bits)
+                         threshold=f.key_threshold, block=f.key_block, group_size=f.group_size, bits=f.bits,
+                         planes=planes)
             K.advance_counters(self.t_dev, self.qk_dev, self.qv_dev, self.slot, self.n_q, self.n_r, ring=f.ring,
                                residual=f.residual, threshold=f.key_threshold, block=f.key_block)
         else:
@@ -404,7 +437,10 @@ class StaticKIVILayer(QuantizedKVLayer):
         slot = self.qv_dev % w
         x = bufs["vr"].index_select(2, slot)
         qt = quantize(x, f.bits, "channel", g)
-        _masked_rows(bufs["vc"], row, qt.codes, flush_v)
+        if self.layout == "planes":
+            kivi_planes.or_value_token(bufs["vc"], self.qv_dev, qt.codes, f.bits, flush_v)
+        else:
+            _masked_rows(bufs["vc"], row, qt.codes, flush_v)
         _masked_rows(bufs["vs"], row, qt.scales, flush_v)
         _masked_rows(bufs["vz"], row, qt.zeros, flush_v)  # type: ignore[arg-type]
         _masked_rows(bufs["vr"], slot, qt.dequantize(torch.float32).to(x.dtype), flush_v)
@@ -416,7 +452,10 @@ class StaticKIVILayer(QuantizedKVLayer):
         qt = quantize(x, f.bits, "token", g)
         rows = ((self.qk_dev // g) * bpg + torch.arange(n // g * bpg, device=dev)).clamp(max=bufs["kc"].shape[2] - 1)
         groups = (self.qk_dev // g + torch.arange(n // g, device=dev)).clamp(max=bufs["ks"].shape[2] - 1)
-        _masked_rows(bufs["kc"], rows, qt.codes, flush_k)
+        if self.layout == "planes":
+            kivi_planes.or_key_tokens(bufs["kc"], self.qk_dev, qt.codes, f.bits, flush_k)
+        else:
+            _masked_rows(bufs["kc"], rows, qt.codes, flush_k)
         _masked_rows(bufs["ks"], groups, qt.scales, flush_k)
         _masked_rows(bufs["kz"], groups, qt.zeros, flush_k)  # type: ignore[arg-type]
         _masked_rows(bufs["kr"], slots, qt.dequantize(torch.float32).to(x.dtype), flush_k)
@@ -534,3 +573,17 @@ def _kernels_here() -> bool:
 
         _KERNELS = available()
     return _KERNELS
+
+
+def _use_planes(form: KIVIForm, head_dim: int, device: torch.device) -> bool:
+    """Whether frozen codes go in plane order (`memfit.kernels.kivi_planes`): where the plane-order kernel serves
+    them (CUDA, 2 or 4 bits, shapes of whole 16-token slices). MEMFIT_KIVI_LAYOUT=canonical keeps the canonical
+    layout and its kernel (A/B runs); =planes forces plane order wherever the shapes allow (the CPU tests: the
+    reference then reads a canonical copy)."""
+    choice = os.environ.get("MEMFIT_KIVI_LAYOUT", "auto")
+    if choice not in ("auto", "planes", "canonical"):
+        raise ConfigError(f"MEMFIT_KIVI_LAYOUT={choice!r}: use auto, planes or canonical")
+    ok = kivi_planes.supported(form.bits, form.group_size, form.key_block, head_dim)
+    if choice != "auto":
+        return ok and choice == "planes"
+    return ok and device.type == "cuda" and _kernels_here()

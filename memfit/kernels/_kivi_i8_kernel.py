@@ -26,103 +26,100 @@ import triton.language as tl
 
 
 @triton.jit
-def _round_i8(x):
-    """Round half away from zero and convert to int8 (x already within [-127, 127])."""
-    return (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)
-
-
-@triton.jit
-def _plane(c, K: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """Plane K of code bytes c (uint8): the BITS-bit field at bit K * BITS of every byte, as int8. The asm form works
-    on four bytes per 32-bit register (one shift and one AND for four codes); Triton's own form is the same value."""
+def _plane16(c, K: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Plane K of code bytes c (uint8) as fp16 1024 + code (exact): the field masked out of four bytes at once and
+    each byte spread into an fp16 lane under the exponent byte 0x64 by one PRMT per two codes."""
     if USE_ASM:
         if BITS == 2:
             if K == 0:
-                return tl.inline_asm_elementwise("and.b32 $0, $1, 0x03030303;", "=r,r", [c], dtype=tl.int8,
-                                                 is_pure=True, pack=4)
+                return tl.inline_asm_elementwise(
+                    "{ .reg .b32 t, e; mov.b32 e, 0x64646464; and.b32 t, $2, 0x03030303; "
+                    "prmt.b32 $0, t, e, 0x4140; prmt.b32 $1, t, e, 0x4342; }",
+                    "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
             elif K == 1:
-                return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 $0, t, 0x03030303; }",
-                                                 "=r,r", [c], dtype=tl.int8, is_pure=True, pack=4)
+                return tl.inline_asm_elementwise(
+                    "{ .reg .b32 t, e; mov.b32 e, 0x64646464; shr.b32 t, $2, 2; and.b32 t, t, 0x03030303; "
+                    "prmt.b32 $0, t, e, 0x4140; prmt.b32 $1, t, e, 0x4342; }",
+                    "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
             elif K == 2:
-                return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x03030303; }",
-                                                 "=r,r", [c], dtype=tl.int8, is_pure=True, pack=4)
+                return tl.inline_asm_elementwise(
+                    "{ .reg .b32 t, e; mov.b32 e, 0x64646464; shr.b32 t, $2, 4; and.b32 t, t, 0x03030303; "
+                    "prmt.b32 $0, t, e, 0x4140; prmt.b32 $1, t, e, 0x4342; }",
+                    "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
             else:
-                return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 6; and.b32 $0, t, 0x03030303; }",
-                                                 "=r,r", [c], dtype=tl.int8, is_pure=True, pack=4)
+                return tl.inline_asm_elementwise(
+                    "{ .reg .b32 t, e; mov.b32 e, 0x64646464; shr.b32 t, $2, 6; and.b32 t, t, 0x03030303; "
+                    "prmt.b32 $0, t, e, 0x4140; prmt.b32 $1, t, e, 0x4342; }",
+                    "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
         else:
             if K == 0:
-                return tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [c], dtype=tl.int8,
-                                                 is_pure=True, pack=4)
+                return tl.inline_asm_elementwise(
+                    "{ .reg .b32 t, e; mov.b32 e, 0x64646464; and.b32 t, $2, 0x0F0F0F0F; "
+                    "prmt.b32 $0, t, e, 0x4140; prmt.b32 $1, t, e, 0x4342; }",
+                    "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
             else:
-                return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }",
-                                                 "=r,r", [c], dtype=tl.int8, is_pure=True, pack=4)
-    return ((c >> (K * BITS)) & ((1 << BITS) - 1)).to(tl.int8)
+                return tl.inline_asm_elementwise(
+                    "{ .reg .b32 t, e; mov.b32 e, 0x64646464; shr.b32 t, $2, 4; and.b32 t, t, 0x0F0F0F0F; "
+                    "prmt.b32 $0, t, e, 0x4140; prmt.b32 $1, t, e, 0x4342; }",
+                    "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
+    return ((c >> (K * BITS)) & ((1 << BITS) - 1)).to(tl.float16) + 1024.0
 
 
 @triton.jit
-def _split_i8(x):
-    """x in [-127, 127] as hi + lo / 254 with hi, lo int8: two int8 dots then carry ~15 significant bits."""
-    hi = _round_i8(x)
-    return hi, _round_i8((x - hi.to(tl.float32)) * 254.0)
-
-
-@triton.jit
-def _plane_scores(q8h, q8l, qscale, bias, kc, t0, q_end, qk_scale, K: tl.constexpr,
-                  GQP: tl.constexpr, TG: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                  USE_ASM: tl.constexpr):
-    """Logits (GQP, NR) of the tile's plane-K tokens: int8 dots of every (head, scale group) row of q' with the
-    plane's codes (exact int32 sums, 254 * hi + lo); each token keeps its own group's row. Also returns the tokens'
-    offsets in the tile."""
+def _plane16_scores(q16, zb, kc, t0, q_end, sscale, K: tl.constexpr, GQP: tl.constexpr, TG: tl.constexpr,
+                    KDUP: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, USE_ASM: tl.constexpr):
+    """Logits (GQP, NR) of plane K's tokens: the fp16 dot of every (head, scale group, copy) row of q' with
+    1024 + code, plus that row's bias zb (which takes the 1024s back out); each token keeps its own group's first
+    copy (KDUP copies of a row fill the MMA's 16 rows when heads x groups are fewer). Also the tokens' offsets."""
     CPB: tl.constexpr = 8 // BITS
     NR: tl.constexpr = TG * GROUP // CPB
-    k8 = tl.trans(_plane(kc, K, BITS, USE_ASM))  # (D, NR): column r of the tile's byte rows
-    si = tl.dot(q8l, k8, tl.dot(q8h, k8, out_dtype=tl.int32) * 254, out_dtype=tl.int32)  # (GQP * TG, NR) int32
+    sd = tl.dot(q16, tl.trans(_plane16(kc, K, BITS, USE_ASM)))  # (GQP * TG * KDUP, NR) fp32
     r = tl.arange(0, NR)
-    tok = (r // 16) * (16 * CPB) + 16 * K + r % 16  # plane layout: token of row r, plane K
-    own = (tok // GROUP)[None, None, :] == tl.arange(0, TG)[None, :, None]
-    s3 = tl.reshape(si, (GQP, TG, NR)).to(tl.float32) * qscale[:, :, None] + bias[:, :, None]
-    s = tl.sum(tl.where(own, s3, 0.0), 1) * qk_scale
+    tok = (r // 16) * (16 * CPB) + 16 * K + r % 16  # plane layout: token of byte row r, field K
+    j = tl.arange(0, TG * KDUP)
+    own = ((tok // GROUP)[None, None, :] == (j // KDUP)[None, :, None]) & ((j % KDUP) == 0)[None, :, None]
+    s3 = tl.reshape(sd, (GQP, TG * KDUP, NR)) + zb[:, :, None]
+    s = tl.sum(tl.where(own, s3, 0.0), 1) * sscale[:, None]
     return tl.where((t0 + tok < q_end)[None, :], s, float("-inf")), tok
 
 
 @triton.jit
-def _plane_pv(p, tok, vs_base, vz_base, t0, q_end, zt, NGD: tl.constexpr):
-    """p (GQP, NR) times the plane's value scales: (GQP, NGD, NR) >= 0; zero-point sums added into zt."""
+def _plane16_values(p, tok, vc, vs_base, vz_base, t0, q_end, oacc, zacc, K: tl.constexpr, GQP: tl.constexpr,
+                    NGD: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """oacc (GQP * NGD, D) += (p * vs) @ (1024 + code) per (head, channel group) row; zacc (GQP * NGD, 16) +=
+    p @ vz (column g: group g's zero points) - 1024 * sum_t (p * vs) (the 1024s back out, from the same rounded
+    p * vs), all fp16 dots."""
+    NR: tl.constexpr = p.shape[1]
     tmask = t0 + tok < q_end
     vrow = (t0 + tok)[None, :] * NGD + tl.arange(0, NGD)[:, None]  # (NGD, NR)
     vs = tl.load(vs_base + vrow, mask=tmask[None, :], other=0.0).to(tl.float32)
-    vz = tl.load(vz_base + vrow, mask=tmask[None, :], other=0.0).to(tl.float32)
-    return p[:, None, :] * vs[None, :, :], zt + tl.sum(p[:, None, :] * vz[None, :, :], 2)
+    pv = tl.reshape((p[:, None, :] * vs[None, :, :]).to(tl.float16), (GQP * NGD, NR))
+    oacc = tl.dot(pv, tl.trans(_plane16(vc, K, BITS, USE_ASM)), oacc)
+    zc = tl.arange(0, 16)
+    zmask = tmask[:, None] & (zc < NGD)[None, :]
+    vz = tl.load(vz_base + (t0 + tok)[:, None] * NGD + zc[None, :], mask=zmask, other=0.0)  # (NR, 16)
+    prep = tl.reshape(tl.broadcast_to(p[:, None, :], (GQP, NGD, NR)), (GQP * NGD, NR)).to(tl.float16)
+    zacc = tl.dot(prep, vz.to(tl.float16), zacc)
+    zacc = zacc - 1024.0 * tl.dot(pv, tl.full([NR, 16], 1.0, tl.float16))  # sum_t p * vs in every column
+    return oacc, zacc
 
 
 @triton.jit
-def _plane_values(pv, pinv, vc, oh, ol, K: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """Adds plane K's scaled probabilities pv (GQP, NGD, NR) times its value codes into the int32 sums oh, ol
-    (GQP * NGD, D), rows (head, channel group): pv * pinv in [0, 127] as hi + lo / 254."""
-    GQP: tl.constexpr = pv.shape[0]
-    NGD: tl.constexpr = pv.shape[1]
-    NR: tl.constexpr = pv.shape[2]
-    hi, lo = _split_i8(pv * pinv[:, :, None])
-    v8 = tl.trans(_plane(vc, K, BITS, USE_ASM))  # (NR, D)
-    oh = tl.dot(tl.reshape(hi, (GQP * NGD, NR)), v8, oh, out_dtype=tl.int32)
-    ol = tl.dot(tl.reshape(lo, (GQP * NGD, NR)), v8, ol, out_dtype=tl.int32)
-    return oh, ol
-
-
-@triton.jit
-def _planes_tile(
-    qf, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, t0, q_end, m_i, l_i, acc, qk_scale,
-    GQP: tl.constexpr, TG: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-    USE_ASM: tl.constexpr,
+def _planes16_tile(
+    qn, sscale, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, t0, q_end, m_i, l_i, oacc, zacc,
+    GQP: tl.constexpr, TG: tl.constexpr, KDUP: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+    D: tl.constexpr, USE_ASM: tl.constexpr,
 ):
-    """One tile of TG * GROUP quantized tokens (plane layout) into the online softmax (m_i, l_i (GQP,), acc (GQP, D))."""
+    """One tile of TG * GROUP quantized tokens (plane layout) into the online softmax (m_i, l_i (GQP,)) and the value
+    sums kept in rows (head, channel group) across tiles, oacc (GQP * NGD, D) and zacc (`_planes16_out` makes the
+    output). q' = (q / max|q|) * key scale in fp16 (qn: q / max|q|; key scales are fp16, so q' stays in range),
+    codes as fp16 1024 + code, p * value scale in fp16; the 1024s come back out through the biases."""
     CPB: tl.constexpr = 8 // BITS
-    NR: tl.constexpr = TG * GROUP // CPB
     NGD: tl.constexpr = D // GROUP
+    NR: tl.constexpr = TG * GROUP // CPB
     offs_d = tl.arange(0, D)
     r = tl.arange(0, NR)
-    # codes: key byte rows t0 / CPB + r (D bytes each); value blocks of 16 * CPB tokens, (D, 16) bytes each
-    vcol = t0 // CPB + r
+    vcol = t0 // CPB + r  # the tile's key byte rows; value blocks of 16 * CPB tokens, (D, 16) bytes each
     rmask = (vcol // 16) * (16 * CPB) < q_end
     kc = tl.load(kc_base + vcol[:, None] * D + offs_d[None, :], mask=rmask[:, None], other=0)
     vc = tl.load(vc_base + (vcol // 16)[None, :] * (D * 16) + offs_d[:, None] * 16 + (vcol % 16)[None, :],
@@ -132,54 +129,52 @@ def _planes_tile(
     srow = (t0 // GROUP + sg)[:, None] * D + offs_d[None, :]
     ks = tl.load(ks_base + srow, mask=smask[:, None], other=0.0).to(tl.float32)
     kz = tl.load(kz_base + srow, mask=smask[:, None], other=0.0).to(tl.float32)
-    # q' = q * key scale per (head, scale group): int8 hi + lo / 254 with one scale per row
-    qs = qf[:, None, :] * ks[None, :, :]  # (GQP, TG, D)
-    qmax = tl.max(tl.abs(qs), 2)
-    qscale = tl.where(qmax > 0, qmax / 127.0, 1.0)
-    q8h, q8l = _split_i8(qs * (1.0 / qscale)[:, :, None])
-    q8h = tl.reshape(q8h, (GQP * TG, D))
-    q8l = tl.reshape(q8l, (GQP * TG, D))
-    qscale = qscale * (1.0 / 254.0)
-    bias = tl.sum(qf[:, None, :] * kz[None, :, :], 2)  # (GQP, TG)
-    s0, tok0 = _plane_scores(q8h, q8l, qscale, bias, kc, t0, q_end, qk_scale, 0, GQP, TG, BITS, GROUP, USE_ASM)
-    s1, tok1 = _plane_scores(q8h, q8l, qscale, bias, kc, t0, q_end, qk_scale, 1, GQP, TG, BITS, GROUP, USE_ASM)
+    q16 = (qn[:, None, :] * ks[None, :, :]).to(tl.float16)  # (GQP, TG, D)
+    # the bias takes sum_d q' * 1024 back out with the same rounded q' the dot sees
+    zb = tl.sum(qn[:, None, :] * kz[None, :, :] - 1024.0 * q16.to(tl.float32), 2)  # (GQP, TG)
+    if KDUP > 1:
+        q16 = tl.reshape(tl.broadcast_to(q16[:, :, None, :], (GQP, TG, KDUP, D)), (GQP * TG * KDUP, D))
+        zb = tl.reshape(tl.broadcast_to(zb[:, :, None], (GQP, TG, KDUP)), (GQP, TG * KDUP))
+    else:
+        q16 = tl.reshape(q16, (GQP * TG, D))
+    s0, tok0 = _plane16_scores(q16, zb, kc, t0, q_end, sscale, 0, GQP, TG, KDUP, BITS, GROUP, USE_ASM)
+    s1, tok1 = _plane16_scores(q16, zb, kc, t0, q_end, sscale, 1, GQP, TG, KDUP, BITS, GROUP, USE_ASM)
     mt = tl.maximum(tl.max(s0, 1), tl.max(s1, 1))
     if CPB == 4:
-        s2, tok2 = _plane_scores(q8h, q8l, qscale, bias, kc, t0, q_end, qk_scale, 2, GQP, TG, BITS, GROUP, USE_ASM)
-        s3, tok3 = _plane_scores(q8h, q8l, qscale, bias, kc, t0, q_end, qk_scale, 3, GQP, TG, BITS, GROUP, USE_ASM)
+        s2, tok2 = _plane16_scores(q16, zb, kc, t0, q_end, sscale, 2, GQP, TG, KDUP, BITS, GROUP, USE_ASM)
+        s3, tok3 = _plane16_scores(q16, zb, kc, t0, q_end, sscale, 3, GQP, TG, KDUP, BITS, GROUP, USE_ASM)
         mt = tl.maximum(mt, tl.maximum(tl.max(s2, 1), tl.max(s3, 1)))
     m_new = tl.maximum(m_i, mt)
     alpha = tl.exp2(m_i - m_new)
-    zt = tl.zeros([GQP, NGD], tl.float32)
     p0 = tl.exp2(s0 - m_new[:, None])
     p1 = tl.exp2(s1 - m_new[:, None])
     psum = tl.sum(p0, 1) + tl.sum(p1, 1)
-    pv0, zt = _plane_pv(p0, tok0, vs_base, vz_base, t0, q_end, zt, NGD)
-    pv1, zt = _plane_pv(p1, tok1, vs_base, vz_base, t0, q_end, zt, NGD)
-    pmax = tl.maximum(tl.max(pv0, 2), tl.max(pv1, 2))  # (GQP, NGD)
+    a16 = tl.reshape(tl.broadcast_to(alpha[:, None], (GQP, NGD)), (GQP * NGD,))
+    oacc = oacc * a16[:, None]
+    zacc = zacc * a16[:, None]
+    oacc, zacc = _plane16_values(p0, tok0, vc, vs_base, vz_base, t0, q_end, oacc, zacc, 0, GQP, NGD, BITS, USE_ASM)
+    oacc, zacc = _plane16_values(p1, tok1, vc, vs_base, vz_base, t0, q_end, oacc, zacc, 1, GQP, NGD, BITS, USE_ASM)
     if CPB == 4:
         p2 = tl.exp2(s2 - m_new[:, None])
         p3 = tl.exp2(s3 - m_new[:, None])
         psum += tl.sum(p2, 1) + tl.sum(p3, 1)
-        pv2, zt = _plane_pv(p2, tok2, vs_base, vz_base, t0, q_end, zt, NGD)
-        pv3, zt = _plane_pv(p3, tok3, vs_base, vz_base, t0, q_end, zt, NGD)
-        pmax = tl.maximum(pmax, tl.maximum(tl.max(pv2, 2), tl.max(pv3, 2)))
-    pinv = tl.where(pmax > 0, 127.0 / pmax, 0.0)
-    oh = tl.zeros([GQP * NGD, D], tl.int32)
-    ol = tl.zeros([GQP * NGD, D], tl.int32)
-    oh, ol = _plane_values(pv0, pinv, vc, oh, ol, 0, BITS, USE_ASM)
-    oh, ol = _plane_values(pv1, pinv, vc, oh, ol, 1, BITS, USE_ASM)
-    if CPB == 4:
-        oh, ol = _plane_values(pv2, pinv, vc, oh, ol, 2, BITS, USE_ASM)
-        oh, ol = _plane_values(pv3, pinv, vc, oh, ol, 3, BITS, USE_ASM)
+        oacc, zacc = _plane16_values(p2, tok2, vc, vs_base, vz_base, t0, q_end, oacc, zacc, 2, GQP, NGD, BITS,
+                                     USE_ASM)
+        oacc, zacc = _plane16_values(p3, tok3, vc, vs_base, vz_base, t0, q_end, oacc, zacc, 3, GQP, NGD, BITS,
+                                     USE_ASM)
     l_i = l_i * alpha + psum
-    oscale = pmax * (1.0 / (127.0 * 254.0))
-    o3 = tl.reshape(oh * 254 + ol, (GQP, NGD, D)).to(tl.float32) * oscale[:, :, None]
-    mine = (offs_d // GROUP)[None, None, :] == tl.arange(0, NGD)[None, :, None]
-    o = tl.sum(tl.where(mine, o3, 0.0), 1)  # (GQP, D): each channel its own group's row
-    zd = tl.reshape(tl.broadcast_to(zt[:, :, None], (GQP, NGD, GROUP)), (GQP, D))
-    acc = acc * alpha[:, None] + o + zd
-    return m_new, l_i, acc
+    return m_new, l_i, oacc, zacc
+
+
+@triton.jit
+def _planes16_out(oacc, zacc, GQP: tl.constexpr, NGD: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr):
+    """(GQP, D) from the rows (head, channel group): each channel its own group's row, plus that group's zero-point
+    sums (column g of row (head, g) of zacc)."""
+    zsel = (tl.arange(0, GQP * NGD) % NGD)[:, None] == tl.arange(0, 16)[None, :]
+    zt = tl.sum(tl.where(zsel, zacc, 0.0), 1)  # (GQP * NGD,)
+    o3 = tl.reshape(oacc + zt[:, None], (GQP, NGD, D))
+    mine = (tl.arange(0, D) // GROUP)[None, None, :] == tl.arange(0, NGD)[None, :, None]
+    return tl.sum(tl.where(mine, o3, 0.0), 1)
 
 
 @triton.jit
@@ -194,11 +189,10 @@ def _split_kernel_i8(
     s_knb, s_knh, s_vnb, s_vnh, s_apb, s_aph,
     HKV: tl.constexpr, GQ: tl.constexpr, GQP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BITS: tl.constexpr, GROUP: tl.constexpr, TG: tl.constexpr, BLOCK_T: tl.constexpr,
-    APPEND: tl.constexpr, USE_ASM: tl.constexpr, NSTAGES: tl.constexpr = 1,
+    KDUP: tl.constexpr, APPEND: tl.constexpr, USE_ASM: tl.constexpr, NSTAGES: tl.constexpr = 1,
 ):
-    """`_decode_kernels._split_kernel`'s contract (same partial outputs for `_combine_kernel`, GP rows per part) with
-    the quantized tokens scored by `_i8_tile`; the residual tokens and the appended one in fp32 on CUDA cores (at
-    most a few hundred per row)."""
+    """`_decode_kernels._split_kernel`'s contract (same partial outputs for `_combine_kernel`, GP rows per part) over
+    plane-order codes: quantized tokens by `_planes16_tile`, then the residual tokens and the appended one."""
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     b = (pid // HKV).to(tl.int64)
@@ -211,11 +205,9 @@ def _split_kernel_i8(
     offs_g = tl.arange(0, GQP)
     offs_d = tl.arange(0, D)
     gmask = offs_g < GQ
-    qf = tl.load(Q + b * s_qb + (h * GQ + offs_g)[:, None] * s_qh + offs_d[None, :], mask=gmask[:, None],
-                 other=0.0).to(tl.float32)
+    qptr = Q + b * s_qb + (h * GQ + offs_g)[:, None] * s_qh + offs_d[None, :]
     m_i = tl.full([GQP], float("-inf"), tl.float32)
     l_i = tl.zeros([GQP], tl.float32)
-    acc = tl.zeros([GQP, D], tl.float32)
     QB: tl.constexpr = TG * GROUP
     q_end = tl.minimum(end, nq)
     kc_base = KC + b * s_kcb + h * s_kch
@@ -224,10 +216,21 @@ def _split_kernel_i8(
     vc_base = VC + b * s_vcb + h * s_vch
     vs_base = VS + b * s_vsb + h * s_vsh
     vz_base = VZ + b * s_vsb + h * s_vsh
+    # q / max|q| per row keeps q * key scale within fp16's range (key scales are fp16); the scores get it back
+    qf = tl.load(qptr, mask=gmask[:, None], other=0.0).to(tl.float32)
+    qm = tl.max(tl.abs(qf), 1)
+    qm = tl.where(qm > 0, qm, 1.0)
+    qn = qf / qm[:, None]
+    sscale = qm * qk_scale
+    NGD: tl.constexpr = D // GROUP
+    oacc = tl.zeros([GQP * NGD, D], tl.float32)
+    zacc = tl.zeros([GQP * NGD, 16], tl.float32)
     for t0 in tl.range(start, q_end, QB, num_stages=NSTAGES):
-        m_i, l_i, acc = _planes_tile(qf, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, t0, q_end, m_i, l_i,
-                                     acc, qk_scale, GQP, TG, BITS, GROUP, D, USE_ASM)
-    # residual tokens in full precision (fp32 on CUDA cores)
+        m_i, l_i, oacc, zacc = _planes16_tile(qn, sscale, kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, t0,
+                                              q_end, m_i, l_i, oacc, zacc, GQP, TG, KDUP, BITS, GROUP, D, USE_ASM)
+    acc = _planes16_out(oacc, zacc, GQP, NGD, GROUP, D)
+    # residual tokens in full precision: tensor-core dots with each query row copied KR times to fill 16 rows (the
+    # first copy is kept), BLOCK_T tokens at a time
     kr_base = KR + b * s_krb + h * s_krh
     vr_base = VR + b * s_vrb + h * s_vrh
     if APPEND:
@@ -238,7 +241,11 @@ def _split_kernel_i8(
             tl.store(kr_base + app * s_krt + offs_d, kn.to(KR.dtype.element_ty))
             tl.store(vr_base + app * s_vrt + offs_d, vn.to(VR.dtype.element_ty))
     dt = Q.dtype.element_ty
-    qd = qf.to(dt).to(tl.float32)  # the bf16 kernels' dots see q in its own dtype
+    q = tl.load(qptr, mask=gmask[:, None], other=0.0)  # reloaded: not held in registers through the tiles
+    qd = q.to(tl.float32)
+    KR_: tl.constexpr = max(1, 16 // GQP)
+    qrep = tl.reshape(tl.broadcast_to(q[:, None, :], (GQP, KR_, D)), (GQP * KR_, D))
+    first = (tl.arange(0, KR_) == 0)[None, :, None]
     r_start = tl.maximum(start, nq)
     for t0 in range(r_start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -248,16 +255,19 @@ def _split_kernel_i8(
             smask = tmask & (ridx != app)
         else:
             smask = tmask
-        k = tl.load(kr_base + ridx[:, None] * s_krt + offs_d[None, :], mask=tmask[:, None], other=0.0)
-        s = tl.sum(qd[:, None, :] * k.to(dt).to(tl.float32)[None, :, :], 2) * qk_scale  # (GQP, BLOCK_T)
+        k = tl.load(kr_base + ridx[:, None] * s_krt + offs_d[None, :], mask=tmask[:, None], other=0.0).to(dt)
+        sr = tl.reshape(tl.dot(qrep, tl.trans(k)), (GQP, KR_, BLOCK_T))
+        s = tl.sum(tl.where(first, sr, 0.0), 1) * qk_scale  # (GQP, BLOCK_T)
         s = tl.where(smask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vr_base + ridx[:, None] * s_vrt + offs_d[None, :], mask=tmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(dt).to(tl.float32)[None, :, :], 1)
+        v = tl.load(vr_base + ridx[:, None] * s_vrt + offs_d[None, :], mask=tmask[:, None], other=0.0).to(dt)
+        prep = tl.reshape(tl.broadcast_to(p.to(dt)[:, None, :], (GQP, KR_, BLOCK_T)), (GQP * KR_, BLOCK_T))
+        pv = tl.sum(tl.where(first, tl.reshape(tl.dot(prep, v), (GQP, KR_, D)), 0.0), 1)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     if APPEND:
         own = (nq + app >= start) & (nq + app < end)

@@ -265,7 +265,7 @@ def _launch(
     if quant is not None:
         qblock = max(tile_groups * group_size, 16)  # >= two scale groups per tile (no size-1 ranges); "fold": one
         if path == 9:  # the "i8" tile's own size: splits start on its tiles
-            qblock = i8_shape(g, d, group_size)[1] * group_size
+            qblock = i8_shape(g, d, group_size, bits)[1] * group_size
         if block_t % qblock:
             block_t = qblock * max(1, -(-block_t // qblock))
     capacity = cap_q + k_res.shape[2]
@@ -329,11 +329,17 @@ def _launch_split(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, lg, 
     )  # fmt: skip
 
 
-def i8_shape(gq: int, d: int, group_size: int) -> tuple[int, int]:
-    """(GQP, TG) of the plane-order tile: query rows padded to a power of two (and so that the value dot's GQP x
-    d / group_size rows are at least 16) and scale groups per tile (the key dot's GQP x TG rows at least 16)."""
+def i8_shape(gq: int, d: int, group_size: int, bits: int = 2) -> tuple[int, int, int]:
+    """(GQP, TG, KDUP) of the plane-order tile: query rows padded to a power of two (and so that the value dot's
+    GQP x d / group_size rows are at least 16), scale groups per tile, and copies of each key row so that the key
+    dot's GQP x TG x KDUP rows are at least 16."""
     gqp = max(triton_next_pow2(gq), -(-16 // (d // group_size)))
-    return gqp, max(1, 16 // gqp)
+    least = max(1, 16 * (8 // bits) // group_size)  # a tile holds whole plane blocks (16 tokens per field)
+    # H200 (kivi_kernel_sweep_planes3_h200.jsonl): 2-bit fastest with the key rows filled by scale groups (4 groups
+    # of 32 for 4 query heads), 4-bit with one group and its rows copied
+    tg = int(os.environ.get("MEMFIT_KIVI_PLANES_TG", "0")) or (max(least, 16 // gqp) if bits == 2 else least)
+    tg = max(tg, least)
+    return gqp, tg, max(1, 16 // (gqp * tg))
 
 
 def _launch_i8(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn, app, s_apb, s_aph, scale, tps,
@@ -341,7 +347,7 @@ def _launch_i8(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn,
     from memfit.kernels import _kivi_i8_kernel as K8
 
     b = q.shape[0]
-    gqp, tg = i8_shape(g, d, group_size)
+    gqp, tg, kdup = i8_shape(g, d, group_size, bits)
     K8._split_kernel_i8[(b * hkv, splits)](
         q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn, app,
         scale * _LOG2E, tps, splits,
@@ -351,8 +357,8 @@ def _launch_i8(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn,
         k_res.stride(0), k_res.stride(1), k_res.stride(2),
         v_res.stride(0), v_res.stride(1), v_res.stride(2),
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), s_apb, s_aph,
-        HKV=hkv, GQ=g, GQP=gqp, GP=gp, D=d, BITS=bits, GROUP=group_size, TG=tg, BLOCK_T=32,
-        APPEND=append, USE_ASM=q.is_cuda, NSTAGES=stages, num_warps=warps,
+        HKV=hkv, GQ=g, GQP=gqp, GP=gp, D=d, BITS=bits, GROUP=group_size, TG=tg, BLOCK_T=16,
+        KDUP=kdup, APPEND=append, USE_ASM=q.is_cuda, NSTAGES=stages, num_warps=warps,
     )  # fmt: skip
 
 

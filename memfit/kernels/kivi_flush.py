@@ -47,6 +47,7 @@ def _flush_values_kernel(
     VR, VC, VS, VZ, T, QV,
     s_rb, s_rh, s_cb, s_ch, s_sb, s_sh,
     W: tl.constexpr, R: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+    PLANES: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     b = (pid // HKV).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
@@ -73,8 +74,14 @@ def _flush_values_kernel(
         zf = zero.to(tl.float32)[:, None, None]
         s = tl.where(sf > 0, sf, 1.0)
         code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x - zf, s)), 0.0), LEVELS * 1.0)
-        packed = tl.sum(code.to(tl.int32) << (k * BITS)[None, None, :], 2)  # (NG, NB)
-        tl.store(VC + b * s_cb + h * s_ch + qv * (NG * NB) + grp[:, None] * NB + byte[None, :], packed.to(tl.uint8))
+        if PLANES:  # byte [qv // (16 * CPB), channel, qv % 16], field (qv // 16) % CPB; its bits are still zero
+            vaddr = VC + b * s_cb + h * s_ch + (qv // (16 * CPB)) * (D * 16) + ch * 16 + qv % 16
+            old = tl.load(vaddr)
+            tl.store(vaddr, old | (code.to(tl.int32) << (((qv // 16) % CPB) * BITS)).to(tl.uint8))
+        else:
+            packed = tl.sum(code.to(tl.int32) << (k * BITS)[None, None, :], 2)  # (NG, NB)
+            tl.store(VC + b * s_cb + h * s_ch + qv * (NG * NB) + grp[:, None] * NB + byte[None, :],
+                     packed.to(tl.uint8))
         tl.store(VS + b * s_sb + h * s_sh + qv * NG + grp, scale)
         tl.store(VZ + b * s_sb + h * s_sh + qv * NG + grp, zero)
         tl.store(ring, (zf + code * sf).to(VR.dtype.element_ty))
@@ -85,7 +92,7 @@ def _flush_keys_kernel(
     KR, KC, KS, KZ, T, QK,
     s_rb, s_rh, s_cb, s_ch, s_sb, s_sh,
     W: tl.constexpr, THRESH: tl.constexpr, N: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-    BD: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+    BD: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PLANES: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     cid = tl.program_id(1)
@@ -113,9 +120,22 @@ def _flush_keys_kernel(
         zf = zero.to(tl.float32)[:, None, None, :]
         s = tl.where(sf > 0, sf, 1.0)
         code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x - zf, s)), 0.0), LEVELS * 1.0)
-        packed = tl.sum(code.to(tl.int32) << (k * BITS)[None, None, :, None], 2)  # (NGR, NB, BD)
-        rows = qk // CPB + grp[:, None] * NB + byte[None, :]
-        tl.store(KC + b * s_cb + h * s_ch + rows[:, :, None] * D + ch[None, None, :], packed.to(tl.uint8))
+        if PLANES:
+            # the N tokens in order are N / 16 slices of 16; slice s of the sequence is field s % CPB of byte rows
+            # (s // CPB) * 16 + 0..15; PW fields per byte row come from this flush (all CPB once N spans a block)
+            PW: tl.constexpr = CPB if N // 16 >= CPB else N // 16
+            NBK: tl.constexpr = N // 16 // PW
+            c = tl.reshape(code.to(tl.int32), (NBK, PW, 16, BD))
+            fields = ((qk // 16 + tl.arange(0, PW)) % CPB) * BITS
+            byte_rows = tl.sum(c << fields[None, :, None, None], 1)  # (NBK, 16, BD)
+            prow = ((qk // (16 * CPB) + tl.arange(0, NBK)) * 16)[:, None] + tl.arange(0, 16)[None, :]
+            kaddr = KC + b * s_cb + h * s_ch + prow[:, :, None] * D + ch[None, None, :]
+            old = tl.load(kaddr)
+            tl.store(kaddr, old | byte_rows.to(tl.uint8))
+        else:
+            packed = tl.sum(code.to(tl.int32) << (k * BITS)[None, None, :, None], 2)  # (NGR, NB, BD)
+            rows = qk // CPB + grp[:, None] * NB + byte[None, :]
+            tl.store(KC + b * s_cb + h * s_ch + rows[:, :, None] * D + ch[None, None, :], packed.to(tl.uint8))
         srow = (qk // G + grp)[:, None] * D + ch[None, :]
         tl.store(KS + b * s_sb + h * s_sh + srow, scale)
         tl.store(KZ + b * s_sb + h * s_sh + srow, zero)
@@ -147,21 +167,24 @@ def _strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
-def flush_values(vr, vc, vs, vz, t_dev, qv_dev, *, ring: int, residual: int, group_size: int, bits: int) -> None:
+def flush_values(vr, vc, vs, vz, t_dev, qv_dev, *, ring: int, residual: int, group_size: int, bits: int,
+                 planes: bool = False) -> None:
+    """`planes`: vc holds plane-order codes (`memfit.kernels.kivi_planes`); the token's bits are OR-ed in."""
     b, h, _, d = vr.shape
     _flush_values_kernel[(b * h,)](
         vr, vc, vs, vz, t_dev, qv_dev, *_strides(vr), *_strides(vc), *_strides(vs),
-        W=ring, R=residual, HKV=h, D=d, G=group_size, BITS=bits, num_warps=1,
+        W=ring, R=residual, HKV=h, D=d, G=group_size, BITS=bits, PLANES=planes, num_warps=1,
     )  # fmt: skip
 
 
 def flush_keys(kr, kc, ks, kz, t_dev, qk_dev, *, ring: int, threshold: int, block: int, group_size: int,
-               bits: int) -> None:
+               bits: int, planes: bool = False) -> None:
+    """`planes`: kc holds plane-order codes (`memfit.kernels.kivi_planes`; block a multiple of 16 tokens)."""
     b, h, _, d = kr.shape
     bd = min(d, max(16, 4096 // block))  # about 4K elements per program
     _flush_keys_kernel[(b * h, d // bd)](
         kr, kc, ks, kz, t_dev, qk_dev, *_strides(kr), *_strides(kc), *_strides(ks),
-        W=ring, THRESH=threshold, N=block, HKV=h, D=d, BD=bd, G=group_size, BITS=bits, num_warps=4,
+        W=ring, THRESH=threshold, N=block, HKV=h, D=d, BD=bd, G=group_size, BITS=bits, PLANES=planes, num_warps=4,
     )  # fmt: skip
 
 

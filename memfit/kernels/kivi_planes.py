@@ -90,3 +90,61 @@ def token_place(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]
     cpb = 8 // bits
     row = (t // (16 * cpb)) * 16 + t % 16
     return row, ((t // 16) % cpb) * bits
+
+
+def supported(bits: int, group_size: int, key_block: int, head_dim: int) -> bool:
+    """Shapes the plane-order store and kernel take: 2 or 4 bits, key groups and flush blocks of whole 16-token
+    slices, a power-of-two head dim made of whole channel groups."""
+    return (bits in (2, 4) and group_size % 16 == 0 and key_block % 16 == 0 and head_dim & (head_dim - 1) == 0
+            and head_dim % group_size == 0 and (head_dim // group_size) & (head_dim // group_size - 1) == 0)
+
+
+def keys_to_planes_padded(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`keys_to_planes` of canonical key codes for any multiple of 16 tokens... padded with zero codes to whole
+    blocks (the store's unflushed tokens are zero bits)."""
+    rows = codes.shape[2]
+    blk_rows = 16  # byte rows per block
+    pad = -rows % blk_rows
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, 0, 0, pad))
+    return keys_to_planes(codes, bits)
+
+
+def values_to_planes_padded(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`values_to_planes` of canonical value codes padded with zero codes to whole blocks."""
+    pad = -codes.shape[2] % block_tokens(bits)
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, 0, 0, pad))
+    return values_to_planes(codes, bits)
+
+
+def or_value_token(vc: torch.Tensor, t: torch.Tensor, codes: torch.Tensor, bits: int, flush: torch.Tensor) -> None:
+    """Write token t's value codes (canonical (B, H, 1, D / CPB)) into plane-order vc (B, H, NB, D, 16) where `flush`
+    ((1,) bool, on the device: no host sync) holds; the token's bits must still be zero (OR-ed in)."""
+    b, h, nb, d, _ = vc.shape
+    cpb = 8 // bits
+    c = _unpack(codes, bits).reshape(b, h, d)
+    blk = (t // (16 * cpb)).clamp(max=nb - 1)
+    idx = blk * (d * 16) + torch.arange(d, device=vc.device) * 16 + t % 16  # (D,)
+    flat = vc.view(b, h, nb * d * 16)
+    old = flat.index_select(2, idx)
+    new = old | (c << ((t // 16) % cpb) * bits).to(torch.uint8)
+    flat.index_copy_(2, idx, torch.where(flush, new, old))
+
+
+def or_key_tokens(kc: torch.Tensor, t0: torch.Tensor, codes: torch.Tensor, bits: int, flush: torch.Tensor) -> None:
+    """Write the key codes of tokens t0 .. t0 + n - 1 (canonical (B, H, n / CPB, D); n a multiple of 16, t0 a
+    multiple of n) into plane-order kc (B, H, Tq / CPB, D) where `flush` holds; their bits must still be zero."""
+    b, h, rows, d = kc.shape
+    cpb = 8 // bits
+    n = codes.shape[2] * cpb
+    c = _unpack(codes, bits).permute(0, 1, 2, 4, 3).reshape(b, h, n, d)  # token order
+    pw = min(cpb, n // 16)  # planes this write fills per byte row (all of them once n spans a block)
+    nbk = n // 16 // pw
+    planes = (t0 // 16 + torch.arange(pw, device=kc.device)) % cpb  # (pw,): 0..CPB-1 when n spans whole blocks
+    c = c.reshape(b, h, nbk, pw, 16, d) << (planes * bits).view(1, 1, 1, pw, 1, 1)
+    new_bytes = c.sum(3).reshape(b, h, nbk * 16, d).to(torch.uint8)
+    idx = ((t0 // (16 * cpb) + torch.arange(nbk, device=kc.device)) * 16)[:, None] + torch.arange(16, device=kc.device)
+    idx = idx.reshape(-1).clamp(max=rows - 1)
+    old = kc.index_select(2, idx)
+    kc.index_copy_(2, idx, torch.where(flush, old | new_bytes, old))
