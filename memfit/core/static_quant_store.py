@@ -217,14 +217,15 @@ class StaticKIVILayer(QuantizedKVLayer):
         kq = _cat_qt([s.qt for s in self.k.segments])  # type: ignore[attr-defined]
         vq = _cat_qt([s.qt for s in self.v.segments])  # type: ignore[attr-defined]
         if kq is not None:
-            kcodes = kivi_planes.keys_to_planes_padded(kq.codes, f.bits) if self.layout == "planes" else kq.codes
-            bufs["kc"][:, :, : kcodes.shape[2]].copy_(kcodes)
+            if self.layout == "planes":
+                kivi_planes.convert_rows(kivi_planes.keys_to_planes_padded, kq.codes, bufs["kc"], f.bits)
+            else:
+                bufs["kc"][:, :, : kq.codes.shape[2]].copy_(kq.codes)
             bufs["ks"][:, :, : kq.scales.shape[2]].copy_(kq.scales)
             bufs["kz"][:, :, : kq.scales.shape[2]].copy_(kq.zeros)  # type: ignore[arg-type]
         if vq is not None:
             if self.layout == "planes":
-                vcodes = kivi_planes.values_to_planes_padded(vq.codes, f.bits)
-                bufs["vc"][:, :, : vcodes.shape[2]].copy_(vcodes)
+                kivi_planes.convert_rows(kivi_planes.values_to_planes_padded, vq.codes, bufs["vc"], f.bits)
             else:
                 bufs["vc"][:, :, :qv].copy_(vq.codes)
             bufs["vs"][:, :, :qv].copy_(vq.scales)
@@ -338,10 +339,16 @@ class StaticKIVILayer(QuantizedKVLayer):
         assert bufs is not None
         if self.layout != "planes":
             return bufs["kc"], bufs["vc"]
-        blk = kivi_planes.block_tokens(self.form.bits)
+        bits = self.form.bits
+        blk, cpb = kivi_planes.block_tokens(bits), 8 // bits
         nk, nv = -(-qk // blk), -(-qv // blk)  # whole blocks
-        return (kivi_planes.keys_from_planes(bufs["kc"][:, :, : nk * 16], self.form.bits),
-                kivi_planes.values_from_planes(bufs["vc"][:, :, :nv], self.form.bits))
+        kc_p, vc_p = bufs["kc"][:, :, : nk * 16], bufs["vc"][:, :, :nv]
+        b, h, _, d = kc_p.shape
+        kc = torch.empty(b, h, nk * 16, d, dtype=torch.uint8, device=kc_p.device)
+        vc = torch.empty(b, h, nv * blk, d // cpb, dtype=torch.uint8, device=vc_p.device)
+        kivi_planes.convert_rows(kivi_planes.keys_from_planes, kc_p, kc, bits)
+        kivi_planes.convert_rows(kivi_planes.values_from_planes, vc_p, vc, bits)
+        return kc, vc
 
     def _ring_tokens(self, ring: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Ring entries of tokens start..end (in order), as an owned tensor."""

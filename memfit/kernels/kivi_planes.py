@@ -148,3 +148,14 @@ def or_key_tokens(kc: torch.Tensor, t0: torch.Tensor, codes: torch.Tensor, bits:
     idx = idx.reshape(-1).clamp(max=rows - 1)
     old = kc.index_select(2, idx)
     kc.index_copy_(2, idx, torch.where(flush, old | new_bytes, old))
+
+
+def convert_rows(fn, src: torch.Tensor, out: torch.Tensor, bits: int, budget: int = 256 << 20) -> None:
+    """out[:, :, :n] = fn(src, bits) (n: the converted size along dim 2), a few batch rows at a time: the
+    conversions unpack every code to int32 (16x the bytes of 2-bit codes), which a full batch at the memory's limit
+    has no room for."""
+    per_row = max(1, src[:1].numel() * (8 // bits) * 4 * 3)  # int32 codes and two temporaries per row
+    step = max(1, budget // per_row)
+    for i in range(0, src.shape[0], step):
+        part = fn(src[i : i + step], bits)
+        out[i : i + step, :, : part.shape[2]].copy_(part)
