@@ -358,3 +358,27 @@ def test_chunked_prefill_behind_an_eviction_quantizes_once_the_prompt_is_in():
     assert all(qk > 0 and qv > 0 for qk, qv, _ in held)
     assert all(layer.nbytes() < layer.num_slots * 2 * layer.keys.shape[1] * layer.keys.shape[-1] * 4
                for layer in core.layers)
+
+
+def test_plane_order_policy(monkeypatch):
+    """Plane order where its kernel is faster (CUDA, from PLANES_MIN_ROWS rows), shapes of whole 16-token slices
+    only; MEMFIT_KIVI_LAYOUT forces either layout and rejects anything else."""
+    from memfit.core import static_quant_store as S
+    from memfit.errors import ConfigError
+
+    monkeypatch.setattr(S, "_kernels_here", lambda: True)
+    monkeypatch.delenv("MEMFIT_KIVI_LAYOUT", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    two, four = KIVIForm(2, 32, 128, False), KIVIForm(4, 32, 128, False)
+    assert S._use_planes(two, 128, cuda, S.PLANES_MIN_ROWS[2]) and not S._use_planes(two, 128, cuda, 63)
+    assert S._use_planes(four, 128, cuda, S.PLANES_MIN_ROWS[4]) and not S._use_planes(four, 128, cuda, 64)
+    assert not S._use_planes(two, 128, cpu, 461)
+    assert not S._use_planes(KIVIForm(2, 8, 128, False), 128, cuda, 461)  # groups of 8 tokens: not whole slices
+    assert not S._use_planes(KIVIForm(8, 32, 128, False), 128, cuda, 461)
+    monkeypatch.setenv("MEMFIT_KIVI_LAYOUT", "canonical")
+    assert not S._use_planes(two, 128, cuda, 461)
+    monkeypatch.setenv("MEMFIT_KIVI_LAYOUT", "planes")
+    assert S._use_planes(two, 128, cpu, 1) and not S._use_planes(KIVIForm(2, 8, 128, False), 128, cpu, 1)
+    monkeypatch.setenv("MEMFIT_KIVI_LAYOUT", "sideways")
+    with pytest.raises(ConfigError, match="MEMFIT_KIVI_LAYOUT"):
+        S._use_planes(two, 128, cuda, 461)

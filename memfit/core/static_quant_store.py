@@ -49,6 +49,12 @@ and values) where the portable residuals hold R + rk (rk = 0..R-1 full-precision
 ring the step writes in place instead of residuals that grow and shrink. No dequantized copy of any other token
 exists: the kernel dequantizes tiles in registers.
 
+Plane order (`memfit.kernels.kivi_planes`, from PLANES_MIN_ROWS rows on CUDA): the same code bytes, arranged so
+that one bit field of 16 byte rows holds 16 consecutive tokens, which the plane-order kernel feeds to tensor-core
+dots without dequantizing (value codes then sit channel by channel in blocks of 16 x CPB tokens). Freeze converts
+the portable codes into it, unfreeze converts back (bit-identical), and a flush ORs a token's codes into their
+field of bytes whose other fields belong to neighbouring tokens (an unflushed token's bits are zero).
+
 When the layer does not freeze (and stays the portable store, eagerly): padded rows or evicted placeholders
 (`valid`), per-token policy state, holes left by an eviction on quantized tokens (chunked prefill), or a head dim the
 kernel cannot read on CUDA. An eviction or a batch reorder after freezing turns the buffers back into the portable
@@ -209,7 +215,7 @@ class StaticKIVILayer(QuantizedKVLayer):
         b, h, d = self._shape
         t, qk, qv = self.k.slots, int(self.k.q), int(self.v.q)
         room = self.reserve if reserve is None else reserve
-        self.layout = "planes" if _use_planes(f, d, self.k.residual.device) else "canonical"
+        self.layout = "planes" if _use_planes(f, d, self.k.residual.device, b) else "canonical"
         unit = math.lcm(f.residual, kivi_planes.block_tokens(f.bits)) if self.layout == "planes" else f.residual
         cap = -(-max(t + room, 1) // unit) * unit
         dev, dtype = self.k.residual.device, self.k.residual.dtype
@@ -582,15 +588,22 @@ def _kernels_here() -> bool:
     return _KERNELS
 
 
-def _use_planes(form: KIVIForm, head_dim: int, device: torch.device) -> bool:
+# Rows from which plane order pays on the H200 (benchmarks/results/kivi_kernel_sweep_planes3_h200.jsonl, the product
+# path in max_batch_planes_h200.jsonl / runtime_kivi_layout_*.jsonl): 2-bit faster at 64 and 461 rows, slower through
+# the product at one row (8K tokens: 5.61 against 5.30 ms per step); 4-bit faster at 461 rows, slower at 64 (256 lies
+# between, not measured).
+PLANES_MIN_ROWS = {2: 64, 4: 256}
+
+
+def _use_planes(form: KIVIForm, head_dim: int, device: torch.device, rows: int) -> bool:
     """Whether frozen codes go in plane order (`memfit.kernels.kivi_planes`): where the plane-order kernel serves
-    them (CUDA, 2 or 4 bits, shapes of whole 16-token slices). MEMFIT_KIVI_LAYOUT=canonical keeps the canonical
-    layout and its kernel (A/B runs); =planes forces plane order wherever the shapes allow (the CPU tests: the
-    reference then reads a canonical copy)."""
+    them faster (CUDA, 2 or 4 bits, shapes of whole 16-token slices, batches of at least PLANES_MIN_ROWS rows).
+    MEMFIT_KIVI_LAYOUT=canonical keeps the canonical layout and its kernel, =planes forces plane order wherever the
+    shapes allow (A/B runs; the CPU tests, where the reference then reads a canonical copy)."""
     choice = os.environ.get("MEMFIT_KIVI_LAYOUT", "auto")
     if choice not in ("auto", "planes", "canonical"):
         raise ConfigError(f"MEMFIT_KIVI_LAYOUT={choice!r}: use auto, planes or canonical")
     ok = kivi_planes.supported(form.bits, form.group_size, form.key_block, head_dim)
     if choice != "auto":
         return ok and choice == "planes"
-    return ok and device.type == "cuda" and _kernels_here()
+    return ok and device.type == "cuda" and _kernels_here() and rows >= PLANES_MIN_ROWS[form.bits]

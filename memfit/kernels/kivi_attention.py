@@ -264,8 +264,8 @@ def _launch(
         raise ValueError(f"bad kernel variant {spec}: (path 0-4, 7, 8; num_warps 1-16, scale groups per tile >= 2, stages >= 1)")
     if quant is not None:
         qblock = max(tile_groups * group_size, 16)  # >= two scale groups per tile (no size-1 ranges); "fold": one
-        if path == 9:  # the "i8" tile's own size: splits start on its tiles
-            qblock = i8_shape(g, d, group_size, bits)[1] * group_size
+        if path == 9:  # the plane-order tile's own size: splits start on its tiles
+            qblock = planes_shape(g, d, group_size, bits)[1] * group_size
         if block_t % qblock:
             block_t = qblock * max(1, -(-block_t // qblock))
     capacity = cap_q + k_res.shape[2]
@@ -291,7 +291,7 @@ def _launch(
     lg = logits if logits is not None else po
     s_lg = (logits.stride(0), logits.stride(1)) if logits is not None else (0, 0)
     if path == 9:
-        _launch_i8(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn, app, s_apb, s_aph, scale, tps,
+        _launch_planes(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn, app, s_apb, s_aph, scale, tps,
                    splits, hkv, g, gp, d, bits, group_size, block_t, append, warps, stages)
     else:
         _launch_split(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, lg, kn, vn, app, s_apb, s_aph, s_lg,
@@ -329,7 +329,7 @@ def _launch_split(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, lg, 
     )  # fmt: skip
 
 
-def i8_shape(gq: int, d: int, group_size: int, bits: int = 2) -> tuple[int, int, int]:
+def planes_shape(gq: int, d: int, group_size: int, bits: int = 2) -> tuple[int, int, int]:
     """(GQP, TG, KDUP) of the plane-order tile: query rows padded to a power of two (and so that the value dot's
     GQP x d / group_size rows are at least 16), scale groups per tile, and copies of each key row so that the key
     dot's GQP x TG x KDUP rows are at least 16."""
@@ -342,13 +342,13 @@ def i8_shape(gq: int, d: int, group_size: int, bits: int = 2) -> tuple[int, int,
     return gqp, tg, max(1, 16 // (gqp * tg))
 
 
-def _launch_i8(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn, app, s_apb, s_aph, scale, tps,
+def _launch_planes(q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn, app, s_apb, s_aph, scale, tps,
                splits, hkv, g, gp, d, bits, group_size, block_t, append, warps, stages):
-    from memfit.kernels import _kivi_i8_kernel as K8
+    from memfit.kernels import _kivi_planes_kernel as KP
 
     b = q.shape[0]
-    gqp, tg, kdup = i8_shape(g, d, group_size, bits)
-    K8._split_kernel_i8[(b * hkv, splits)](
+    gqp, tg, kdup = planes_shape(g, d, group_size, bits)
+    KP._split_kernel_planes[(b * hkv, splits)](
         q, kc, ks, kz, vc, vs, vz, k_res, v_res, nq, nr, po, pml, kn, vn, app,
         scale * _LOG2E, tps, splits,
         q.stride(0), q.stride(1),
@@ -394,7 +394,7 @@ def kivi_decode_attention(
     """Attention (B, Hq, d) of q (B, Hq, d) over n_q packed tokens + n_r residual tokens per row.
 
     `layout="planes"`: the codes are in `memfit.kernels.kivi_planes` order (values (B, Hkv, Cq / (16 * CPB), d, 16))
-    and the integer-dot kernel reads them (2 and 4 bits).
+    and the plane-order kernel reads them (2 and 4 bits; fp16 dots on the codes themselves).
 
     `packed`: the quantized-tile code path, a name from `VARIANTS` ("fold", "packed", "gather", ...), True / False
     (packed / gather) or None (``packed_policy``).

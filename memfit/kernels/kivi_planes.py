@@ -1,4 +1,4 @@
-"""KIVI codes in "plane" order: the layout the integer-dot decode kernel reads (`memfit.kernels._kivi_i8_kernel`).
+"""KIVI codes in "plane" order: the layout the plane-order decode kernel reads (`memfit.kernels._kivi_planes_kernel`).
 
 Canonical layout (`memfit.core.quant`): key byte row j holds tokens j * CPB + k (k = 0..CPB-1) of each channel, at
 bits k * BITS; a value byte holds channels j * CPB + k of one token. Plane layout (same bytes, CPB = 8 // BITS codes
@@ -100,7 +100,7 @@ def supported(bits: int, group_size: int, key_block: int, head_dim: int) -> bool
 
 
 def keys_to_planes_padded(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """`keys_to_planes` of canonical key codes for any multiple of 16 tokens... padded with zero codes to whole
+    """`keys_to_planes` of canonical key codes for any number of 16-token slices, padded with zero codes to whole
     blocks (the store's unflushed tokens are zero bits)."""
     rows = codes.shape[2]
     blk_rows = 16  # byte rows per block

@@ -1,22 +1,25 @@
-"""Integer tensor-core dots over plane-order KIVI codes: `kivi_decode_attention(..., layout="planes")` (this module
-imports triton: import it lazily). Opt-in, used by no store: on an H200 it is not faster than the bf16 tiles
-(benchmarks/README.md, "Integer tensor-core dots").
+"""KIVI decode attention over plane-order codes with fp16 tensor-core dots on the codes themselves:
+`kivi_decode_attention(..., layout="planes")`, what the fast backend's KIVI store runs from PLANES_MIN_ROWS rows
+(`memfit.core.static_quant_store`). This module imports triton: import it lazily.
 
-Why it was tried: the bf16 tiles (`_decode_kernels`) spend ~89 warp instructions per cached token at large batch,
-most of them turning each code into a bf16 element of the tensor cores' layout one at a time. Here codes stay
-small integers and int8 MMAs multiply them (exact int32 sums):
+Why: the canonical tiles (`_decode_kernels`) spend ~89 warp instructions per cached token at large batch, most of
+them dequantizing each code alone and moving it into the tensor cores' layout. Here no code is dequantized:
 
 - keys: a token's score is sum_d q[d] * (ks[d] * c[d] + kz[d]) = sum_d (q[d] * ks[d]) * c[d] + sum_d q[d] * kz[d].
-  Per scale group, q' = q * ks is scaled per query head so that its largest magnitude is 127 and written as
-  hi + lo / 254 with hi, lo int8 (one pass alone is too coarse: see the README); the rows (head, scale group) of TG
-  groups fill the 16 rows an MMA needs, one dot scores every row against every token of a plane and each token
-  keeps its own group's row (the other products are discarded: tensor-core work is cheap here, unpacking is not).
-- values: out[d] = sum_t p[t] * (vs[t, g(d)] * c[t, d] + vz[t, g(d)]). p' = p * vs per (head, channel group) row,
-  scaled so that its tile maximum is 127, as hi + lo / 254; one dot per plane gives every row's sums over every
-  channel and each channel keeps its own group's row; the zero-point term is sum_t p[t] * vz[t, g] in fp32.
-In plane order (`memfit.kernels.kivi_planes`) one field of a block of byte rows is 16 consecutive tokens: one shift
-and one mask per four bytes (inline PTX on CUDA; plain Triton in the interpreter) turn it into an int8 MMA operand
-that Triton loads with ldmatrix. The residual tokens and the appended one are computed in fp32 on CUDA cores.
+  Per scale group q' = (q / max|q|) * ks is rounded to fp16 (in range: key scales are fp16); rows (head, scale
+  group, copy) fill the MMA's 16 rows, one dot scores every row against every token of a plane and each token keeps
+  its own group's first copy (the other products are discarded: tensor-core work is cheap here, unpacking is not).
+- values: out[d] = sum_t p[t] * (vs[t, g(d)] * c[t, d] + vz[t, g(d)]): rows (head, channel group) take p * vs in
+  fp16, one dot per plane gives every row's sums over every channel and each channel keeps its own group's row at
+  the end; the zero points come from one more small dot of p with vz.
+- codes enter the dots as fp16 1024 + code: one PRMT per two codes puts a code byte under the exponent byte 0x64
+  (exact), after one shift and one mask per four codes take a field out of plane-order bytes (inline PTX on CUDA,
+  plain Triton in the interpreter); the 1024s come back out through the biases, computed from the same rounded
+  operands the dots see.
+In plane order (`memfit.kernels.kivi_planes`) one field of 16 byte rows is 16 consecutive tokens, so a plane is a
+ready dot operand. The residual tokens and the appended one go through bf16 dots with each query row copied to 16
+rows. An earlier form of this kernel used int8 dots with q' and p * vs split into two int8 passes (one alone was
+too coarse for the tests' bound) and was slower than the canonical tiles (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -178,7 +181,7 @@ def _planes16_out(oacc, zacc, GQP: tl.constexpr, NGD: tl.constexpr, GROUP: tl.co
 
 
 @triton.jit
-def _split_kernel_i8(
+def _split_kernel_planes(
     Q, KC, KS, KZ, VC, VS, VZ, KR, VR, NQ, NR, PO, PML, KN, VN, APP,
     qk_scale, tokens_per_split, num_splits,
     s_qb, s_qh,
