@@ -254,6 +254,9 @@ def _define_kernels_interpreted() -> None:
     mod = sys.modules.get("memfit.kernels._decode_kernels")
     if mod is not None and type(mod._split_kernel).__name__ != "InterpretedFunction":
         importlib.reload(mod)
+    planes = sys.modules.get("memfit.kernels._kivi_planes_kernel")  # it calls _decode_kernels' helpers: after it
+    if planes is not None and type(planes._split_kernel_planes).__name__ != "InterpretedFunction":
+        importlib.reload(planes)
 
 
 _DEVICES = [

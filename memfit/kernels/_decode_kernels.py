@@ -144,6 +144,44 @@ def _load_tile(kc_base, ks_base, kz_base, vc_base, vs_base, vz_base, t0, q_end, 
 
 
 @triton.jit
+def _split_range(NQ, NR, tokens_per_split, HKV: tl.constexpr):
+    """Program (row * Hkv + head, split)'s row, KV head, quantized / residual lengths and token range."""
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    b = (pid // HKV).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
+    h = pid % HKV
+    nq = tl.load(NQ + b)
+    nr = tl.load(NR + b)
+    start = sid * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, nq + nr)
+    return pid, sid, b, h, nq, nr, start, end
+
+
+@triton.jit
+def _append_new(APP, KN, VN, kr_base, vr_base, b, h, sid, offs_d, s_apb, s_aph, s_knb, s_knh, s_vnb, s_vnh, s_krt,
+                s_vrt, KR_T, VR_T):
+    """The appended token's residual slot, key and value; split 0 writes them into that slot."""
+    app = tl.load(APP + b * s_apb + h * s_aph)
+    kn = tl.load(KN + b * s_knb + h * s_knh + offs_d)
+    vn = tl.load(VN + b * s_vnb + h * s_vnh + offs_d)
+    if sid == 0:
+        tl.store(kr_base + app * s_krt + offs_d, kn.to(KR_T))
+        tl.store(vr_base + app * s_vrt + offs_d, vn.to(VR_T))
+    return app, kn, vn
+
+
+@triton.jit
+def _new_token_softmax(s_new, vn, m_i, l_i, acc, dt):
+    """The appended token (logits s_new per query row, value vn) into the online softmax."""
+    m_new = tl.maximum(m_i, s_new)
+    alpha = tl.exp2(m_i - m_new)
+    p_new = tl.exp2(s_new - m_new)
+    l_i = l_i * alpha + p_new
+    acc = acc * alpha[:, None] + p_new[:, None] * vn.to(dt).to(tl.float32)[None, :]
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _split_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, KR, VR, NQ, NR, PO, PML, LG, KN, VN, APP,
     qk_scale, tokens_per_split, num_splits,
@@ -159,15 +197,7 @@ def _split_kernel(
     HAS_QUANT: tl.constexpr, STORE_LOGITS: tl.constexpr, APPEND: tl.constexpr, PACKED: tl.constexpr,
     NSTAGES: tl.constexpr = 1,
 ):
-    pid = tl.program_id(0)
-    sid = tl.program_id(1)
-    b = (pid // HKV).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
-    h = pid % HKV
-    nq = tl.load(NQ + b)
-    nr = tl.load(NR + b)
-    total = nq + nr
-    start = sid * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, total)
+    pid, sid, b, h, nq, nr, start, end = _split_range(NQ, NR, tokens_per_split, HKV)
 
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
@@ -337,12 +367,8 @@ def _split_kernel(
     kr_base = KR + b * s_krb + h * s_krh
     vr_base = VR + b * s_vrb + h * s_vrh
     if APPEND:
-        app = tl.load(APP + b * s_apb + h * s_aph)
-        kn = tl.load(KN + b * s_knb + h * s_knh + offs_d)
-        vn = tl.load(VN + b * s_vnb + h * s_vnh + offs_d)
-        if sid == 0:
-            tl.store(kr_base + app * s_krt + offs_d, kn.to(KR.dtype.element_ty))
-            tl.store(vr_base + app * s_vrt + offs_d, vn.to(VR.dtype.element_ty))
+        app, kn, vn = _append_new(APP, KN, VN, kr_base, vr_base, b, h, sid, offs_d, s_apb, s_aph, s_knb, s_knh, s_vnb,
+                                  s_vnh, s_krt, s_vrt, KR.dtype.element_ty, VR.dtype.element_ty)
     r_start = tl.maximum(start, nq)
     for t0 in range(r_start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -371,12 +397,7 @@ def _split_kernel(
             s_new = tl.sum(q.to(tl.float32) * kn.to(dt).to(tl.float32)[None, :], 1) * qk_scale
             if STORE_LOGITS:
                 tl.store(lg_base + (nq + app) + 0 * offs_g[:, None], s_new[:, None], mask=gmask[:, None])
-            m_new = tl.maximum(m_i, s_new)
-            alpha = tl.exp2(m_i - m_new)
-            p_new = tl.exp2(s_new - m_new)
-            l_i = l_i * alpha + p_new
-            acc = acc * alpha[:, None] + p_new[:, None] * vn.to(dt).to(tl.float32)[None, :]
-            m_i = m_new
+            m_i, l_i, acc = _new_token_softmax(s_new, vn, m_i, l_i, acc, dt)
 
     part = pid * num_splits + sid
     tl.store(PO + (part * GP + offs_g)[:, None] * D + offs_d[None, :], acc)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from memfit.kernels._decode_kernels import _append_new, _new_token_softmax, _split_range
+
 
 @triton.jit
 def _plane16(c, K: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
@@ -196,15 +198,7 @@ def _split_kernel_planes(
 ):
     """`_decode_kernels._split_kernel`'s contract (same partial outputs for `_combine_kernel`, GP rows per part) over
     plane-order codes: quantized tokens by `_planes16_tile`, then the residual tokens and the appended one."""
-    pid = tl.program_id(0)
-    sid = tl.program_id(1)
-    b = (pid // HKV).to(tl.int64)
-    h = pid % HKV
-    nq = tl.load(NQ + b)
-    nr = tl.load(NR + b)
-    total = nq + nr
-    start = sid * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, total)
+    pid, sid, b, h, nq, nr, start, end = _split_range(NQ, NR, tokens_per_split, HKV)
     offs_g = tl.arange(0, GQP)
     offs_d = tl.arange(0, D)
     gmask = offs_g < GQ
@@ -237,12 +231,8 @@ def _split_kernel_planes(
     kr_base = KR + b * s_krb + h * s_krh
     vr_base = VR + b * s_vrb + h * s_vrh
     if APPEND:
-        app = tl.load(APP + b * s_apb + h * s_aph)
-        kn = tl.load(KN + b * s_knb + h * s_knh + offs_d)
-        vn = tl.load(VN + b * s_vnb + h * s_vnh + offs_d)
-        if sid == 0:
-            tl.store(kr_base + app * s_krt + offs_d, kn.to(KR.dtype.element_ty))
-            tl.store(vr_base + app * s_vrt + offs_d, vn.to(VR.dtype.element_ty))
+        app, kn, vn = _append_new(APP, KN, VN, kr_base, vr_base, b, h, sid, offs_d, s_apb, s_aph, s_knb, s_knh, s_vnb,
+                                  s_vnh, s_krt, s_vrt, KR.dtype.element_ty, VR.dtype.element_ty)
     dt = Q.dtype.element_ty
     q = tl.load(qptr, mask=gmask[:, None], other=0.0)  # reloaded: not held in registers through the tiles
     qd = q.to(tl.float32)
@@ -276,12 +266,7 @@ def _split_kernel_planes(
         own = (nq + app >= start) & (nq + app < end)
         if own:
             s_new = tl.sum(qd * kn.to(dt).to(tl.float32)[None, :], 1) * qk_scale
-            m_new = tl.maximum(m_i, s_new)
-            alpha = tl.exp2(m_i - m_new)
-            p_new = tl.exp2(s_new - m_new)
-            l_i = l_i * alpha + p_new
-            acc = acc * alpha[:, None] + p_new[:, None] * vn.to(dt).to(tl.float32)[None, :]
-            m_i = m_new
+            m_i, l_i, acc = _new_token_softmax(s_new, vn, m_i, l_i, acc, dt)
     part = pid * num_splits + sid
     tl.store(PO + (part * GP + offs_g)[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
     tl.store(PML + part * 2 * GP + offs_g, m_i, mask=gmask)
