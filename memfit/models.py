@@ -353,8 +353,9 @@ def _load_tp(text: str, dtype: torch.dtype, *, dummy: bool = False) -> tuple[Any
         if first:  # rank 0 writes it once (then it is only looked up)
             dummy_checkpoint(spec, dtype, device, progress=True)
         if wait is not None:
+            # left to `memfit.distributed._leave` (all groups, at exit while Python runs): destroying it right after
+            # the barrier can close rank 0's side while another rank is still finishing that barrier
             dist.barrier(group=wait)
-            dist.destroy_process_group(wait)  # torn down now, not by the interpreter's exit (gloo aborted there)
         source = dummy_checkpoint(spec, dtype, device)  # now only a lookup
     else:
         source = tp_source(text)
