@@ -326,6 +326,9 @@ class RunResult:
     weights: str = "none"  # the weight method the model's linear layers carry (memfit.weights), or none
     weight_bytes: int = 0  # bytes of every parameter and buffer of the model (packed codes as stored)
     weight_kernels: dict[str, Any] | None = None  # compressed layers per decode path (memfit.weights.format)
+    # the fast backend's KIVI layers by the code layout their decode kernel read ("planes", "canonical"); None
+    # when no layer decoded from the static KIVI store
+    kivi_layout: dict[str, int] | None = None
     offload: dict[str, Any] | None = None  # weight streaming counters (memfit.offload) with --weights-memory
     predicted_peak_memory_bytes: int | None = None  # memfit.plan's prediction for this run (beside the measured)
     predicted: dict[str, Any] | None = None  # its parts: weights, KV, activations, runtime
@@ -466,6 +469,7 @@ def run(
         weights=getattr(mdl, "memfit_weights", "") or "none",
         weight_bytes=_weight_bytes(mdl),
         weight_kernels=_weight_kernels(mdl),
+        kivi_layout=_kivi_layout(cache),
         offload=None if offload is None else offload.report(),
         predicted_peak_memory_bytes=None if predicted is None else predicted["peak_bytes"],
         predicted=predicted,
@@ -487,6 +491,15 @@ def _predict(mdl: torch.nn.Module, method: str, budget: Any, params: Any, mask: 
                            offload=offload, spans=spans).to_dict()
     except Exception:  # noqa: BLE001
         return None
+
+
+def _kivi_layout(cache: Any) -> dict[str, int] | None:
+    """Layers of the static KIVI store that froze (decoded from its buffers), counted by code layout."""
+    counts: dict[str, int] = {}
+    for layer in getattr(getattr(cache, "core", None), "layers", ()):
+        if getattr(layer, "freezes", 0) and isinstance(getattr(layer, "layout", None), str):
+            counts[layer.layout] = counts.get(layer.layout, 0) + 1
+    return counts or None
 
 
 def _weight_kernels(model: torch.nn.Module) -> dict[str, Any] | None:

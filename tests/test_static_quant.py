@@ -382,3 +382,22 @@ def test_plane_order_policy(monkeypatch):
     monkeypatch.setenv("MEMFIT_KIVI_LAYOUT", "sideways")
     with pytest.raises(ConfigError, match="MEMFIT_KIVI_LAYOUT"):
         S._use_planes(two, 128, cuda, 461)
+
+
+def test_json_names_the_kivi_code_layout(monkeypatch):
+    """`kivi_layout` in a run's result counts the fast KIVI layers by the code layout they decoded from (forced
+    here: plane order needs CUDA and a large batch by default); None when nothing decoded from the static store."""
+    from memfit.engine import run
+    from tests.test_weights import tiny_tokenizer
+
+    monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
+    model, tok = tiny_llama(), tiny_tokenizer()
+    prompt = " ".join(f"w{3 + i % 100}" for i in range(70))
+    params = {"bits": 2, "group_size": 16, "residual": 32}  # whole 16-token slices: tiny heads have 16 channels
+    layers = model.config.num_hidden_layers
+    for layout in ("planes", "canonical"):
+        monkeypatch.setenv("MEMFIT_KIVI_LAYOUT", layout)
+        res = run(prompt, model=(model, tok), method="kivi", params=params, max_new_tokens=4, chat=False,
+                  backend="fast")
+        assert res.backend == "fast" and res.kivi_layout == {layout: layers}, res.kivi_layout
+    assert run(prompt, model=(model, tok), method="snapkv", budget=0.5, max_new_tokens=2, chat=False).kivi_layout is None
