@@ -23,8 +23,8 @@ import torch
 from runtime_gpu import copy_bandwidth  # the same measure as the product-path tables
 
 from memfit.bench.provenance import ResultWriter
+from memfit.core import planes as KP
 from memfit.kernels import kivi_attention as KA
-from memfit.kernels import kivi_planes as KP
 from memfit.kernels import reference as REF
 
 HQ, HKV, D, GROUP, RESIDUAL = 32, 8, 128, 32, 128

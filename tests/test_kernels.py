@@ -336,7 +336,7 @@ def test_kivi_plane_kernel_matches_reference(device, bits, append, request):
     """The integer-dot kernel over plane-order codes (`layout="planes"`) against the reference on the canonical
     codes: same rows (residual empty / partial / full), with and without the fused append. q x key scale and
     p x value scale are rounded to int8 (one scale per row): held to the bf16 tiles' bound."""
-    from memfit.kernels import kivi_planes as P
+    from memfit.core import planes as P
     from memfit.kernels.kivi_attention import kivi_decode_attention
 
     s = _setup(device, request)
@@ -375,7 +375,7 @@ def test_kivi_plane_kernel_matches_reference(device, bits, append, request):
 def test_kivi_planes_round_trip_and_token_places():
     """Plane order holds the same codes: back to canonical bit-exact, and each token's code where `token_place`
     says."""
-    from memfit.kernels import kivi_planes as P
+    from memfit.core import planes as P
 
     for bits in (2, 4):
         cpb, x = 8 // bits, torch.randn(2, 3, 128, 64)

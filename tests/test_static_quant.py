@@ -51,7 +51,7 @@ def _segments(side) -> QuantizedTensor:
 def test_store_matches_portable_store_bit_for_bit(bits, sliding, prompt, layout, monkeypatch):
     """Same keys, values and queries into both stores: outputs within fp32 summation-order error every step, and afterwards the
     same codes, scales, zeros (bit-identical) and residuals; the host mirrors equal the device counters. Plane order
-    (the codes the plane-order kernel reads, `memfit.kernels.kivi_planes`) needs 16-token groups: larger shapes."""
+    (the codes the plane-order kernel reads, `memfit.core.planes`) needs 16-token groups: larger shapes."""
     monkeypatch.setenv("MEMFIT_KIVI_LAYOUT", layout)
     g, r, d = (G, R, 16) if layout == "canonical" else (16, 32, 32)
     form = KIVIForm(bits, g, r, sliding)

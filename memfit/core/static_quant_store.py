@@ -49,7 +49,7 @@ and values) where the portable residuals hold R + rk (rk = 0..R-1 full-precision
 ring the step writes in place instead of residuals that grow and shrink. No dequantized copy of any other token
 exists: the kernel dequantizes tiles in registers.
 
-Plane order (`memfit.kernels.kivi_planes`, from PLANES_MIN_ROWS rows on CUDA): the same code bytes, arranged so
+Plane order (`memfit.core.planes`, from PLANES_MIN_ROWS rows on CUDA): the same code bytes, arranged so
 that one bit field of 16 byte rows holds 16 consecutive tokens, which the plane-order kernel feeds to tensor-core
 dots without dequantizing (value codes then sit channel by channel in blocks of 16 x CPB tokens). Freeze converts
 the portable codes into it, unfreeze converts back (bit-identical), and a flush ORs a token's codes into their
@@ -70,6 +70,7 @@ from typing import Any
 
 import torch
 
+from memfit.core import planes as kivi_planes
 from memfit.core.cache import StepInfo, tensor_bytes
 from memfit.core.quant import QuantizedTensor, bytes_per_group, quantize
 from memfit.core.quantized_store import (
@@ -83,7 +84,6 @@ from memfit.core.quantized_store import (
 )
 from memfit.core.spans import SPAN_KEY
 from memfit.errors import ConfigError
-from memfit.kernels import kivi_planes
 
 __all__ = ["KIVIForm", "StaticKIVILayer", "static_quant_form"]
 
@@ -596,7 +596,7 @@ PLANES_MIN_ROWS = {2: 64, 4: 256}
 
 
 def _use_planes(form: KIVIForm, head_dim: int, device: torch.device, rows: int) -> bool:
-    """Whether frozen codes go in plane order (`memfit.kernels.kivi_planes`): where the plane-order kernel serves
+    """Whether frozen codes go in plane order (`memfit.core.planes`): where the plane-order kernel serves
     them faster (CUDA, 2 or 4 bits, shapes of whole 16-token slices, batches of at least PLANES_MIN_ROWS rows).
     MEMFIT_KIVI_LAYOUT=canonical keeps the canonical layout and its kernel, =planes forces plane order wherever the
     shapes allow (A/B runs; the CPU tests, where the reference then reads a canonical copy)."""

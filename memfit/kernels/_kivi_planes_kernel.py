@@ -16,7 +16,7 @@ them dequantizing each code alone and moving it into the tensor cores' layout. H
   (exact), after one shift and one mask per four codes take a field out of plane-order bytes (inline PTX on CUDA,
   plain Triton in the interpreter); the 1024s come back out through the biases, computed from the same rounded
   operands the dots see.
-In plane order (`memfit.kernels.kivi_planes`) one field of 16 byte rows is 16 consecutive tokens, so a plane is a
+In plane order (`memfit.core.planes`) one field of 16 byte rows is 16 consecutive tokens, so a plane is a
 ready dot operand. The residual tokens and the appended one go through bf16 dots with each query row copied to 16
 rows. An earlier form of this kernel used int8 dots with q' and p * vs split into two int8 passes (one alone was
 too coarse for the tests' bound) and was slower than the canonical tiles (benchmarks/README.md).

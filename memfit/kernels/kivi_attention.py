@@ -393,7 +393,7 @@ def kivi_decode_attention(
 ) -> torch.Tensor:
     """Attention (B, Hq, d) of q (B, Hq, d) over n_q packed tokens + n_r residual tokens per row.
 
-    `layout="planes"`: the codes are in `memfit.kernels.kivi_planes` order (values (B, Hkv, Cq / (16 * CPB), d, 16))
+    `layout="planes"`: the codes are in `memfit.core.planes` order (values (B, Hkv, Cq / (16 * CPB), d, 16))
     and the plane-order kernel reads them (2 and 4 bits; fp16 dots on the codes themselves).
 
     `packed`: the quantized-tile code path, a name from `VARIANTS` ("fold", "packed", "gather", ...), True / False

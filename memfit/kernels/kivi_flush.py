@@ -169,7 +169,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int]:
 
 def flush_values(vr, vc, vs, vz, t_dev, qv_dev, *, ring: int, residual: int, group_size: int, bits: int,
                  planes: bool = False) -> None:
-    """`planes`: vc holds plane-order codes (`memfit.kernels.kivi_planes`); the token's bits are OR-ed in."""
+    """`planes`: vc holds plane-order codes (`memfit.core.planes`); the token's bits are OR-ed in."""
     b, h, _, d = vr.shape
     _flush_values_kernel[(b * h,)](
         vr, vc, vs, vz, t_dev, qv_dev, *_strides(vr), *_strides(vc), *_strides(vs),
@@ -179,7 +179,7 @@ def flush_values(vr, vc, vs, vz, t_dev, qv_dev, *, ring: int, residual: int, gro
 
 def flush_keys(kr, kc, ks, kz, t_dev, qk_dev, *, ring: int, threshold: int, block: int, group_size: int,
                bits: int, planes: bool = False) -> None:
-    """`planes`: kc holds plane-order codes (`memfit.kernels.kivi_planes`; block a multiple of 16 tokens)."""
+    """`planes`: kc holds plane-order codes (`memfit.core.planes`; block a multiple of 16 tokens)."""
     b, h, _, d = kr.shape
     bd = min(d, max(16, 4096 // block))  # about 4K elements per program
     _flush_keys_kernel[(b * h, d // bd)](

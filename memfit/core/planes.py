@@ -1,13 +1,13 @@
 """KIVI codes in "plane" order: the layout the plane-order decode kernel reads (`memfit.kernels._kivi_planes_kernel`).
 
-Canonical layout (`memfit.core.quant`): key byte row j holds tokens j * CPB + k (k = 0..CPB-1) of each channel, at
-bits k * BITS; a value byte holds channels j * CPB + k of one token. Plane layout (same bytes, CPB = 8 // BITS codes
+Canonical layout (`memfit.core.quant`, whose packing this module reuses): key byte row j holds tokens j * CPB + k
+(k = 0..CPB-1) of each channel, at bits k * BITS; a value byte holds channels j * CPB + k of one token. Plane layout (same bytes, CPB = 8 // BITS codes
 per byte), by blocks of 16 * CPB tokens:
 - keys (B, H, T / CPB, D): block n's 16 byte rows n * 16 + r hold tokens n * 16 * CPB + 16 * k + r at bits
   k * BITS ("plane" k). Taking one plane of a row block is one shift and one mask per four bytes, and gives the
-  (16 tokens, D channels) int8 codes in the order the int8 tensor-core dot reads them;
+  (16 tokens, D channels) codes in the order the kernel's tensor-core dot reads them;
 - values (B, H, T / (16 * CPB), D, 16): block n holds, for channel d, the same 16 tokens per plane in the 16 bytes
-  [n, d, :], so that a plane is a (D, 16) tile whose reduction axis (tokens) is contiguous, as the int8 dot needs.
+  [n, d, :], so that a plane is a (D, 16) tile whose reduction axis (tokens) is contiguous.
 T must be a multiple of 16 * CPB (the stores round their capacity up). Plain PyTorch: used at freeze / unfreeze
 and by the PyTorch flush, and as the tests' way back to the canonical form.
 """
@@ -16,29 +16,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["block_tokens", "keys_from_planes", "keys_to_planes", "values_from_planes", "values_to_planes",
-           "token_place"]
+from memfit.core.quant import _pack, unpack_codes
+
+__all__ = ["block_tokens", "convert_rows", "keys_from_planes", "keys_to_planes", "keys_to_planes_padded",
+           "or_key_tokens", "or_value_token", "supported", "token_place", "values_from_planes", "values_to_planes",
+           "values_to_planes_padded"]
 
 
 def block_tokens(bits: int) -> int:
     """Tokens per plane block (16 per plane, 8 // bits planes)."""
     return 16 * (8 // bits)
-
-
-def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., n) bytes -> (..., n, CPB) codes (field k at bits k * bits)."""
-    cpb = 8 // bits
-    shifts = torch.arange(cpb, device=codes.device, dtype=torch.int32) * bits
-    return (codes.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
-
-
-def _pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """codes (int32) with CPB fields along `dim` -> bytes (that dim removed)."""
-    cpb = 8 // bits
-    shape = [1] * codes.dim()
-    shape[dim] = cpb
-    shifts = (torch.arange(cpb, device=codes.device, dtype=torch.int32) * bits).view(shape)
-    return (codes << shifts).sum(dim).to(torch.uint8)
 
 
 def keys_to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -48,9 +35,9 @@ def keys_to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     t = rows * cpb
     if t % block_tokens(bits):
         raise ValueError(f"{t} tokens: plane blocks hold {block_tokens(bits)}")
-    c = _unpack(codes, bits).permute(0, 1, 2, 4, 3).reshape(b, h, t, d)  # token order
-    c = c.reshape(b, h, t // (16 * cpb), cpb, 16, d)  # (block, plane, row)
-    return _pack(c, bits, 3).reshape(b, h, rows, d)
+    c = unpack_codes(codes, bits, t, dim=2)  # (B, H, T, D), token order
+    c = c.reshape(b, h, t // (16 * cpb), cpb, 16, d).transpose(3, 4).reshape(b, h, t, d)  # (block, row, plane)
+    return _pack(c, bits, 2)
 
 
 def keys_from_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -58,9 +45,8 @@ def keys_from_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     b, h, rows, d = codes.shape
     cpb = 8 // bits
     t = rows * cpb
-    c = _unpack(codes.reshape(b, h, t // (16 * cpb), 16, d), bits)  # (B, H, n, 16, D, CPB)
-    c = c.permute(0, 1, 2, 5, 3, 4).reshape(b, h, t // cpb, cpb, d)  # token = n*16*CPB + 16k + r = row*CPB + field
-    return _pack(c, bits, 3)
+    c = unpack_codes(codes, bits, t, dim=2).reshape(b, h, t // (16 * cpb), 16, cpb, d)
+    return _pack(c.transpose(3, 4).reshape(b, h, t, d), bits, 2)  # token = block * 16 * CPB + 16 * plane + row
 
 
 def values_to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -70,18 +56,16 @@ def values_to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if t % block_tokens(bits):
         raise ValueError(f"{t} tokens: plane blocks hold {block_tokens(bits)}")
     d = nb * cpb
-    c = _unpack(codes, bits).reshape(b, h, t, d)
-    c = c.reshape(b, h, t // (16 * cpb), cpb, 16, d).permute(0, 1, 2, 5, 4, 3)  # (n, D, r, plane)
-    return _pack(c, bits, 5)
+    c = unpack_codes(codes, bits, d, dim=3).reshape(b, h, t // (16 * cpb), cpb, 16, d)
+    return _pack(c.permute(0, 1, 2, 5, 4, 3).reshape(b, h, t // (16 * cpb), d, 16 * cpb), bits, 4)  # (n, D, row, plane)
 
 
 def values_from_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `values_to_planes`: (B, H, T / (16 * CPB), D, 16) -> (B, H, T, D / CPB)."""
     b, h, n, d, _ = codes.shape
     cpb = 8 // bits
-    c = _unpack(codes, bits)  # (B, H, n, D, 16, CPB)
-    c = c.permute(0, 1, 2, 5, 4, 3).reshape(b, h, n * 16 * cpb, d // cpb, cpb)
-    return _pack(c, bits, 4)
+    c = unpack_codes(codes, bits, 16 * cpb, dim=4).reshape(b, h, n, d, 16, cpb)
+    return _pack(c.permute(0, 1, 2, 5, 4, 3).reshape(b, h, n * 16 * cpb, d), bits, 3)
 
 
 def token_place(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +107,7 @@ def or_value_token(vc: torch.Tensor, t: torch.Tensor, codes: torch.Tensor, bits:
     ((1,) bool, on the device: no host sync) holds; the token's bits must still be zero (OR-ed in)."""
     b, h, nb, d, _ = vc.shape
     cpb = 8 // bits
-    c = _unpack(codes, bits).reshape(b, h, d)
+    c = unpack_codes(codes, bits, d, dim=3).reshape(b, h, d).to(torch.int32)
     blk = (t // (16 * cpb)).clamp(max=nb - 1)
     idx = blk * (d * 16) + torch.arange(d, device=vc.device) * 16 + t % 16  # (D,)
     flat = vc.view(b, h, nb * d * 16)
@@ -138,7 +122,7 @@ def or_key_tokens(kc: torch.Tensor, t0: torch.Tensor, codes: torch.Tensor, bits:
     b, h, rows, d = kc.shape
     cpb = 8 // bits
     n = codes.shape[2] * cpb
-    c = _unpack(codes, bits).permute(0, 1, 2, 4, 3).reshape(b, h, n, d)  # token order
+    c = unpack_codes(codes, bits, n, dim=2).to(torch.int32)  # (B, H, n, D), token order
     pw = min(cpb, n // 16)  # planes this write fills per byte row (all of them once n spans a block)
     nbk = n // 16 // pw
     planes = (t0 // 16 + torch.arange(pw, device=kc.device)) % cpb  # (pw,): 0..CPB-1 when n spans whole blocks
