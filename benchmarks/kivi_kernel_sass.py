@@ -60,6 +60,22 @@ def compile_split(spec: tuple[int, ...] | None, bits: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}), step, warps
 
 
+def compile_planes(bits: int, warps: int = 1):
+    """The plane-order kernel (`memfit.kernels._kivi_planes_kernel`) as `kivi_attention._launch_planes` launches it
+    for these shapes (its default tile: `planes_shape`); returns (kernel, tokens per tile)."""
+    from memfit.kernels import _kivi_planes_kernel as KP
+
+    gqp, tg, kdup = KA.planes_shape(SHAPE["GQ"], SHAPE["D"], SHAPE["GROUP"], bits)
+    names = KP._split_kernel_planes.arg_names
+    consts = dict(HKV=SHAPE["HKV"], GQ=SHAPE["GQ"], GQP=gqp, GP=SHAPE["GP"], D=SHAPE["D"], BITS=bits,
+                  GROUP=SHAPE["GROUP"], TG=tg, BLOCK_T=16, KDUP=kdup, APPEND=False, USE_ASM=True, NSTAGES=1)
+    sig = {n: _PTRS.get(n, "constexpr" if n in consts else "fp32" if n == "qk_scale" else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n][0] == "*" or sig[n] == "i32"}
+    src = ASTSource(fn=KP._split_kernel_planes, signature=sig, attrs=attrs,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}), tg * SHAPE["GROUP"]
+
+
 def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
@@ -114,6 +130,8 @@ def main() -> int:
     p.add_argument("--bits", default="2,4")
     p.add_argument("--out", default="benchmarks/results/kivi_kernel_sass.jsonl")
     p.add_argument("--top", type=int, default=12, help="opcodes listed per row")
+    p.add_argument("--planes", action="store_true", help="also the plane-order kernel at its default tile, 1 warp "
+                   "(its quantized loop is the one holding the tensor-core dots)")
     a = p.parse_args()
     specs = [(v, KA.variant_spec(v)) for v in a.variants.split(";") if v]
     try:
@@ -128,6 +146,16 @@ def main() -> int:
                              "num_warps": warps, "tile_tokens": step, "loop_instructions": len(loop),
                              "instructions_per_token": len(loop) * warps / step,
                              "top_opcodes": dict(ops.most_common(a.top)), "triton": triton.__version__})  # fmt: skip
+            for bits in [int(b) for b in a.bits.split(",")] if a.planes else []:
+                kernel, step = compile_planes(bits)
+                regs, sass = sass_of(kernel)
+                loop = next(lp for lp in (main_loop(sass, i) for i in range(3)) if any("HMMA" in t for t in lp))
+                spills = sum(1 for line in sass.splitlines() if re.search(r"\b(LDL|STL)", line))
+                w.write({"kind": "sass", "variant": "planes", "bits": bits, "n_regs": regs, "num_warps": 1,
+                         "tile_tokens": step, "loop_instructions": len(loop),
+                         "instructions_per_token": len(loop) / step, "spill_instructions": spills,
+                         "top_opcodes": dict(collections.Counter(opcode(t) for t in loop).most_common(a.top)),
+                         "triton": triton.__version__})  # fmt: skip
             kernel, step, warps = compile_split(None, 16)
             regs, sass = sass_of(kernel)
             loop = main_loop(sass)
