@@ -41,6 +41,7 @@ class Backend:
     reason: str  # why this backend (and why not the other)
     graphs: bool = False  # decode steps replayed from a CUDA graph
     fused_ops: bool = False  # RMSNorm, rotary and the MLP's activation run fused (memfit.kernels.fused_ops)
+    decode_free: bool = False  # fast stores whose method never acts while decoding (a step = append, attend, flush)
 
     def to_dict(self) -> dict[str, object]:
         return {"backend": self.name, "backend_reason": self.reason, "cuda_graphs": self.graphs,
@@ -116,7 +117,7 @@ def choose_backend(
     if on_gpu and not graphs:
         why += "; no CUDA graph: " + ("sliding-window layers trim every step" if sliding
                                       else "the method evicts during decoding")
-    return Backend("fast", why, graphs, fused_ops=on_gpu and fused_ops_enabled())
+    return Backend("fast", why, graphs, fused_ops=on_gpu and fused_ops_enabled(), decode_free=decode_free)
 
 
 def fused_ops_enabled() -> bool:

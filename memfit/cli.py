@@ -737,6 +737,10 @@ def serve(
     batch_decode: bool = typer.Option(
         True, "--batch-decode/--no-batch-decode",
         help="Decode every running request in one forward per step (default), or one forward per request."),
+    stack_decode: bool = typer.Option(
+        True, "--stack-decode/--no-stack-decode",
+        help="Inside a batched step, frozen KIVI stores (fast backend) decode as rows of shared buffers, one call per "
+        "layer for all of them (default), or each in calls of its own."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Default max_tokens of chat requests."),
     spans: str = typer.Option(
         "auto", "--spans", help="auto | on | off: default for requests (their memfit.spans overrides it); auto = keep "
@@ -773,7 +777,7 @@ def serve(
                method=method,
                budget=budget, params=params, kv_memory=parse_bytes(kv_memory) if kv_memory else None,
                max_batch=max_batch, prefill_chunk=prefill_chunk, default_max_tokens=max_tokens,
-               batch_decode=batch_decode, spans=spans)
+               batch_decode=batch_decode, spans=spans, stack_decode=stack_decode)
 
 
 @app.command()

@@ -38,7 +38,10 @@ MODES=${MODES:-"snapkv_kivi2_0.25 full"}  # e.g. MODES=full: only the server's f
 for mode in $MODES; do
   case $mode in
     snapkv_kivi2_0.25) serve_and_load snapkv_kivi2_0.25 --method snapkv+kivi --budget 0.25 --param kivi.bits=2 ;;
+    snapkv_kivi2_0.25_nostack)  # A/B: every frozen KIVI store decodes in calls of its own (no stack blocks)
+      serve_and_load snapkv_kivi2_0.25_nostack --method snapkv+kivi --budget 0.25 --param kivi.bits=2 \
+        --no-stack-decode ;;
     full) serve_and_load full --method full ;;
-    *) echo "unknown mode $mode (snapkv_kivi2_0.25 | full)" ;;
+    *) echo "unknown mode $mode (snapkv_kivi2_0.25 | snapkv_kivi2_0.25_nostack | full)" ;;
   esac
 done

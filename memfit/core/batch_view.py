@@ -16,6 +16,10 @@ Attention, per layer:
   invalid in the mask, so a row attends over exactly its own tokens. The row's output is then given to its cache's
   `step` in place of the store's own `attend` (for a dense store `attend` is that same SDPA over the same slots,
   without side effects, so nothing else changes);
+- rows whose store sits in a stack block (`memfit.core.stacks`: frozen KIVI stores of requests whose method never
+  acts while decoding, stacked by the runtime) attend, append and flush in ONE call per block and layer when every
+  member of the block is in this step (`stacked_rows`); the members' caches' `step` is not called for them: such a
+  step does nothing but append, attend and flush (no method acts);
 - rows of any other store (quantized segments of KIVI/GEAR/VidKV, ragged AdaKV heads, static buffers, sliding-
   window layers, a method's own store subclass) attend through their store's own `attend` inside `step`, on their
   row only: they still share the forward, only their attention is a call of its own (counted in `own_rows`).
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -95,6 +100,7 @@ class BatchView:
         self.layers = [_LayerStub(self.cores, i) for i in range(layers.pop())]
         self.tensor_parallel = False
         self.padded_rows = 0  # (row, layer) pairs that attended in the shared padded view
+        self.stacked_rows = 0  # (row, layer) pairs that decoded in a stack block's one call (memfit.core.stacks)
         self.own_rows = 0  # (row, layer) pairs that attended through their store's own attend
         self.view_bytes = 0  # the largest padded view (keys, values, validity, SDPA mask) of any layer
 
@@ -116,13 +122,16 @@ class BatchView:
         n = len(self.cores)
         if keys.shape[0] != n or keys.shape[2] != 1:
             raise ValueError(f"a batch view decodes one token for each of its {n} rows, got keys {tuple(keys.shape)}")
+        out = torch.empty_like(queries)
+        done = self._stacked(layer_idx, keys, values, queries, scaling, out)
         rows = [i for i, core in enumerate(self.cores) if joins_padded_attention(core.layers[layer_idx])]
         shared: dict[int, torch.Tensor] = {}
         if self.padded and len(rows) > 1 and self._fits(layer_idx, rows, queries):
             shared = dict(zip(rows, self._padded_attention(layer_idx, rows, keys, values, queries, scaling),
                               strict=True))
-        out = torch.empty_like(queries)
         for i, core in enumerate(self.cores):
+            if i in done:
+                continue
             # the store keeps what it is given: a copy of this row, not a view that pins the whole batch's tensor
             k, v = keys[i : i + 1].clone(), values[i : i + 1].clone()
             nv = None if new_valid is None else new_valid[i : i + 1]
@@ -134,6 +143,29 @@ class BatchView:
                 out[i : i + 1] = core.step(layer_idx, k, v, queries[i : i + 1], scaling, nv)
                 self.own_rows += 1
         return out
+
+    def _stacked(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                 scaling: float, out: torch.Tensor) -> set[int]:
+        """Rows decoded by their stack block's one call, written into `out`; a block runs only when every member is
+        here, its kernels run on this device and every member has room (else its rows step one by one)."""
+        groups: dict[int, list[int]] = {}
+        blocks: dict[int, Any] = {}
+        for i, core in enumerate(self.cores):
+            block = getattr(core.layers[layer_idx], "stack", None)
+            if block is not None:
+                groups.setdefault(id(block), []).append(i)
+                blocks[id(block)] = block
+        done: set[int] = set()
+        for key, idxs in groups.items():
+            block = blocks[key]
+            if len(idxs) != block.used or not block.kernels or not block.room():
+                continue
+            order = sorted(idxs, key=lambda i: self.cores[i].layers[layer_idx].stack_row)
+            perm = torch.tensor(order, device=keys.device)
+            out[perm] = block.step(layer_idx, keys[perm], values[perm], queries[perm], scaling)
+            done.update(order)
+            self.stacked_rows += len(order)
+        return done
 
     def _fits(self, layer_idx: int, rows: list[int], queries: torch.Tensor) -> bool:
         """Whether the padded view of `rows` stays within `max_view_bytes` (upper bound: validity and mask counted)."""

@@ -162,6 +162,8 @@ class StaticKIVILayer(QuantizedKVLayer):
         # the flush and counter updates as three Triton launches (memfit.kernels.kivi_flush) instead of ~80 small
         # PyTorch ones: on CUDA where the shapes allow (decided at freeze); tests may force it in the interpreter
         self.triton_flush: bool | None = None
+        self.stack: Any = None  # the memfit.core.stacks block whose row r holds this store's buffers (views), if any
+        self.stack_row = -1
         self.freezes = 0  # times the buffers were built (1 for a whole decode; more means something unfroze them)
         self.length = 0  # host mirrors of T, qk, qv (the same rule run in Python: no device reads)
         self.qk = 0
@@ -216,7 +218,7 @@ class StaticKIVILayer(QuantizedKVLayer):
         t, qk, qv = self.k.slots, int(self.k.q), int(self.v.q)
         room = self.reserve if reserve is None else reserve
         self.layout = "planes" if _use_planes(f, d, self.k.residual.device, b) else "canonical"
-        unit = math.lcm(f.residual, kivi_planes.block_tokens(f.bits)) if self.layout == "planes" else f.residual
+        unit = self.capacity_unit()
         cap = -(-max(t + room, 1) // unit) * unit
         dev, dtype = self.k.residual.device, self.k.residual.dtype
         bufs = self._alloc(b, h, d, cap, dev, dtype)
@@ -256,6 +258,16 @@ class StaticKIVILayer(QuantizedKVLayer):
         self.k = SideStore(self.k.codec, self.k.flush_rule)  # the buffers hold everything now
         self.v = SideStore(self.v.codec, self.v.flush_rule)
         self._step = self._probe = None
+
+    def capacity_unit(self) -> int:
+        """Capacities are multiples of this (the residual R; plane order: also whole 16 x CPB-token blocks)."""
+        f = self.form
+        return math.lcm(f.residual, kivi_planes.block_tokens(f.bits)) if self.layout == "planes" else f.residual
+
+    def _leave_stack(self) -> None:
+        """Before anything that replaces the buffers: a stacked store takes its row back as buffers of its own."""
+        if self.stack is not None:
+            self.stack.leave(self.stack_row, keep=True)
 
     def _dry_flush(self) -> bool:
         """Launch the three flush kernels once on scratch counters that flush nothing (compiling them here, outside
@@ -304,6 +316,7 @@ class StaticKIVILayer(QuantizedKVLayer):
 
     def _grow(self) -> None:
         """Decoding past the reserve (eager only: a recorded graph never runs past its capacity): double Cq."""
+        self._leave_stack()
         assert self.buffers is not None and self._shape is not None
         old = self.buffers
         b, h, d = self._shape
@@ -316,6 +329,7 @@ class StaticKIVILayer(QuantizedKVLayer):
         """Turn the buffers back into the portable store's segments and residuals (bit-identical)."""
         if self.buffers is None:
             return
+        self._leave_stack()
         f, bufs = self.form, self.buffers
         assert self._shape is not None
         b, h, d = self._shape
@@ -586,6 +600,11 @@ def _kernels_here() -> bool:
 
         _KERNELS = available()
     return _KERNELS
+
+
+def kernels_available() -> bool:
+    """Whether memfit's Triton kernels run here (CUDA and Triton)."""
+    return _kernels_here()
 
 
 # Rows from which plane order pays on the H200 (benchmarks/results/kivi_kernel_sweep_planes3_h200.jsonl, the product

@@ -7,6 +7,8 @@ those ring entries with their dequantized values; whether it does is decided on 
 launches per layer and step; here it is three: one program per (row, KV head) for the value, one per (row, KV head,
 block of channels) for the keys, each returning at once when its side does not flush, and one program that advances
 the counters (tokens, quantized keys and values) and prepares the next step's ring slot and kernel lengths.
+The counters are either one set shared by every row ((1,): a batch decoded in lockstep) or one set per row ((B,):
+requests of different lengths stacked in one buffer, `memfit.core.stacks`).
 
 The arithmetic is `memfit.core.quant.quantize`'s: min / max in fp32, scale = (max - min) / (2^bits - 1) and zero =
 min stored in fp16, codes = round-half-even((x - zero) / scale) clamped (a zero scale divides by 1), dequantized as
@@ -45,15 +47,15 @@ def _round_half_even(y):
 @triton.jit
 def _flush_values_kernel(
     VR, VC, VS, VZ, T, QV,
-    s_rb, s_rh, s_cb, s_ch, s_sb, s_sh,
+    s_rb, s_rh, s_cb, s_ch, s_sb, s_sh, s_t,
     W: tl.constexpr, R: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
     PLANES: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     b = (pid // HKV).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
     h = pid % HKV
-    t = tl.load(T) + 1
-    qv = tl.load(QV)
+    t = tl.load(T + b * s_t) + 1  # s_t: 0 = one counter for every row, 1 = a counter per row (memfit.core.stacks)
+    qv = tl.load(QV + b * s_t)
     if t - qv > R:
         CPB: tl.constexpr = 8 // BITS
         NG: tl.constexpr = D // G
@@ -90,7 +92,7 @@ def _flush_values_kernel(
 @triton.jit
 def _flush_keys_kernel(
     KR, KC, KS, KZ, T, QK,
-    s_rb, s_rh, s_cb, s_ch, s_sb, s_sh,
+    s_rb, s_rh, s_cb, s_ch, s_sb, s_sh, s_t,
     W: tl.constexpr, THRESH: tl.constexpr, N: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PLANES: tl.constexpr = False,
 ):
@@ -98,8 +100,8 @@ def _flush_keys_kernel(
     cid = tl.program_id(1)
     b = (pid // HKV).to(tl.int64)  # int64: a large batch's buffers pass 2^31 elements
     h = pid % HKV
-    t = tl.load(T) + 1
-    qk = tl.load(QK)
+    t = tl.load(T + b * s_t) + 1
+    qk = tl.load(QK + b * s_t)
     if t - qk >= THRESH:
         CPB: tl.constexpr = 8 // BITS
         NGR: tl.constexpr = N // G
@@ -144,27 +146,38 @@ def _flush_keys_kernel(
 
 @triton.jit
 def _advance_kernel(
-    T, QK, QV, SLOT, NQ, NR, batch,
+    T, QK, QV, SLOT, NQ, NR, batch, s_t,
     W: tl.constexpr, R: tl.constexpr, THRESH: tl.constexpr, N: tl.constexpr, BP: tl.constexpr,
 ):
-    t = tl.load(T) + 1
-    qk = tl.load(QK)
-    qv = tl.load(QV)
-    qv = tl.where(t - qv > R, qv + 1, qv)
-    qk = tl.where(t - qk >= THRESH, qk + N, qk)
-    tl.store(T, t)
-    tl.store(QK, qk)
-    tl.store(QV, qv)
-    tl.store(SLOT, t % W)
     rows = tl.arange(0, BP)
     m = rows < batch
+    c = rows * s_t  # s_t = 0: one set of counters for every row (written by lane 0 only); 1: a set per row
+    own = m & (rows * (1 - s_t) == 0)  # s_t = 0: lane 0 only; 1: every row
+    t = tl.load(T + c, mask=m, other=0) + 1
+    qk = tl.load(QK + c, mask=m, other=0)
+    qv = tl.load(QV + c, mask=m, other=0)
+    qv = tl.where(t - qv > R, qv + 1, qv)
+    qk = tl.where(t - qk >= THRESH, qk + N, qk)
+    tl.store(T + c, t, mask=own)
+    tl.store(QK + c, qk, mask=own)
+    tl.store(QV + c, qv, mask=own)
+    tl.store(SLOT + c, t % W, mask=own)
     nxt = t + 1
-    tl.store(NQ + rows, (tl.maximum(nxt - W, 0) + rows * 0).to(tl.int32), mask=m)
-    tl.store(NR + rows, (tl.minimum(nxt, W) + rows * 0).to(tl.int32), mask=m)
+    tl.store(NQ + rows, tl.maximum(nxt - W, 0).to(tl.int32), mask=m)
+    tl.store(NR + rows, tl.minimum(nxt, W).to(tl.int32), mask=m)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
+
+
+def _counter_stride(counter: torch.Tensor, batch: int) -> int:
+    """0 for one counter shared by the rows ((1,)), 1 for one per row ((B,), contiguous: memfit.core.stacks)."""
+    if counter.numel() == 1:
+        return 0
+    if counter.shape != (batch,) or counter.stride(0) != 1:
+        raise ValueError(f"step counters must be (1,) or ({batch},) contiguous, got {tuple(counter.shape)}")
+    return 1
 
 
 def flush_values(vr, vc, vs, vz, t_dev, qv_dev, *, ring: int, residual: int, group_size: int, bits: int,
@@ -172,7 +185,7 @@ def flush_values(vr, vc, vs, vz, t_dev, qv_dev, *, ring: int, residual: int, gro
     """`planes`: vc holds plane-order codes (`memfit.core.planes`); the token's bits are OR-ed in."""
     b, h, _, d = vr.shape
     _flush_values_kernel[(b * h,)](
-        vr, vc, vs, vz, t_dev, qv_dev, *_strides(vr), *_strides(vc), *_strides(vs),
+        vr, vc, vs, vz, t_dev, qv_dev, *_strides(vr), *_strides(vc), *_strides(vs), _counter_stride(t_dev, b),
         W=ring, R=residual, HKV=h, D=d, G=group_size, BITS=bits, PLANES=planes, num_warps=1,
     )  # fmt: skip
 
@@ -183,7 +196,7 @@ def flush_keys(kr, kc, ks, kz, t_dev, qk_dev, *, ring: int, threshold: int, bloc
     b, h, _, d = kr.shape
     bd = min(d, max(16, 4096 // block))  # about 4K elements per program
     _flush_keys_kernel[(b * h, d // bd)](
-        kr, kc, ks, kz, t_dev, qk_dev, *_strides(kr), *_strides(kc), *_strides(ks),
+        kr, kc, ks, kz, t_dev, qk_dev, *_strides(kr), *_strides(kc), *_strides(ks), _counter_stride(t_dev, b),
         W=ring, THRESH=threshold, N=block, HKV=h, D=d, BD=bd, G=group_size, BITS=bits, PLANES=planes, num_warps=4,
     )  # fmt: skip
 
@@ -192,6 +205,6 @@ def advance_counters(t_dev, qk_dev, qv_dev, slot, n_q, n_r, *, ring: int, residu
                      block: int) -> None:
     batch = n_q.shape[0]
     _advance_kernel[(1,)](
-        t_dev, qk_dev, qv_dev, slot, n_q, n_r, batch,
+        t_dev, qk_dev, qv_dev, slot, n_q, n_r, batch, _counter_stride(t_dev, batch),
         W=ring, R=residual, THRESH=threshold, N=block, BP=triton.next_power_of_2(batch), num_warps=1,
     )  # fmt: skip

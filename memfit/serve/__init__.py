@@ -65,10 +65,12 @@ def build_server(
     batch_decode: bool = True,
     spans: str = "auto",
     tensor_parallel: bool = False,
+    stack_decode: bool = True,
 ) -> Any:
     """The ASGI app for a loaded model (its scheduler starts with the app). `batch_decode=False`: one decode forward
     per running request per step instead of one for all (to measure what batching buys). `tensor_parallel`: this is
-    rank 0 of a split model (memfit.serve.tp); the other ranks run `make_scheduler(...).follow()`."""
+    rank 0 of a split model (memfit.serve.tp); the other ranks run `make_scheduler(...).follow()`.
+    `stack_decode=False`: frozen KIVI stores stay on their own instead of joining stack blocks (memfit.core.stacks)."""
     from memfit.core.budget import Budget
     from memfit.core.method import build_policy
     from memfit.serve.app import ServerConfig, create_app
@@ -79,20 +81,25 @@ def build_server(
     from memfit.core.spans import resolve_spans
 
     resolve_spans(spans, method, budget)  # a bad --spans value is a start-up error too
-    scheduler = make_scheduler(model, tokenizer, kv_memory, max_batch, prefill_chunk, batch_decode, tensor_parallel)
+    scheduler = make_scheduler(model, tokenizer, kv_memory, max_batch, prefill_chunk, batch_decode, tensor_parallel,
+                               stack_decode)
     scheduler.predictor.byte_model(method, params or {})  # calibrate the default method now, not on a request
     config = ServerConfig(model_name, method, budget, params or {}, default_max_tokens, spans)
     return create_app(model, tokenizer, scheduler, config)
 
 
 def make_scheduler(model: torch.nn.Module, tokenizer: Any, kv_memory: int | None = None, max_batch: int = 64,
-                   prefill_chunk: int = 512, batch_decode: bool = True, tensor_parallel: bool = False) -> Any:
+                   prefill_chunk: int = 512, batch_decode: bool = True, tensor_parallel: bool = False,
+                   stack_decode: bool = True) -> Any:
     """The server's scheduler (memfit.serve.scheduler), or under tensor parallelism one that follows rank 0."""
     from memfit.serve.scheduler import Scheduler
     from memfit.serve.tp import TensorParallelScheduler
 
-    cls = TensorParallelScheduler if tensor_parallel else Scheduler
-    return cls(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk, batch_decode, tokenizer)
+    if tensor_parallel:  # split stores decode in forwards of their own (Scheduler.alone_reason): nothing to stack
+        return TensorParallelScheduler(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk,
+                                       batch_decode, tokenizer)
+    return Scheduler(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk, batch_decode, tokenizer,
+                     stack_decode=stack_decode)
 
 
 def free_port(host: str = "127.0.0.1") -> socket.socket:

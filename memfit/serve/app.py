@@ -455,6 +455,11 @@ _METRICS = [
      "(request, layer) attentions run in a shared padded SDPA."),
     ("attention_own_row_layers_total", "counter", "attention_own_row_layers_total",
      "(request, layer) attentions run by the store's own call inside a shared forward (quantized, ragged...)."),
+    ("decode_stacked_row_layers_total", "counter", "decode_stacked_row_layers_total",
+     "(request, layer) decode steps run in one call per stack block (frozen KIVI stores in shared buffers)."),
+    ("kv_stack_blocks", "gauge", "kv_stack_blocks", "Stack blocks allocated (memfit.core.stacks)."),
+    ("kv_stack_slack_bytes", "gauge", "kv_stack_slack_bytes",
+     "Bytes of stack-block rows no request holds (counted against --kv-memory)."),
 ]
 
 

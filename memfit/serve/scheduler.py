@@ -10,6 +10,12 @@ One scheduler thread owns the model. Each tick it
    (`memfit.core.batch_view.BatchView`: each row is a request's own store, its own method and length, at its own
    next position; per-step eviction and quantization run per store exactly as alone), or one forward per request
    with `batch_decode=False`;
+   Requests whose stores are frozen KIVI buffers (the fast backend's snapkv+kivi, kivi...) and whose method never
+   acts while decoding are moved, once their first decode step froze them, into stack blocks
+   (`memfit.core.stacks`): rows of shared buffers, so that inside that one forward each layer attends, appends and
+   flushes once for all of them instead of once per request (`decode_stacked_row_layers_total`). A block's free
+   rows count against `kv_memory` (`kv_stack_slack_bytes`); a request that would need a new block that does not fit
+   keeps its own store. `stack_decode=False` (`memfit serve --no-stack-decode`) keeps every store on its own;
 5. if the stores together hold more than `kv_memory` (a prediction was low), preempts the newest running request
    that holds bytes: its store is freed and it goes back to the front of the queue, reserving at least what it
    held; greedy decoding regenerates the same tokens, and the ones already streamed are not sent twice. A request
@@ -46,6 +52,7 @@ from memfit.api import make_cache
 from memfit.core.batch_view import BatchView
 from memfit.core.budget import Budget
 from memfit.core.spans import enable_spans
+from memfit.core.stacks import StackBlocks, release
 from memfit.engine import positions_from_mask
 from memfit.errors import ConfigError
 from memfit.serve.admission import BytePredictor, ModelShape
@@ -101,6 +108,7 @@ class Request:
             # empty the store now (its tensors go back to the allocator this tick) rather than trusting that nothing
             # else still refers to the cache: a cache kept alive by any reference cycle would hold its bytes until
             # Python's next full gc pass, outside --kv-memory (issue #11)
+            release(self.cache.core.layers)  # its row of a stack block goes to the block's last member
             self.cache.core.reset()
         self.cache = None
         self.tokens = []
@@ -118,8 +126,11 @@ class Scheduler:
         prefill_chunk: int = 512,
         batch_decode: bool = True,
         tokenizer: Any = None,
+        stack_decode: bool = True,
     ) -> None:
         self.model = model
+        # frozen KIVI stores decode as rows of shared buffers (memfit.core.stacks); only inside batched forwards
+        self.stacks = StackBlocks() if stack_decode and batch_decode else None
         self.tokenizer = tokenizer  # span ids of prompts (requests with spans on)
         self.batch_decode = bool(batch_decode)  # False: one forward per request per step (for comparison)
         self.device = next(model.parameters()).device
@@ -141,7 +152,8 @@ class Scheduler:
         # as tensor-parallel ranks need: one rank must not go on alone)
         self.isolate_failures = True
         self._snapshot: dict[str, int] = {"kv_bytes_held": 0, "kv_bytes_full": 0, "kv_bytes_reserved": 0,
-                                          "decode_batch_size": 0, "decode_view_bytes": 0}
+                                          "decode_batch_size": 0, "decode_view_bytes": 0, "kv_stack_blocks": 0,
+                                          "kv_stack_slack_bytes": 0}
 
     # -- called from the server's threads ------------------------------------------------------------------------
     def reserve_for(self, method: str, budget: Budget, params: dict[str, Any], prompt: int, max_tokens: int,
@@ -229,6 +241,7 @@ class Scheduler:
                 self._fail(reading, exc)
         self._decode_step([r for r in decoding if not r.cancelled and r.finished is None])
         self.running = [r for r in self.running if r.finished is None]
+        self._stack()
         self._enforce_memory()
         self._publish()
 
@@ -255,8 +268,29 @@ class Scheduler:
             self.stats["cancelled_total"] += sum(r.cancelled for r in self.waiting)
             self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
 
+    def _slack(self) -> int:
+        return 0 if self.stacks is None else self.stacks.slack_bytes()
+
+    def _stack(self) -> None:
+        """Requests whose stores froze this tick join a stack block (see module docstring)."""
+        if self.stacks is None:
+            return
+        self.stacks.drop_empty()
+        for req in self.running:
+            cache = req.cache
+            if (cache is None or not req.prefilled or self.alone_reason(req) is not None
+                    or not getattr(getattr(cache, "backend", None), "decode_free", False)):
+                continue  # a method that acts while decoding (or no fast backend): its own step must run
+            layers = cache.core.layers
+            if not self.stacks.can_join(layers):
+                continue
+            extra = self.stacks.new_block_bytes(layers)
+            if extra and sum(r.reserved() for r in self.running) + self._slack() + extra > self.kv_memory:
+                continue  # a new block would not fit: this request keeps its own store
+            self.stacks.join(layers)
+
     def _admit(self) -> None:
-        used = sum(r.reserved() for r in self.running)
+        used = sum(r.reserved() for r in self.running) + self._slack()
         while self.waiting and len(self.running) < self.max_batch:
             head = self.waiting[0]
             need = head.reserve_bytes
@@ -273,7 +307,8 @@ class Scheduler:
         if req.cache is None:
             ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
             mask = torch.ones_like(ids)
-            req.cache = make_cache(model, req.method, req.budget, req.params)
+            # static stores leave room for exactly this request's answer (a stack block's rows are that long)
+            req.cache = make_cache(model, req.method, req.budget, req.params, reserve=req.max_tokens + 1)
             core = req.cache.core
             if req.spans:
                 enable_spans(req.cache, self.tokenizer)
@@ -353,6 +388,7 @@ class Scheduler:
         self.stats["decode_batched_rows_total"] += len(reqs)
         self.stats["attention_padded_row_layers_total"] += view.padded_rows
         self.stats["attention_own_row_layers_total"] += view.own_rows
+        self.stats["decode_stacked_row_layers_total"] += view.stacked_rows
         self._snapshot["decode_view_bytes"] = view.view_bytes
         for req, tok in zip(reqs, logits.argmax(-1).tolist(), strict=True):  # one host sync for the batch
             req.decode_steps_batched += 1
@@ -390,7 +426,7 @@ class Scheduler:
             pass
 
     def _enforce_memory(self) -> None:
-        held = sum(r.cache.nbytes() for r in self.running if r.cache is not None)
+        held = sum(r.cache.nbytes() for r in self.running if r.cache is not None) + self._slack()
         while held > self.kv_memory and len(self.running) > 1:
             # the newest request that holds bytes (an admitted one that holds nothing yet frees nothing)
             victim = next((r for r in reversed(self.running[1:]) if r.cache is not None), None)
@@ -413,7 +449,9 @@ class Scheduler:
             **self._snapshot,
             "kv_bytes_held": sum(c.nbytes() for c in caches),
             "kv_bytes_full": sum(c.full_nbytes() for c in caches),
-            "kv_bytes_reserved": sum(r.reserved() for r in self.running),
+            "kv_bytes_reserved": sum(r.reserved() for r in self.running) + self._slack(),
+            "kv_stack_blocks": 0 if self.stacks is None else len(self.stacks.all_blocks()),
+            "kv_stack_slack_bytes": self._slack(),
         }
         if self.device.type == "cuda":  # what the device really holds, to compare with weights + kv_bytes_held (#11)
             self._snapshot.update(device_allocated_bytes=torch.cuda.memory_allocated(self.device),

@@ -1,0 +1,273 @@
+"""Stacks: many requests' frozen KIVI stores in shared buffers, one row each, so that one decode step of a batch
+attends and flushes once per layer for all of them (continuous batching in `memfit serve`, issue #11).
+
+Why. In the server each request keeps its own store (its own length, method and budget). On the fast backend a
+KIVI store freezes after its prompt into fixed buffers of one row (`memfit.core.static_quant_store`), and a shared
+decode forward (`memfit.core.batch_view.BatchView`) then ran each row's attention, append and flush as launches of
+its own: 32 requests x 32 layers x ~6 launches plus their Python per step (468 ms per step for 32 requests of 8K
+tokens on an H200, against 47 ms for one request alone: benchmarks/serve/README.md). The kernels already take a
+length per row; what was missing is one tensor that holds the rows.
+
+What. A `StackBlock` holds, for every layer of the model, the buffers of `StaticKIVILayer` (codes, scales, zeros,
+the full-precision ring) with a leading dimension of `rows` requests, and one set of step counters per row and layer
+(tokens held, keys and values quantized, ring slot, kernel lengths). A request joins a block once all its layers are
+frozen: its rows are copied in and each of its layers then *points into* the block (its buffers and counters become
+views of row r), so the store keeps working alone exactly as before (a lone decode step, unfreezing, reading) while
+`step` decodes every member of the block at once: one attention launch (the new token written into each row's own
+ring slot), two flush launches and one counter launch per layer, whatever the number of members — the same kernels
+as a lone store, reading per-row counters (`memfit.kernels.kivi_flush`). Members stay in rows 0..n-1: a leaving
+member's row is filled with the last member's (one row copy), so the kernels run on the first n rows.
+
+Which stores. Blocks hold `StaticKIVILayer`s only (KIVI alone or behind a prompt-time eviction: snapkv+kivi), of
+caches whose method never acts during decoding (the runtime decides: it stacks what the fast backend would record in
+a CUDA graph), every layer frozen, same shapes, code layout and dtype. A block's capacity (tokens per row) is the
+members' largest need rounded up to a quarter octave (`capacity_class`), so requests of similar lengths share a
+block and a short one never holds more than ~1.25x its own capacity; other lengths open another block.
+
+Bytes. A member's `nbytes()` counts its row (views: the row's share of each buffer). A block's free rows are
+allocated but held by nobody: `StackBlocks.slack_bytes()` reports them, and the server counts them against
+`--kv-memory`. Blocks are allocated whole, `first_rows` rows first, each new block of a key twice the last up to
+`max_rows`, and freed when their last member leaves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from memfit.core.static_quant_store import StaticKIVILayer, kernels_available
+from memfit.core.store import tensor_bytes
+from memfit.errors import ConfigError
+
+__all__ = ["StackBlock", "StackBlocks", "capacity_class", "release"]
+
+_COUNTERS = ("t_dev", "qk_dev", "qv_dev", "slot", "n_q", "n_r")
+
+
+def capacity_class(need: int, unit: int) -> int:
+    """The smallest m * 2^k >= need (m in 4..7: quarter octaves), rounded up to a multiple of `unit`."""
+    if need <= 4:
+        c = max(need, 1)
+    else:
+        k = max(need.bit_length() - 3, 0)
+        m = -(-need // (1 << k))
+        c = m << k
+    return -(-c // unit) * unit
+
+
+def _stackable(layer: Any) -> bool:
+    return (type(layer) is StaticKIVILayer and layer.frozen and layer.stack is None and layer.valid is None
+            and not layer.extras and layer._shape is not None and layer._shape[0] == 1)
+
+
+def stack_key(layers: Sequence[Any]) -> tuple | None:
+    """What a block of these layers must share (None: they cannot be stacked)."""
+    if not layers or not all(_stackable(layer) for layer in layers):
+        return None
+    first = layers[0]
+    kr = first.buffers["kr"]
+    shape = [(layer.form, layer.layout, layer._shape[1:], layer.buffers["kr"].dtype, layer.buffers["kr"].device)
+             for layer in layers]
+    if any(s != shape[0] for s in shape):
+        return None
+    unit = first.capacity_unit()
+    need = max(layer.capacity for layer in layers)
+    return (len(layers), first.form, first.layout, first._shape[1:], kr.dtype, str(kr.device),
+            capacity_class(need, unit))
+
+
+class StackBlock:
+    """`rows` rows of every layer's KIVI buffers and per-row counters (see module docstring)."""
+
+    def __init__(self, layers: Sequence[StaticKIVILayer], rows: int, capacity: int) -> None:
+        first = layers[0]
+        assert first._shape is not None and first.buffers is not None
+        _, h, d = first._shape
+        kr = first.buffers["kr"]
+        self.rows, self.capacity = rows, capacity
+        self.form, self.layout = first.form, first.layout
+        self.buffers = [first._alloc(rows, h, d, capacity, kr.device, kr.dtype) for _ in layers]
+        n = len(layers)
+        self.counters = {name: torch.zeros(n, rows, dtype=torch.int32 if name in ("n_q", "n_r") else torch.long,
+                                           device=kr.device) for name in _COUNTERS}
+        self.members: list[list[StaticKIVILayer]] = []  # row r -> that request's layers
+        # one launch per layer for all members where the kernels run (CUDA); elsewhere members step one by one
+        self.kernels = kr.is_cuda and kernels_available()
+
+    # -- membership ----------------------------------------------------------------------------------------------
+    @property
+    def used(self) -> int:
+        return len(self.members)
+
+    def row_nbytes(self) -> int:
+        return sum(tensor_bytes(*(t[0] for t in bufs.values())) for bufs in self.buffers) + sum(
+            c[:, 0].numel() * c.element_size() for c in self.counters.values())
+
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(*bufs.values()) for bufs in self.buffers) + tensor_bytes(*self.counters.values())
+
+    def join(self, layers: Sequence[StaticKIVILayer]) -> int:
+        """Copy a request's frozen layers into the next free row; each layer then points into it."""
+        r = self.used
+        if r >= self.rows:
+            raise ValueError("stack block is full")
+        for li, layer in enumerate(layers):
+            assert layer.buffers is not None
+            for name, buf in self.buffers[li].items():
+                src = layer.buffers[name][0]
+                n = src.shape[1]
+                buf[r, :, :n].copy_(src)
+                buf[r, :, n:].zero_()  # plane-order flushes OR into zeroed bytes; stale codes never stay
+            for name in _COUNTERS:
+                self.counters[name][li, r].copy_(getattr(layer, name)[0])
+        self.members.append(list(layers))
+        self._point(r)
+        return r
+
+    def _point(self, r: int) -> None:
+        for li, layer in enumerate(self.members[r]):
+            layer.buffers = {name: buf[r : r + 1] for name, buf in self.buffers[li].items()}
+            for name in _COUNTERS:
+                setattr(layer, name, self.counters[name][li, r : r + 1])
+            layer.stack, layer.stack_row = self, r
+
+    def leave(self, r: int, keep: bool) -> None:
+        """Row r leaves: its layers get buffers of their own again (`keep`: a copy of the row, still frozen) or
+        none (the request is done; the caller resets it). The last member moves into row r."""
+        layers = self.members[r]
+        for layer in layers:
+            if keep:
+                assert layer.buffers is not None
+                layer.buffers = {name: t.clone() for name, t in layer.buffers.items()}
+                for name in _COUNTERS:
+                    setattr(layer, name, getattr(layer, name).clone())
+            else:
+                layer.buffers = None
+                for name in _COUNTERS:
+                    setattr(layer, name, None)
+            layer.stack, layer.stack_row = None, -1
+        last = self.used - 1
+        if r != last:
+            for li in range(len(self.buffers)):
+                for buf in self.buffers[li].values():
+                    buf[r].copy_(buf[last])
+                for c in self.counters.values():
+                    c[li, r].copy_(c[li, last])
+            self.members[r] = self.members[last]
+            self.members.pop()
+            self._point(r)
+        else:
+            self.members.pop()
+
+    # -- one decode step for every member -------------------------------------------------------------------------
+    def step(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+             scaling: float) -> torch.Tensor:
+        """Append, attend and flush for rows 0..n-1 (every member, in row order): keys/values (n, Hkv, 1, d),
+        queries (n, H, 1, d); returns (n, H, 1, d). The members' host mirrors advance (`advance(1)`)."""
+        from memfit.kernels import kivi_flush as K
+        from memfit.kernels.kivi_attention import kivi_decode_attention
+
+        n, f = self.used, self.form
+        b = {name: buf[:n] for name, buf in self.buffers[layer_idx].items()}
+        c = {name: t[layer_idx, :n] for name, t in self.counters.items()}
+        # each member's capacity is checked by the runtime before the step (`room`); the ring slot of the new token
+        # is the row's own (the kernel writes it, then attends over it: n_r already counts it)
+        out = kivi_decode_attention(
+            queries[:, :, 0], b["kc"], b["ks"], b["kz"], b["vc"], b["vs"], b["vz"], b["kr"], b["vr"], c["n_q"],
+            c["n_r"], bits=f.bits, group_size=f.group_size, scale=scaling, k_new=keys[:, :, 0],
+            v_new=values[:, :, 0], append_at=c["slot"].to(torch.int32), layout=self.layout)
+        planes = self.layout == "planes"
+        K.flush_values(b["vr"], b["vc"], b["vs"], b["vz"], c["t_dev"], c["qv_dev"], ring=f.ring,
+                       residual=f.residual, group_size=f.group_size, bits=f.bits, planes=planes)
+        K.flush_keys(b["kr"], b["kc"], b["ks"], b["kz"], c["t_dev"], c["qk_dev"], ring=f.ring,
+                     threshold=f.key_threshold, block=f.key_block, group_size=f.group_size, bits=f.bits,
+                     planes=planes)
+        K.advance_counters(c["t_dev"], c["qk_dev"], c["qv_dev"], c["slot"], c["n_q"], c["n_r"], ring=f.ring,
+                           residual=f.residual, threshold=f.key_threshold, block=f.key_block)
+        for layers in self.members:
+            layers[layer_idx].advance(1)
+        return out[:, :, None]
+
+    def room(self) -> bool:
+        """Every member has room for one more token."""
+        return all(layers[0].length + 1 <= self.capacity for layers in self.members)
+
+
+class StackBlocks:
+    """The blocks of a server: which block a request joins, and the bytes they hold (see module docstring)."""
+
+    def __init__(self, first_rows: int = 4, max_rows: int | None = None) -> None:
+        if max_rows is None:
+            raw = os.environ.get("MEMFIT_STACK_ROWS", "64")
+            try:
+                max_rows = int(raw)
+            except ValueError:
+                raise ConfigError(f"MEMFIT_STACK_ROWS={raw!r}: give the most rows of one stack block (>= 1)") from None
+        if max_rows < 1 or first_rows < 1:
+            raise ConfigError("stack blocks need at least one row")
+        self.first_rows, self.max_rows = min(first_rows, max_rows), max_rows
+        self.blocks: dict[tuple, list[StackBlock]] = {}
+
+    def can_join(self, layers: Sequence[Any]) -> bool:
+        return stack_key(layers) is not None
+
+    def new_block_bytes(self, layers: Sequence[Any]) -> int:
+        """Bytes a new block for these layers would allocate (0 if a block of theirs has a free row)."""
+        key = stack_key(layers)
+        if key is None:
+            return 0
+        blocks = self.blocks.get(key, [])
+        if any(b.used < b.rows for b in blocks):
+            return 0
+        rows = self._next_rows(blocks)
+        return rows * self._row_bytes(layers, key[-1])
+
+    def _next_rows(self, blocks: list[StackBlock]) -> int:
+        return min(self.max_rows, 2 * blocks[-1].rows) if blocks else self.first_rows
+
+    @staticmethod
+    def _row_bytes(layers: Sequence[StaticKIVILayer], capacity: int) -> int:
+        first = layers[0]
+        assert first._shape is not None and first.buffers is not None
+        _, h, d = first._shape
+        probe = first._alloc(1, h, d, capacity, torch.device("meta"), first.buffers["kr"].dtype)
+        return len(layers) * (tensor_bytes(*probe.values()) + 4 * 8 + 2 * 4)
+
+    def join(self, layers: Sequence[StaticKIVILayer]) -> StackBlock:
+        key = stack_key(layers)
+        if key is None:
+            raise ValueError("these layers cannot be stacked (see memfit.core.stacks.stack_key)")
+        blocks = self.blocks.setdefault(key, [])
+        block = next((b for b in blocks if b.used < b.rows), None)
+        if block is None:
+            block = StackBlock(layers, self._next_rows(blocks), key[-1])
+            blocks.append(block)
+        block.join(layers)
+        return block
+
+    def drop_empty(self) -> None:
+        for key in list(self.blocks):
+            self.blocks[key] = [b for b in self.blocks[key] if b.used]
+            if not self.blocks[key]:
+                del self.blocks[key]
+
+    def all_blocks(self) -> list[StackBlock]:
+        return [b for blocks in self.blocks.values() for b in blocks]
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.all_blocks())
+
+    def slack_bytes(self) -> int:
+        """Bytes of allocated rows no request holds."""
+        return sum((b.rows - b.used) * b.row_nbytes() for b in self.all_blocks())
+
+
+def release(layers: Sequence[Any], keep: bool = False) -> None:
+    """Take a request's layers out of their stack block (no-op if they are in none)."""
+    first = layers[0] if layers else None
+    block = getattr(first, "stack", None)
+    if block is not None:
+        block.leave(first.stack_row, keep)

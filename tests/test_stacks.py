@@ -1,0 +1,276 @@
+"""Stack blocks (memfit.core.stacks): many requests' frozen KIVI stores as rows of shared buffers.
+
+- a member keeps decoding alone exactly as its own store would (its buffers are views of its row), through a
+  leave that moves the last member into the freed row, and unfreezes to the same portable store;
+- a block's one step (the Triton kernels with per-row counters: CPU interpreter, CUDA) equals each member's lone
+  step: same attention outputs, bit-identical codes, scales, zeros, ring and counters, rows of different lengths;
+- bytes: a member counts its row; free rows are the blocks' slack; blocks go when empty;
+- the server stacks frozen KIVI stores of requests joining at different ticks and each request's greedy text is
+  the one it gets alone (CPU: rows step one by one on their views; CUDA: one call per block and layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+
+from memfit.core.cache import StepInfo
+from memfit.core.stacks import StackBlocks, capacity_class, release, stack_key
+from memfit.core.static_quant_store import KIVIForm, StaticKIVILayer
+
+try:
+    from tests.test_kernels import _INTERPRET, interpreter_dtype  # noqa: F401  (fixture)
+except ImportError:  # pragma: no cover
+    _INTERPRET = False
+
+COUNTERS = ("t_dev", "qk_dev", "qv_dev", "slot", "n_q", "n_r")
+
+
+def test_capacity_class_rounds_up_by_at_most_a_quarter_octave():
+    for unit in (1, 8, 32):
+        for need in range(1, 3000):
+            c = capacity_class(need, unit)
+            assert c >= need and c % unit == 0
+            assert c <= max(1.25 * need, 4) + unit, (need, unit, c)
+
+
+def _request(form, prompt, reserve, gen, layers=2, hkv=2, d=16, dtype=torch.float32, device="cpu"):
+    """A request's frozen layers (prompt in, one decode step: the step that freezes them) and their twins."""
+    own = [StaticKIVILayer(i, form, reserve=reserve) for i in range(layers)]
+    for layer in own:
+        k = (torch.randn(1, hkv, prompt, d, generator=gen) * 2 + 1).to(device, dtype)
+        v = torch.randn(1, hkv, prompt, d, generator=gen).to(device, dtype)
+        layer.append(k, v, None)
+        layer.finalize_step(StepInfo(layer.index, layers, prompt, True, None))
+    _lone_step(own, gen, hkv, d, dtype, device)
+    assert all(layer.frozen for layer in own)
+    return own
+
+
+def _inputs(n_layers, gen, hkv, d, dtype, device):
+    return [tuple((torch.randn(1, h, 1, d, generator=gen) * 2).to(device, dtype) for h in (hkv, hkv, 2 * hkv))
+            for _ in range(n_layers)]
+
+
+def _lone_step(layers, gen=None, hkv=2, d=16, dtype=torch.float32, device="cpu", inputs=None):
+    inputs = inputs or _inputs(len(layers), gen, hkv, d, dtype, device)
+    outs = []
+    for layer, (k, v, q) in zip(layers, inputs, strict=True):
+        layer.append(k, v, None)
+        outs.append(layer.attend(q, d**-0.5))
+        layer.finalize_step(StepInfo(layer.index, len(layers), 1, False, None))
+    return outs
+
+
+def _same_state(a: StaticKIVILayer, b: StaticKIVILayer) -> None:
+    """a (maybe a row of a block, maybe longer) holds what b holds: every buffer on b's capacity (zeros after it on
+    a), the counters and the host mirrors."""
+    assert (a.length, a.qk, a.qv) == (b.length, b.qk, b.qv)
+    for name, t in b.buffers.items():
+        n = t.shape[2]
+        assert torch.equal(a.buffers[name][:, :, :n], t), name
+        assert not a.buffers[name][:, :, n:].any(), name
+    for name in COUNTERS:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_members_decode_alone_on_their_rows_through_leaves():
+    form = KIVIForm(2, 4, 8, False)
+    gen = torch.Generator().manual_seed(0)
+    reqs = [_request(form, n, 30, gen) for n in (21, 23, 22)]  # 22 + 30 .. 24 + 30 tokens: one capacity class
+    twins = [copy.deepcopy(r) for r in reqs]
+    blocks = StackBlocks(first_rows=4)
+    keys = {stack_key(r) for r in reqs}
+    assert len(keys) == 1 and None not in keys
+    for r in reqs:
+        blocks.join(r)
+    (block,) = blocks.all_blocks()
+    assert block.used == 3 and not block.kernels  # the CPU: members step one by one, on their rows
+    assert [r[0].stack_row for r in reqs] == [0, 1, 2]
+    assert all(r[0].nbytes() == block.row_nbytes() // 2 for r in reqs)  # two layers: half the row each
+    assert blocks.slack_bytes() == block.row_nbytes()  # the fourth row
+    assert blocks.nbytes() == 4 * block.row_nbytes()
+    for r, t in zip(reqs, twins, strict=True):
+        for a, b in zip(r, t, strict=True):
+            _same_state(a, b)
+    live = [0, 1, 2]
+    for step in range(20):
+        if step == 7:  # the first request leaves: the last one moves into row 0
+            release(reqs[0])
+            assert reqs[0][0].buffers is None and reqs[0][0].stack is None
+            live = [1, 2]
+            assert reqs[2][0].stack_row == 0 and reqs[1][0].stack_row == 1
+            assert blocks.slack_bytes() == 2 * block.row_nbytes()
+        for i in live:
+            inputs = _inputs(2, gen, 2, 16, torch.float32, "cpu")
+            got = _lone_step(reqs[i], inputs=inputs)
+            want = _lone_step(twins[i], inputs=inputs)
+            for x, y in zip(got, want, strict=True):
+                assert torch.equal(x, y)
+            for a, b in zip(reqs[i], twins[i], strict=True):
+                _same_state(a, b)
+    # unfreezing a member takes its whole request out of the block, then gives the twin's portable store
+    reqs[1][0].unfreeze()
+    twins[1][0].unfreeze()
+    assert reqs[1][1].stack is None and reqs[1][1].frozen and reqs[2][0].stack_row == 0
+    for sa, sb in ((reqs[1][0].k, twins[1][0].k), (reqs[1][0].v, twins[1][0].v)):
+        assert torch.equal(sa.residual, sb.residual)
+        for x, y in zip(sa.segments, sb.segments, strict=True):
+            assert all(torch.equal(p, q) for p, q in zip(x.qt.tensors(), y.qt.tensors(), strict=True))
+    release(reqs[2])
+    blocks.drop_empty()
+    assert blocks.all_blocks() == [] and blocks.slack_bytes() == 0
+
+
+def test_what_cannot_be_stacked():
+    form = KIVIForm(2, 4, 8, False)
+    gen = torch.Generator().manual_seed(1)
+    short, long = _request(form, 20, 8, gen), _request(form, 200, 8, gen)
+    assert stack_key(short) != stack_key(long)  # other capacity classes: other blocks
+    other = _request(KIVIForm(4, 4, 8, False), 20, 8, gen)
+    assert stack_key(other) != stack_key(short)
+    unfrozen = [StaticKIVILayer(0, form)]
+    assert stack_key(unfrozen) is None and stack_key([]) is None
+    blocks = StackBlocks(first_rows=1, max_rows=2)
+    blocks.join(short)
+    assert stack_key(short) is None  # already in a block
+    b2 = _request(form, 21, 8, gen)
+    assert blocks.new_block_bytes(b2) > 0  # the first block (one row) is full: the next has two rows
+    blocks.join(b2)
+    assert [b.rows for b in blocks.all_blocks()] == [1, 2]
+    with pytest.raises(ValueError):
+        blocks.join(unfrozen)
+
+
+_DEVICES = [
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+    pytest.param("interpret", marks=pytest.mark.skipif(
+        not _INTERPRET, reason="needs triton >= 3.8 (the kernels run in its CPU interpreter) and no CUDA device")),
+]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("sliding", [False, True])
+def test_block_step_equals_each_members_lone_step(device, sliding, request):
+    """One call per layer for every member (memfit.kernels with per-row counters) against each member's twin
+    stepping alone (PyTorch flush, the reference attention on the CPU): rows of different lengths, across flushes
+    of both sides and a member leaving."""
+    if device == "interpret":
+        dtype = request.getfixturevalue("interpreter_dtype")
+        dev, (d, g, r, steps, lens, n_layers) = "cpu", (32, 16, 32, 20, (90, 95, 100), 1)  # Python runs each program
+        import memfit.kernels.kivi_flush as kf
+
+        if type(kf._flush_values_kernel).__name__ != "InterpretedFunction":
+            importlib.reload(kf)  # defined under TRITON_INTERPRET=1 (the fixture set it)
+    else:
+        dtype, dev = torch.bfloat16, "cuda"
+        d, g, r, steps, lens, n_layers = 128, 32, 128, 300, (1000, 1100, 1200), 2
+    form = KIVIForm(2, g, r, sliding)
+    gen = torch.Generator().manual_seed(5)
+    hkv = 2
+    reqs = [_request(form, n, steps + 8, gen, layers=n_layers, hkv=hkv, d=d, dtype=dtype, device=dev) for n in lens]
+    for req in reqs:
+        for layer in req:
+            layer.triton_flush = False  # the twins flush in PyTorch (the reference)
+    twins = [copy.deepcopy(req) for req in reqs]
+    blocks = StackBlocks()
+    for req in reqs:
+        blocks.join(req)
+    (block,) = blocks.all_blocks()
+    block.kernels = True
+    live = [0, 1, 2]
+    qk0, qv0 = reqs[0][0].qk, reqs[0][0].qv
+    for i in range(steps):
+        if i == steps // 2:
+            release(reqs[1])
+            live = [0, 2]
+        inputs = {j: _inputs(n_layers, gen, hkv, d, dtype, dev) for j in live}
+        order = sorted(live, key=lambda j: reqs[j][0].stack_row)
+        for li in range(n_layers):
+            k, v, q = (torch.cat([inputs[j][li][x] for j in order]) for x in range(3))
+            out = block.step(li, k, v, q, d**-0.5)
+            for row, j in enumerate(order):
+                twin = twins[j][li]
+                kj, vj, qj = inputs[j][li]
+                twin.append(kj, vj, None)
+                want = twin.attend(qj, d**-0.5)
+                twin.finalize_step(StepInfo(li, n_layers, 1, False, None))
+                torch.testing.assert_close(out[row : row + 1].float(), want.float(), rtol=2e-2, atol=2e-2)
+        for j in live:
+            for a, b in zip(reqs[j], twins[j], strict=True):
+                assert (a.length, a.qk, a.qv) == (b.length, b.qk, b.qv)
+                for name in COUNTERS:
+                    assert torch.equal(getattr(a, name), getattr(b, name)), (i, name)
+                for name, t in b.buffers.items():
+                    n = t.shape[2]
+                    if name in ("kr", "vr") and device == "cuda":  # a fused multiply-add may move one bf16 unit
+                        torch.testing.assert_close(a.buffers[name][:, :, :n], t, rtol=2**-7, atol=0)
+                    else:
+                        assert torch.equal(a.buffers[name][:, :, :n], t), (i, name)
+    a = reqs[0][0]
+    assert a.qk > qk0 and a.qv >= qv0 + steps  # key blocks and a value every step were flushed by the block
+
+
+def _fast_alone(model, ids, spec, budget, params, n):
+    from memfit.api import make_cache
+    from memfit.engine import generate
+
+    cache = make_cache(model, spec, budget, params, reserve=n + 1)
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    return generate(model, x, torch.ones_like(x), cache, n, [], 256).tokens[0]  # the server's --prefill-chunk
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
+                                       pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_server_stacks_frozen_kivi_stores_and_each_request_gets_its_own_text(device, monkeypatch):
+    """Requests of snapkv+kivi (and one full-cache request, which never stacks) join at different ticks; their
+    stores freeze, join stack blocks and leave as they finish; every request's greedy tokens equal a lone run
+    (`generate` with its own cache). CPU: the fast stores' PyTorch form (MEMFIT_FAST_ON_CPU=1), rows step on their
+    views; CUDA: one call per block and layer (`decode_stacked_row_layers_total`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memfit.core.budget import Budget
+    from memfit.serve.scheduler import Request, Scheduler
+    from tests.test_serve import drive
+
+    if device == "cpu":
+        monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
+        from tests.conftest import tiny_llama
+
+        model, params, lens = tiny_llama(), {"kivi.group_size": 4, "kivi.residual": 8}, (40, 57, 45, 70, 52)
+    else:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+        model = LlamaForCausalLM(cfg).eval().to("cuda", torch.bfloat16)
+        params, lens = {"kivi.group_size": 32, "kivi.residual": 32}, (600, 650, 620, 700, 640)
+    n = 40
+    gen = torch.Generator().manual_seed(2)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(0, vocab, (t,), generator=gen).tolist() for t in lens]
+    specs = [("snapkv+kivi", "0.5", params)] * 4 + [("full", None, {})]
+    refs = [_fast_alone(model, ids, m, b, p, n) for (m, b, p), ids in zip(specs, prompts, strict=True)]
+    scheduler = Scheduler(model, kv_memory=1 << 32, prefill_chunk=256)
+    reqs = [Request(ids, n, m, Budget.parse(b), p, sink=None) for (m, b, p), ids in zip(specs, prompts,
+                                                                                          strict=True)]
+    seen_blocks = []
+    tick = scheduler.tick
+
+    def watched_tick():
+        tick()
+        seen_blocks.append(scheduler._snapshot["kv_stack_blocks"])
+
+    scheduler.tick = watched_tick
+    got = drive(scheduler, reqs, joins=[0, 0, 3, 5, 8])
+    for i, (spec, tokens) in enumerate(zip(specs, refs, strict=True)):
+        assert got[i] == tokens, (i, spec[0])
+    assert max(seen_blocks) >= 1
+    scheduler.stacks.drop_empty()
+    assert scheduler.stacks.all_blocks() == []
+    stacked = scheduler.stats["decode_stacked_row_layers_total"]
+    assert stacked > 0 if device == "cuda" else stacked == 0
