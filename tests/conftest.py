@@ -89,3 +89,23 @@ def held_tensors(obj, seen: dict[int, torch.Tensor] | None = None) -> dict[int, 
         for x in vars(obj).values():
             held_tensors(x, seen)
     return seen
+
+
+def drive(scheduler, reqs, joins, limit=2000):
+    """Run scheduler ticks by hand (no thread): request i is submitted at tick joins[i]; returns each request's
+    streamed tokens."""
+    got = {i: [] for i in range(len(reqs))}
+    for i, req in enumerate(reqs):
+        req.sink = lambda e, i=i: got[i].extend(e[1] if e[0] == "tokens" else [])
+    import torch
+
+    with torch.inference_mode():
+        for t in range(limit):
+            for i, j in enumerate(joins):
+                if j == t:
+                    scheduler.submit(reqs[i])
+            scheduler.tick()
+            if t >= max(joins) and not scheduler.running and not scheduler.waiting:
+                break
+    assert all(r.finished for r in reqs), "the scheduler did not finish every request"
+    return got

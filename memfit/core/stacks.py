@@ -94,6 +94,8 @@ class StackBlock:
         self.counters = {name: torch.zeros(n, rows, dtype=torch.int32 if name in ("n_q", "n_r") else torch.long,
                                            device=kr.device) for name in _COUNTERS}
         self.members: list[list[StaticKIVILayer]] = []  # row r -> that request's layers
+        self._row_nbytes = sum(tensor_bytes(*(t[0] for t in bufs.values())) for bufs in self.buffers) + sum(
+            c[:, 0].numel() * c.element_size() for c in self.counters.values())
         # one launch per layer for all members where the kernels run (CUDA); elsewhere members step one by one
         self.kernels = kr.is_cuda and kernels_available()
 
@@ -103,8 +105,8 @@ class StackBlock:
         return len(self.members)
 
     def row_nbytes(self) -> int:
-        return sum(tensor_bytes(*(t[0] for t in bufs.values())) for bufs in self.buffers) + sum(
-            c[:, 0].numel() * c.element_size() for c in self.counters.values())
+        """Bytes of one row: what a member's layers count together."""
+        return self._row_nbytes
 
     def nbytes(self) -> int:
         return sum(tensor_bytes(*bufs.values()) for bufs in self.buffers) + tensor_bytes(*self.counters.values())

@@ -89,6 +89,7 @@ class Request:
     finished: str | None = None
     kv_bytes_held: int = 0
     kv_bytes_full: int = 0
+    held_bytes: int = 0  # what its store holds, measured once per tick (Scheduler._measure)
     decode_steps_batched: int = 0  # decode steps that shared one forward with other requests
     decode_steps_alone: int = 0  # decode steps in a forward of its own (running alone, or it cannot share)
     spans: bool = False  # the store keeps whole words/numbers (memfit.core.spans; needs the scheduler's tokenizer)
@@ -100,8 +101,7 @@ class Request:
     def reserved(self) -> int:
         """Bytes this running request counts against the pool: its reservation or what it holds, if more."""
         want = self.predicted_bytes if self.prefilled else self.reserve_bytes
-        held = self.cache.nbytes() if self.cache is not None else 0
-        return max(want, held)
+        return max(want, self.held_bytes)
 
     def reset(self) -> None:
         if self.cache is not None:
@@ -111,6 +111,7 @@ class Request:
             release(self.cache.core.layers)  # its row of a stack block goes to the block's last member
             self.cache.core.reset()
         self.cache = None
+        self.held_bytes = 0
         self.tokens = []
         self._prefill = self._mask = self._pos = self._next = None
 
@@ -242,6 +243,7 @@ class Scheduler:
         self._decode_step([r for r in decoding if not r.cancelled and r.finished is None])
         self.running = [r for r in self.running if r.finished is None]
         self._stack()
+        self._measure()
         self._enforce_memory()
         self._publish()
 
@@ -267,6 +269,12 @@ class Scheduler:
         if any(r.cancelled for r in self.waiting):
             self.stats["cancelled_total"] += sum(r.cancelled for r in self.waiting)
             self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+
+    def _measure(self) -> None:
+        """Each running request's held bytes, once per tick: summing every store's tensors costs ~1 ms per 32
+        layers on the host, too much to repeat in each check of a tick at a batch of hundreds."""
+        for req in self.running:
+            req.held_bytes = req.cache.nbytes() if req.cache is not None else 0
 
     def _slack(self) -> int:
         return 0 if self.stacks is None else self.stacks.slack_bytes()
@@ -307,9 +315,11 @@ class Scheduler:
         if req.cache is None:
             ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
             mask = torch.ones_like(ids)
-            # static stores leave room for exactly this request's answer (a stack block's rows are that long)
-            req.cache = make_cache(model, req.method, req.budget, req.params, reserve=req.max_tokens + 1)
+            req.cache = make_cache(model, req.method, req.budget, req.params)
             core = req.cache.core
+            for layer in core.layers:  # static stores leave room for exactly this answer (stack rows are that long);
+                if hasattr(layer, "reserve"):  # not make_cache's reserve=: that also steers `auto` by decode length
+                    layer.reserve = req.max_tokens + 1
             if req.spans:
                 enable_spans(req.cache, self.tokenizer)
             prompt_lens = mask.sum(-1)
@@ -426,14 +436,14 @@ class Scheduler:
             pass
 
     def _enforce_memory(self) -> None:
-        held = sum(r.cache.nbytes() for r in self.running if r.cache is not None) + self._slack()
+        held = sum(r.held_bytes for r in self.running) + self._slack()
         while held > self.kv_memory and len(self.running) > 1:
             # the newest request that holds bytes (an admitted one that holds nothing yet frees nothing)
             victim = next((r for r in reversed(self.running[1:]) if r.cache is not None), None)
             if victim is None:
                 break
             self.running.remove(victim)
-            freed = victim.cache.nbytes()
+            freed = victim.held_bytes
             held -= freed
             # it comes back only when what it really held fits (no admit-preempt ping-pong on a low prediction)
             victim.reserve_bytes = max(victim.reserve_bytes, freed)
@@ -447,7 +457,7 @@ class Scheduler:
         caches = [r.cache for r in self.running if r.cache is not None]
         self._snapshot = {
             **self._snapshot,
-            "kv_bytes_held": sum(c.nbytes() for c in caches),
+            "kv_bytes_held": sum(r.held_bytes for r in self.running),
             "kv_bytes_full": sum(c.full_nbytes() for c in caches),
             "kv_bytes_reserved": sum(r.reserved() for r in self.running) + self._slack(),
             "kv_stack_blocks": 0 if self.stacks is None else len(self.stacks.all_blocks()),

@@ -1,0 +1,106 @@
+"""Decode step time of `memfit serve`'s scheduler on a GPU at a given number of running requests, with and without
+stack blocks (memfit.core.stacks), and for the server's full-cache mode: no HTTP, no prefill in the timed part.
+
+For each (method, rows, stack) case, `rows` requests with `--prompt-tokens`-token random prompts are submitted to
+the product's `Scheduler` and prefilled; then `--steps` scheduler ticks are timed (every tick is then one decode
+step of every request). Reports ms per step, output tokens/s, the KV bytes the requests hold, and how many
+(request, layer) steps ran in a stack block's one call. `--profile`: the largest case's top CUDA kernels and CPU
+operations over three ticks (torch.profiler), printed.
+
+    python benchmarks/serve/stack_decode_gpu.py --model llama-3.1-8b --load-format dummy --prompt-tokens 8192 \
+        --rows 1,16,64 --cases snapkv+kivi:0.25:stack,snapkv+kivi:0.25:nostack,full::nostack \
+        --out benchmarks/serve/gpu/stack_decode_h200.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from memfit.bench.provenance import ResultWriter
+from memfit.core.budget import Budget
+from memfit.models import load_model
+from memfit.serve.scheduler import Request, Scheduler
+
+
+def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, profile):
+    scheduler = Scheduler(model, kv_memory=1 << 40, max_batch=rows, prefill_chunk=8192, stack_decode=stack)
+    gen = torch.Generator().manual_seed(0)
+    # max_tokens: nobody finishes before the last prompt is read and the timed ticks are over
+    reqs = [Request(torch.randint(3, vocab, (prompt,), generator=gen).tolist(), rows + steps + 16, method,
+                    Budget.parse(budget), params, sink=lambda e: None) for _ in range(rows)]
+    for req in reqs:
+        scheduler.submit(req)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        while not all(r.prefilled or r.finished for r in reqs):
+            scheduler.tick()
+        prefill_s = time.perf_counter() - t0
+        for _ in range(3):  # the first steps freeze the stores and join the blocks
+            scheduler.tick()
+        torch.cuda.synchronize()
+        stacked0 = scheduler.stats["decode_stacked_row_layers_total"]
+        tokens0 = scheduler.stats["tokens_generated_total"]
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            scheduler.tick()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as prof
+
+            with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                for _ in range(3):
+                    scheduler.tick()
+                torch.cuda.synchronize()
+            print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), flush=True)
+            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    tokens = scheduler.stats["tokens_generated_total"] - tokens0
+    row = {"method": method, "budget": budget, "params": params, "rows": rows, "prompt_tokens": prompt,
+           "stack_decode": stack, "steps": steps, "prefill_seconds": round(prefill_s, 2),
+           "step_ms": round(1e3 * seconds / steps, 2), "tokens_per_second": round(tokens / seconds, 1),
+           "stacked_row_layers_per_step": (scheduler.stats["decode_stacked_row_layers_total"] - stacked0) / steps,
+           "kv_bytes_held": sum(r.cache.nbytes() for r in reqs if r.cache is not None),
+           "stack_slack_bytes": scheduler.snapshot().get("kv_stack_slack_bytes", 0),
+           "peak_allocated_bytes": torch.cuda.max_memory_allocated()}
+    with torch.inference_mode():  # the stores' tensors are inference tensors (the scheduler thread's mode)
+        for req in reqs:
+            req.reset()
+    del scheduler, reqs
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--prompt-tokens", type=int, default=8192)
+    ap.add_argument("--rows", default="1,16,64")
+    ap.add_argument("--cases", default="snapkv+kivi:0.25:stack,snapkv+kivi:0.25:nostack,full::nostack",
+                    help="method:budget:stack|nostack, comma-separated (KIVI at 2 bits)")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    model, _ = load_model(args.model, device="cuda", load_format=args.load_format)
+    vocab = model.config.vocab_size
+    rows_list = [int(r) for r in args.rows.split(",")]
+    cases = [c.split(":") for c in args.cases.split(",")]
+    with ResultWriter(args.out) as out:
+        for method, budget, stack in cases:
+            params = {"kivi.bits": 2} if "kivi" in method else {}
+            for rows in rows_list:
+                profile = args.profile and rows == rows_list[-1]
+                out.write(run_case(model, vocab, method, budget or None, params, rows, args.prompt_tokens,
+                                   args.steps, stack == "stack", profile))
+
+
+if __name__ == "__main__":
+    main()
