@@ -103,6 +103,7 @@ class BatchView:
         self.stacked_rows = 0  # (row, layer) pairs that decoded in a stack block's one call (memfit.core.stacks)
         self.own_rows = 0  # (row, layer) pairs that attended through their store's own attend
         self.view_bytes = 0  # the largest padded view (keys, values, validity, SDPA mask) of any layer
+        self._perms: dict[int, torch.Tensor] = {}  # a stack block's member rows in row order (one copy per step)
 
     @property
     def num_layers(self) -> int:
@@ -161,7 +162,9 @@ class BatchView:
             if len(idxs) != block.used or not block.kernels or not block.room():
                 continue
             order = sorted(idxs, key=lambda i: self.cores[i].layers[layer_idx].stack_row)
-            perm = torch.tensor(order, device=keys.device)
+            perm = self._perms.get(key)
+            if perm is None or perm.numel() != len(order):  # members' rows are the same at every layer of a step
+                perm = self._perms[key] = torch.tensor(order).to(keys.device, non_blocking=True)
             out[perm] = block.step(layer_idx, keys[perm], values[perm], queries[perm], scaling)
             done.update(order)
             self.stacked_rows += len(order)

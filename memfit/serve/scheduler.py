@@ -83,9 +83,12 @@ class Request:
     cache: Any = None
     tokens: list[int] = field(default_factory=list)
     _prefill: Any = None  # (ids, mask, positions, next_start, chunk) while the prompt is being read
+    # host-side decode state: the prompt's mask (decode tokens extend it by ones), the next position and token; a
+    # batched step builds its ids and positions in one host-to-device copy each instead of a copy per request
     _mask: torch.Tensor | None = None
-    _pos: torch.Tensor | None = None
-    _next: torch.Tensor | None = None  # next input token (1, 1)
+    _decoded: int = 0  # decode steps run (columns of ones after _mask)
+    _pos: int | None = None  # position of the next input token
+    _next: int | None = None  # next input token
     finished: str | None = None
     kv_bytes_held: int = 0
     kv_bytes_full: int = 0
@@ -114,6 +117,7 @@ class Request:
         self.held_bytes = 0
         self.tokens = []
         self._prefill = self._mask = self._pos = self._next = None
+        self._decoded = 0
 
 
 class Scheduler:
@@ -344,7 +348,7 @@ class Scheduler:
             return
         req.cache.core.after_prefill(model, ids, mask)
         req._prefill = None
-        req._mask, req._pos = mask, positions[:, -1:]
+        req._mask, req._pos, req._decoded = mask, int(positions[0, -1]), 0
         self._take(req, logits[:, -1])
 
     @staticmethod
@@ -374,12 +378,16 @@ class Scheduler:
 
     def _advance(self, req: Request) -> None:
         assert req._mask is not None and req._pos is not None and req._next is not None
-        req._mask = torch.cat([req._mask, req._mask.new_ones(1, 1)], dim=1)
-        req._pos = req._pos + 1
+        req._decoded += 1
+        req._pos += 1
 
     def _decode(self, req: Request) -> None:
         self._advance(req)
-        logits = forward(self.model, req._next, req._mask, req.cache, req._pos, logits_to_keep=1)[:, -1]
+        assert req._mask is not None
+        mask = torch.cat([req._mask, req._mask.new_ones(1, req._decoded)], dim=1)
+        ids = torch.tensor([[req._next]], dtype=torch.long).to(self.device, non_blocking=True)
+        pos = torch.tensor([[req._pos]], dtype=torch.long).to(self.device, non_blocking=True)
+        logits = forward(self.model, ids, mask, req.cache, pos, logits_to_keep=1)[:, -1]
         req.decode_steps_alone += 1
         self.stats["decode_forwards_total"] += 1
         self._take(req, logits)
@@ -389,8 +397,8 @@ class Scheduler:
         attending over its own store (memfit.core.batch_view)."""
         for req in reqs:
             self._advance(req)
-        ids = torch.cat([r._next for r in reqs])  # type: ignore[misc]
-        positions = torch.cat([r._pos for r in reqs])  # type: ignore[misc]
+        ids = torch.tensor([[r._next] for r in reqs], dtype=torch.long).to(self.device, non_blocking=True)
+        positions = torch.tensor([[r._pos] for r in reqs], dtype=torch.long).to(self.device, non_blocking=True)
         new = torch.ones(len(reqs), 1, dtype=torch.long, device=self.device)  # every row's new token is real
         view = BatchView([r.cache.core for r in reqs])
         logits = forward(self.model, ids, new, MemfitCache(view), positions, logits_to_keep=1)[:, -1]
@@ -423,7 +431,7 @@ class Scheduler:
         if len(req.tokens) >= req.max_tokens:
             self._finish(req, "length")
             return
-        req._next = torch.tensor([[tok]], dtype=torch.long, device=self.device)
+        req._next = tok
 
     def _finish(self, req: Request, reason: str | None, error: str | None = None) -> None:
         if req.cache is not None:
