@@ -739,8 +739,8 @@ def serve(
         help="Decode every running request in one forward per step (default), or one forward per request."),
     stack_decode: bool = typer.Option(
         True, "--stack-decode/--no-stack-decode",
-        help="Inside a batched step, frozen KIVI stores (fast backend) decode as rows of shared buffers, one call per "
-        "layer for all of them (default), or each in calls of its own."),
+        help="Inside a batched step, frozen static stores (fast backend: KIVI, dense) decode as rows of shared "
+        "buffers, one call per layer for all of them (default), or each in calls of its own."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Default max_tokens of chat requests."),
     spans: str = typer.Option(
         "auto", "--spans", help="auto | on | off: default for requests (their memfit.spans overrides it); auto = keep "

@@ -8,7 +8,7 @@ step of every request). Reports ms per step, output tokens/s, the KV bytes the r
 operations over three ticks (torch.profiler), printed.
 
     python benchmarks/serve/stack_decode_gpu.py --model llama-3.1-8b --load-format dummy --prompt-tokens 8192 \
-        --rows 1,16,64 --cases snapkv+kivi:0.25:stack,snapkv+kivi:0.25:nostack,full::nostack \
+        --rows 1,16,64 --cases snapkv+kivi:0.25:stack,snapkv+kivi:0.25:nostack,full::stack,full::nostack \
         --out benchmarks/serve/gpu/stack_decode_h200.jsonl
 """
 
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--prompt-tokens", type=int, default=8192)
     ap.add_argument("--rows", default="1,16,64")
-    ap.add_argument("--cases", default="snapkv+kivi:0.25:stack,snapkv+kivi:0.25:nostack,full::nostack",
+    ap.add_argument("--cases", default="snapkv+kivi:0.25:stack,snapkv+kivi:0.25:nostack,full::stack,full::nostack",
                     help="method:budget:stack|nostack, comma-separated (KIVI at 2 bits)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--profile", action="store_true")

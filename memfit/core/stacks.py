@@ -1,5 +1,5 @@
-"""Stacks: many requests' frozen KIVI stores in shared buffers, one row each, so that one decode step of a batch
-attends and flushes once per layer for all of them (continuous batching in `memfit serve`, issue #11).
+"""Stacks: many requests' frozen static stores in shared buffers, one row each, so that one decode step of a batch
+attends (appends, flushes) once per layer for all of them (continuous batching in `memfit serve`, issue #11).
 
 Why. In the server each request keeps its own store (its own length, method and budget). On the fast backend a
 KIVI store freezes after its prompt into fixed buffers of one row (`memfit.core.static_quant_store`), and a shared
@@ -8,21 +8,24 @@ its own: 32 requests x 32 layers x ~6 launches plus their Python per step (468 m
 tokens on an H200, against 47 ms for one request alone: benchmarks/serve/README.md). The kernels already take a
 length per row; what was missing is one tensor that holds the rows.
 
-What. A `StackBlock` holds, for every layer of the model, the buffers of `StaticKIVILayer` (codes, scales, zeros,
-the full-precision ring) with a leading dimension of `rows` requests, and one set of step counters per row and layer
-(tokens held, keys and values quantized, ring slot, kernel lengths). A request joins a block once all its layers are
+What. A `StackBlock` holds, for every layer of the model, a store's buffers with a leading dimension of `rows`
+requests and one set of step counters per row and layer: for `StaticKIVILayer` the codes, scales, zeros and
+full-precision ring and its counters (tokens held, keys and values quantized, ring slot, kernel lengths); for the
+dense `StaticKVLayer` (the full cache, SnapKV, GemFilter...) the key and value buffers, the write slot and lengths. A request joins a block once all its layers are
 frozen: its rows are copied in and each of its layers then *points into* the block (its buffers and counters become
 views of row r), so the store keeps working alone exactly as before (a lone decode step, unfreezing, reading) while
-`step` decodes every member of the block at once: one attention launch (the new token written into each row's own
-ring slot), two flush launches and one counter launch per layer, whatever the number of members — the same kernels
-as a lone store, reading per-row counters (`memfit.kernels.kivi_flush`). Members stay in rows 0..n-1: a leaving
+`step` decodes every member of the block at once, whatever their number — KIVI: one attention launch (the new token
+written into each row's own ring slot), two flush launches and one counter launch per layer, the kernels of a lone
+store reading per-row counters (`memfit.kernels.kivi_flush`); dense: one attention launch that first writes each
+row's token at its own length, and the counters' increments. Each store class says how (`stack_step`). Members stay in rows 0..n-1: a leaving
 member's row is filled with the last member's (one row copy), so the kernels run on the first n rows.
 
-Which stores. Blocks hold `StaticKIVILayer`s only (KIVI alone or behind a prompt-time eviction: snapkv+kivi), of
-caches whose method never acts during decoding (the runtime decides: it stacks what the fast backend would record in
-a CUDA graph), every layer frozen, same shapes, code layout and dtype. A block's capacity (tokens per row) is the
-members' largest need rounded up to a quarter octave (`capacity_class`), so requests of similar lengths share a
-block and a short one never holds more than ~1.25x its own capacity; other lengths open another block.
+Which stores. Frozen `StaticKIVILayer`s (KIVI alone or behind a prompt-time eviction: snapkv+kivi) and plain
+`StaticKVLayer`s (not per-step rules such as H2O's accumulated store, not sliding-window layers), of caches whose
+method never acts during decoding (the runtime decides: `Backend.decode_free`), every layer frozen, same shapes,
+layout and dtype. A block's capacity (tokens per row) is the members' largest need rounded up to an eighth of an
+octave (`capacity_class`), so requests of similar lengths share a block and none holds more than 1.125x its own
+capacity; other lengths open another block.
 
 Bytes. A member's `nbytes()` counts its row (views: the row's share of each buffer). A block's free rows are
 allocated but held by nobody: `StackBlocks.slack_bytes()` reports them, and the server counts them against
@@ -38,66 +41,52 @@ from typing import Any
 
 import torch
 
-from memfit.core.static_quant_store import StaticKIVILayer, kernels_available
+from memfit.core.static_quant_store import kernels_available
 from memfit.core.store import tensor_bytes
 from memfit.errors import ConfigError
 
 __all__ = ["StackBlock", "StackBlocks", "capacity_class", "release"]
 
-_COUNTERS = ("t_dev", "qk_dev", "qv_dev", "slot", "n_q", "n_r")
-
-
 def capacity_class(need: int, unit: int) -> int:
-    """The smallest m * 2^k >= need (m in 4..7: quarter octaves), rounded up to a multiple of `unit`."""
-    if need <= 4:
-        c = max(need, 1)
-    else:
-        k = max(need.bit_length() - 3, 0)
-        m = -(-need // (1 << k))
-        c = m << k
+    """The smallest m * 2^k >= need (m in 8..15: eighth octaves, at most 1/8 above need), rounded up to a multiple
+    of `unit`."""
+    k = max(need.bit_length() - 4, 0)
+    c = -(-max(need, 1) // (1 << k)) << k
     return -(-c // unit) * unit
 
 
 def _stackable(layer: Any) -> bool:
-    return (type(layer) is StaticKIVILayer and layer.frozen and layer.stack is None and layer.valid is None
-            and not layer.extras and layer._shape is not None and layer._shape[0] == 1)
+    return callable(getattr(layer, "stackable", None)) and layer.stackable()
 
 
 def stack_key(layers: Sequence[Any]) -> tuple | None:
     """What a block of these layers must share (None: they cannot be stacked)."""
     if not layers or not all(_stackable(layer) for layer in layers):
         return None
-    first = layers[0]
-    kr = first.buffers["kr"]
-    shape = [(layer.form, layer.layout, layer._shape[1:], layer.buffers["kr"].dtype, layer.buffers["kr"].device)
-             for layer in layers]
-    if any(s != shape[0] for s in shape):
+    signature = layers[0].stack_signature()
+    if any(layer.stack_signature() != signature for layer in layers[1:]):
         return None
-    unit = first.capacity_unit()
     need = max(layer.capacity for layer in layers)
-    return (len(layers), first.form, first.layout, first._shape[1:], kr.dtype, str(kr.device),
-            capacity_class(need, unit))
+    return (len(layers), signature, capacity_class(need, layers[0].capacity_unit()))
 
 
 class StackBlock:
-    """`rows` rows of every layer's KIVI buffers and per-row counters (see module docstring)."""
+    """`rows` rows of every layer's buffers and per-row counters (see module docstring). What the buffers are and
+    how a step runs over them is the stores' own (`stack_parts`, `alloc_stack`, `stack_step` of
+    `memfit.core.static_store.StaticKVLayer` and `memfit.core.static_quant_store.StaticKIVILayer`)."""
 
-    def __init__(self, layers: Sequence[StaticKIVILayer], rows: int, capacity: int) -> None:
-        first = layers[0]
-        assert first._shape is not None and first.buffers is not None
-        _, h, d = first._shape
-        kr = first.buffers["kr"]
+    def __init__(self, layers: Sequence[Any], rows: int, capacity: int) -> None:
         self.rows, self.capacity = rows, capacity
-        self.form, self.layout = first.form, first.layout
-        self.buffers = [first._alloc(rows, h, d, capacity, kr.device, kr.dtype) for _ in layers]
-        n = len(layers)
-        self.counters = {name: torch.zeros(n, rows, dtype=torch.int32 if name in ("n_q", "n_r") else torch.long,
-                                           device=kr.device) for name in _COUNTERS}
-        self.members: list[list[StaticKIVILayer]] = []  # row r -> that request's layers
+        self.buffers = [layer.alloc_stack(rows, capacity) for layer in layers]
+        _, counters = layers[0].stack_parts()
+        self.counters = {name: torch.zeros(len(layers), rows, dtype=t.dtype, device=t.device)
+                         for name, t in counters.items()}
+        self.members: list[list[Any]] = []  # row r -> that request's layers
         self._row_nbytes = sum(tensor_bytes(*(t[0] for t in bufs.values())) for bufs in self.buffers) + sum(
             c[:, 0].numel() * c.element_size() for c in self.counters.values())
-        # one launch per layer for all members where the kernels run (CUDA); elsewhere members step one by one
-        self.kernels = kr.is_cuda and kernels_available()
+        # one call per layer for all members where the kernels run (CUDA); elsewhere members step one by one
+        device = next(iter(self.buffers[0].values())).device
+        self.kernels = device.type == "cuda" and kernels_available()
 
     # -- membership ----------------------------------------------------------------------------------------------
     @property
@@ -111,45 +100,40 @@ class StackBlock:
     def nbytes(self) -> int:
         return sum(tensor_bytes(*bufs.values()) for bufs in self.buffers) + tensor_bytes(*self.counters.values())
 
-    def join(self, layers: Sequence[StaticKIVILayer]) -> int:
+    def join(self, layers: Sequence[Any]) -> int:
         """Copy a request's frozen layers into the next free row; each layer then points into it."""
         r = self.used
         if r >= self.rows:
             raise ValueError("stack block is full")
         for li, layer in enumerate(layers):
-            assert layer.buffers is not None
+            own, counters = layer.stack_parts()
             for name, buf in self.buffers[li].items():
-                src = layer.buffers[name][0]
+                src = own[name][0]
                 n = src.shape[1]
                 buf[r, :, :n].copy_(src)
                 buf[r, :, n:].zero_()  # plane-order flushes OR into zeroed bytes; stale codes never stay
-            for name in _COUNTERS:
-                self.counters[name][li, r].copy_(getattr(layer, name)[0])
+            for name, t in counters.items():
+                self.counters[name][li, r].copy_(t[0])
         self.members.append(list(layers))
         self._point(r)
         return r
 
     def _point(self, r: int) -> None:
         for li, layer in enumerate(self.members[r]):
-            layer.buffers = {name: buf[r : r + 1] for name, buf in self.buffers[li].items()}
-            for name in _COUNTERS:
-                setattr(layer, name, self.counters[name][li, r : r + 1])
+            layer.set_stack_parts({name: buf[r : r + 1] for name, buf in self.buffers[li].items()},
+                                  {name: c[li, r : r + 1] for name, c in self.counters.items()})
             layer.stack, layer.stack_row = self, r
 
     def leave(self, r: int, keep: bool) -> None:
         """Row r leaves: its layers get buffers of their own again (`keep`: a copy of the row, still frozen) or
         none (the request is done; the caller resets it). The last member moves into row r."""
-        layers = self.members[r]
-        for layer in layers:
+        for layer in self.members[r]:
             if keep:
-                assert layer.buffers is not None
-                layer.buffers = {name: t.clone() for name, t in layer.buffers.items()}
-                for name in _COUNTERS:
-                    setattr(layer, name, getattr(layer, name).clone())
+                own, counters = layer.stack_parts()
+                layer.set_stack_parts({name: t.clone() for name, t in own.items()},
+                                      {name: t.clone() for name, t in counters.items()})
             else:
-                layer.buffers = None
-                for name in _COUNTERS:
-                    setattr(layer, name, None)
+                layer.set_stack_parts(None, None)
             layer.stack, layer.stack_row = None, -1
         last = self.used - 1
         if r != last:
@@ -167,34 +151,18 @@ class StackBlock:
     # -- one decode step for every member -------------------------------------------------------------------------
     def step(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
              scaling: float) -> torch.Tensor:
-        """Append, attend and flush for rows 0..n-1 (every member, in row order): keys/values (n, Hkv, 1, d),
+        """Append, attend (and flush) for rows 0..n-1 (every member, in row order): keys/values (n, Hkv, 1, d),
         queries (n, H, 1, d); returns (n, H, 1, d). The members' host mirrors advance (`advance(1)`)."""
-        from memfit.kernels import kivi_flush as K
-        from memfit.kernels.kivi_attention import kivi_decode_attention
-
-        n, f = self.used, self.form
-        b = {name: buf[:n] for name, buf in self.buffers[layer_idx].items()}
-        c = {name: t[layer_idx, :n] for name, t in self.counters.items()}
-        # each member's capacity is checked by the runtime before the step (`room`); the ring slot of the new token
-        # is the row's own (the kernel writes it, then attends over it: n_r already counts it)
-        out = kivi_decode_attention(
-            queries[:, :, 0], b["kc"], b["ks"], b["kz"], b["vc"], b["vs"], b["vz"], b["kr"], b["vr"], c["n_q"],
-            c["n_r"], bits=f.bits, group_size=f.group_size, scale=scaling, k_new=keys[:, :, 0],
-            v_new=values[:, :, 0], append_at=c["slot"].to(torch.int32), layout=self.layout)
-        planes = self.layout == "planes"
-        K.flush_values(b["vr"], b["vc"], b["vs"], b["vz"], c["t_dev"], c["qv_dev"], ring=f.ring,
-                       residual=f.residual, group_size=f.group_size, bits=f.bits, planes=planes)
-        K.flush_keys(b["kr"], b["kc"], b["ks"], b["kz"], c["t_dev"], c["qk_dev"], ring=f.ring,
-                     threshold=f.key_threshold, block=f.key_block, group_size=f.group_size, bits=f.bits,
-                     planes=planes)
-        K.advance_counters(c["t_dev"], c["qk_dev"], c["qv_dev"], c["slot"], c["n_q"], c["n_r"], ring=f.ring,
-                           residual=f.residual, threshold=f.key_threshold, block=f.key_block)
+        n = self.used
+        bufs = {name: buf[:n] for name, buf in self.buffers[layer_idx].items()}
+        counters = {name: t[layer_idx, :n] for name, t in self.counters.items()}
+        out = self.members[0][layer_idx].stack_step(bufs, counters, keys, values, queries, scaling)
         for layers in self.members:
             layers[layer_idx].advance(1)
-        return out[:, :, None]
+        return out
 
     def room(self) -> bool:
-        """Every member has room for one more token."""
+        """Every member has room for one more token (the runtime checks before a step: a step never grows)."""
         return all(layers[0].length + 1 <= self.capacity for layers in self.members)
 
 
@@ -231,14 +199,12 @@ class StackBlocks:
         return min(self.max_rows, 2 * blocks[-1].rows) if blocks else self.first_rows
 
     @staticmethod
-    def _row_bytes(layers: Sequence[StaticKIVILayer], capacity: int) -> int:
-        first = layers[0]
-        assert first._shape is not None and first.buffers is not None
-        _, h, d = first._shape
-        probe = first._alloc(1, h, d, capacity, torch.device("meta"), first.buffers["kr"].dtype)
-        return len(layers) * (tensor_bytes(*probe.values()) + 4 * 8 + 2 * 4)
+    def _row_bytes(layers: Sequence[Any], capacity: int) -> int:
+        probe = layers[0].alloc_stack(1, capacity, device=torch.device("meta"))
+        _, counters = layers[0].stack_parts()
+        return len(layers) * (tensor_bytes(*probe.values()) + sum(t.element_size() for t in counters.values()))
 
-    def join(self, layers: Sequence[StaticKIVILayer]) -> StackBlock:
+    def join(self, layers: Sequence[Any]) -> StackBlock:
         key = stack_key(layers)
         if key is None:
             raise ValueError("these layers cannot be stacked (see memfit.core.stacks.stack_key)")

@@ -264,6 +264,55 @@ class StaticKIVILayer(QuantizedKVLayer):
         f = self.form
         return math.lcm(f.residual, kivi_planes.block_tokens(f.bits)) if self.layout == "planes" else f.residual
 
+    # -- rows of a stack block (memfit.core.stacks) -------------------------------------------------------------
+    STACK_COUNTERS = ("t_dev", "qk_dev", "qv_dev", "slot", "n_q", "n_r")
+
+    def stackable(self) -> bool:
+        return (type(self) is StaticKIVILayer and self.frozen and self.stack is None and self.valid is None
+                and not self.extras and self._shape is not None and self._shape[0] == 1)
+
+    def stack_signature(self) -> tuple:
+        assert self._shape is not None and self.buffers is not None
+        kr = self.buffers["kr"]
+        return ("kivi", self.form, self.layout, self._shape[1:], kr.dtype, str(kr.device))
+
+    def stack_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Buffers (token dimension 2) and step counters ((1,) each) a block copies into a row."""
+        assert self.buffers is not None
+        return self.buffers, {name: getattr(self, name) for name in self.STACK_COUNTERS}
+
+    def set_stack_parts(self, buffers: dict[str, torch.Tensor] | None, counters: dict[str, torch.Tensor] | None) -> None:
+        self.buffers = buffers
+        for name in self.STACK_COUNTERS:
+            setattr(self, name, None if counters is None else counters[name])
+
+    def alloc_stack(self, rows: int, capacity: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        assert self._shape is not None and self.buffers is not None
+        kr = self.buffers["kr"]
+        return self._alloc(rows, self._shape[1], self._shape[2], capacity, device or kr.device, kr.dtype)
+
+    def stack_step(self, bufs: dict[str, torch.Tensor], c: dict[str, torch.Tensor], keys: torch.Tensor,
+                   values: torch.Tensor, queries: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One decode step of n rows of a block (this layer's form): append into each row's ring slot, attend,
+        flush, advance the per-row counters. keys/values (n, Hkv, 1, d), queries (n, H, 1, d) -> (n, H, 1, d)."""
+        from memfit.kernels import kivi_flush as K
+        from memfit.kernels.kivi_attention import kivi_decode_attention
+
+        f, planes = self.form, self.layout == "planes"
+        # the kernel writes the new token into the row's ring slot, then attends over it (n_r already counts it)
+        out = kivi_decode_attention(
+            queries[:, :, 0], bufs["kc"], bufs["ks"], bufs["kz"], bufs["vc"], bufs["vs"], bufs["vz"], bufs["kr"],
+            bufs["vr"], c["n_q"], c["n_r"], bits=f.bits, group_size=f.group_size, scale=scaling,
+            k_new=keys[:, :, 0], v_new=values[:, :, 0], append_at=c["slot"].to(torch.int32), layout=self.layout)
+        K.flush_values(bufs["vr"], bufs["vc"], bufs["vs"], bufs["vz"], c["t_dev"], c["qv_dev"], ring=f.ring,
+                       residual=f.residual, group_size=f.group_size, bits=f.bits, planes=planes)
+        K.flush_keys(bufs["kr"], bufs["kc"], bufs["ks"], bufs["kz"], c["t_dev"], c["qk_dev"], ring=f.ring,
+                     threshold=f.key_threshold, block=f.key_block, group_size=f.group_size, bits=f.bits,
+                     planes=planes)
+        K.advance_counters(c["t_dev"], c["qk_dev"], c["qv_dev"], c["slot"], c["n_q"], c["n_r"], ring=f.ring,
+                           residual=f.residual, threshold=f.key_threshold, block=f.key_block)
+        return out[:, :, None]
+
     def _leave_stack(self) -> None:
         """Before anything that replaces the buffers: a stacked store takes its row back as buffers of its own."""
         if self.stack is not None:

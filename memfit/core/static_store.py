@@ -44,6 +44,8 @@ class StaticKVLayer(KVLayer):
         # than they save (measured: benchmarks/results/backend_agreement_h200.jsonl).
         self.kernel_attention = False
         self._done: torch.Tensor | None = None  # the fused append's ticket counter (4 bytes, scratch)
+        self.stack: Any = None  # the memfit.core.stacks block whose row r holds this store's buffers (views), if any
+        self.stack_row = -1
         super().__init__(index)
 
     # -- the dense view ------------------------------------------------------------------------------------------
@@ -69,7 +71,13 @@ class StaticKVLayer(KVLayer):
         self._unfreeze()
         self._values = value
 
+    def _leave_stack(self) -> None:
+        """Before anything that replaces the buffers: a stacked store takes its row back as buffers of its own."""
+        if self.stack is not None:
+            self.stack.leave(self.stack_row, keep=True)
+
     def _unfreeze(self) -> None:
+        self._leave_stack()
         if self._kbuf is not None:  # someone replaces the tensors wholesale: keep the current view as plain tensors
             self._keys, self._values = self.keys, self.values
             self._kbuf = self._vbuf = self.slot = self.lengths = None
@@ -111,6 +119,7 @@ class StaticKVLayer(KVLayer):
             return super().append(keys, values, new_valid)
         q = keys.shape[2]
         if self.length + q > self.capacity:  # past the reserve: grow (once in a while, never on a planned run)
+            self._leave_stack()
             cur_k, cur_v = self.keys, self.values
             assert cur_k is not None and cur_v is not None
             self._alloc(cur_k, cur_v, 2 * self.capacity + q)
@@ -182,6 +191,52 @@ class StaticKVLayer(KVLayer):
 
             return decode_attention(queries[:, :, 0], self._kbuf, self._vbuf, self.lengths, scale=scaling)[:, :, None]
         return dense_attention(queries, self.keys, self.values, None, scaling)  # type: ignore[arg-type]
+
+    # -- rows of a stack block (memfit.core.stacks) -------------------------------------------------------------
+    def stackable(self) -> bool:
+        return (type(self) is StaticKVLayer and self._kbuf is not None and self.stack is None and self.valid is None
+                and not self.extras and self._kbuf.shape[0] == 1 and getattr(self, "window", None) is None)
+
+    def stack_signature(self) -> tuple:
+        assert self._kbuf is not None and self._vbuf is not None
+        k, v = self._kbuf, self._vbuf
+        return ("dense", k.shape[1], k.shape[3], v.shape[3], k.dtype, str(k.device))
+
+    def capacity_unit(self) -> int:
+        return 16
+
+    def stack_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Buffers (token dimension 2) and step counters ((1,) each) a block copies into a row."""
+        assert self._kbuf is not None and self._vbuf is not None and self.slot is not None
+        assert self.lengths is not None
+        return {"k": self._kbuf, "v": self._vbuf}, {"slot": self.slot, "lengths": self.lengths}
+
+    def set_stack_parts(self, buffers: dict[str, torch.Tensor] | None, counters: dict[str, torch.Tensor] | None) -> None:
+        self._kbuf = None if buffers is None else buffers["k"]
+        self._vbuf = None if buffers is None else buffers["v"]
+        self.slot = None if counters is None else counters["slot"]
+        self.lengths = None if counters is None else counters["lengths"]
+
+    def alloc_stack(self, rows: int, capacity: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        assert self._kbuf is not None and self._vbuf is not None
+        k, v = self._kbuf, self._vbuf
+        dev = device or k.device
+        return {"k": torch.zeros(rows, k.shape[1], capacity, k.shape[3], dtype=k.dtype, device=dev),
+                "v": torch.zeros(rows, v.shape[1], capacity, v.shape[3], dtype=v.dtype, device=dev)}
+
+    @staticmethod
+    def stack_step(bufs: dict[str, torch.Tensor], c: dict[str, torch.Tensor], keys: torch.Tensor,
+                   values: torch.Tensor, queries: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One decode step of n rows of a block: each row's token written at its own length, attention over it,
+        the per-row counters advanced. keys/values (n, Hkv, 1, d), queries (n, H, 1, d) -> (n, H, 1, d)."""
+        from memfit.kernels.kivi_attention import decode_attention
+
+        at = c["lengths"].clone()  # int32: where each row's token goes
+        c["lengths"].add_(1)  # the kernel reads lengths that count the new token
+        c["slot"].add_(1)
+        out = decode_attention(queries[:, :, 0], bufs["k"], bufs["v"], c["lengths"], scale=scaling,
+                               k_new=keys[:, :, 0], v_new=values[:, :, 0], append_at=at)
+        return out[:, :, None]
 
     def nbytes(self) -> int:
         if self._kbuf is None:

@@ -10,10 +10,11 @@ One scheduler thread owns the model. Each tick it
    (`memfit.core.batch_view.BatchView`: each row is a request's own store, its own method and length, at its own
    next position; per-step eviction and quantization run per store exactly as alone), or one forward per request
    with `batch_decode=False`;
-   Requests whose stores are frozen KIVI buffers (the fast backend's snapkv+kivi, kivi...) and whose method never
-   acts while decoding are moved, once their first decode step froze them, into stack blocks
-   (`memfit.core.stacks`): rows of shared buffers, so that inside that one forward each layer attends, appends and
-   flushes once for all of them instead of once per request (`decode_stacked_row_layers_total`). A block's free
+   Requests whose stores are the fast backend's frozen static buffers (KIVI's codes and ring: snapkv+kivi, kivi;
+   dense: the full cache, SnapKV, GemFilter...) and whose method never acts while decoding are moved, once their
+   first decode step froze them, into stack blocks (`memfit.core.stacks`): rows of shared buffers, so that inside
+   that one forward each layer attends, appends (and flushes) once for all of them instead of once per request
+   (`decode_stacked_row_layers_total`). A block's free
    rows count against `kv_memory` (`kv_stack_slack_bytes`); a request that would need a new block that does not fit
    keeps its own store. `stack_decode=False` (`memfit serve --no-stack-decode`) keeps every store on its own;
 5. if the stores together hold more than `kv_memory` (a prediction was low), preempts the newest running request
