@@ -23,11 +23,17 @@ import torch
 from memfit.bench.provenance import ResultWriter
 from memfit.core.budget import Budget
 from memfit.models import load_model
+from memfit.serve import parse_bytes
 from memfit.serve.scheduler import Request, Scheduler
 
 
-def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, profile):
-    scheduler = Scheduler(model, kv_memory=1 << 40, max_batch=rows, prefill_chunk=8192, stack_decode=stack)
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, profile, kv_memory):
+    scheduler = Scheduler(model, kv_memory=kv_memory, max_batch=rows, prefill_chunk=8192, stack_decode=stack)
     gen = torch.Generator().manual_seed(0)
     # max_tokens: nobody finishes before the last prompt is read and the timed ticks are over
     reqs = [Request(torch.randint(3, vocab, (prompt,), generator=gen).tolist(), rows + steps + 16, method,
@@ -41,13 +47,13 @@ def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, p
         prefill_s = time.perf_counter() - t0
         for _ in range(3):  # the first steps freeze the stores and join the blocks
             scheduler.tick()
-        torch.cuda.synchronize()
+        _sync()
         stacked0 = scheduler.stats["decode_stacked_row_layers_total"]
         tokens0 = scheduler.stats["tokens_generated_total"]
         t0 = time.perf_counter()
         for _ in range(steps):
             scheduler.tick()
-        torch.cuda.synchronize()
+        _sync()
         seconds = time.perf_counter() - t0
         if profile:
             from torch.profiler import ProfilerActivity
@@ -56,24 +62,27 @@ def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, p
             with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
                 for _ in range(3):
                     scheduler.tick()
-                torch.cuda.synchronize()
+                _sync()
             print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), flush=True)
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     tokens = scheduler.stats["tokens_generated_total"] - tokens0
-    row = {"method": method, "budget": budget, "params": params, "rows": rows, "prompt_tokens": prompt,
+    running = len(scheduler.running)  # requests admitted (all of them unless --kv-memory ran out)
+    row = {"method": method, "budget": budget, "params": params, "rows": rows, "running": running,
+           "prompt_tokens": prompt, "kv_memory": kv_memory,
            "stack_decode": stack, "steps": steps, "prefill_seconds": round(prefill_s, 2),
            "step_ms": round(1e3 * seconds / steps, 2), "tokens_per_second": round(tokens / seconds, 1),
            "stacked_row_layers_per_step": (scheduler.stats["decode_stacked_row_layers_total"] - stacked0) / steps,
            "kv_bytes_held": sum(r.cache.nbytes() for r in reqs if r.cache is not None),
            "stack_slack_bytes": scheduler.snapshot().get("kv_stack_slack_bytes", 0),
-           "peak_allocated_bytes": torch.cuda.max_memory_allocated()}
+           "peak_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
     with torch.inference_mode():  # the stores' tensors are inference tensors (the scheduler thread's mode)
         for req in reqs:
             req.reset()
     del scheduler, reqs
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     return row
 
 
@@ -81,15 +90,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--device", default="cuda", help="cuda (the figures), or cpu for a smoke run (MEMFIT_FAST_ON_CPU=1)")
     ap.add_argument("--prompt-tokens", type=int, default=8192)
     ap.add_argument("--rows", default="1,16,64")
     ap.add_argument("--cases", default="snapkv+kivi:0.25:stack,snapkv+kivi:0.25:nostack,full::stack,full::nostack",
                     help="method:budget:stack|nostack, comma-separated (KIVI at 2 bits)")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--kv-memory", default="100GiB", help="the server's --kv-memory (stack blocks count against it)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    model, _ = load_model(args.model, device="cuda", load_format=args.load_format)
+    model, _ = load_model(args.model, device=args.device, load_format=args.load_format)
     vocab = model.config.vocab_size
     rows_list = [int(r) for r in args.rows.split(",")]
     cases = [c.split(":") for c in args.cases.split(",")]
@@ -99,7 +110,7 @@ def main() -> None:
             for rows in rows_list:
                 profile = args.profile and rows == rows_list[-1]
                 out.write(run_case(model, vocab, method, budget or None, params, rows, args.prompt_tokens,
-                                   args.steps, stack == "stack", profile))
+                                   args.steps, stack == "stack", profile, parse_bytes(args.kv_memory)))
 
 
 if __name__ == "__main__":
