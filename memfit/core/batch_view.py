@@ -16,8 +16,9 @@ Attention, per layer:
   invalid in the mask, so a row attends over exactly its own tokens. The row's output is then given to its cache's
   `step` in place of the store's own `attend` (for a dense store `attend` is that same SDPA over the same slots,
   without side effects, so nothing else changes);
-- rows whose store sits in a stack block (`memfit.core.stacks`: frozen KIVI stores of requests whose method never
-  acts while decoding, stacked by the runtime) attend, append and flush in ONE call per block and layer when every
+- rows whose store sits in a stack block (`memfit.core.stacks`: frozen static stores, KIVI or dense, of requests
+  whose method never acts while decoding, stacked by the runtime) attend, append and flush in ONE call per block and
+  layer when every
   member of the block is in this step (`stacked_rows`); the members' caches' `step` is not called for them: such a
   step does nothing but append, attend and flush (no method acts);
 - rows of any other store (quantized segments of KIVI/GEAR/VidKV, ragged AdaKV heads, static buffers, sliding-

@@ -14,9 +14,9 @@ One scheduler thread owns the model. Each tick it
    dense: the full cache, SnapKV, GemFilter...) and whose method never acts while decoding are moved, once their
    first decode step froze them, into stack blocks (`memfit.core.stacks`): rows of shared buffers, so that inside
    that one forward each layer attends, appends (and flushes) once for all of them instead of once per request
-   (`decode_stacked_row_layers_total`). A block's free
-   rows count against `kv_memory` (`kv_stack_slack_bytes`); a request that would need a new block that does not fit
-   keeps its own store. `stack_decode=False` (`memfit serve --no-stack-decode`) keeps every store on its own;
+   (`decode_stacked_row_layers_total`). A block's free rows count against `kv_memory` (`kv_stack_slack_bytes`); a
+   request that would need a new block that does not fit keeps its own store. `stack_decode=False` (`memfit serve
+   --no-stack-decode`) keeps every store on its own;
 5. if the stores together hold more than `kv_memory` (a prediction was low), preempts the newest running request
    that holds bytes: its store is freed and it goes back to the front of the queue, reserving at least what it
    held; greedy decoding regenerates the same tokens, and the ones already streamed are not sent twice. A request
@@ -135,7 +135,7 @@ class Scheduler:
         stack_decode: bool = True,
     ) -> None:
         self.model = model
-        # frozen KIVI stores decode as rows of shared buffers (memfit.core.stacks); only inside batched forwards
+        # frozen static stores decode as rows of shared buffers (memfit.core.stacks); only inside batched forwards
         self.stacks = StackBlocks() if stack_decode and batch_decode else None
         self.tokenizer = tokenizer  # span ids of prompts (requests with spans on)
         self.batch_decode = bool(batch_decode)  # False: one forward per request per step (for comparison)
