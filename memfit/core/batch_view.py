@@ -18,9 +18,8 @@ Attention, per layer:
   without side effects, so nothing else changes);
 - rows whose store sits in a stack block (`memfit.core.stacks`: frozen static stores, KIVI or dense, of requests
   whose method never acts while decoding, stacked by the runtime) attend, append and flush in ONE call per block and
-  layer when every
-  member of the block is in this step (`stacked_rows`); the members' caches' `step` is not called for them: such a
-  step does nothing but append, attend and flush (no method acts);
+  layer when every member of the block is in this step (`stacked_rows`); the members' caches' `step` is not called
+  for them: such a step does nothing but append, attend and flush (no method acts);
 - rows of any other store (quantized segments of KIVI/GEAR/VidKV, ragged AdaKV heads, static buffers, sliding-
   window layers, a method's own store subclass) attend through their store's own `attend` inside `step`, on their
   row only: they still share the forward, only their attention is a call of its own (counted in `own_rows`).
