@@ -23,9 +23,11 @@ from memfit.core.static_quant_store import KIVIForm, StaticKIVILayer
 from memfit.core.static_store import StaticKVLayer
 
 try:
-    from tests.test_kernels import _INTERPRET, interpreter_dtype  # noqa: F401  (fixture)
-except ImportError:  # pragma: no cover
-    _INTERPRET = False
+    from tests.test_kernels import interpreter_dtype  # noqa: F401  (fixture)
+except ImportError:  # pragma: no cover  (no triton: the interpreter cases skip)
+    pass
+from tests.test_static_quant import _FLUSH_DEVICES as _DEVICES  # CUDA, or Triton's CPU interpreter
+
 
 def test_capacity_class_rounds_up_by_at_most_an_eighth():
     for unit in (1, 8, 32):
@@ -163,14 +165,6 @@ def test_what_cannot_be_stacked():
     assert [b.rows for b in blocks.all_blocks()] == [1, 2]
     with pytest.raises(ValueError):
         blocks.join(unfrozen)
-
-
-_DEVICES = [
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
-    pytest.param("interpret", marks=pytest.mark.skipif(
-        not _INTERPRET, reason="needs triton >= 3.8 (the kernels run in its CPU interpreter) and no CUDA device")),
-]
 
 
 @pytest.mark.parametrize("device", _DEVICES)
