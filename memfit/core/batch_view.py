@@ -104,6 +104,7 @@ class BatchView:
         self.own_rows = 0  # (row, layer) pairs that attended through their store's own attend
         self.view_bytes = 0  # the largest padded view (keys, values, validity, SDPA mask) of any layer
         self._perms: dict[int, torch.Tensor] = {}  # a stack block's member rows in row order (one copy per step)
+        self._groups: dict[int, tuple[Any, list[int]]] | None = None  # stack block -> its rows here
 
     @property
     def num_layers(self) -> int:
@@ -149,17 +150,15 @@ class BatchView:
                  scaling: float, out: torch.Tensor) -> set[int]:
         """Rows decoded by their stack block's one call, written into `out`; a block runs only when every member is
         here, its kernels run on this device and every member has room (else its rows step one by one)."""
-        groups: dict[int, list[int]] = {}
-        blocks: dict[int, Any] = {}
-        for i, core in enumerate(self.cores):
-            block = getattr(core.layers[layer_idx], "stack", None)
-            if block is not None:
-                groups.setdefault(id(block), []).append(i)
-                blocks[id(block)] = block
+        if self._groups is None:  # a request's layers are all in one block: the same groups at every layer
+            self._groups = {}
+            for i, core in enumerate(self.cores):
+                block = getattr(core.layers[layer_idx], "stack", None)
+                if block is not None:
+                    self._groups.setdefault(id(block), (block, []))[1].append(i)
         done: set[int] = set()
-        for key, idxs in groups.items():
-            block = blocks[key]
-            if len(idxs) != block.used or not block.kernels or not block.room():
+        for key, (block, idxs) in self._groups.items():
+            if len(idxs) != block.used or not block.kernels or not block.room(layer_idx):
                 continue
             order = sorted(idxs, key=lambda i: self.cores[i].layers[layer_idx].stack_row)
             perm = self._perms.get(key)

@@ -161,9 +161,10 @@ class StackBlock:
             layers[layer_idx].advance(1)
         return out
 
-    def room(self) -> bool:
-        """Every member has room for one more token (the runtime checks before a step: a step never grows)."""
-        return all(layers[0].length + 1 <= self.capacity for layers in self.members)
+    def room(self, layer_idx: int) -> bool:
+        """Every member's layer has room for one more token (checked before a step: a step never grows; layers
+        may hold different counts, e.g. under a pyramid budget)."""
+        return all(layers[layer_idx].length + 1 <= self.capacity for layers in self.members)
 
 
 class StackBlocks:

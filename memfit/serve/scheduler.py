@@ -279,7 +279,10 @@ class Scheduler:
         """Each running request's held bytes, once per tick: summing every store's tensors costs ~1 ms per 32
         layers on the host, too much to repeat in each check of a tick at a batch of hundreds."""
         for req in self.running:
-            req.held_bytes = req.cache.nbytes() if req.cache is not None else 0
+            block = getattr(req.cache.core.layers[0], "stack", None) if req.cache is not None else None
+            # a stacked request holds its row (its layers' nbytes() sum to exactly that: tests/test_stacks.py)
+            req.held_bytes = (block.row_nbytes() if block is not None
+                              else req.cache.nbytes() if req.cache is not None else 0)
 
     def _slack(self) -> int:
         return 0 if self.stacks is None else self.stacks.slack_bytes()
