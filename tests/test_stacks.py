@@ -302,3 +302,19 @@ def test_server_stacks_frozen_stores_and_each_request_gets_its_own_text(device, 
     assert scheduler.stacks.all_blocks() == []
     stacked = scheduler.stats["decode_stacked_row_layers_total"]
     assert stacked > 0 if device == "cuda" else stacked == 0
+
+
+def test_stack_decode_switch(monkeypatch):
+    """`memfit serve --no-stack-decode` (and --no-batch-decode) leave every store on its own; bad MEMFIT_STACK_ROWS is
+    one clear error."""
+    from memfit.errors import ConfigError
+    from memfit.serve import make_scheduler
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    assert make_scheduler(model, None, 1 << 20).stacks is not None
+    assert make_scheduler(model, None, 1 << 20, stack_decode=False).stacks is None
+    assert make_scheduler(model, None, 1 << 20, batch_decode=False).stacks is None
+    monkeypatch.setenv("MEMFIT_STACK_ROWS", "many")
+    with pytest.raises(ConfigError, match="MEMFIT_STACK_ROWS"):
+        StackBlocks()
