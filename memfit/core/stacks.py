@@ -30,7 +30,8 @@ capacity; other lengths open another block.
 Bytes. A member's `nbytes()` counts its row (views: the row's share of each buffer). A block's free rows are
 allocated but held by nobody: `StackBlocks.slack_bytes()` reports them, and the server counts them against
 `--kv-memory`. Blocks are allocated whole, `first_rows` rows first, each new block of a key twice the last up to
-`max_rows`, and freed when their last member leaves.
+`max_rows` (`MEMFIT_STACK_ROWS`, default 64: larger blocks mean fewer launches per step but larger allocations),
+and freed when their last member leaves.
 """
 
 from __future__ import annotations
