@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 
-from memfit.core.static_quant_store import kernels_available
 from memfit.core.store import tensor_bytes
 from memfit.errors import ConfigError
 
@@ -85,9 +84,9 @@ class StackBlock:
         self.members: list[list[Any]] = []  # row r -> that request's layers
         self._row_nbytes = sum(tensor_bytes(*(t[0] for t in bufs.values())) for bufs in self.buffers) + sum(
             c[:, 0].numel() * c.element_size() for c in self.counters.values())
-        # one call per layer for all members where the kernels run (CUDA); elsewhere members step one by one
-        device = next(iter(self.buffers[0].values())).device
-        self.kernels = device.type == "cuda" and kernels_available()
+        # one call per layer for all members where the kernels run (CUDA, half precision, shapes they take);
+        # elsewhere members step one by one
+        self.kernels = layers[0].stack_kernels()
 
     # -- membership ----------------------------------------------------------------------------------------------
     @property

@@ -276,6 +276,13 @@ class StaticKIVILayer(QuantizedKVLayer):
         kr = self.buffers["kr"]
         return ("kivi", self.form, self.layout, self._shape[1:], kr.dtype, str(kr.device))
 
+    def stack_kernels(self) -> bool:
+        """Whether a block of such rows steps in the Triton kernels (else its members step one by one)."""
+        assert self.buffers is not None
+        kr = self.buffers["kr"]
+        return (kr.is_cuda and _kernels_here() and kr.dtype in (torch.bfloat16, torch.float16)
+                and _flush_supported(self.form, kr.shape[-1]))
+
     def stack_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Buffers (token dimension 2) and step counters ((1,) each) a block copies into a row."""
         assert self.buffers is not None
@@ -649,11 +656,6 @@ def _kernels_here() -> bool:
 
         _KERNELS = available()
     return _KERNELS
-
-
-def kernels_available() -> bool:
-    """Whether memfit's Triton kernels run here (CUDA and Triton)."""
-    return _kernels_here()
 
 
 # Rows from which plane order pays on the H200 (benchmarks/results/kivi_kernel_sweep_planes3_h200.jsonl, the product

@@ -205,6 +205,12 @@ class StaticKVLayer(KVLayer):
     def capacity_unit(self) -> int:
         return 16
 
+    def stack_kernels(self) -> bool:
+        """Whether a block of such rows steps in the Triton kernel (else its members step one by one)."""
+        assert self._kbuf is not None
+        k = self._kbuf
+        return k.is_cuda and _kernels_ok(k[:, :, :1])
+
     def stack_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Buffers (token dimension 2) and step counters ((1,) each) a block copies into a row."""
         assert self._kbuf is not None and self._vbuf is not None and self.slot is not None
