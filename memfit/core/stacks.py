@@ -11,21 +11,22 @@ length per row; what was missing is one tensor that holds the rows.
 What. A `StackBlock` holds, for every layer of the model, a store's buffers with a leading dimension of `rows`
 requests and one set of step counters per row and layer: for `StaticKIVILayer` the codes, scales, zeros and
 full-precision ring and its counters (tokens held, keys and values quantized, ring slot, kernel lengths); for the
-dense `StaticKVLayer` (the full cache, SnapKV, GemFilter...) the key and value buffers, the write slot and lengths. A request joins a block once all its layers are
-frozen: its rows are copied in and each of its layers then *points into* the block (its buffers and counters become
-views of row r), so the store keeps working alone exactly as before (a lone decode step, unfreezing, reading) while
-`step` decodes every member of the block at once, whatever their number — KIVI: one attention launch (the new token
-written into each row's own ring slot), two flush launches and one counter launch per layer, the kernels of a lone
-store reading per-row counters (`memfit.kernels.kivi_flush`); dense: one attention launch that first writes each
-row's token at its own length, and the counters' increments. Each store class says how (`stack_step`). Members stay in rows 0..n-1: a leaving
-member's row is filled with the last member's (one row copy), so the kernels run on the first n rows.
+dense `StaticKVLayer` (the full cache, SnapKV, GemFilter...) the key and value buffers, the write slot and lengths.
+A request joins a block once all its layers are frozen: its rows are copied in and each of its layers then *points
+into* the block (its buffers and counters become views of row r), so the store keeps working alone exactly as before
+(a lone decode step, unfreezing, reading) while `step` decodes every member of the block at once, whatever their
+number — KIVI: one attention launch (the new token written into each row's own ring slot), two flush launches and
+one counter launch per layer, the kernels of a lone store reading per-row counters (`memfit.kernels.kivi_flush`);
+dense: one attention launch that first writes each row's token at its own length, and the counters' increments.
+Each store class says how (`stack_step`). Members stay in rows 0..n-1: a leaving member's row is filled with the
+last member's (one row copy), so the kernels run on the first n rows.
 
 Which stores. Frozen `StaticKIVILayer`s (KIVI alone or behind a prompt-time eviction: snapkv+kivi) and plain
 `StaticKVLayer`s (not per-step rules such as H2O's accumulated store, not sliding-window layers), of caches whose
 method never acts during decoding (the runtime decides: `Backend.decode_free`), every layer frozen, same shapes,
 layout and dtype. A block's capacity (tokens per row) is the members' largest need rounded up to an eighth of an
-octave (`capacity_class`), so requests of similar lengths share a block and none holds more than 1.125x its own
-capacity; other lengths open another block.
+octave (`capacity_class`), so requests of similar lengths share a block and none holds more than 1/8 above its own
+capacity (plus the store's rounding unit); other lengths open another block.
 
 Bytes. A member's `nbytes()` counts its row (views: the row's share of each buffer). A block's free rows are
 allocated but held by nobody: `StackBlocks.slack_bytes()` reports them, and the server counts them against
@@ -48,8 +49,8 @@ from memfit.errors import ConfigError
 __all__ = ["StackBlock", "StackBlocks", "capacity_class", "release"]
 
 def capacity_class(need: int, unit: int) -> int:
-    """The smallest m * 2^k >= need (m in 8..15: eighth octaves, at most 1/8 above need), rounded up to a multiple
-    of `unit`."""
+    """The smallest m * 2^k >= need (m in 8..16: eighth octaves, at most 1/8 above need), rounded up to a multiple
+    of `unit` (so at most 1.125 * need + unit)."""
     k = max(need.bit_length() - 4, 0)
     c = -(-max(need, 1) // (1 << k)) << k
     return -(-c // unit) * unit
