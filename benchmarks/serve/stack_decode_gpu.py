@@ -32,7 +32,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, profile, kv_memory):
+def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, profile, kv_memory, host_profile=False):
     scheduler = Scheduler(model, kv_memory=kv_memory, max_batch=rows, prefill_chunk=8192, stack_decode=stack)
     gen = torch.Generator().manual_seed(0)
     # max_tokens: nobody finishes before the last prompt is read and the timed ticks are over
@@ -55,6 +55,17 @@ def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, p
             scheduler.tick()
         _sync()
         seconds = time.perf_counter() - t0
+        if host_profile:  # where the host's time goes per tick (Python functions, cumulative), cheap unlike below
+            import cProfile
+            import pstats
+
+            hp = cProfile.Profile()
+            hp.enable()
+            for _ in range(3):
+                scheduler.tick()
+            _sync()
+            hp.disable()
+            pstats.Stats(hp).sort_stats("tottime").print_stats(25)
         if profile:
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as prof
@@ -97,7 +108,8 @@ def main() -> None:
                     help="method:budget:stack|nostack, comma-separated (KIVI at 2 bits)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--kv-memory", default="100GiB", help="the server's --kv-memory (stack blocks count against it)")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over 3 ticks of the largest case (slow)")
+    ap.add_argument("--host-profile", action="store_true", help="cProfile over 3 ticks of the largest case")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     model, _ = load_model(args.model, device=args.device, load_format=args.load_format)
@@ -108,9 +120,10 @@ def main() -> None:
         for method, budget, stack in cases:
             params = {"kivi.bits": 2} if "kivi" in method else {}
             for rows in rows_list:
-                profile = args.profile and rows == rows_list[-1]
+                last = rows == rows_list[-1]
                 out.write(run_case(model, vocab, method, budget or None, params, rows, args.prompt_tokens,
-                                   args.steps, stack == "stack", profile, parse_bytes(args.kv_memory)))
+                                   args.steps, stack == "stack", args.profile and last, parse_bytes(args.kv_memory),
+                                   args.host_profile and last))
 
 
 if __name__ == "__main__":
