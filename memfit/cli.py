@@ -741,6 +741,10 @@ def serve(
         True, "--stack-decode/--no-stack-decode",
         help="Inside a batched step, frozen static stores (fast backend: KIVI, dense) decode as rows of shared "
         "buffers, one call per layer for all of them (default), or each in calls of its own."),
+    decode_graphs: bool = typer.Option(
+        True, "--decode-graphs/--no-decode-graphs",
+        help="On CUDA, record the stack blocks' decode step in a CUDA graph and replay it while the blocks stay "
+        "the same (default), or run it eagerly."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Default max_tokens of chat requests."),
     spans: str = typer.Option(
         "auto", "--spans", help="auto | on | off: default for requests (their memfit.spans overrides it); auto = keep "
@@ -777,7 +781,7 @@ def serve(
                method=method,
                budget=budget, params=params, kv_memory=parse_bytes(kv_memory) if kv_memory else None,
                max_batch=max_batch, prefill_chunk=prefill_chunk, default_max_tokens=max_tokens,
-               batch_decode=batch_decode, spans=spans, stack_decode=stack_decode)
+               batch_decode=batch_decode, spans=spans, stack_decode=stack_decode, decode_graphs=decode_graphs)
 
 
 @app.command()

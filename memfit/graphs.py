@@ -17,6 +17,8 @@ an H200: `benchmarks/results/backend_agreement_h200.jsonl`) do not win back. Oth
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -105,3 +107,85 @@ class DecodeSteps:
         self.capture_seconds = time.perf_counter() - start
         self.replays += 1
         return self._out[:, -1]
+
+
+class BlockGraph:
+    """One decode step of every stack block of a server (`memfit.core.stacks`), recorded once in a CUDA graph and
+    replayed while the blocks stay the same (`memfit serve`, issue #11).
+
+    Inside the server's eager shared forward a step of 64 stacked requests costs ~73 ms on an H200
+    (benchmarks/serve/gpu/stack_ab_kivi_h200.jsonl), nearly all of it the host: transformers' Python per layer and
+    the launches. The forward over a `BlockView` (every row of every block, members and free rows alike) has fixed
+    shapes and reads its slots and lengths from device counters, so it can be replayed. The graph is keyed by the
+    blocks (identity and rows), not by who is in them: a member joining or leaving a row changes nothing recorded.
+    Free rows compute on row 0's counters and their outputs are dropped (`StackBlock.fill_free_rows`).
+
+    A new key's first step runs eagerly (the kernels compile outside any capture, and the step counts), the next
+    is recorded and replayed, every later one is a replay. Host mirrors advance after each step
+    (`StackBlock.advance_members`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.key: tuple | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warm = False  # this key's eager step ran (the next one is recorded)
+        self._view: Any = None
+        self._ids: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
+        self.captures = 0
+        self.replays = 0
+        self.eager_steps = 0
+        self.capture_seconds = 0.0
+
+    @staticmethod
+    def key_of(blocks: Sequence[Any]) -> tuple:
+        return tuple((id(b), b.rows) for b in blocks)
+
+    def drop(self) -> None:
+        """Forget the recorded graph (its memory pool goes back once the caller empties the cache)."""
+        self.key = self.graph = self._view = self._ids = self._pos = self._out = None
+        self.warm = False
+
+    def step(self, blocks: Sequence[Any], tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step of every row of `blocks`: tokens (R,) and positions (R, 1) on the device, rows block
+        after block (free rows: anything). Returns logits (R, V)."""
+        from memfit.core.stacks import BlockView
+
+        key = self.key_of(blocks)
+        if key != self.key:
+            self.drop()
+            self.key = key
+        for b in blocks:
+            b.fill_free_rows()
+        if self.graph is not None:
+            assert self._ids is not None and self._pos is not None and self._out is not None
+            self._ids.copy_(tokens[:, None])
+            self._pos.copy_(positions)
+            self.graph.replay()
+            self.replays += 1
+            out = self._out[:, -1]
+        elif not self.warm:
+            out = forward(self.model, tokens[:, None], None, MemfitCache(BlockView(blocks)), positions,
+                          logits_to_keep=1)[:, -1]
+            self.warm = True
+            self.eager_steps += 1
+        else:
+            self._view = BlockView(blocks)
+            self._ids, self._pos = tokens[:, None].clone(), positions.clone()
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.cuda.graph(graph):
+                self._out = forward(self.model, self._ids, None, MemfitCache(self._view), self._pos,
+                                    logits_to_keep=1)
+            self.graph = graph
+            graph.replay()
+            torch.cuda.synchronize()
+            self.capture_seconds += time.perf_counter() - start
+            self.captures += 1
+            self.replays += 1
+            out = self._out[:, -1]
+        for b in blocks:
+            b.advance_members()
+        return out

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from memfit.core.cache import StepInfo
-from memfit.core.stacks import StackBlocks, capacity_class, release, stack_key
+from memfit.core.stacks import BlockView, StackBlocks, capacity_class, release, stack_key
 from memfit.core.static_quant_store import KIVIForm, StaticKIVILayer
 from memfit.core.static_store import StaticKVLayer
 
@@ -167,12 +167,15 @@ def test_what_cannot_be_stacked():
         blocks.join(unfrozen)
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["members", "whole"])
 @pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("kind", ["kivi", "kivi-sliding", "dense"])
-def test_block_step_equals_each_members_lone_step(device, kind, request):
+def test_block_step_equals_each_members_lone_step(device, kind, whole, request):
     """One call per layer for every member (memfit.kernels with per-row counters) against each member's twin
     stepping alone (PyTorch flush, the reference attention on the CPU): rows of different lengths, across flushes
-    of both sides and a member leaving."""
+    of both sides and a member leaving. `whole`: the step a CUDA graph records (memfit.graphs.BlockGraph): every
+    row of the block through a `BlockView`, free rows on row 0's counters with inputs of their own, host mirrors
+    after the step; the members' rows must come out the same."""
     if device == "interpret":
         dtype = request.getfixturevalue("interpreter_dtype")
         dev, (d, g, r, steps, lens, n_layers) = "cpu", (32, 16, 32, 20, (90, 95, 100), 1)  # Python runs each program
@@ -204,9 +207,16 @@ def test_block_step_equals_each_members_lone_step(device, kind, request):
             live = [0, 2]
         inputs = {j: _inputs(n_layers, gen, hkv, d, dtype, dev) for j in live}
         order = sorted(live, key=lambda j: reqs[j][0].stack_row)
+        if whole:
+            block.fill_free_rows()
         for li in range(n_layers):
             k, v, q = (torch.cat([inputs[j][li][x] for j in order]) for x in range(3))
-            out = block.step(li, k, v, q, d**-0.5)
+            if whole:  # free rows get inputs too; what they compute is never read
+                pad = block.rows - len(order)
+                k, v, q = (torch.cat([t, torch.randn((pad, *t.shape[1:]), generator=gen).to(t)]) for t in (k, v, q))
+                out = BlockView([block]).step(li, k, v, q, d**-0.5, None)
+            else:
+                out = block.step(li, k, v, q, d**-0.5)
             for row, j in enumerate(order):
                 twin = twins[j][li]
                 kj, vj, qj = inputs[j][li]
@@ -214,6 +224,8 @@ def test_block_step_equals_each_members_lone_step(device, kind, request):
                 want = twin.attend(qj, d**-0.5)
                 twin.finalize_step(StepInfo(li, n_layers, 1, False, None))
                 torch.testing.assert_close(out[row : row + 1].float(), want.float(), rtol=2e-2, atol=2e-2)
+        if whole:
+            block.advance_members()
         for j in live:
             for a, b in zip(reqs[j], twins[j], strict=True):
                 assert _mirrors(a) == _mirrors(b)
@@ -273,8 +285,9 @@ def test_server_stacks_frozen_stores_and_each_request_gets_its_own_text(device, 
     specs = [("snapkv+kivi", "0.5", params)] * 3 + [("full", None, {})] * 2
     joins = [0, 0, 3, 5, 8]
 
-    def serve(stack_decode):
-        scheduler = Scheduler(model, kv_memory=1 << 32, prefill_chunk=256, stack_decode=stack_decode)
+    def serve(stack_decode, decode_graphs=True):
+        scheduler = Scheduler(model, kv_memory=1 << 32, prefill_chunk=256, stack_decode=stack_decode,
+                              decode_graphs=decode_graphs)
         reqs = [Request(ids, n, m, Budget.parse(b), p, sink=None) for (m, b, p), ids in zip(specs, prompts,
                                                                                               strict=True)]
         kinds = set()
@@ -295,8 +308,13 @@ def test_server_stacks_frozen_stores_and_each_request_gets_its_own_text(device, 
             assert got[i] == tokens, (i, spec[0])
     else:  # bf16 on a random model: sums in another order (one launch for n rows) may flip a near tie later on
         ref, _, _ = serve(False)
+        eager, eager_scheduler, _ = serve(True, decode_graphs=False)
         for i in range(len(specs)):
-            assert got[i][:8] == ref[i][:8] and len(got[i]) == len(ref[i]) == n, i
+            assert got[i][:8] == ref[i][:8] == eager[i][:8] and len(got[i]) == len(ref[i]) == len(eager[i]) == n, i
+        # the blocks' step was recorded (once per set of blocks) and replayed; without graphs it never is
+        assert scheduler.stats["decode_graph_captures_total"] >= 1, scheduler.last_error
+        assert scheduler.stats["decode_graph_replays_total"] > scheduler.stats["decode_graph_captures_total"]
+        assert eager_scheduler.stats["decode_graph_replays_total"] == 0
     assert kinds == {"kivi", "dense"}
     scheduler.stacks.drop_empty()
     assert scheduler.stacks.all_blocks() == []
@@ -315,6 +333,7 @@ def test_stack_decode_switch(monkeypatch):
     assert make_scheduler(model, None, 1 << 20).stacks is not None
     assert make_scheduler(model, None, 1 << 20, stack_decode=False).stacks is None
     assert make_scheduler(model, None, 1 << 20, batch_decode=False).stacks is None
+    assert make_scheduler(model, None, 1 << 20).block_graph is None  # CUDA graphs: on a CUDA model only
     monkeypatch.setenv("MEMFIT_STACK_ROWS", "many")
     with pytest.raises(ConfigError, match="MEMFIT_STACK_ROWS"):
         StackBlocks()

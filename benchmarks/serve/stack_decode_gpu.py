@@ -8,7 +8,7 @@ step of every request). Reports ms per step, output tokens/s, the KV bytes the r
 operations over three ticks (torch.profiler), printed.
 
     python benchmarks/serve/stack_decode_gpu.py --model llama-3.1-8b --load-format dummy --prompt-tokens 8192 \
-        --rows 1,16,64 --cases snapkv+kivi:0.25:stack,snapkv+kivi:0.25:nostack,full::stack,full::nostack \
+        --rows 1,16,64 --cases snapkv+kivi:0.25:stack,snapkv+kivi:0.25:eager,full::stack,full::nostack \
         --out benchmarks/serve/gpu/stack_decode_h200.jsonl
 """
 
@@ -32,8 +32,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, profile, kv_memory, host_profile=False):
-    scheduler = Scheduler(model, kv_memory=kv_memory, max_batch=rows, prefill_chunk=8192, stack_decode=stack)
+def run_case(model, vocab, method, budget, params, rows, prompt, steps, mode, profile, kv_memory, host_profile=False):
+    stack, graphs = mode != "nostack", mode == "stack"
+    scheduler = Scheduler(model, kv_memory=kv_memory, max_batch=rows, prefill_chunk=8192, stack_decode=stack,
+                          decode_graphs=graphs)
     gen = torch.Generator().manual_seed(0)
     # max_tokens: nobody finishes before the last prompt is read and the timed ticks are over
     reqs = [Request(torch.randint(3, vocab, (prompt,), generator=gen).tolist(), rows + steps + 16, method,
@@ -45,7 +47,7 @@ def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, p
         while not all(r.prefilled or r.finished for r in reqs):
             scheduler.tick()
         prefill_s = time.perf_counter() - t0
-        for _ in range(3):  # the first steps freeze the stores and join the blocks
+        for _ in range(3):  # the first steps freeze the stores and join the blocks (then a graph's eager step, its record)
             scheduler.tick()
         _sync()
         stacked0 = scheduler.stats["decode_stacked_row_layers_total"]
@@ -55,6 +57,9 @@ def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, p
             scheduler.tick()
         _sync()
         seconds = time.perf_counter() - t0
+        # counted now: the profiled ticks below are not timed
+        tokens = scheduler.stats["tokens_generated_total"] - tokens0
+        stacked = scheduler.stats["decode_stacked_row_layers_total"] - stacked0
         if host_profile:  # where the host's time goes per tick (Python functions, cumulative), cheap unlike below
             import cProfile
             import pstats
@@ -76,13 +81,15 @@ def run_case(model, vocab, method, budget, params, rows, prompt, steps, stack, p
                 _sync()
             print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), flush=True)
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
-    tokens = scheduler.stats["tokens_generated_total"] - tokens0
     running = len(scheduler.running)  # requests admitted (all of them unless --kv-memory ran out)
     row = {"method": method, "budget": budget, "params": params, "rows": rows, "running": running,
            "prompt_tokens": prompt, "kv_memory": kv_memory,
-           "stack_decode": stack, "steps": steps, "prefill_seconds": round(prefill_s, 2),
+           "stack_decode": stack, "decode_graphs": graphs, "steps": steps, "prefill_seconds": round(prefill_s, 2),
            "step_ms": round(1e3 * seconds / steps, 2), "tokens_per_second": round(tokens / seconds, 1),
-           "stacked_row_layers_per_step": (scheduler.stats["decode_stacked_row_layers_total"] - stacked0) / steps,
+           "stacked_row_layers_per_step": stacked / steps,
+           "graph_captures": scheduler.stats["decode_graph_captures_total"],
+           "graph_replays": scheduler.stats["decode_graph_replays_total"],
+           "graph_error": scheduler.last_error,
            "kv_bytes_held": sum(r.cache.nbytes() for r in reqs if r.cache is not None),
            "stack_slack_bytes": scheduler.snapshot().get("kv_stack_slack_bytes", 0),
            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
@@ -104,8 +111,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda (the figures), or cpu for a smoke run (MEMFIT_FAST_ON_CPU=1)")
     ap.add_argument("--prompt-tokens", type=int, default=8192)
     ap.add_argument("--rows", default="1,16,64")
-    ap.add_argument("--cases", default="snapkv+kivi:0.25:stack,snapkv+kivi:0.25:nostack,full::stack,full::nostack",
-                    help="method:budget:stack|nostack, comma-separated (KIVI at 2 bits)")
+    ap.add_argument("--cases", default="snapkv+kivi:0.25:stack,snapkv+kivi:0.25:eager,snapkv+kivi:0.25:nostack,"
+                    "full::stack,full::nostack",
+                    help="method:budget:MODE, comma-separated (KIVI at 2 bits); MODE: stack (stack blocks and their "
+                    "CUDA graph: the server's default), eager (stack blocks, no graph: --no-decode-graphs), nostack "
+                    "(--no-stack-decode)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--kv-memory", default="100GiB", help="the server's --kv-memory (stack blocks count against it)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 3 ticks of the largest case (slow)")
@@ -122,7 +132,7 @@ def main() -> None:
             for rows in rows_list:
                 last = rows == rows_list[-1]
                 out.write(run_case(model, vocab, method, budget or None, params, rows, args.prompt_tokens,
-                                   args.steps, stack == "stack", args.profile and last, parse_bytes(args.kv_memory),
+                                   args.steps, stack, args.profile and last, parse_bytes(args.kv_memory),
                                    args.host_profile and last))
 
 

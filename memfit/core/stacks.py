@@ -46,7 +46,7 @@ import torch
 from memfit.core.store import tensor_bytes
 from memfit.errors import ConfigError
 
-__all__ = ["StackBlock", "StackBlocks", "capacity_class", "release"]
+__all__ = ["BlockView", "StackBlock", "StackBlocks", "capacity_class", "release"]
 
 def capacity_class(need: int, unit: int) -> int:
     """The smallest m * 2^k >= need (m in 8..16: eighth octaves, at most 1/8 above need), rounded up to a multiple
@@ -154,18 +154,44 @@ class StackBlock:
              scaling: float) -> torch.Tensor:
         """Append, attend (and flush) for rows 0..n-1 (every member, in row order): keys/values (n, Hkv, 1, d),
         queries (n, H, 1, d); returns (n, H, 1, d). The members' host mirrors advance (`advance(1)`)."""
-        n = self.used
-        bufs = {name: buf[:n] for name, buf in self.buffers[layer_idx].items()}
-        counters = {name: t[layer_idx, :n] for name, t in self.counters.items()}
-        out = self.members[0][layer_idx].stack_step(bufs, counters, keys, values, queries, scaling)
+        out = self.step_rows(layer_idx, keys, values, queries, scaling, self.used)
         for layers in self.members:
             layers[layer_idx].advance(1)
         return out
+
+    def step_rows(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                  scaling: float, n: int) -> torch.Tensor:
+        """The device half of `step` on rows 0..n-1 (n may be `rows`: free rows too, see `fill_free_rows`); no host
+        mirror moves, so a CUDA graph can record it (`memfit.graphs.BlockGraph`)."""
+        bufs = {name: buf[:n] for name, buf in self.buffers[layer_idx].items()}
+        counters = {name: t[layer_idx, :n] for name, t in self.counters.items()}
+        return self.members[0][layer_idx].stack_step(bufs, counters, keys, values, queries, scaling)
+
+    def fill_free_rows(self) -> None:
+        """Give free rows row 0's counters, so that a step over every row (a graph recorded for the block's full
+        size, whatever its member count) finds each free row in a state a member had: it then appends, attends and
+        flushes inside the row's own buffers, within the capacity row 0 has room for (`room`), and its output is
+        ignored. Without this a free row's stale counters would grow past the capacity step after step."""
+        n = self.used
+        if 0 < n < self.rows:
+            for c in self.counters.values():
+                c[:, n:].copy_(c[:, :1].expand(-1, self.rows - n))
+
+    def advance_members(self) -> None:
+        """Every member's host mirrors of one step (what `step` does per layer), after a graph's replay."""
+        for layers in self.members:
+            for layer in layers:
+                layer.advance(1)
 
     def room(self, layer_idx: int) -> bool:
         """Every member's layer has room for one more token (checked before a step: a step never grows; layers
         may hold different counts, e.g. under a pyramid budget)."""
         return all(layers[layer_idx].length + 1 <= self.capacity for layers in self.members)
+
+    def room_all(self) -> bool:
+        """`room` at every layer."""
+        cap = self.capacity - 1
+        return all(layer.length <= cap for layers in self.members for layer in layers)
 
 
 class StackBlocks:
@@ -241,3 +267,59 @@ def release(layers: Sequence[Any], keep: bool = False) -> None:
     block = getattr(first, "stack", None)
     if block is not None:
         block.leave(first.stack_row, keep)
+
+
+class _BlockLayerStub:
+    """What the transformers Cache bookkeeping reads of one layer of a `BlockView` (see batch_view._LayerStub)."""
+
+    def __init__(self, blocks: list[StackBlock], index: int) -> None:
+        self.blocks, self.index = blocks, index
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.blocks[0].members[0][self.index].keys
+
+    @property
+    def seen(self) -> int:
+        return max(layers[self.index].seen for b in self.blocks for layers in b.members)
+
+
+class BlockView:
+    """Whole stack blocks, every row (members and free rows, `StackBlock.fill_free_rows`), seen by the model as one
+    cache of sum(rows) rows, block after block: each layer runs each block's one call over all its rows and no host
+    mirror moves (`StackBlock.step_rows`), so one decode forward through it can be recorded in a CUDA graph and
+    replayed while the blocks stay the same, whatever their member counts (`memfit.graphs.BlockGraph`)."""
+
+    tensor_parallel = False
+
+    def __init__(self, blocks: Sequence[StackBlock]) -> None:
+        if not blocks:
+            raise ValueError("a block view needs at least one stack block")
+        self.blocks = list(blocks)
+        n_layers = {len(b.buffers) for b in self.blocks}
+        if len(n_layers) != 1:
+            raise ValueError(f"stack blocks of one forward must have the same layer count, got {sorted(n_layers)}")
+        self.layers = [_BlockLayerStub(self.blocks, i) for i in range(n_layers.pop())]
+        self.offsets = [0]
+        for b in self.blocks:
+            self.offsets.append(self.offsets[-1] + b.rows)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def rows(self) -> int:
+        return self.offsets[-1]
+
+    def step(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, scaling: float,
+             new_valid: torch.Tensor | None) -> torch.Tensor:
+        if keys.shape[0] != self.rows or keys.shape[2] != 1:
+            raise ValueError(f"a block view decodes one token for each of its {self.rows} rows, "
+                             f"got keys {tuple(keys.shape)}")
+        if len(self.blocks) == 1:
+            return self.blocks[0].step_rows(layer_idx, keys, values, queries, scaling, self.blocks[0].rows)
+        out = torch.empty_like(queries)
+        for b, lo, hi in zip(self.blocks, self.offsets, self.offsets[1:], strict=False):
+            out[lo:hi] = b.step_rows(layer_idx, keys[lo:hi], values[lo:hi], queries[lo:hi], scaling, b.rows)
+        return out

@@ -66,11 +66,13 @@ def build_server(
     spans: str = "auto",
     tensor_parallel: bool = False,
     stack_decode: bool = True,
+    decode_graphs: bool = True,
 ) -> Any:
     """The ASGI app for a loaded model (its scheduler starts with the app). `batch_decode=False`: one decode forward
     per running request per step instead of one for all (to measure what batching buys). `tensor_parallel`: this is
     rank 0 of a split model (memfit.serve.tp); the other ranks run `make_scheduler(...).follow()`.
-    `stack_decode=False`: frozen KIVI stores stay on their own instead of joining stack blocks (memfit.core.stacks)."""
+    `stack_decode=False`: frozen KIVI stores stay on their own instead of joining stack blocks (memfit.core.stacks).
+    `decode_graphs=False`: the blocks' step stays eager instead of a recorded CUDA graph (memfit.graphs.BlockGraph)."""
     from memfit.core.budget import Budget
     from memfit.core.method import build_policy
     from memfit.serve.app import ServerConfig, create_app
@@ -82,7 +84,7 @@ def build_server(
 
     resolve_spans(spans, method, budget)  # a bad --spans value is a start-up error too
     scheduler = make_scheduler(model, tokenizer, kv_memory, max_batch, prefill_chunk, batch_decode, tensor_parallel,
-                               stack_decode)
+                               stack_decode, decode_graphs)
     scheduler.predictor.byte_model(method, params or {})  # calibrate the default method now, not on a request
     config = ServerConfig(model_name, method, budget, params or {}, default_max_tokens, spans)
     return create_app(model, tokenizer, scheduler, config)
@@ -90,7 +92,7 @@ def build_server(
 
 def make_scheduler(model: torch.nn.Module, tokenizer: Any, kv_memory: int | None = None, max_batch: int = 64,
                    prefill_chunk: int = 512, batch_decode: bool = True, tensor_parallel: bool = False,
-                   stack_decode: bool = True) -> Any:
+                   stack_decode: bool = True, decode_graphs: bool = True) -> Any:
     """The server's scheduler (memfit.serve.scheduler), or under tensor parallelism one that follows rank 0."""
     from memfit.serve.scheduler import Scheduler
     from memfit.serve.tp import TensorParallelScheduler
@@ -99,7 +101,7 @@ def make_scheduler(model: torch.nn.Module, tokenizer: Any, kv_memory: int | None
         return TensorParallelScheduler(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk,
                                        batch_decode, tokenizer)
     return Scheduler(model, kv_memory or default_kv_memory(model), max_batch, prefill_chunk, batch_decode, tokenizer,
-                     stack_decode=stack_decode)
+                     stack_decode=stack_decode, decode_graphs=decode_graphs)
 
 
 def free_port(host: str = "127.0.0.1") -> socket.socket:

@@ -56,6 +56,7 @@ from memfit.core.spans import enable_spans
 from memfit.core.stacks import StackBlocks, release
 from memfit.engine import positions_from_mask
 from memfit.errors import ConfigError
+from memfit.graphs import BlockGraph
 from memfit.serve.admission import BytePredictor, ModelShape
 
 Event = tuple[str, Any]  # ("tokens", [ids]) | ("done", finish_reason) | ("error", message)
@@ -133,13 +134,17 @@ class Scheduler:
         batch_decode: bool = True,
         tokenizer: Any = None,
         stack_decode: bool = True,
+        decode_graphs: bool = True,
     ) -> None:
         self.model = model
         # frozen static stores decode as rows of shared buffers (memfit.core.stacks); only inside batched forwards
         self.stacks = StackBlocks() if stack_decode and batch_decode else None
+        self.device = next(model.parameters()).device
+        # the stack blocks' step recorded in a CUDA graph and replayed (memfit.graphs.BlockGraph)
+        self.block_graph = (BlockGraph(model) if decode_graphs and self.stacks is not None
+                            and self.device.type == "cuda" else None)
         self.tokenizer = tokenizer  # span ids of prompts (requests with spans on)
         self.batch_decode = bool(batch_decode)  # False: one forward per request per step (for comparison)
-        self.device = next(model.parameters()).device
         self.kv_memory = int(kv_memory)
         self.max_batch = int(max_batch)
         self.prefill_chunk = int(prefill_chunk)
@@ -292,6 +297,7 @@ class Scheduler:
         if self.stacks is None:
             return
         self.stacks.drop_empty()
+        self._forget_graph()
         for req in self.running:
             cache = req.cache
             if (cache is None or not req.prefilled or self.alone_reason(req) is not None
@@ -304,6 +310,14 @@ class Scheduler:
             if extra and sum(r.reserved() for r in self.running) + self._slack() + extra > self.kv_memory:
                 continue  # a new block would not fit: this request keeps its own store
             self.stacks.join(layers)
+        self._forget_graph()
+
+    def _forget_graph(self) -> None:
+        """A recorded block step whose blocks changed (one emptied and freed, a new one) is dropped now: it holds
+        the blocks it was recorded on, whose memory would otherwise stay allocated outside `kv_memory`."""
+        graph = self.block_graph
+        if graph is not None and graph.key is not None and graph.key != BlockGraph.key_of(self.stacks.all_blocks()):
+            graph.drop()
 
     def _admit(self) -> None:
         used = sum(r.reserved() for r in self.running) + self._slack()
@@ -364,6 +378,8 @@ class Scheduler:
 
     def _decode_step(self, reqs: list[Request]) -> None:
         """One decode step for `reqs`: one shared forward for all that can share it, one forward for each other."""
+        if self.block_graph is not None and reqs:
+            reqs = self._decode_blocks(reqs)
         shared: list[Request] = []
         alone: list[Request] = []
         for req in reqs:
@@ -415,6 +431,54 @@ class Scheduler:
         for req, tok in zip(reqs, logits.argmax(-1).tolist(), strict=True):  # one host sync for the batch
             req.decode_steps_batched += 1
             self._take_token(req, tok)
+
+    def _decode_blocks(self, reqs: list[Request]) -> list[Request]:
+        """Every stacked request's step in the blocks' recorded graph (memfit.graphs.BlockGraph), when every block
+        can run it (all its members here, room for the token, kernels on this device); returns the requests left
+        for the eager forwards. Free rows get token 0 at position 0; their logits are not read."""
+        assert self.stacks is not None and self.block_graph is not None
+        blocks = self.stacks.all_blocks()
+        if not blocks:
+            return reqs
+        by_layers = {id(r.cache.core.layers[0]): r for r in reqs if r.cache is not None}
+        rows: list[Request | None] = []
+        for block in blocks:
+            if not block.kernels or not block.room_all():
+                return reqs
+            for layers in block.members:
+                req = by_layers.get(id(layers[0]))
+                if req is None:  # a member is not in this step
+                    return reqs
+                rows.append(req)
+            rows.extend([None] * (block.rows - block.used))
+        for req in rows:
+            if req is not None:
+                self._advance(req)
+        ids = torch.tensor([0 if r is None else r._next for r in rows], dtype=torch.long)
+        positions = torch.tensor([[0 if r is None else r._pos] for r in rows], dtype=torch.long)
+        try:
+            logits = self.block_graph.step(blocks, ids.to(self.device, non_blocking=True),
+                                           positions.to(self.device, non_blocking=True))
+        except Exception as exc:  # noqa: BLE001 - a graph that cannot be recorded here: the eager forward serves
+            self.last_error = f"decode graph off: {type(exc).__name__}: {exc}"
+            self.block_graph = None
+            for req in rows:
+                if req is not None:
+                    req._decoded -= 1
+                    req._pos -= 1
+            return reqs
+        taken = [r for r in rows if r is not None]
+        self.stats["decode_forwards_total"] += 1
+        self.stats["decode_batched_rows_total"] += len(taken)
+        self.stats["decode_stacked_row_layers_total"] += len(taken) * len(blocks[0].buffers)
+        self.stats["decode_graph_replays_total"] = self.block_graph.replays
+        self.stats["decode_graph_captures_total"] = self.block_graph.captures
+        for req, tok in zip(rows, logits.argmax(-1).tolist(), strict=True):  # one host sync for the step
+            if req is not None:
+                req.decode_steps_batched += 1
+                self._take_token(req, tok)
+        done = {id(r) for r in taken}
+        return [r for r in reqs if id(r) not in done]
 
     def _take(self, req: Request, logits: torch.Tensor) -> None:
         """Greedy choice, exactly as the engine: EOS ends the request, else the token counts and is emitted."""
