@@ -37,8 +37,10 @@ def run_case(model, vocab, method, budget, params, rows, prompt, steps, mode, pr
     scheduler = Scheduler(model, kv_memory=kv_memory, max_batch=rows, prefill_chunk=8192, stack_decode=stack,
                           decode_graphs=graphs)
     gen = torch.Generator().manual_seed(0)
-    # max_tokens: nobody finishes before the last prompt is read and the timed ticks are over
-    reqs = [Request(torch.randint(3, vocab, (prompt,), generator=gen).tolist(), rows + steps + 16, method,
+    # max_tokens: nobody finishes before the last prompt is read (a request decodes one token per tick, and a
+    # prompt takes one tick per 8192-token chunk) and the timed ticks are over
+    max_tokens = rows * -(-prompt // 8192) + steps + 16
+    reqs = [Request(torch.randint(3, vocab, (prompt,), generator=gen).tolist(), max_tokens, method,
                     Budget.parse(budget), params, sink=lambda e: None) for _ in range(rows)]
     for req in reqs:
         scheduler.submit(req)

@@ -24,15 +24,16 @@ last member's (one row copy), so the kernels run on the first n rows.
 Which stores. Frozen `StaticKIVILayer`s (KIVI alone or behind a prompt-time eviction: snapkv+kivi) and plain
 `StaticKVLayer`s (not per-step rules such as H2O's accumulated store, not sliding-window layers), of caches whose
 method never acts during decoding (the runtime decides: `Backend.decode_free`), every layer frozen, same shapes,
-layout and dtype. A block's capacity (tokens per row) is the members' largest need rounded up to an eighth of an
-octave (`capacity_class`), so requests of similar lengths share a block and none holds more than 1/8 above its own
+layout and dtype. A block's capacity (tokens per row) is the members' largest need rounded up to a 32nd of an
+octave (`capacity_class`), so requests of similar lengths share a block and none holds more than 1/32 above its own
 capacity (plus the store's rounding unit); other lengths open another block.
 
 Bytes. A member's `nbytes()` counts its row (views: the row's share of each buffer). A block's free rows are
 allocated but held by nobody: `StackBlocks.slack_bytes()` reports them, and the server counts them against
 `--kv-memory`. Blocks are allocated whole, `first_rows` rows first, each new block of a key twice the last up to
 `max_rows` (`MEMFIT_STACK_ROWS`, default 64: larger blocks mean fewer launches per step but larger allocations),
-and freed when their last member leaves.
+or as many rows as the memory left allows when that is fewer (the server's full-cache mode: a row of an 8K-token
+Llama-3.1-8B request is 1.1 GB), and freed when their last member leaves.
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ from memfit.errors import ConfigError
 __all__ = ["BlockView", "StackBlock", "StackBlocks", "capacity_class", "release"]
 
 def capacity_class(need: int, unit: int) -> int:
-    """The smallest m * 2^k >= need (m in 8..16: eighth octaves, at most 1/8 above need), rounded up to a multiple
-    of `unit` (so at most 1.125 * need + unit)."""
-    k = max(need.bit_length() - 4, 0)
+    """The smallest m * 2^k >= need (m in 32..64: 32nd octaves, at most 1/32 above need), rounded up to a multiple
+    of `unit` (so at most 1.03125 * need + unit). Finer classes waste less of each row (an 8K-token full-cache row of
+    Llama-3.1-8B is 1.1 GB) but split requests over more blocks; since a block's step is a graph replay
+    (memfit.graphs.BlockGraph), more blocks cost little per step."""
+    k = max(need.bit_length() - 6, 0)
     c = -(-max(need, 1) // (1 << k)) << k
     return -(-c // unit) * unit
 
@@ -208,6 +211,7 @@ class StackBlocks:
             raise ConfigError("stack blocks need at least one row")
         self.first_rows, self.max_rows = min(first_rows, max_rows), max_rows
         self.blocks: dict[tuple, list[StackBlock]] = {}
+        self._row_bytes: dict[tuple, int] = {}
 
     def can_join(self, layers: Sequence[Any]) -> bool:
         return stack_key(layers) is not None
@@ -220,26 +224,37 @@ class StackBlocks:
         blocks = self.blocks.get(key, [])
         if any(b.used < b.rows for b in blocks):
             return 0
-        rows = self._next_rows(blocks)
-        return rows * self._row_bytes(layers, key[-1])
+        return self._next_rows(blocks) * self.row_bytes(layers)
 
     def _next_rows(self, blocks: list[StackBlock]) -> int:
         return min(self.max_rows, 2 * blocks[-1].rows) if blocks else self.first_rows
 
-    @staticmethod
-    def _row_bytes(layers: Sequence[Any], capacity: int) -> int:
-        probe = layers[0].alloc_stack(1, capacity, device=torch.device("meta"))
-        _, counters = layers[0].stack_parts()
-        return len(layers) * (tensor_bytes(*probe.values()) + sum(t.element_size() for t in counters.values()))
+    def row_bytes(self, layers: Sequence[Any]) -> int:
+        """Bytes of one row of a block for these layers (0 if they cannot be stacked). Cached per block key: the
+        server asks for every request that waits for a block, every tick."""
+        key = stack_key(layers)
+        if key is None:
+            return 0
+        cached = self._row_bytes.get(key)
+        if cached is None:
+            probe = layers[0].alloc_stack(1, key[-1], device=torch.device("meta"))
+            _, counters = layers[0].stack_parts()
+            cached = self._row_bytes[key] = len(layers) * (
+                tensor_bytes(*probe.values()) + sum(t.element_size() for t in counters.values()))
+        return cached
 
-    def join(self, layers: Sequence[Any]) -> StackBlock:
+    def join(self, layers: Sequence[Any], rows: int | None = None) -> StackBlock:
+        """Put a request's layers into a free row of their block, or into a new block of `rows` rows (default:
+        twice the last block's, `first_rows` for the first, at most `max_rows`; a caller short of memory asks for
+        fewer, as few as 1)."""
         key = stack_key(layers)
         if key is None:
             raise ValueError("these layers cannot be stacked (see memfit.core.stacks.stack_key)")
         blocks = self.blocks.setdefault(key, [])
         block = next((b for b in blocks if b.used < b.rows), None)
         if block is None:
-            block = StackBlock(layers, self._next_rows(blocks), key[-1])
+            n = self._next_rows(blocks) if rows is None else max(1, min(int(rows), self.max_rows))
+            block = StackBlock(layers, n, key[-1])
             blocks.append(block)
         block.join(layers)
         return block

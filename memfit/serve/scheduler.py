@@ -15,7 +15,9 @@ One scheduler thread owns the model. Each tick it
    first decode step froze them, into stack blocks (`memfit.core.stacks`): rows of shared buffers, so that inside
    that one forward each layer attends, appends (and flushes) once for all of them instead of once per request
    (`decode_stacked_row_layers_total`). A block's free rows count against `kv_memory` (`kv_stack_slack_bytes`); a
-   request that would need a new block that does not fit keeps its own store. `stack_decode=False` (`memfit serve
+   new block has as many rows as what is left of `kv_memory` allows (if not even one, the request keeps its own
+   store). While the set of blocks stays the same, their step is one CUDA graph replay (`memfit.graphs.BlockGraph`,
+   `decode_graph_replays_total`; `decode_graphs=False` keeps it eager). `stack_decode=False` (`memfit serve
    --no-stack-decode`) keeps every store on its own;
 5. if the stores together hold more than `kv_memory` (a prediction was low), preempts the newest running request
    that holds bytes: its store is freed and it goes back to the front of the queue, reserving at least what it
@@ -306,10 +308,15 @@ class Scheduler:
             layers = cache.core.layers
             if not self.stacks.can_join(layers):
                 continue
+            rows = None
             extra = self.stacks.new_block_bytes(layers)
-            if extra and sum(r.reserved() for r in self.running) + self._slack() + extra > self.kv_memory:
-                continue  # a new block would not fit: this request keeps its own store
-            self.stacks.join(layers)
+            if extra:
+                free = self.kv_memory - sum(r.reserved() for r in self.running) - self._slack()
+                if extra > free:  # a smaller block, as small as one row; if none fits it keeps its own store
+                    rows = free // self.stacks.row_bytes(layers)
+                    if rows < 1:
+                        continue
+            self.stacks.join(layers, rows)
         self._forget_graph()
 
     def _forget_graph(self) -> None:
