@@ -148,6 +148,38 @@ def test_members_decode_alone_on_their_rows_through_leaves(form):
     assert blocks.all_blocks() == [] and blocks.slack_bytes() == 0
 
 
+@pytest.mark.parametrize("form", KINDS)
+def test_an_adopted_block_is_the_requests_own_buffers(form):
+    """With no room for a block's new rows, a request's own buffers become a one-row block: the same tensors, the
+    same bytes, no free row for anyone else; it decodes on them as alone and leaves with them."""
+    gen = torch.Generator().manual_seed(4)
+    req = _request(form, 22, 30, gen)
+    twin = copy.deepcopy(req)
+    before = sum(layer.nbytes() for layer in req)
+    ptrs = [{n: t.data_ptr() for n, t in layer.stack_parts()[0].items()} for layer in req]
+    blocks = StackBlocks()
+    block = blocks.adopt(req)
+    assert block.adopted and block.rows == block.used == 1 and req[0].stack is block
+    assert [{n: t.data_ptr() for n, t in layer.stack_parts()[0].items()} for layer in req] == ptrs  # no copy
+    assert sum(layer.nbytes() for layer in req) == block.row_nbytes() == before and blocks.slack_bytes() == 0
+    other = _request(form, 22, 30, gen)
+    assert stack_key(other) == stack_key(twin)
+    assert blocks.new_block_bytes(other) > 0 and blocks.join(other) is not block  # nobody joins an adopted block
+    for _ in range(12):
+        inputs = _inputs(len(req), gen, 2, 16, torch.float32, "cpu")
+        for a, b in zip(_lone_step(req, inputs=inputs), _lone_step(twin, inputs=inputs), strict=True):
+            torch.testing.assert_close(a, b)
+    for a, b in zip(req, twin, strict=True):
+        _same_state(a, b, zeros_after=False)
+    release(req, keep=True)
+    assert req[0].stack is None and req[0].frozen
+    assert [{n: t.data_ptr() for n, t in layer.stack_parts()[0].items()} for layer in req] == ptrs
+    for a, b in zip(req, twin, strict=True):
+        _same_state(a, b, zeros_after=False)
+    blocks.drop_empty()
+    assert [b.adopted for b in blocks.all_blocks()] == [False]
+
+
 def test_what_cannot_be_stacked():
     form = KIVIForm(2, 4, 8, False)
     gen = torch.Generator().manual_seed(1)
@@ -271,10 +303,11 @@ def _fast_alone(model, ids, spec, budget, params, n):
     return generate(model, x, torch.ones_like(x), cache, n, [], 256).tokens[0]  # the server's --prefill-chunk
 
 
+@pytest.mark.parametrize("adopt", [False, True], ids=["blocks", "adopted"])
 @pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
                                        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
-def test_server_stacks_frozen_stores_and_each_request_gets_its_own_text(device, monkeypatch):
+def test_server_stacks_frozen_stores_and_each_request_gets_its_own_text(device, adopt, monkeypatch):
     """Requests of snapkv+kivi and of the full cache join at different ticks; their stores freeze, join stack
     blocks (KIVI and dense) and leave as they finish; every request's greedy tokens equal a lone run
     (`generate` with its own cache). CPU: the fast stores' PyTorch form (MEMFIT_FAST_ON_CPU=1), rows step on their
@@ -285,6 +318,8 @@ def test_server_stacks_frozen_stores_and_each_request_gets_its_own_text(device, 
     from memfit.serve.scheduler import Request, Scheduler
     from tests.conftest import drive
 
+    if adopt:  # as if no block's rows ever fit in the memory left: every request's own buffers become its block
+        monkeypatch.setattr(StackBlocks, "row_bytes", lambda self, layers: 1 << 62)
     if device == "cpu":
         monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
         from tests.conftest import tiny_llama
@@ -314,7 +349,7 @@ def test_server_stacks_frozen_stores_and_each_request_gets_its_own_text(device, 
         def watched_tick():
             tick()
             if scheduler.stacks is not None:
-                kinds.update(key[1][0] for key in scheduler.stacks.blocks)
+                kinds.update((key[1][0], key[-1]) if key[-1] == "own" else key[1][0] for key in scheduler.stacks.blocks)
 
         scheduler.tick = watched_tick
         return drive(scheduler, reqs, joins=joins), scheduler, kinds
@@ -333,7 +368,7 @@ def test_server_stacks_frozen_stores_and_each_request_gets_its_own_text(device, 
         assert scheduler.stats["decode_graph_captures_total"] >= 1, scheduler.last_error
         assert scheduler.stats["decode_graph_replays_total"] > scheduler.stats["decode_graph_captures_total"]
         assert eager_scheduler.stats["decode_graph_replays_total"] == 0
-    assert kinds == {"kivi", "dense"}
+    assert kinds == ({("kivi", "own"), ("dense", "own")} if adopt else {"kivi", "dense"})
     scheduler.stacks.drop_empty()
     assert scheduler.stacks.all_blocks() == []
     stacked = scheduler.stats["decode_stacked_row_layers_total"]

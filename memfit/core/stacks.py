@@ -91,6 +91,26 @@ class StackBlock:
         # one call per layer for all members where the kernels run (CUDA, half precision, shapes they take);
         # elsewhere members step one by one
         self.kernels = layers[0].stack_kernels()
+        self.adopted = False  # see `adopt`
+
+    @classmethod
+    def adopt(cls, layers: Sequence[Any]) -> StackBlock:
+        """A one-row block made of a request's own buffers: nothing copied, no new bytes but its layers' counters
+        gathered into (layers, 1) tensors. For a server with no room left for a block's new rows (the full cache
+        at full memory: a row of a 32K-token Llama-3.1-8B request is 4.3 GB), so its step still joins the blocks'
+        graph. Its capacity is the smallest of its layers' (own buffers, no capacity class); no one else joins it."""
+        block = cls.__new__(cls)
+        block.rows, block.capacity = 1, min(layer.capacity for layer in layers)
+        parts = [layer.stack_parts() for layer in layers]
+        block.buffers = [dict(own) for own, _ in parts]
+        block.counters = {name: torch.stack([c[name].reshape(1) for _, c in parts]) for name in parts[0][1]}
+        block.members = [list(layers)]
+        block._row_nbytes = sum(tensor_bytes(*bufs.values()) for bufs in block.buffers) + sum(
+            c.numel() * c.element_size() for c in block.counters.values())
+        block.kernels = layers[0].stack_kernels()
+        block.adopted = True
+        block._point(0)
+        return block
 
     # -- membership ----------------------------------------------------------------------------------------------
     @property
@@ -132,7 +152,10 @@ class StackBlock:
         """Row r leaves: its layers get buffers of their own again (`keep`: a copy of the row, still frozen) or
         none (the request is done; the caller resets it). The last member moves into row r."""
         for layer in self.members[r]:
-            if keep:
+            if keep and self.adopted:  # the row is the layer's own buffers: nothing to copy
+                own, counters = layer.stack_parts()
+                layer.set_stack_parts(dict(own), {name: t.clone() for name, t in counters.items()})
+            elif keep:
                 own, counters = layer.stack_parts()
                 layer.set_stack_parts({name: t.clone() for name, t in own.items()},
                                       {name: t.clone() for name, t in counters.items()})
@@ -257,6 +280,15 @@ class StackBlocks:
             block = StackBlock(layers, n, key[-1])
             blocks.append(block)
         block.join(layers)
+        return block
+
+    def adopt(self, layers: Sequence[Any]) -> StackBlock:
+        """A one-row block of the request's own buffers (`StackBlock.adopt`): no new bytes."""
+        key = stack_key(layers)
+        if key is None:
+            raise ValueError("these layers cannot be stacked (see memfit.core.stacks.stack_key)")
+        block = StackBlock.adopt(layers)
+        self.blocks.setdefault((*key, "own"), []).append(block)  # never a free row for `join` to find
         return block
 
     def drop_empty(self) -> None:

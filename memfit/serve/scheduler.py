@@ -15,8 +15,8 @@ One scheduler thread owns the model. Each tick it
    first decode step froze them, into stack blocks (`memfit.core.stacks`): rows of shared buffers, so that inside
    that one forward each layer attends, appends (and flushes) once for all of them instead of once per request
    (`decode_stacked_row_layers_total`). A block's free rows count against `kv_memory` (`kv_stack_slack_bytes`); a
-   new block has as many rows as what is left of `kv_memory` allows (if not even one, the request keeps its own
-   store). While the set of blocks stays the same, their step is one CUDA graph replay (`memfit.graphs.BlockGraph`,
+   new block has as many rows as what is left of `kv_memory` allows (if not even two, the request's own buffers
+   become a one-row block: no new bytes). While the set of blocks stays the same, their step is one CUDA graph replay (`memfit.graphs.BlockGraph`,
    `decode_graph_replays_total`; `decode_graphs=False` keeps it eager). `stack_decode=False` (`memfit serve
    --no-stack-decode`) keeps every store on its own;
 5. if the stores together hold more than `kv_memory` (a prediction was low), preempts the newest running request
@@ -312,9 +312,10 @@ class Scheduler:
             extra = self.stacks.new_block_bytes(layers)
             if extra:
                 free = self.kv_memory - sum(r.reserved() for r in self.running) - self._slack()
-                if extra > free:  # a smaller block, as small as one row; if none fits it keeps its own store
+                if extra > free:  # a smaller block; if not even two rows fit, its own buffers become a block
                     rows = free // self.stacks.row_bytes(layers)
-                    if rows < 1:
+                    if rows < 2:
+                        self.stacks.adopt(layers)
                         continue
             self.stacks.join(layers, rows)
         self._forget_graph()
