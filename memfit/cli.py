@@ -787,8 +787,13 @@ def serve(
 @app.command()
 def loadtest(
     url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Base URL of any OpenAI-compatible server."),
-    concurrency: int = typer.Option(16, "--concurrency", help="Clients sending at once."),
+    concurrency: int = typer.Option(16, "--concurrency", help="Clients sending at once (with --request-rate: the "
+                                    "most requests in flight)."),
     requests: int = typer.Option(64, "--requests", help="Requests in all."),
+    request_rate: float = typer.Option(
+        float("inf"), "--request-rate", help="Requests per second arriving as a Poisson process (open loop, as "
+        "vLLM's benchmark_serving); inf (default): every client sends its next request when its last one ends."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --request-rate arrivals."),
     prompt_tokens: int = typer.Option(1024, "--prompt-tokens", help="Prompt length in tokens."),
     max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens to generate per request."),
     model: str = typer.Option(None, "--model", help="Model name to send (default: the server's first model)."),
@@ -812,7 +817,7 @@ def loadtest(
             raise ConfigError(f"--memfit is not valid JSON: {exc}") from None
     row = run_loadtest(url, concurrency, requests, prompt_tokens, max_tokens, out=out_dir, model=model, chat=chat,
                        tokenizer=tokenizer, memfit=extra, ignore_eos=ignore_eos, server_pid=server_pid,
-                       command="memfit loadtest " + " ".join(sys.argv[2:]))
+                       command="memfit loadtest " + " ".join(sys.argv[2:]), request_rate=request_rate, seed=seed)
     from memfit.serve.loadtest import markdown
 
     print(markdown(row))

@@ -383,3 +383,45 @@ def test_batched_decode_on_the_default_model_matches_memfit_run(default_model):
         assert req.kv_bytes_held == held, spec
     assert scheduler.stats["decode_batched_rows_total"] > scheduler.stats["decode_forwards_total"]
     assert all(r.decode_steps_batched > 0 for r in reqs)
+
+
+def test_loadtest_reports_what_the_server_served(server, tmp_path):
+    """`memfit loadtest` against a running server: every request, every token (ignore_eos), a first token before
+    the last, one gap per later token, and the three files; the closed loop sends at most `concurrency` at once."""
+    from memfit.serve.loadtest import loadtest
+
+    row = loadtest(server, concurrency=2, requests=4, prompt_tokens=40, max_tokens=5, out=tmp_path, tokenizer="none",
+                   show_progress=False)
+    assert row["requests_ok"] == 4 and row["requests_failed"] == 0 and row["output_tokens"] == 20
+    assert row["request_rate"] is None and row["output_tokens_per_second"] > 0
+    samples = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert [s["index"] for s in samples] == [0, 1, 2, 3]
+    for s in samples:
+        assert s["ok"] and 0 < s["ttft"] <= s["latency"] and len(s["itl"]) == s["output_tokens"] - 1 == 4
+        assert s["kv_bytes_held"] and s["kv_bytes_full"]  # memfit's usage fields came back
+    ends = sorted(s["sent"] + s["latency"] for s in samples)
+    assert sorted(s["sent"] for s in samples)[2] >= ends[0] - 0.05  # the third request waited for a free client
+    assert "| requests ok / failed | 4 / 0 |" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "summary.jsonl").read_text())["requests"] == 4
+
+
+def test_loadtest_request_rate_sends_on_its_own_clock(server, tmp_path):
+    """`--request-rate`: requests leave at their Poisson arrival times (seeded), whatever the server's pace; a rate
+    that is not above zero is a clear error."""
+    from memfit.errors import ConfigError
+    from memfit.serve.loadtest import arrival_times, loadtest
+
+    times = arrival_times(4, 5.0, seed=3)
+    assert times[0] == 0.0 and times == sorted(times) and times == arrival_times(4, 5.0, seed=3)
+    assert arrival_times(3, float("inf")) == [0.0, 0.0, 0.0]
+    row = loadtest(server, concurrency=4, requests=4, prompt_tokens=40, max_tokens=3, out=tmp_path, tokenizer="none",
+                   show_progress=False, request_rate=5.0, seed=3)
+    assert row["requests_ok"] == 4 and row["request_rate"] == 5.0
+    samples = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    for s, at in zip(samples, times, strict=True):
+        assert at - 0.01 <= s["sent"] <= at + 1.0, (s["sent"], at)  # sent at its time, not when a reply came
+    assert "request rate 5.0/s" in (tmp_path / "report.md").read_text()
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="request-rate"):
+            loadtest(server, concurrency=1, requests=1, prompt_tokens=8, max_tokens=1, request_rate=bad,
+                     show_progress=False)

@@ -1,6 +1,8 @@
 """`memfit loadtest`: drive any OpenAI-compatible server (memfit serve, vLLM, SGLang, TGI) and measure it.
 
-C client tasks share N requests; each streams one completion of a prompt cut to exactly P tokens (with the
+C client tasks share N requests (closed loop: a client sends its next request when its last one ends), or, with
+`--request-rate R`, requests arrive on their own clock (open loop, as vLLM's benchmark_serving: a Poisson process
+of R requests per second, seeded, at most C in flight); each streams one completion of a prompt cut to exactly P tokens (with the
 tokenizer given, else about 4 characters per token) and records when it was sent, when the first text arrived
 (time to first token) and when every later chunk arrived (inter-token latency = gaps between token chunks; one
 chunk per decode step is what memfit serve and vLLM send, an empty one when the token adds no text yet). Output token counts come from the final `usage` (stream_options).
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +50,19 @@ def percentile(values: list[float], q: float) -> float | None:
     pos = (len(s) - 1) * q / 100
     lo, hi = int(pos), min(int(pos) + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def arrival_times(n: int, rate: float, seed: int = 0) -> list[float]:
+    """Seconds after the start at which each of n requests is sent: all at 0 for an infinite rate, else a Poisson
+    process of `rate` requests per second (exponential gaps, the first request at 0)."""
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    for _ in range(n):
+        times.append(t)
+        t += rng.expovariate(rate)
+    return times
 
 
 def make_prompts(n: int, tokens: int, tokenizer: Any | None) -> list[str]:
@@ -98,7 +115,8 @@ def _rss(pid: int) -> tuple[int, int] | None:
 
 async def _run(
     url: str, model: str | None, prompts: list[str], concurrency: int, max_tokens: int, chat: bool,
-    extra_body: dict[str, Any], server_pid: int | None, progress: Any,
+    extra_body: dict[str, Any], server_pid: int | None, progress: Any, request_rate: float = math.inf,
+    seed: int = 0,
 ) -> tuple[list[Sample], dict[str, Any], float]:
     import httpx2
     from openai import AsyncOpenAI
@@ -184,14 +202,33 @@ async def _run(
             samples.append(await one(i))
             progress()
 
+    async def arrivals() -> None:  # open loop: each request at its time, at most `concurrency` in flight
+        slots = asyncio.Semaphore(concurrency)
+
+        async def send(i: int) -> None:
+            async with slots:
+                samples.append(await one(i))
+                progress()
+
+        tasks = []
+        for i, at in enumerate(arrival_times(len(prompts), request_rate, seed)):
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            tasks.append(asyncio.create_task(send(i)))
+        await asyncio.gather(*tasks)
+
     watcher = asyncio.create_task(watch())
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if math.isinf(request_rate):
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    else:
+        await arrivals()
     wall = time.perf_counter() - t0
     done.set()
     await watcher
     await client.close()
     server["model"] = model
+    for sample in samples:  # sent: seconds after the run's start
+        sample.sent -= t0
     return sorted(samples, key=lambda s: s.index), server, wall
 
 
@@ -234,7 +271,9 @@ def markdown(row: dict[str, Any]) -> str:
         "",
         f"- when: {row['when']} · machine: {row['machine']}",
         f"- command: `{row['command']}`",
-        f"- model `{srv.get('model')}` · concurrency {row['concurrency']} · {row['requests']} requests · prompt "
+        f"- model `{srv.get('model')}` · concurrency {row['concurrency']} · "
+        f"request rate {'all at once' if row.get('request_rate') is None else str(row['request_rate']) + '/s'} · "
+        f"{row['requests']} requests · prompt "
         f"{row['prompt_tokens']} tokens (measured mean {f(row['mean_prompt_tokens'])}) · max_tokens {row['max_tokens']}"
         f" · memfit field {json.dumps(row['memfit']) if row['memfit'] else '–'}",
         "",
@@ -294,10 +333,15 @@ def loadtest(
     server_pid: int | None = None,
     command: str = "",
     show_progress: bool = True,
+    request_rate: float = math.inf,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Run the load test and write its reports; returns the summary row."""
+    """Run the load test and write its reports; returns the summary row. `request_rate`: requests per second
+    arriving as a Poisson process (seeded by `seed`), at most `concurrency` in flight; infinite: closed loop."""
     if concurrency < 1 or requests < 1 or prompt_tokens < 1 or max_tokens < 1:
         raise ConfigError("--concurrency, --requests, --prompt-tokens and --max-tokens must be at least 1")
+    if not request_rate > 0:
+        raise ConfigError(f"--request-rate must be above 0 requests per second (or inf), got {request_rate}")
     import os
     import platform
 
@@ -313,9 +357,10 @@ def loadtest(
                   disable=not show_progress, transient=False) as bar:
         task = bar.add_task("requests", total=requests)
         samples, server, wall = asyncio.run(_run(url, model, prompts, concurrency, max_tokens, chat, extra, server_pid,
-                                                 lambda: bar.advance(task)))
+                                                 lambda: bar.advance(task), request_rate, seed))
     setup = {
         "url": url, "concurrency": concurrency, "requests": requests, "prompt_tokens": prompt_tokens,
+        "request_rate": None if math.isinf(request_rate) else request_rate, "seed": seed,
         "max_tokens": max_tokens, "chat": chat, "memfit": memfit, "ignore_eos": ignore_eos,
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "command": command,
