@@ -118,7 +118,7 @@ class BlockGraph:
     the launches. The forward over a `BlockView` (every row of every block, members and free rows alike) has fixed
     shapes and reads its slots and lengths from device counters, so it can be replayed. The graph is keyed by the
     blocks (identity and rows), not by who is in them: a member joining or leaving a row changes nothing recorded.
-    Free rows compute on row 0's counters and their outputs are dropped (`StackBlock.fill_free_rows`).
+    Free rows are emptied before each step (one token to attend to) and their outputs dropped (`StackBlock.fill_free_rows`).
 
     A new key's first step runs eagerly (the kernels compile outside any capture, and the step counts), the next
     is recorded and replayed, every later one is a replay. Host mirrors advance after each step

@@ -224,8 +224,8 @@ def test_block_step_equals_each_members_lone_step(device, kind, whole, request):
     """One call per layer for every member (memfit.kernels with per-row counters) against each member's twin
     stepping alone (PyTorch flush, the reference attention on the CPU): rows of different lengths, across flushes
     of both sides and a member leaving. `whole`: the step a CUDA graph records (memfit.graphs.BlockGraph): every
-    row of the block through a `BlockView`, free rows on row 0's counters with inputs of their own, host mirrors
-    after the step; the members' rows must come out the same."""
+    row of the block through a `BlockView`, free rows emptied (`fill_free_rows`) with inputs of their own, host
+    mirrors after the step; the members' rows must come out the same, and a free row attends to its token alone."""
     if device == "interpret":
         dtype = request.getfixturevalue("interpreter_dtype")
         dev, (d, g, r, steps, lens, n_layers) = "cpu", (32, 16, 32, 20, (90, 95, 100), 1)  # Python runs each program
@@ -265,6 +265,9 @@ def test_block_step_equals_each_members_lone_step(device, kind, whole, request):
                 pad = block.rows - len(order)
                 k, v, q = (torch.cat([t, torch.randn((pad, *t.shape[1:]), generator=gen).to(t)]) for t in (k, v, q))
                 out = BlockView([block]).step(li, k, v, q, d**-0.5, None)
+                # a free row attends over its one new token only: its output is that token's value, per query head
+                free_v = v[len(order):].repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+                torch.testing.assert_close(out[len(order):].float(), free_v.float(), rtol=2e-2, atol=2e-2)
             else:
                 out = block.step(li, k, v, q, d**-0.5)
             for row, j in enumerate(order):

@@ -194,14 +194,16 @@ class StackBlock:
         return self.members[0][layer_idx].stack_step(bufs, counters, keys, values, queries, scaling)
 
     def fill_free_rows(self) -> None:
-        """Give free rows row 0's counters, so that a step over every row (a graph recorded for the block's full
-        size, whatever its member count) finds each free row in a state a member had: it then appends, attends and
-        flushes inside the row's own buffers, within the capacity row 0 has room for (`room`), and its output is
-        ignored. Without this a free row's stale counters would grow past the capacity step after step."""
+        """Set free rows' counters to an empty row's (`stack_empty` of the store), before a step over every row (a
+        graph recorded for the block's full size, whatever its member count): each free row then appends one token
+        at its first slot and attends over it alone — next to nothing to compute, nothing written past its
+        capacity, an output nobody reads. Without this a free row's stale counters (a member that left) would make
+        it cost a member's attention and grow past the capacity step after step."""
         n = self.used
         if 0 < n < self.rows:
-            for c in self.counters.values():
-                c[:, n:].copy_(c[:, :1].expand(-1, self.rows - n))
+            empty = self.members[0][0].stack_empty()
+            for name, c in self.counters.items():
+                c[:, n:].fill_(empty[name])
 
     def advance_members(self) -> None:
         """Every member's host mirrors of one step (what `step` does per layer), after a graph's replay."""

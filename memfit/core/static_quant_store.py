@@ -267,6 +267,11 @@ class StaticKIVILayer(QuantizedKVLayer):
     # -- rows of a stack block (memfit.core.stacks) -------------------------------------------------------------
     STACK_COUNTERS = ("t_dev", "qk_dev", "qv_dev", "slot", "n_q", "n_r")
 
+    def stack_empty(self) -> dict[str, int]:
+        """Counters of a row that holds nothing (a block's free row): its next step appends into ring slot 0 and
+        attends over that one token; nothing flushes (the values `advance_counters` gives from t = 0)."""
+        return {"t_dev": 0, "qk_dev": 0, "qv_dev": 0, "slot": 0, "n_q": 0, "n_r": 1}
+
     def stackable(self) -> bool:
         return (type(self) is StaticKIVILayer and self.frozen and self.stack is None and self.valid is None
                 and not self.extras and self._shape is not None and self._shape[0] == 1)

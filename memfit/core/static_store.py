@@ -197,6 +197,12 @@ class StaticKVLayer(KVLayer):
         return (type(self) is StaticKVLayer and self._kbuf is not None and self.stack is None and self.valid is None
                 and not self.extras and self._kbuf.shape[0] == 1 and getattr(self, "window", None) is None)
 
+    @staticmethod
+    def stack_empty() -> dict[str, int]:
+        """Counters of a row that holds nothing (a block's free row): its next step writes slot 0 and attends over
+        that one token."""
+        return {"slot": 0, "lengths": 0}
+
     def stack_signature(self) -> tuple:
         assert self._kbuf is not None and self._vbuf is not None
         k, v = self._kbuf, self._vbuf
