@@ -169,6 +169,25 @@ def test_slim_llm_keeps_the_average_width_and_beats_rtn_on_its_own_objective():
     assert output_kl(x, w, slim.dequantize()) < output_kl(x, w, rtn.dequantize())
 
 
+def test_svdquant_residual_by_gptq_lowers_the_output_error_at_the_same_bytes():
+    """With calibration statistics the residual W - L1 L2 is quantized by GPTQ: the layer's output error on the
+    calibration inputs falls below the RTN residual's (`gptq=false`), the bytes stay those of the spec."""
+    from memfit.weights.calibrate import LinearStats
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g)  # correlated input channels
+    w = torch.randn(64, 128, generator=g)
+    stats = LinearStats(128)
+    stats.add(x)
+    by_gptq = parse_weight_spec("svdquant:3:group_size=32:rank=4").compress(_lin(w), stats)
+    by_rtn = parse_weight_spec("svdquant:3:group_size=32:rank=4:gptq=false").compress(_lin(w), stats)
+    uncalibrated = parse_weight_spec("svdquant:3:group_size=32:rank=4").compress(_lin(w), None)
+    assert by_gptq.weight_bytes == by_rtn.weight_bytes == uncalibrated.weight_bytes
+    torch.testing.assert_close(by_rtn.dequantize(), uncalibrated.dequantize())  # no statistics: no GPTQ
+    out_err = [float((x @ (layer.dequantize() - w).T).norm()) for layer in (by_gptq, by_rtn)]
+    assert out_err[0] < 0.9 * out_err[1], out_err
+
+
 def test_more_bits_less_error():
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
     errs = [

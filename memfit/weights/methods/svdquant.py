@@ -14,8 +14,11 @@ Official defaults: rank 32, INT4 residual in groups of 64 along the input, up to
 Deviations: weight-only (W4A16): the smoothing step that migrates activation outliers into the weights, and the
 4-bit activations, are dropped - activations stay 16/32-bit here, so there is no activation outlier to move.
 The iteration objective is the weight reconstruction error ||W - L1 L2 - Q(R)||_F (the official code measures
-the layer-output error on calibration data), at most ``iters`` = 8 iterations; the rank-r factors come from a
-randomized SVD (torch.svd_lowrank, fixed seed) for CPU speed; the residual is rounded by RTN (no GPTQ).
+the layer-output error on calibration data), at most ``iters`` = 8 iterations with an RTN residual; the rank-r
+factors come from a randomized SVD (torch.svd_lowrank, fixed seed) for CPU speed. With calibration (``gptq``, on
+by default, as deepcompressor's GPTQ option for the residual) the final residual W - L1 L2 is then quantized by
+GPTQ on the layer's calibration Hessian - the same quantizer SliM-LLM and GQSA use - so the branch absorbs the
+dominant directions and GPTQ spreads the rounding error over the rest; without calibration it stays RTN.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from memfit.errors import ConfigError
 from memfit.weights.base import WeightMethod, linear_weight, register_weight_method
 from memfit.weights.calibrate import LinearStats
 from memfit.weights.format import CompressedLinear
-from memfit.weights.quantizer import rtn_quantize
+from memfit.weights.quantizer import GroupedLayer, rtn_quantize
 
 
 def low_rank(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,14 +52,19 @@ class SVDQuant(WeightMethod):
     paper: ClassVar[str] = "SVDQuant: Absorbing Outliers by Low-Rank Components for 4-Bit Diffusion Models (weight-only)"
     arxiv: ClassVar[str] = "2411.05007"
     family: ClassVar[str] = "weights: quantization + low rank"
-    summary: ClassVar[str] = "fp16 rank-r branch from the SVD + group-quantized residual, refined by alternation."
+    summary: ClassVar[str] = "fp16 rank-r branch from the SVD + group-quantized residual (GPTQ when calibrated)."
+    calibrated: ClassVar[bool] = True
 
     bits: int = 4
     group_size: int = 64
     rank: int = 32
     iters: int = 8
+    gptq: bool = True
+    percdamp: float = 0.01
 
     def validate(self) -> None:
+        if not 0 <= self.percdamp < 1:
+            raise ConfigError(f"svdquant.percdamp must be in [0, 1), got {self.percdamp}")
         if self.rank < 1 or self.iters < 1:
             raise ConfigError(f"svdquant: rank and iters must be >= 1 (got rank={self.rank}, iters={self.iters})")
 
@@ -76,5 +84,7 @@ class SVDQuant(WeightMethod):
             best = (err, codes, s, o, l1, l2)
             l1, l2 = low_rank(w - q, rank)
         _, codes, s, o, l1, l2 = best
+        if self.gptq and stats is not None:  # the residual by GPTQ: its rounding error fed forward through H^-1
+            codes, s, o = GroupedLayer.of(w - l1 @ l2, self.group_size, stats.h, self.percdamp).quantize(bits)
         layer = CompressedLinear.from_group(codes, s, o, bits, w.shape[1], bias)
         return layer.add_lowrank(l1, l2)
