@@ -24,7 +24,9 @@ def main() -> None:
         "`pip install --no-deps --target /tmp/hqq_pkg hqq termcolor` (its pure-PyTorch CPU path, group 64, fp32 compute).",
         "bitsandbytes and torchao int4 were not run: their 4-bit kernels need a GPU. Every memfit quantizer uses",
         "groups of 64 input columns (the default model's widths, 576 and 1536, are multiples of 64, not all of 128);",
-        "GQSA uses its own 1 x 16 blocks at 50 % block sparsity; the SVDQuant-style rows add a fp16 rank-r branch.",
+        "GQSA uses its own 1 x 16 blocks at 50 % block sparsity; the SVDQuant-style rows add a fp16 rank-r branch",
+        "(rows whose spec has no `gptq=` ran before the residual was quantized by GPTQ: an RTN residual; `gptq=true`",
+        "rows, from 2026-11-30, quantize it by GPTQ on the calibration Hessian, the default since).",
         "The source weights are themselves a Q4_1 GGUF (blocks of 32) dequantized to fp32, which makes any further",
         "4-bit rounding cost more than it would on a model trained in 16 bits.",
         f"Perplexity: {rows[0].get('eval_tokens', '?')} predicted tokens of PG-19 book {rows[0].get('eval_book')} "
