@@ -461,6 +461,8 @@ _METRICS = [
      "Decode steps of the stack blocks replayed from a recorded CUDA graph (memfit.graphs.BlockGraph)."),
     ("decode_graph_captures_total", "counter", "decode_graph_captures_total",
      "CUDA graphs recorded for the stack blocks' step (one each time the set of blocks changes)."),
+    ("decode_graph_capture_seconds_total", "counter", "decode_graph_capture_seconds_total",
+     "Seconds spent recording those graphs (each: about one eager step plus the graph's instantiation)."),
     ("kv_stack_blocks", "gauge", "kv_stack_blocks", "Stack blocks allocated (memfit.core.stacks)."),
     ("kv_stack_slack_bytes", "gauge", "kv_stack_slack_bytes",
      "Bytes of stack-block rows no request holds (counted against --kv-memory)."),

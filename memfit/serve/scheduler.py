@@ -481,6 +481,7 @@ class Scheduler:
         self.stats["decode_stacked_row_layers_total"] += len(taken) * len(blocks[0].buffers)
         self.stats["decode_graph_replays_total"] = self.block_graph.replays
         self.stats["decode_graph_captures_total"] = self.block_graph.captures
+        self.stats["decode_graph_capture_seconds_total"] = round(self.block_graph.capture_seconds, 3)
         for req, tok in zip(rows, logits.argmax(-1).tolist(), strict=True):  # one host sync for the step
             if req is not None:
                 req.decode_steps_batched += 1
