@@ -183,6 +183,9 @@ def test_svdquant_residual_by_gptq_lowers_the_output_error_at_the_same_bytes():
     by_rtn = parse_weight_spec("svdquant:3:group_size=32:rank=4:gptq=false").compress(_lin(w), stats)
     uncalibrated = parse_weight_spec("svdquant:3:group_size=32:rank=4").compress(_lin(w), None)
     assert by_gptq.weight_bytes == by_rtn.weight_bytes == uncalibrated.weight_bytes
+    # an RTN residual reads no statistics, so quantize_model skips the calibration pass for it
+    assert parse_weight_spec("svdquant:3").needs_calibration()
+    assert not parse_weight_spec("svdquant:3:gptq=false").needs_calibration()
     torch.testing.assert_close(by_rtn.dequantize(), uncalibrated.dequantize())  # no statistics: no GPTQ
     out_err = [float((x @ (layer.dequantize() - w).T).norm()) for layer in (by_gptq, by_rtn)]
     assert out_err[0] < 0.9 * out_err[1], out_err

@@ -86,8 +86,7 @@ class StackBlock:
         self.counters = {name: torch.zeros(len(layers), rows, dtype=t.dtype, device=t.device)
                          for name, t in counters.items()}
         self.members: list[list[Any]] = []  # row r -> that request's layers
-        self._row_nbytes = sum(tensor_bytes(*(t[0] for t in bufs.values())) for bufs in self.buffers) + sum(
-            c[:, 0].numel() * c.element_size() for c in self.counters.values())
+        self._row_nbytes = self._one_row_nbytes()
         # one call per layer for all members where the kernels run (CUDA, half precision, shapes they take);
         # elsewhere members step one by one
         self.kernels = layers[0].stack_kernels()
@@ -105,12 +104,15 @@ class StackBlock:
         block.buffers = [dict(own) for own, _ in parts]
         block.counters = {name: torch.stack([c[name].reshape(1) for _, c in parts]) for name in parts[0][1]}
         block.members = [list(layers)]
-        block._row_nbytes = sum(tensor_bytes(*bufs.values()) for bufs in block.buffers) + sum(
-            c.numel() * c.element_size() for c in block.counters.values())
+        block._row_nbytes = block._one_row_nbytes()
         block.kernels = layers[0].stack_kernels()
         block.adopted = True
         block._point(0)
         return block
+
+    def _one_row_nbytes(self) -> int:
+        return sum(tensor_bytes(*(t[0] for t in bufs.values())) for bufs in self.buffers) + sum(
+            c[:, 0].numel() * c.element_size() for c in self.counters.values())
 
     # -- membership ----------------------------------------------------------------------------------------------
     @property
@@ -152,12 +154,9 @@ class StackBlock:
         """Row r leaves: its layers get buffers of their own again (`keep`: a copy of the row, still frozen) or
         none (the request is done; the caller resets it). The last member moves into row r."""
         for layer in self.members[r]:
-            if keep and self.adopted:  # the row is the layer's own buffers: nothing to copy
+            if keep:  # an adopted block's row is the layer's own buffers already: nothing to copy
                 own, counters = layer.stack_parts()
-                layer.set_stack_parts(dict(own), {name: t.clone() for name, t in counters.items()})
-            elif keep:
-                own, counters = layer.stack_parts()
-                layer.set_stack_parts({name: t.clone() for name, t in own.items()},
+                layer.set_stack_parts(dict(own) if self.adopted else {name: t.clone() for name, t in own.items()},
                                       {name: t.clone() for name, t in counters.items()})
             else:
                 layer.set_stack_parts(None, None)

@@ -299,7 +299,6 @@ class Scheduler:
         if self.stacks is None:
             return
         self.stacks.drop_empty()
-        self._forget_graph()
         for req in self.running:
             cache = req.cache
             if (cache is None or not req.prefilled or self.alone_reason(req) is not None
@@ -459,23 +458,19 @@ class Scheduler:
                     return reqs
                 rows.append(req)
             rows.extend([None] * (block.rows - block.used))
-        for req in rows:
-            if req is not None:
-                self._advance(req)
         ids = torch.tensor([0 if r is None else r._next for r in rows], dtype=torch.long)
-        positions = torch.tensor([[0 if r is None else r._pos] for r in rows], dtype=torch.long)
+        # each request's next position (what `_advance` gives it below, once the step ran)
+        positions = torch.tensor([[0 if r is None else r._pos + 1] for r in rows], dtype=torch.long)
         try:
             logits = self.block_graph.step(blocks, ids.to(self.device, non_blocking=True),
                                            positions.to(self.device, non_blocking=True))
         except Exception as exc:  # noqa: BLE001 - a graph that cannot be recorded here: the eager forward serves
             self.last_error = f"decode graph off: {type(exc).__name__}: {exc}"
             self.block_graph = None
-            for req in rows:
-                if req is not None:
-                    req._decoded -= 1
-                    req._pos -= 1
             return reqs
         taken = [r for r in rows if r is not None]
+        for req in taken:
+            self._advance(req)
         self.stats["decode_forwards_total"] += 1
         self.stats["decode_batched_rows_total"] += len(taken)
         self.stats["decode_stacked_row_layers_total"] += len(taken) * len(blocks[0].buffers)

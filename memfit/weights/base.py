@@ -51,6 +51,10 @@ class WeightMethod:
     summary: ClassVar[str] = ""
     calibrated: ClassVar[bool] = False  # needs input statistics (runs `quantize_blockwise`)
 
+    def needs_calibration(self) -> bool:
+        """Whether this configuration uses input statistics (a method may use them only with some settings)."""
+        return self.calibrated
+
     # also compress the output head (``:head=true``). Off by default, as GPTQ, AWQ and HQQ leave it: it sees every
     # logit. llama.cpp's Q4_K_M keeps it at 6 bits; at batch-1 decode of an 8B model its bf16 bytes are ~22 % of
     # what a 4-bit step reads. A head tied to the input embeddings gets its own compressed copy (`untie_head`).
@@ -182,7 +186,7 @@ def quantize_model(
     targets = target_linears(model, head=m.head)
     if m.head:
         untie_head(model)
-    if m.calibrated:
+    if m.needs_calibration():
         if calib_ids is not None:
             ids = calib_ids
         elif tokenizer is None:

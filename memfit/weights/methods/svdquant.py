@@ -62,6 +62,9 @@ class SVDQuant(WeightMethod):
     gptq: bool = True
     percdamp: float = 0.01
 
+    def needs_calibration(self) -> bool:
+        return self.gptq  # an RTN residual reads no statistics: no calibration pass
+
     def validate(self) -> None:
         if not 0 <= self.percdamp < 1:
             raise ConfigError(f"svdquant.percdamp must be in [0, 1), got {self.percdamp}")
