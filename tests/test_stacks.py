@@ -393,3 +393,25 @@ def test_stack_decode_switch(monkeypatch):
     monkeypatch.setenv("MEMFIT_STACK_ROWS", "many")
     with pytest.raises(ConfigError, match="MEMFIT_STACK_ROWS"):
         StackBlocks()
+
+
+@pytest.mark.parametrize("stack_decode", [True, False])
+def test_server_lays_out_codes_for_the_rows_they_are_read_with(stack_decode, monkeypatch):
+    """A served request is one row, but with stack decode its KIVI codes are read in blocks of up to
+    `StackBlocks.max_rows` rows: the store chooses its code layout (`_use_planes`) for that many rows, and for its
+    own row when it decodes alone."""
+    from memfit.core import static_quant_store as S
+    from memfit.core.budget import Budget
+    from memfit.serve.scheduler import Request, Scheduler
+    from tests.conftest import drive, tiny_llama
+
+    monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
+    seen = []
+    real = S._use_planes
+    monkeypatch.setattr(S, "_use_planes", lambda form, d, dev, rows: seen.append(rows) or real(form, d, dev, rows))
+    scheduler = Scheduler(tiny_llama(), kv_memory=1 << 32, prefill_chunk=256, stack_decode=stack_decode)
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    req = Request(ids, 80, "snapkv+kivi", Budget.parse("0.5"), {"kivi.group_size": 4, "kivi.residual": 8}, sink=None)
+    got = drive(scheduler, [req], joins=[0])
+    assert len(got[0]) == 80 and seen
+    assert set(seen) == ({scheduler.stacks.max_rows} if stack_decode else {1})

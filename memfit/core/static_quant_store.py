@@ -152,6 +152,9 @@ class StaticKIVILayer(QuantizedKVLayer):
         self.reserve = reserve
         self.kernel_attention = False  # set by memfit.graphs; the kernel runs on CUDA either way (see attend)
         self.layout = "canonical"  # of the frozen codes: "planes" where the plane-order kernel reads them (freeze)
+        # rows the frozen codes will be read with when more than this store's own (the server sets it: its requests
+        # are one row each, decoded in stack blocks of up to StackBlocks.max_rows rows); steers the layout only
+        self.layout_rows = 0
         self.buffers: dict[str, torch.Tensor] | None = None  # kc ks kz vc vs vz kr vr; None until frozen
         self.t_dev: torch.Tensor | None = None  # (1,) long: tokens held (T)
         self.qk_dev: torch.Tensor | None = None  # (1,) long: keys quantized
@@ -217,7 +220,7 @@ class StaticKIVILayer(QuantizedKVLayer):
         b, h, d = self._shape
         t, qk, qv = self.k.slots, int(self.k.q), int(self.v.q)
         room = self.reserve if reserve is None else reserve
-        self.layout = "planes" if _use_planes(f, d, self.k.residual.device, b) else "canonical"
+        self.layout = "planes" if _use_planes(f, d, self.k.residual.device, max(b, self.layout_rows)) else "canonical"
         unit = self.capacity_unit()
         cap = -(-max(t + room, 1) // unit) * unit
         dev, dtype = self.k.residual.device, self.k.residual.dtype
