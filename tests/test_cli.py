@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -122,3 +123,19 @@ def test_cuda_without_cuda_is_one_clear_error(monkeypatch, capsys, command) -> N
         main()
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "CUDA is not available" in err[0], err
+
+
+@pytest.mark.parametrize("set_by_user, torch_first, expected", [
+    (None, False, "PASSIVE"),  # memfit's default: sleeping waiters (benchmarks/cpu_contention.py)
+    ("ACTIVE", False, "ACTIVE"),  # the user's choice stands
+    (None, True, None),  # torch loaded its OpenMP runtime first: too late to matter, so memfit leaves it alone
+])
+def test_openmp_wait_policy_default(set_by_user, torch_first, expected):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if set_by_user:
+        env["OMP_WAIT_POLICY"] = set_by_user
+    code = ("import torch; " if torch_first else "") + "import os, memfit; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(expected)
