@@ -232,6 +232,52 @@ def test_quantize_save_reload_identical_logits(tmp_path, spec, make):
         assert again.lm_head.weight is again.model.embed_tokens.weight
 
 
+@pytest.fixture(scope="module")
+def bqpo_blocks():
+    """A tiny Llama quantized by GQSA block by block, running BQPO through the driver's hook and recording for each
+    block the output error (fresh, and as `bqpo` reports it) and its layers' packed state before and after."""
+    from memfit.weights.calibrate import quantize_blockwise
+    from memfit.weights.methods.gqsa import GQSA, bqpo
+
+    model, method, seen = tiny_llama(), GQSA(bits=4, bqpo_epochs=0), []
+
+    def state(block):
+        return {n: {k: v.clone() for k, v in m.named_buffers()} for n, m in block.named_modules()
+                if isinstance(m, CompressedLinear)}
+
+    def refine(block, inputs, targets, forward):
+        rows = torch.arange(inputs.shape[0])
+        err = lambda: float((forward(inputs, rows) - targets).pow(2).mean())  # noqa: E731
+        first, old = err(), state(block)
+        before, after = bqpo(block, inputs, targets, forward, epochs=10, lr=1e-3, quant_lr=1e-3, batch=1)
+        seen.append({"first": first, "before": before, "after": after, "last": err(), "old": old, "new": state(block)})
+
+    with torch.no_grad():
+        quantize_blockwise(model, calib(), lambda _n, lin, st: method.compress(lin, st), refine=refine)
+    return seen
+
+
+def test_gqsa_bqpo_lowers_each_blocks_output_error_on_the_calibration_data(bqpo_blocks):
+    assert len(bqpo_blocks) == 3
+    for b in bqpo_blocks:
+        assert b["before"] == pytest.approx(b["first"], rel=1e-5)  # training starts from the GPTQ solution
+        assert b["last"] == pytest.approx(b["after"], rel=1e-4)  # the re-encoded layers are what was trained
+        assert b["after"] < 0.9 * b["before"]
+
+
+def test_gqsa_bqpo_keeps_the_mask_and_the_bytes(bqpo_blocks):
+    changed = 0
+    for b in bqpo_blocks:
+        assert b["old"].keys() == b["new"].keys() and len(b["old"]) == 7
+        for name, old in b["old"].items():
+            new = b["new"][name]
+            assert torch.equal(old["row_ptr"], new["row_ptr"]) and torch.equal(old["group_idx"], new["group_idx"])
+            assert old.keys() == new.keys()
+            assert all(old[k].shape == new[k].shape and old[k].dtype == new[k].dtype for k in old)  # same bytes
+            changed += not torch.equal(old["codes"], new["codes"]) or not torch.equal(old["scales"], new["scales"])
+    assert changed > 15  # training moved (nearly) every layer
+
+
 def test_weights_compose_with_a_kv_method():
     from memfit.engine import run
 
@@ -252,6 +298,10 @@ def test_weights_compose_with_a_kv_method():
         ("nope:3", "unknown weight method"),
         ("rtn:4:group_size=12", "multiple of 8"),
         ("gqsa:4:sparsity=1.5", "sparsity"),
+        ("gqsa:4:bqpo_epochs=-1", "bqpo_epochs must be >= 0"),
+        ("gqsa:4:bqpo_lr=0", "bqpo_lr must be a positive learning rate"),
+        ("gqsa:4:bqpo_quant_lr=-1e-3", "bqpo_quant_lr must be a positive learning rate"),
+        ("gqsa:4:bqpo_batch=0", "bqpo_batch must be >= 1"),
         ("flash-llm:4", "takes no bits"),
         ("rtn:4:foo=1", "unknown parameter"),
     ],

@@ -10,7 +10,7 @@ For each spec, in fresh processes (so each peak-RSS figure is that configuration
 
 Perplexity: non-overlapping windows of ``--window`` tokens over ``--tokens`` tokens of PG-19 book ``--eval-book``
 (from character 20,000 on, past the Gutenberg front matter); exp(mean next-token NLL) over every predicted token.
-Rows are appended to ``--out`` (JSONL); specs already there are skipped.
+Rows are appended to ``--out`` (JSONL); specs already there with the same ``--calib-tokens`` are skipped.
 
 Run (2-core CPU box, shared):
   OMP_NUM_THREADS=1 PYTHONPATH=/tmp/hqq_pkg python benchmarks/weights/ppl_pg19.py
@@ -161,7 +161,8 @@ def main() -> None:
 
     done = set()
     if args.out.exists():
-        done = {json.loads(line)["spec"] for line in args.out.read_text().splitlines() if line.strip()}
+        rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+        done = {(r["spec"], r.get("calib_tokens", 512)) for r in rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     common = [f"--eval-book={args.eval_book}", f"--calib-book={args.calib_book}", f"--tokens={args.tokens}",
               f"--window={args.window}", f"--calib-tokens={args.calib_tokens}"]  # fmt: skip
@@ -174,13 +175,13 @@ def main() -> None:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     for spec in [s.strip() for s in args.specs.split(",") if s.strip()]:
-        if spec in done:
+        if (spec, args.calib_tokens) in done:
             continue
         t0 = time.perf_counter()
         if spec == "fp32" or spec.startswith("hqq:"):
             row = child(spec)
         else:
-            folder = args.work / spec.replace(":", "_").replace("=", "-")
+            folder = args.work / (spec.replace(":", "_").replace("=", "-") + f"-calib{args.calib_tokens}")
             made = child(spec, folder)
             row = child(f"load:{folder}") if "error" not in made else made
             row.update({k: v for k, v in made.items() if k in ("quantize_seconds", "error")})

@@ -29,6 +29,12 @@ def main() -> None:
         "rows, from 2026-11-30, quantize it by GPTQ on the calibration Hessian, the default since).",
         "The source weights are themselves a Q4_1 GGUF (blocks of 32) dequantized to fp32, which makes any further",
         "4-bit rounding cost more than it would on a model trained in 16 bits.",
+        "GQSA rows: since 2026-12-01 GQSA runs BQPO (block-wise training of the kept weights and the block scales and",
+        "offsets, mask fixed; see memfit/weights/methods/gqsa.py) by default (`bqpo_epochs=20`); `bqpo_epochs=0` rows are",
+        "GPTQ only, and so are `gqsa:4`, `gqsa:2`, `gqsa:3:group_size=64:sparsity=0.0` and `...:sparsity=0.1`, which ran",
+        "before BQPO existed; the other GQSA rows without `bqpo_epochs` in their spec ran the default 20. The `gqsa:4`",
+        "row (2026-11-29, 1548) does not reproduce with the code of 2026-12-01 (before BQPO, or `bqpo_epochs=0`: 2405).",
+        "Rows marked `(calib N)` calibrated on N tokens instead of 512.",
         f"Perplexity: {rows[0].get('eval_tokens', '?')} predicted tokens of PG-19 book {rows[0].get('eval_book')} "
         f"(windows of {rows[0].get('window')}); calibration (SliM-LLM, GQSA): {rows[0].get('calib_tokens')} tokens of "
         f"book {rows[0].get('calib_book')}. `bits/weight` = bytes held by the compressed linear layers (codes, "
@@ -55,8 +61,10 @@ def main() -> None:
             lines.append(f"| {r['spec']} | error: {r['error'][:80]} | | | | | | |")
             continue
         rel = f"{r['ppl'] / fp['ppl']:.3f}" if fp else "–"
+        calib = r.get("calib_tokens", 512)
+        label = r["spec"] + (f" (calib {calib})" if calib != 512 else "")
         lines.append(
-            f"| {r['spec']} | {r['linear_bits_per_weight']:.2f} | {mb(r['linear_bytes'])} | "
+            f"| {label} | {r['linear_bits_per_weight']:.2f} | {mb(r['linear_bytes'])} | "
             f"{mb(r.get('model_weight_bytes'))} | {r['ppl']:.2f} | {rel} | {mb(r['peak_rss_bytes'])} | "
             f"{r.get('quantize_seconds', '–')} |"
         )

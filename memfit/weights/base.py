@@ -20,6 +20,7 @@ from torch import nn
 from memfit.errors import ConfigError
 from memfit.units import return_freed_memory
 from memfit.weights.calibrate import (
+    BlockForward,
     LinearStats,
     calibration_ids,
     calibration_text,
@@ -72,6 +73,14 @@ class WeightMethod:
 
     def compress(self, linear: nn.Linear, stats: LinearStats | None) -> CompressedLinear:
         raise NotImplementedError
+
+    def refine_block(
+        self, block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, forward: BlockForward
+    ) -> None:
+        """Optional recovery step of calibrated methods, called by `quantize_blockwise` once every linear of one
+        decoder block is compressed: train the block in place so ``forward(inputs[rows], rows)`` approaches
+        ``targets[rows]`` (the full-precision block's output on those inputs). Default: nothing (GQSA's BQPO
+        overrides it). Runs under ``torch.no_grad()``: enable gradients locally."""
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -193,7 +202,7 @@ def quantize_model(
             raise ConfigError(f"weight method {m.name!r} calibrates on text: pass the tokenizer")
         else:
             ids = calibration_ids(tokenizer, calibration_text(calib_file), calib_tokens, calib_seq_len)
-        quantize_blockwise(model, ids, lambda _n, lin, st: m.compress(lin, st), progress)
+        quantize_blockwise(model, ids, lambda _n, lin, st: m.compress(lin, st), progress, refine=m.refine_block)
         # linears outside the decoder blocks (rare) get no statistics: compress them uncalibrated
         targets = {n: mod for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n in targets}
     names = list(targets)

@@ -130,14 +130,41 @@ def calibration_ids(tokenizer: Any, text: str, n_tokens: int = 512, seq_len: int
 
 
 ReplaceFn = Callable[[str, nn.Linear, LinearStats], nn.Module]
+# ``forward(x, rows)``: the block's output hidden states for input hidden states ``x`` that are the calibration rows
+# ``rows`` (int64 indices) - the driver slices the keyword arguments it passes the block (masks) to those rows.
+BlockForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# ``refine(block, inputs, targets, forward)``: called once a block's linears are replaced, to train the block so its
+# output on ``inputs`` (the compressed previous blocks' outputs) approaches ``targets`` (the full-precision block's
+# output on the same inputs). It edits the block in place.
+RefineFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, BlockForward], None]
+
+
+def _rows_of(value: Any, rows: torch.Tensor, n: int) -> Any:
+    """``value`` (a keyword argument of the block) cut to the calibration ``rows``: tensors whose first dimension is
+    the calibration batch ``n`` (> 1) are indexed, tuples/lists recursively, anything else passes unchanged."""
+    if torch.is_tensor(value):
+        return value.index_select(0, rows.to(value.device)) if n > 1 and value.dim() and value.shape[0] == n else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows_of(v, rows, n) for v in value)
+    return value
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
 def quantize_blockwise(
-    model: nn.Module, ids: torch.Tensor, replace: ReplaceFn, progress: Callable[[str], None] | None = None
+    model: nn.Module,
+    ids: torch.Tensor,
+    replace: ReplaceFn,
+    progress: Callable[[str], None] | None = None,
+    refine: RefineFn | None = None,
 ) -> None:
     """Run the calibration ids block by block; for each block gather its linears' input statistics, replace every
-    linear by ``replace(name, linear, stats)``, then re-run the block so the next one sees compressed outputs."""
+    linear by ``replace(name, linear, stats)``, optionally let ``refine`` train the compressed block towards the
+    full-precision block's output on the same inputs (GQSA's BQPO), then re-run the block so the next one sees
+    compressed outputs."""
     blocks = find_blocks(model)
     if blocks is None:
         raise ConfigError("calibrated weight methods need a model with a list of decoder blocks; use rtn instead")
@@ -168,7 +195,7 @@ def quantize_blockwise(
             targets[n].register_forward_hook(lambda _m, a, _o, s=stats[n]: s.add(a[0])) for n in names
         ]
         try:
-            block(hidden, *rest, **kwargs)
+            target = _hidden(block(hidden, *rest, **kwargs))  # the full-precision block's output: BQPO's target
         finally:
             for h in hooks:
                 h.remove()
@@ -176,7 +203,15 @@ def quantize_blockwise(
             set_module(model, n, replace(n, targets.pop(n), stats[n]))  # the dense weight is freed here
             stats[n] = None  # type: ignore[assignment]  # free the Hessian before the next layer
             return_freed_memory()
-        out = block(hidden, *rest, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out
+        if refine is not None:
+            n_rows = hidden.shape[0]
+
+            def forward(x: torch.Tensor, rows: torch.Tensor, block: nn.Module = block, n: int = n_rows) -> torch.Tensor:
+                part = {k: _rows_of(v, rows, n) for k, v in kwargs.items()}
+                return _hidden(block(x, *_rows_of(rest, rows, n), **part))
+
+            refine(block, hidden, target, forward)
+        del target
+        hidden = _hidden(block(hidden, *rest, **kwargs))
         if progress is not None:
             progress(f"block {i + 1}/{len(blocks)}")
