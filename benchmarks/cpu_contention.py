@@ -11,7 +11,10 @@ Settings (environment of the `memfit run` process):
   * ``spin``: ``OMP_WAIT_POLICY=ACTIVE`` (threads spin while waiting: GNU OpenMP's behaviour before memfit chose);
   * ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep while waiting);
   * ``one-thread``: ``OMP_NUM_THREADS=1``;
-  * ``product``: nothing set: what memfit does by itself.
+  * ``spin10k`` / ``spin100k``: ``GOMP_SPINCOUNT=10000`` / ``100000`` (spin that many rounds, then sleep);
+  * ``product``: nothing set: what memfit does by itself (`memfit.openmp_defaults`: PASSIVE when the 1-minute load
+    average is at least half the cores, else ``GOMP_SPINCOUNT=10000``; ``--settle`` lets the load average see the
+    background load first).
 
     python benchmarks/cpu_contention.py --out benchmarks/results/cpu_contention.jsonl
 """
@@ -32,6 +35,8 @@ SETTINGS = {
     "spin": {"OMP_WAIT_POLICY": "ACTIVE"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "one-thread": {"OMP_NUM_THREADS": "1"},
+    "spin10k": {"GOMP_SPINCOUNT": "10000"},
+    "spin100k": {"GOMP_SPINCOUNT": "100000"},
     "product": {},
 }
 OMP_VARS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
@@ -62,11 +67,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--loads", default="0,1,2", help="background busy processes, comma-separated")
-    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--settings", default="spin,passive,one-thread,product")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--method", default="snapkv")
     ap.add_argument("--budget", default="0.5")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--settle", type=float, default=0.0, help="seconds between starting the background load and the "
+                    "first run (memfit reads the 1-minute load average when it starts)")
     args = ap.parse_args()
     settings = args.settings.split(",")
     for s in settings:
@@ -79,6 +86,7 @@ def main() -> None:
         busy = [mp.Process(target=_spin, daemon=True) for _ in range(load)]
         for p in busy:
             p.start()
+        time.sleep(args.settle if load else 0)
         try:
             for rep in range(args.repeats):
                 for setting in settings:

@@ -11,13 +11,31 @@ import os
 import sys
 from typing import Any
 
-# OpenMP threads that spin while they wait for each other (GNU OpenMP's default, which torch's CPU wheels use) stall
-# every parallel region once other work holds a core: on the shared 2-core test box a 48-token prefill of the default
-# model took seconds instead of a quarter of one (benchmarks/cpu_contention.py, README "CPU threads"). Sleeping
-# waiters cost little on an idle machine, so memfit asks for them unless the user chose a policy. Read once, when
-# torch loads its OpenMP runtime: too late if torch was imported before memfit.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def openmp_defaults(load: float, cores: int) -> dict[str, str]:
+    """The OpenMP wait settings memfit asks for, from the 1-minute load average and the core count.
+
+    torch's CPU wheels use GNU OpenMP, whose threads spin ~300,000 rounds at every barrier before sleeping. When
+    other work holds the cores, a spinning thread keeps its core while the thread it waits for cannot run, and every
+    parallel region stalls: on the 2-core test box with both cores busy elsewhere, decoding the default model fell
+    to 0.5 tok/s (benchmarks/cpu_contention.py; README "CPU threads"). Short spins (10,000 rounds) cost nothing on
+    an idle machine and recover much of that; sleeping at once (PASSIVE) recovers the most but costs ~15-20 % of an
+    idle machine's decode speed. So: PASSIVE when the machine is already busy (load >= half its cores), else short
+    spins."""
+    if load >= cores / 2:
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"GOMP_SPINCOUNT": "10000"}
+
+
+# Read once, when torch loads its OpenMP runtime: too late if torch was imported before memfit. A user's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT stands.
+if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+    try:
+        _load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        _load = 0.0
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.update(openmp_defaults(_load, _cores))
 
 __version__ = "0.1.0"
 __all__ = ["load_model", "make_cache", "run", "compress", "CompressedContext", "available_methods", "__version__"]

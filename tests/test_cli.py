@@ -125,17 +125,27 @@ def test_cuda_without_cuda_is_one_clear_error(monkeypatch, capsys, command) -> N
     assert exc.value.code == 2 and len(err) == 1 and "CUDA is not available" in err[0], err
 
 
+def test_openmp_wait_defaults_follow_the_load():
+    """Sleeping waiters on a machine already busy, short spins on an idle one (benchmarks/cpu_contention.py)."""
+    from memfit import openmp_defaults
+
+    assert openmp_defaults(1.0, 2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp_defaults(0.2, 2) == {"GOMP_SPINCOUNT": "10000"}
+    assert openmp_defaults(3.9, 8) == {"GOMP_SPINCOUNT": "10000"}
+
+
 @pytest.mark.parametrize("set_by_user, torch_first, expected", [
-    (None, False, "PASSIVE"),  # memfit's default: sleeping waiters (benchmarks/cpu_contention.py)
-    ("ACTIVE", False, "ACTIVE"),  # the user's choice stands
-    (None, True, None),  # torch loaded its OpenMP runtime first: too late to matter, so memfit leaves it alone
+    ({}, False, "memfit"),  # memfit's default: one of the two, by the load
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, False, "ACTIVE None"),  # the user's choice stands
+    ({"GOMP_SPINCOUNT": "5"}, False, "None 5"),
+    ({}, True, "None None"),  # torch loaded its OpenMP runtime first: too late to matter, so memfit leaves it alone
 ])
 def test_openmp_wait_policy_default(set_by_user, torch_first, expected):
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if set_by_user:
-        env["OMP_WAIT_POLICY"] = set_by_user
-    code = ("import torch; " if torch_first else "") + "import os, memfit; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(set_by_user)
+    code = ("import torch; " if torch_first else "") + (
+        "import os, memfit; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(expected)
+    assert out.strip() in (("PASSIVE None", "None 10000") if expected == "memfit" else (expected,))
