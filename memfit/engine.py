@@ -353,7 +353,10 @@ def versions() -> dict[str, str]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    # how OpenMP's threads wait (memfit.openmp_defaults, or the user's setting): it decides the speed on a busy machine
+    waits = ("spin " + os.environ["GOMP_SPINCOUNT"] if "GOMP_SPINCOUNT" in os.environ
+             else os.environ.get("OMP_WAIT_POLICY", "default").lower())
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, OpenMP waits: {waits})"
 
 
 def run(

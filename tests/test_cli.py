@@ -125,13 +125,22 @@ def test_cuda_without_cuda_is_one_clear_error(monkeypatch, capsys, command) -> N
     assert exc.value.code == 2 and len(err) == 1 and "CUDA is not available" in err[0], err
 
 
-def test_openmp_wait_defaults_follow_the_load():
-    """Sleeping waiters on a machine already busy, short spins on an idle one (benchmarks/cpu_contention.py)."""
+def test_openmp_wait_defaults_follow_the_load(monkeypatch):
+    """Sleeping waiters on a machine already busy, short spins on an idle one (benchmarks/cpu_contention.py); the
+    device line of a run (`--json`'s "device") says which."""
+    import torch
+
     from memfit import openmp_defaults
+    from memfit.engine import device_name
 
     assert openmp_defaults(1.0, 2) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert openmp_defaults(0.2, 2) == {"GOMP_SPINCOUNT": "10000"}
     assert openmp_defaults(3.9, 8) == {"GOMP_SPINCOUNT": "10000"}
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert device_name(torch.device("cpu")).endswith("OpenMP waits: passive)")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    assert device_name(torch.device("cpu")).endswith("OpenMP waits: spin 10000)")
 
 
 @pytest.mark.parametrize("set_by_user, torch_first, expected", [
