@@ -29,13 +29,18 @@ def openmp_defaults(load: float, cores: int) -> dict[str, str]:
 
 # Read once, when torch loads its OpenMP runtime: too late if torch was imported before memfit. A user's own
 # OMP_WAIT_POLICY or GOMP_SPINCOUNT stands.
-if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+def _choose_openmp_waits() -> None:
+    if "torch" in sys.modules or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+        return
     try:
-        _load = os.getloadavg()[0]
+        load = os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average on this platform
-        _load = 0.0
-    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ.update(openmp_defaults(_load, _cores))
+        load = 0.0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.update(openmp_defaults(load, cores))
+
+
+_choose_openmp_waits()
 
 __version__ = "0.1.0"
 __all__ = ["load_model", "make_cache", "run", "compress", "CompressedContext", "available_methods", "__version__"]

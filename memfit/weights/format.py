@@ -439,17 +439,37 @@ class CompressedLinear(nn.Module):
             w[:, idx] = torch.addcmul(offsets[:, idx, None], q.float(), scales[:, idx, None])
         return w.view(r1 - r0, n_groups * gs)
 
+    def _kept_blocks(self, r0: int, r1: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """``group_sparse``: the stored blocks ``a:b`` of rows ``r0:r1`` and, for each, its row (from ``r0``) and
+        group."""
+        a, b = int(self.row_ptr[r0]), int(self.row_ptr[r1])
+        counts = (self.row_ptr[r0 + 1 : r1 + 1] - self.row_ptr[r0:r1]).long()
+        rows = torch.repeat_interleave(torch.arange(r1 - r0, device=counts.device), counts)
+        return a, b, rows, self.group_idx[a:b].long()
+
     def _group_sparse_rows(self, r0: int, r1: int) -> torch.Tensor:
         gs, n_groups, bits = self.meta["group_size"], self.meta["n_groups"], self.meta["bits"]
-        a, b = int(self.row_ptr[r0]), int(self.row_ptr[r1])
+        a, b, rows, groups = self._kept_blocks(r0, r1)
         w = torch.zeros(r1 - r0, n_groups, gs, dtype=torch.float32, device=self.scales.device)
         if b > a:
             vals = unpack_bits(self.codes[a:b], bits, gs).float()
             vals = vals * self.scales[a:b, None].float() + self.offsets[a:b, None].float()
-            counts = (self.row_ptr[r0 + 1 : r1 + 1] - self.row_ptr[r0:r1]).long()
-            rows = torch.repeat_interleave(torch.arange(r1 - r0, device=w.device), counts)
-            w[rows, self.group_idx[a:b].long()] = vals
+            w[rows, groups] = vals
         return w.view(r1 - r0, n_groups * gs)
+
+    def group_sparse_blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A ``group_sparse`` layer as dense per-block tensors (calibration only, e.g. GQSA's BQPO): the decoded
+        weight ``(out, n_g, G)`` with its padded columns, each block's scale and offset ``(out, n_g)`` fp32 (1 and 0
+        where pruned) and the kept-block mask ``(out, n_g)``."""
+        out, n_g = self.out_features, self.meta["n_groups"]
+        _, _, rows, groups = self._kept_blocks(0, out)
+        dev = self.scales.device
+        keep = torch.zeros(out, n_g, dtype=torch.bool, device=dev)
+        scale = torch.ones(out, n_g, device=dev)
+        offset = torch.zeros(out, n_g, device=dev)
+        keep[rows, groups] = True
+        scale[rows, groups], offset[rows, groups] = self.scales.float(), self.offsets.float()
+        return self._group_sparse_rows(0, out).view(out, n_g, -1), scale, offset, keep
 
     def _tiled_csl_rows(self, r0: int, r1: int) -> torch.Tensor:
         if r0 % TILE_ROWS:

@@ -95,20 +95,11 @@ class _TrainableGroupSparse(nn.Module):
 
     def __init__(self, layer: CompressedLinear) -> None:
         super().__init__()
-        out, gs, n_g = layer.out_features, layer.meta["group_size"], layer.meta["n_groups"]
         self.bits, self.in_features = int(layer.meta["bits"]), layer.in_features
-        counts = (layer.row_ptr[1:] - layer.row_ptr[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(out, device=counts.device), counts)
-        gidx = layer.group_idx.long()
-        keep = torch.zeros(out, n_g, dtype=torch.bool, device=counts.device)
-        keep[rows, gidx] = True
-        scale = torch.ones(out, n_g, device=counts.device)
-        offset = torch.zeros(out, n_g, device=counts.device)
-        scale[rows, gidx], offset[rows, gidx] = layer.scales.float(), layer.offsets.float()
         # start from the decoded GPTQ solution: re-quantizing it with the same parameters gives the same codes, so
-        # training starts exactly where GPTQ ended
-        full = layer._group_sparse_rows(0, out)  # padded columns too (their codes are stored)
-        self.weight = nn.Parameter(full.view(out, n_g, gs).clone())
+        # training starts exactly where GPTQ ended (padded columns too: their codes are stored)
+        full, scale, offset, keep = layer.group_sparse_blocks()
+        self.weight = nn.Parameter(full.clone())
         self.scale = nn.Parameter(scale)
         self.offset = nn.Parameter(offset)
         self.register_buffer("keep", keep)
