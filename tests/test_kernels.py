@@ -446,6 +446,54 @@ def test_decode_attention_kernel_matches_reference(device, request):
             max_rel_err=max(err, err2), tol=_tolerance(s.dtype))
 
 
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("store", ["slots", "kivi", "kivi-planes"])
+def test_append_slot_old_contents_never_enter(device, store, request):
+    """The appended token's slot may hold anything before the call (static buffers are torch.empty, so NaN bit
+    patterns happen, e.g. where uint8 codes lived): the kernel must not read it, since on a GPU split 0 writes the new
+    token while another split may be reading that slot, and p = 0 times a NaN is NaN. Found as a served request whose
+    greedy tokens turned to 0 (argmax of NaN logits) on the H200. Many splits put the slot away from split 0. (Triton's
+    interpreter runs split 0 first, so on CPU this checks the result only; the race needs the GPU.)"""
+    from memfit.core import planes as P
+    from memfit.kernels.kivi_attention import decode_attention, kivi_decode_attention
+
+    s = _setup(device, request)
+    gen = torch.Generator().manual_seed(11)
+    kn = torch.randn(s.b, s.hkv, s.d, generator=gen).to(s.dev, s.dtype)
+    vn = torch.randn(s.b, s.hkv, s.d, generator=gen).to(s.dev, s.dtype)
+    q = torch.randn(s.b, s.hq, s.d, generator=gen).to(s.dev, s.dtype)
+    if store == "slots":
+        c = s.cq + 37
+        k = torch.randn(s.b, s.hkv, c, s.d, generator=gen).to(s.dev, s.dtype)
+        v = torch.randn(s.b, s.hkv, c, s.d, generator=gen).to(s.dev, s.dtype)
+        n = torch.tensor(([c, c // 2 + 5, 9] * s.b)[: s.b], dtype=torch.int32, device=s.dev)
+        k2, v2 = R.append_slots(k, v, kn, vn, n - 1)
+        ref = R.decode_attention_ref(q.float(), k2, v2, n, scale=s.d**-0.5)
+        idx = torch.arange(s.b, device=s.dev)
+        k[idx, :, (n - 1).long()] = float("nan")
+        v[idx, :, (n - 1).long()] = float("nan")
+        out = decode_attention(q, k, v, n, scale=s.d**-0.5, block_t=s.block_t, k_new=kn, v_new=vn, append_at=n - 1,
+                               num_splits=c // s.block_t + 1)
+    else:
+        bits, g = 2, 32
+        _, qk, qv, kr, vr = _kivi_case(s.b, s.hq, s.hkv, s.d, s.cq, s.r, bits, g, s.dtype, s.dev, seed=12)
+        n_q = torch.full((s.b,), s.cq, dtype=torch.int32, device=s.dev)
+        slot = torch.tensor(([s.r - 1, 5, 0] * s.b)[: s.b], dtype=torch.int32, device=s.dev)
+        kr2, vr2 = R.append_slots(kr, vr, kn, vn, slot)
+        ref = R.kivi_decode_attention_ref(q.float(), qk.codes, qk.scales, qk.zeros, qv.codes, qv.scales, qv.zeros,
+                                          kr2, vr2, n_q, slot + 1, bits=bits, group_size=g, scale=s.d**-0.5)
+        idx = torch.arange(s.b, device=s.dev)
+        kr[idx, :, slot.long()] = float("nan")
+        vr[idx, :, slot.long()] = float("nan")
+        kc, vc, layout = qk.codes, qv.codes, "canonical"
+        if store == "kivi-planes":
+            kc, vc, layout = P.keys_to_planes(kc, bits), P.values_to_planes(vc, bits), "planes"
+        out = kivi_decode_attention(q, kc, qk.scales, qk.zeros, vc, qv.scales, qv.zeros, kr, vr, n_q, slot + 1,
+                                    bits=bits, group_size=g, scale=s.d**-0.5, block_t=s.block_t, k_new=kn, v_new=vn,
+                                    append_at=slot, num_splits=(s.cq + s.r) // s.block_t, layout=layout)
+    _assert_close(out, ref, s.dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_attention_past_two_to_the_31_elements():

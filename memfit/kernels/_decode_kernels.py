@@ -378,7 +378,7 @@ def _split_kernel(
             smask = tmask & (ridx != app)
         else:
             smask = tmask
-        k = tl.load(kr_base + ridx[:, None] * s_krt + offs_d[None, :], mask=tmask[:, None], other=0.0).to(dt)
+        k = tl.load(kr_base + ridx[:, None] * s_krt + offs_d[None, :], mask=smask[:, None], other=0.0).to(dt)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(smask[None, :], s, float("-inf"))
         if STORE_LOGITS:
@@ -388,7 +388,7 @@ def _split_kernel(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vr_base + ridx[:, None] * s_vrt + offs_d[None, :], mask=tmask[:, None], other=0.0).to(dt)
+        v = tl.load(vr_base + ridx[:, None] * s_vrt + offs_d[None, :], mask=smask[:, None], other=0.0).to(dt)
         acc = acc * alpha[:, None] + tl.dot(p.to(dt), v)
         m_i = m_new
     if APPEND:

@@ -248,7 +248,7 @@ def _split_kernel_planes(
             smask = tmask & (ridx != app)
         else:
             smask = tmask
-        k = tl.load(kr_base + ridx[:, None] * s_krt + offs_d[None, :], mask=tmask[:, None], other=0.0).to(dt)
+        k = tl.load(kr_base + ridx[:, None] * s_krt + offs_d[None, :], mask=smask[:, None], other=0.0).to(dt)
         sr = tl.reshape(tl.dot(qrep, tl.trans(k)), (GQP, KR_, BLOCK_T))
         s = tl.sum(tl.where(first, sr, 0.0), 1) * qk_scale  # (GQP, BLOCK_T)
         s = tl.where(smask[None, :], s, float("-inf"))
@@ -257,7 +257,7 @@ def _split_kernel_planes(
         alpha = tl.exp2(m_i - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vr_base + ridx[:, None] * s_vrt + offs_d[None, :], mask=tmask[:, None], other=0.0).to(dt)
+        v = tl.load(vr_base + ridx[:, None] * s_vrt + offs_d[None, :], mask=smask[:, None], other=0.0).to(dt)
         prep = tl.reshape(tl.broadcast_to(p.to(dt)[:, None, :], (GQP, KR_, BLOCK_T)), (GQP * KR_, BLOCK_T))
         pv = tl.sum(tl.where(first, tl.reshape(tl.dot(prep, v), (GQP, KR_, D)), 0.0), 1)
         acc = acc * alpha[:, None] + pv
