@@ -21,6 +21,7 @@ import sys
 import torch
 from kivi_kernel_sweep import GROUP, D, case
 
+from memfit.core import planes as KP
 from memfit.kernels import kivi_attention as KA
 
 
@@ -33,14 +34,20 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--bits", type=int, default=2, choices=(2, 4, 8))
     p.add_argument("--launches", type=int, default=3)
+    p.add_argument("--layout", default="canonical", choices=("canonical", "planes"),
+                   help="planes: the plane-order kernel (its knobs: MEMFIT_KIVI_PLANES_WARPS / _STAGES / _TG)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("error: needs a CUDA device", file=sys.stderr)
         return 2
     spec = KA.variant_spec(a.variant)
     args = case(a.batch, a.tokens, a.bits, torch.device("cuda"))
+    if a.layout == "planes":  # the same bytes seen in the plane shape: the values do not matter for speed
+        b, h, t = args[4].shape[:3]
+        args = (*args[:4], args[4].view(b, h, t // KP.block_tokens(a.bits), D, 16), *args[5:])
     for _ in range(a.launches):
-        KA.kivi_decode_attention(*args, bits=a.bits, group_size=GROUP, scale=D**-0.5, packed=spec)
+        KA.kivi_decode_attention(*args, bits=a.bits, group_size=GROUP, scale=D**-0.5, packed=spec,
+                                 layout=a.layout)
     torch.cuda.synchronize()
     print(f"{a.launches} launches of variant {a.variant} {spec}, {a.batch} rows x {a.tokens} tokens, {a.bits}-bit")
     return 0

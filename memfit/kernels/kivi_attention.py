@@ -248,7 +248,10 @@ def _launch(
         kc = ks = kz = vc = vs = vz = k_res
         cap_q = 0
     if layout == "planes":
-        spec = (9, int(os.environ.get("MEMFIT_KIVI_PLANES_WARPS", "1")))
+        # three pipeline stages: the next tiles' codes stream into shared memory while this one computes (H200,
+        # 461 rows x 8192 tokens: 2-bit 4.50 -> 3.01 ms, 4-bit 5.08 -> 2.96 ms; benchmarks/README.md)
+        spec = (9, int(os.environ.get("MEMFIT_KIVI_PLANES_WARPS", "1")), 2,
+                int(os.environ.get("MEMFIT_KIVI_PLANES_STAGES", "3")))
     elif packed is None:
         spec = _policy(b * hkv, bits, q.dtype)
     elif isinstance(packed, str):
