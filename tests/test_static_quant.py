@@ -370,8 +370,10 @@ def test_plane_order_policy(monkeypatch):
     monkeypatch.delenv("MEMFIT_KIVI_LAYOUT", raising=False)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     two, four = KIVIForm(2, 32, 128, False), KIVIForm(4, 32, 128, False)
-    assert S._use_planes(two, 128, cuda, S.PLANES_MIN_ROWS[2]) and not S._use_planes(two, 128, cuda, 63)
-    assert S._use_planes(four, 128, cuda, S.PLANES_MIN_ROWS[4]) and not S._use_planes(four, 128, cuda, 64)
+    for form in (two, four):
+        least = S.PLANES_MIN_ROWS[form.bits]
+        assert S._use_planes(form, 128, cuda, least) and not S._use_planes(form, 128, cuda, least - 1)
+    assert not S._use_planes(two, 128, cuda, 1)  # one row: the canonical layout (faster through the product)
     assert not S._use_planes(two, 128, cpu, 461)
     assert not S._use_planes(KIVIForm(2, 8, 128, False), 128, cuda, 461)  # groups of 8 tokens: not whole slices
     assert not S._use_planes(KIVIForm(8, 32, 128, False), 128, cuda, 461)

@@ -666,11 +666,13 @@ def _kernels_here() -> bool:
     return _KERNELS
 
 
-# Rows from which plane order pays on the H200 (benchmarks/results/kivi_kernel_sweep_planes3_h200.jsonl, the product
-# path in max_batch_planes_h200.jsonl / runtime_kivi_layout_*.jsonl): 2-bit faster at 64 and 461 rows, slower through
-# the product at one row (8K tokens: 5.61 against 5.30 ms per step); 4-bit faster at 461 rows, slower at 64 (256 lies
-# between, not measured).
-PLANES_MIN_ROWS = {2: 64, 4: 256}
+# Rows from which plane order pays on the H200. With the tile's pipeline stages (kivi_kernel_sweep_planes5_h200.jsonl)
+# it is faster than the canonical tiles at every shape swept from 16 rows of 32K tokens on (2-bit 589 against 763 us,
+# 4-bit 587 against 790 us; 1.6-1.8x at 64-461 rows of 8K), where the codes far exceed L2; at one row the kernel alone
+# is faster too, but the product replays slower (runtime_kivi_layout_{planes,canonical}_stages3.jsonl: 5.46 against
+# 5.20 ms per token at 32K; one row's codes of a layer stay in L2 in the kernel-only replay), and 2-15 rows are not
+# measured. Before the stages: 64 rows at 2 bits, 256 at 4 (kivi_kernel_sweep_planes3_h200.jsonl).
+PLANES_MIN_ROWS = {2: 16, 4: 16}
 
 
 def _use_planes(form: KIVIForm, head_dim: int, device: torch.device, rows: int) -> bool:
