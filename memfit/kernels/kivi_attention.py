@@ -249,7 +249,8 @@ def _launch(
         cap_q = 0
     if layout == "planes":
         # three pipeline stages: the next tiles' codes stream into shared memory while this one computes (H200,
-        # 461 rows x 8192 tokens: 2-bit 4.50 -> 3.01 ms, 4-bit 5.08 -> 2.96 ms; benchmarks/README.md)
+        # 461 rows x 8192 tokens: 2-bit 4.42 -> 3.04 ms, 4-bit 4.99 -> 2.96 ms; kivi_kernel_sweep_planes3 / _planes5
+        # _h200.jsonl, benchmarks/README.md)
         spec = (9, int(os.environ.get("MEMFIT_KIVI_PLANES_WARPS", "1")), 2,
                 int(os.environ.get("MEMFIT_KIVI_PLANES_STAGES", "3")))
     elif packed is None:
