@@ -49,7 +49,8 @@ def main() -> int:
         KA.kivi_decode_attention(*args, bits=a.bits, group_size=GROUP, scale=D**-0.5, packed=spec,
                                  layout=a.layout)
     torch.cuda.synchronize()
-    print(f"{a.launches} launches of variant {a.variant} {spec}, {a.batch} rows x {a.tokens} tokens, {a.bits}-bit")
+    what = f"variant {a.variant} {spec}" if a.layout == "canonical" else "the plane-order tile"  # --variant: canonical only
+    print(f"{a.launches} launches of {what}, {a.batch} rows x {a.tokens} tokens, {a.bits}-bit")
     return 0
 
 
