@@ -217,7 +217,86 @@ def test_a_block_as_small_as_memory_allows():
     assert blocks.join(c) is second and blocks.slack_bytes() == row  # a free row first: no new block
 
 
-@pytest.mark.parametrize("whole", [False, True], ids=["members", "whole"])
+@pytest.mark.parametrize("form", KINDS)
+def test_small_blocks_merge_into_one(form):
+    """Blocks built one or two rows at a time and adopted one-row blocks (a server short of memory) merge into one
+    block once `room` allows it: the members' rows move (codes, tails, counters), each member then decodes exactly
+    as its twin alone, a member holds the same bytes, the free rows stay free, the old blocks go; a merge with no
+    room for its bytes does not happen."""
+    gen = torch.Generator().manual_seed(6)
+    reqs = [_request(form, n, 30, gen) for n in (21, 22, 23, 22, 21)]
+    twins = [copy.deepcopy(r) for r in reqs]
+    blocks = StackBlocks(first_rows=4, max_rows=64)
+    row = blocks.row_bytes(reqs[0])
+    blocks.join(reqs[0], rows=1)
+    blocks.join(reqs[1], rows=2)
+    blocks.join(reqs[2])  # the second block is full now
+    blocks.join(reqs[3], rows=2)  # one free row
+    blocks.adopt(reqs[4])  # its own buffers
+    before = blocks.all_blocks()
+    assert [(b.rows, b.used, b.adopted) for b in before] == [(1, 1, False), (2, 2, False), (2, 1, False),
+                                                             (1, 1, True)]
+    assert blocks.compact(2 * row - 1) == 0 and blocks.all_blocks() == before  # no room for any merged block
+    assert blocks.compact(6 * row) == 3
+    blocks.drop_empty()
+    (merged,) = blocks.all_blocks()
+    assert (merged.rows, merged.used, merged.adopted) == (6, 5, False)
+    assert all(r[0].stack is merged for r in reqs) and sorted(r[0].stack_row for r in reqs) == [0, 1, 2, 3, 4]
+    assert blocks.slack_bytes() == row  # the free row stays free
+    for r, t in zip(reqs, twins, strict=True):
+        assert sum(layer.nbytes() for layer in r) == row
+        for a, b in zip(r, t, strict=True):
+            _same_state(a, b)
+    for _ in range(12):  # through flushes
+        for r, t in zip(reqs, twins, strict=True):
+            inputs = _inputs(2, gen, 2, 16, torch.float32, "cpu")
+            for x, y in zip(_lone_step(r, inputs=inputs), _lone_step(t, inputs=inputs), strict=True):
+                assert torch.equal(x, y)
+    for r, t in zip(reqs, twins, strict=True):
+        for a, b in zip(r, t, strict=True):
+            _same_state(a, b)
+    release(reqs[1])  # members leave the merged block as any other
+    assert merged.used == 4 and blocks.slack_bytes() == 2 * row
+
+
+def test_a_merge_short_of_memory_drops_free_rows_and_merges_what_fits():
+    form = KIVIForm(2, 4, 8, False)
+    gen = torch.Generator().manual_seed(8)
+    reqs = [_request(form, 20, 8, gen) for _ in range(6)]
+    blocks = StackBlocks(first_rows=2, max_rows=64)
+    row = blocks.row_bytes(reqs[0])
+    for r in reqs:
+        blocks.join(r, rows=2)
+    for r in reqs[1::2]:
+        release(r)  # three blocks of two rows, one member each
+    assert blocks.slack_bytes() == 3 * row
+    assert blocks.compact(2 * row) == 1  # room for a block of two rows: the two emptiest merge, no free row kept
+    blocks.drop_empty()
+    assert sorted((b.rows, b.used) for b in blocks.all_blocks()) == [(2, 1), (2, 2)]
+    assert blocks.slack_bytes() == row  # the merge freed two free rows' bytes
+    assert blocks.compact(3 * row) == 1
+    blocks.drop_empty()
+    assert [(b.rows, b.used) for b in blocks.all_blocks()] == [(3, 3)]
+
+
+def test_merging_stops_at_max_rows():
+    form = KIVIForm(2, 4, 8, False)
+    gen = torch.Generator().manual_seed(7)
+    blocks = StackBlocks(first_rows=1, max_rows=4)
+    for _ in range(7):
+        blocks.join(_request(form, 20, 8, gen), rows=1)
+    assert len(blocks.all_blocks()) == 7
+    assert blocks.compact(10**12) == 3  # the four smallest into one block of max_rows
+    blocks.drop_empty()
+    assert sorted(b.rows for b in blocks.all_blocks()) == [1, 1, 1, 4]
+    assert blocks.compact(10**12) == 2  # then the other three
+    blocks.drop_empty()
+    assert sorted(b.rows for b in blocks.all_blocks()) == [3, 4]
+    assert blocks.compact(10**12) == 0
+    assert sum(b.used for b in blocks.all_blocks()) == 7
+
+
+@pytest.mark.parametrize("whole", [False, True, "merged"], ids=["members", "whole", "merged"])
 @pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("kind", ["kivi", "kivi-sliding", "dense"])
 def test_block_step_equals_each_members_lone_step(device, kind, whole, request):
@@ -247,7 +326,10 @@ def test_block_step_equals_each_members_lone_step(device, kind, whole, request):
     base = [reqs[0][0].length, getattr(reqs[0][0], "qk", 0), getattr(reqs[0][0], "qv", 0)]
     blocks = StackBlocks()
     for req in reqs:
-        blocks.join(req)
+        blocks.join(req, rows=1 if whole == "merged" else None)
+    if whole == "merged":  # three one-row blocks become one: the rows move, the kernels run on the new buffers
+        assert blocks.compact(10**15) == 2
+        blocks.drop_empty()
     (block,) = blocks.all_blocks()
     block.kernels = True
     live = [0, 1, 2]
@@ -306,7 +388,7 @@ def _fast_alone(model, ids, spec, budget, params, n):
     return generate(model, x, torch.ones_like(x), cache, n, [], 256).tokens[0]  # the server's --prefill-chunk
 
 
-@pytest.mark.parametrize("adopt", [False, True], ids=["blocks", "adopted"])
+@pytest.mark.parametrize("adopt", [False, True, "merged"], ids=["blocks", "adopted", "merged"])
 @pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
                                        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
@@ -321,8 +403,14 @@ def test_server_stacks_frozen_stores_and_each_request_gets_its_own_text(device, 
     from memfit.serve.scheduler import Request, Scheduler
     from tests.conftest import drive
 
-    if adopt:  # as if no block's rows ever fit in the memory left: every request's own buffers become its block
-        monkeypatch.setattr(StackBlocks, "row_bytes", lambda self, layers: 1 << 62)
+    if adopt is True:  # as if no block's rows ever fit in the memory left: every request's own buffers become its block
+        monkeypatch.setattr("memfit.core.stacks._row_bytes_at", lambda layers, capacity: 1 << 62)
+    if adopt == "merged":  # one-row blocks (as when memory was short), full at once: the server merges them
+        monkeypatch.setattr(StackBlocks, "_next_rows", lambda self, blocks: 1)
+        adopt = False
+        merging = True
+    else:
+        merging = False
     if device == "cpu":
         monkeypatch.setenv("MEMFIT_FAST_ON_CPU", "1")
         from tests.conftest import tiny_llama
@@ -372,6 +460,7 @@ def test_server_stacks_frozen_stores_and_each_request_gets_its_own_text(device, 
         assert scheduler.stats["decode_graph_replays_total"] > scheduler.stats["decode_graph_captures_total"]
         assert eager_scheduler.stats["decode_graph_replays_total"] == 0
     assert kinds == ({("kivi", "own"), ("dense", "own")} if adopt else {"kivi", "dense"})
+    assert (scheduler.stats["stack_blocks_merged_total"] > 0) == merging
     scheduler.stacks.drop_empty()
     assert scheduler.stacks.all_blocks() == []
     stacked = scheduler.stats["decode_stacked_row_layers_total"]

@@ -94,6 +94,10 @@ def run_case(model, vocab, method, budget, params, rows, prompt, steps, mode, pr
            "graph_error": scheduler.last_error,
            "kv_bytes_held": sum(r.cache.nbytes() for r in reqs if r.cache is not None),
            "stack_slack_bytes": scheduler.snapshot().get("kv_stack_slack_bytes", 0),
+           "stack_blocks": 0 if scheduler.stacks is None else len(scheduler.stacks.all_blocks()),
+           "stack_block_rows": [] if scheduler.stacks is None else [b.rows for b in scheduler.stacks.all_blocks()],
+           "stack_block_used": [] if scheduler.stacks is None else [b.used for b in scheduler.stacks.all_blocks()],
+           "stack_blocks_merged": scheduler.stats["stack_blocks_merged_total"],
            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
     with torch.inference_mode():  # the stores' tensors are inference tensors (the scheduler thread's mode)
         for req in reqs:

@@ -74,6 +74,13 @@ def stack_key(layers: Sequence[Any]) -> tuple | None:
     return (len(layers), signature, capacity_class(need, layers[0].capacity_unit()))
 
 
+def _row_bytes_at(layers: Sequence[Any], capacity: int) -> int:
+    """Bytes of one block row of these layers at `capacity` tokens (buffers and counters; nothing allocated)."""
+    probe = layers[0].alloc_stack(1, capacity, device=torch.device("meta"))
+    _, counters = layers[0].stack_parts()
+    return len(layers) * (tensor_bytes(*probe.values()) + sum(t.element_size() for t in counters.values()))
+
+
 class StackBlock:
     """`rows` rows of every layer's buffers and per-row counters (see module docstring). What the buffers are and
     how a step runs over them is the stores' own (`stack_parts`, `alloc_stack`, `stack_step` of
@@ -174,6 +181,36 @@ class StackBlock:
         else:
             self.members.pop()
 
+    def full(self) -> bool:
+        return self.used == self.rows
+
+    def absorb(self, other: StackBlock) -> None:
+        """Move every member of `other` (a block of the same key, or an adopted one-row block of that key) into this
+        block's next free rows, in their order; their layers then point here and `other` is left empty. Blocks of
+        one capacity move whole rows (their zeroed tails included) in one copy per buffer and counter; an adopted
+        row (its own buffers, maybe a smaller capacity) moves as `join` copies it."""
+        n, r0 = other.used, self.used
+        if other is self or self.adopted:
+            raise ValueError("a block merges into another block of shared buffers")
+        if r0 + n > self.rows:
+            raise ValueError(f"stack block has {self.rows - r0} free rows, {n} members to take")
+        if len(other.buffers) != len(self.buffers) or other.capacity > self.capacity:
+            raise ValueError("stack blocks of different keys cannot merge")
+        if other.adopted or other.capacity != self.capacity:
+            for layers in other.members:
+                self.join(layers)
+            other.members = []
+            return
+        for mine, theirs in zip(self.buffers, other.buffers, strict=True):
+            for name, buf in mine.items():
+                buf[r0 : r0 + n].copy_(theirs[name][:n])
+        for name, c in self.counters.items():
+            c[:, r0 : r0 + n].copy_(other.counters[name][:, :n])
+        for layers in other.members:
+            self.members.append(layers)
+            self._point(len(self.members) - 1)
+        other.members = []
+
     # -- one decode step for every member -------------------------------------------------------------------------
     def step(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
              scaling: float) -> torch.Tensor:
@@ -261,10 +298,7 @@ class StackBlocks:
             return 0
         cached = self._row_bytes.get(key)
         if cached is None:
-            probe = layers[0].alloc_stack(1, key[-1], device=torch.device("meta"))
-            _, counters = layers[0].stack_parts()
-            cached = self._row_bytes[key] = len(layers) * (
-                tensor_bytes(*probe.values()) + sum(t.element_size() for t in counters.values()))
+            cached = self._row_bytes[key] = _row_bytes_at(layers, key[-1])
         return cached
 
     def join(self, layers: Sequence[Any], rows: int | None = None) -> StackBlock:
@@ -291,6 +325,47 @@ class StackBlocks:
         block = StackBlock.adopt(layers)
         self.blocks.setdefault((*key, "own"), []).append(block)  # never a free row for `join` to find
         return block
+
+    def compact(self, room: int) -> int:
+        """Merge each key's emptiest blocks (adopted one-row blocks included) into one new block of at most
+        `max_rows` rows whose bytes fit in `room`: their members' rows, plus the free rows they had where `room`
+        allows; returns how many blocks went. What a merge frees (the old blocks' free rows) makes room for the
+        next one, a tick later.
+
+        Why: a server short of memory while prompts are being read builds blocks as small as the memory then left
+        allows (`join(rows=...)`, or a request's own buffers, `adopt`), and every block costs its own launches per
+        layer (attention, flushes, counters) and graph nodes: 96 requests of 32K tokens in 19 blocks stepped in
+        63 ms on an H200, 71 % of it the attention's launches, a one-row launch costing ~5x a row of a large one
+        (benchmarks/serve/README.md). Free rows are kept because the next joiners take them (no merge per join). The
+        old blocks go once the caller drops its references (the server forgets its
+        recorded graph when the blocks change); until then both exist, hence `room`."""
+        gone = 0
+        for key in [k for k in self.blocks if k[-1] != "own"] + [k for k in self.blocks if k[-1] == "own"]:
+            base = key[:-1] if key[-1] == "own" else key
+            pool = [b for k in (base, (*base, "own")) for b in self.blocks.get(k, []) if b.used]
+            row = _row_bytes_at(pool[0].members[0], base[-1]) if pool else 0
+            take: list[StackBlock] = []
+            used = held = 0
+            for b in sorted(pool, key=lambda b: b.used):  # the emptiest first: most blocks per merge
+                if used + b.used > self.max_rows or (used + b.used) * row > room:
+                    break
+                take.append(b)
+                used += b.used
+                held += b.rows
+            if len(take) < 2:
+                continue
+            # the free rows they had stay free where the memory allows (the next joiners take them), else go
+            total = max(used, min(self.max_rows, held, room // row))
+            merged = StackBlock(take[0].members[0], total, base[-1])
+            for b in take:
+                merged.absorb(b)
+            for k in (base, (*base, "own")):
+                if k in self.blocks:
+                    self.blocks[k] = [b for b in self.blocks[k] if b.used]
+            self.blocks.setdefault(base, []).append(merged)
+            room -= total * row
+            gone += len(take) - 1
+        return gone
 
     def drop_empty(self) -> None:
         for key in list(self.blocks):

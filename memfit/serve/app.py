@@ -464,6 +464,8 @@ _METRICS = [
     ("decode_graph_capture_seconds_total", "counter", "decode_graph_capture_seconds_total",
      "Seconds spent recording those graphs (each: about one eager step plus the graph's instantiation)."),
     ("kv_stack_blocks", "gauge", "kv_stack_blocks", "Stack blocks allocated (memfit.core.stacks)."),
+    ("kv_stack_blocks_merged_total", "counter", "stack_blocks_merged_total",
+     "Stack blocks that went by merging full small blocks into one (fewer launches per decode step)."),
     ("kv_stack_slack_bytes", "gauge", "kv_stack_slack_bytes",
      "Bytes of stack-block rows no request holds (counted against --kv-memory)."),
 ]

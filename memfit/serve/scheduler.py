@@ -317,6 +317,11 @@ class Scheduler:
                         self.stacks.adopt(layers)
                         continue
             self.stacks.join(layers, rows)
+        # blocks built small while prompts held the memory merge once it is back (fewer launches per step)
+        free = self.kv_memory - sum(r.reserved() for r in self.running) - self._slack()
+        merged = self.stacks.compact(free)
+        if merged:  # a moved member holds a row of the same bytes: nothing to recount
+            self.stats["stack_blocks_merged_total"] += merged
         self._forget_graph()
 
     def _forget_graph(self) -> None:
