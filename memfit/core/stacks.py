@@ -33,7 +33,8 @@ allocated but held by nobody: `StackBlocks.slack_bytes()` reports them, and the 
 `--kv-memory`. Blocks are allocated whole, `first_rows` rows first, each new block of a key twice the last up to
 `max_rows` (`MEMFIT_STACK_ROWS`, default 64: larger blocks mean fewer launches per step but larger allocations),
 or as many rows as the memory left allows when that is fewer (the server's full-cache mode: a row of an 8K-token
-Llama-3.1-8B request is 1.1 GB), and freed when their last member leaves.
+Llama-3.1-8B request is 1.1 GB), and freed when their last member leaves. Small blocks of a key merge into one
+once the memory allows it (`StackBlocks.compact`, called by the server every tick).
 """
 
 from __future__ import annotations
@@ -181,9 +182,6 @@ class StackBlock:
         else:
             self.members.pop()
 
-    def full(self) -> bool:
-        return self.used == self.rows
-
     def absorb(self, other: StackBlock) -> None:
         """Move every member of `other` (a block of the same key, or an adopted one-row block of that key) into this
         block's next free rows, in their order; their layers then point here and `other` is left empty. Blocks of
@@ -296,6 +294,10 @@ class StackBlocks:
         key = stack_key(layers)
         if key is None:
             return 0
+        return self._key_row_bytes(key, layers)
+
+    def _key_row_bytes(self, key: tuple, layers: Sequence[Any]) -> int:
+        """`row_bytes` by key, for layers of that key (members of a block too: their own `stack_key` is None)."""
         cached = self._row_bytes.get(key)
         if cached is None:
             cached = self._row_bytes[key] = _row_bytes_at(layers, key[-1])
@@ -335,15 +337,16 @@ class StackBlocks:
         Why: a server short of memory while prompts are being read builds blocks as small as the memory then left
         allows (`join(rows=...)`, or a request's own buffers, `adopt`), and every block costs its own launches per
         layer (attention, flushes, counters) and graph nodes: 96 requests of 32K tokens in 19 blocks stepped in
-        63 ms on an H200, 71 % of it the attention's launches, a one-row launch costing ~5x a row of a large one
-        (benchmarks/serve/README.md). Free rows are kept because the next joiners take them (no merge per join). The
-        old blocks go once the caller drops its references (the server forgets its
+        63 ms on an H200, 71 % of its GPU time in the attention kernel's 608 launches, a one-row launch costing
+        ~5x a row of a large one (benchmarks/serve/README.md). Free rows are kept because the next joiners take
+        them (no merge per join). The old blocks go once the caller drops its references (the server forgets its
         recorded graph when the blocks change); until then both exist, hence `room`."""
         gone = 0
-        for key in [k for k in self.blocks if k[-1] != "own"] + [k for k in self.blocks if k[-1] == "own"]:
-            base = key[:-1] if key[-1] == "own" else key
+        for base in dict.fromkeys(k[:-1] if k[-1] == "own" else k for k in self.blocks):
             pool = [b for k in (base, (*base, "own")) for b in self.blocks.get(k, []) if b.used]
-            row = _row_bytes_at(pool[0].members[0], base[-1]) if pool else 0
+            if len(pool) < 2:
+                continue
+            row = self._key_row_bytes(base, pool[0].members[0])
             take: list[StackBlock] = []
             used = held = 0
             for b in sorted(pool, key=lambda b: b.used):  # the emptiest first: most blocks per merge

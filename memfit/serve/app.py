@@ -465,7 +465,7 @@ _METRICS = [
      "Seconds spent recording those graphs (each: about one eager step plus the graph's instantiation)."),
     ("kv_stack_blocks", "gauge", "kv_stack_blocks", "Stack blocks allocated (memfit.core.stacks)."),
     ("kv_stack_blocks_merged_total", "counter", "stack_blocks_merged_total",
-     "Stack blocks that went by merging full small blocks into one (fewer launches per decode step)."),
+     "Stack blocks that went by merging a key's small blocks into one (fewer launches per decode step)."),
     ("kv_stack_slack_bytes", "gauge", "kv_stack_slack_bytes",
      "Bytes of stack-block rows no request holds (counted against --kv-memory)."),
 ]
